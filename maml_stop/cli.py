@@ -1,0 +1,54 @@
+"""The ``maml-stop`` console script: one entry point, one module per subcommand.
+
+Subcommands are imported lazily so that ``maml-stop --help`` is fast and a subcommand's heavy imports
+(transformers, lightning) load only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# name -> (module with a ``main(argv: list[str]) -> int | None``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "tasks": ("maml_stop.commands.tasks_cmd", "list the task families with a sample question and gold answer"),
+    "harvest": ("maml_stop.harvest.cli", "harvest traces (probes, features, token costs) from a causal LM"),
+    "datasheet": ("maml_stop.datasheet", "write the datasheet (per-family figures) of a trace corpus"),
+    "fit": ("maml_stop.lightning_cli", "meta-train a stopping predictor (LightningCLI)"),
+    "validate": ("maml_stop.lightning_cli", "validate a checkpoint (LightningCLI)"),
+    "test": ("maml_stop.lightning_cli", "test a checkpoint (LightningCLI)"),
+    "evaluate": ("maml_stop.evaluate", "leave-one-family-out EM/token evaluation with every baseline"),
+    "adapt": ("maml_stop.adapt_cmd", "adapt a meta-trained predictor to a new family from K labelled traces"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: maml-stop <command> [options]", "", "commands:"]
+    for name, (module, text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            lines.append(f"  {name:<10} {text}")
+    lines.append("")
+    lines.append("Run 'maml-stop <command> --help' for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS or importlib.util.find_spec(SUBCOMMANDS[name][0]) is None:
+        available = [n for n, (m, _) in SUBCOMMANDS.items() if importlib.util.find_spec(m) is not None]
+        print(f"maml-stop: unknown command {name!r}; valid commands: {', '.join(available)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    if SUBCOMMANDS[name][0] == "maml_stop.lightning_cli":
+        rest = [name, *rest]
+    code = module.main(rest)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

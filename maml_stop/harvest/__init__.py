@@ -1,0 +1,1 @@
+"""Trace harvesting: real LLM generation with forced-answer probes, features and token costs."""

@@ -1,0 +1,173 @@
+"""Storage of trace corpora: HF ``datasets``-readable parquet shards plus a metadata file.
+
+Layout of a corpus folder::
+
+    corpus/
+      meta.json                 schema version, model identity (path, sha256), prompt, schedule,
+                                feature names, code version, harvest settings
+      shards/<family>/<split>-00000.parquet   one row per trace (columns: TRACE_COLUMNS)
+
+Shards are written atomically (to a temporary name, then ``os.replace``), so an interrupted harvest
+leaves only whole shards; the harvester resumes by skipping question ids already stored.
+
+Per-probe columns are lists of equal length ``n_probes``; ``features`` is a list of float16 vectors of
+width ``len(meta["feature_names"])``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maml_stop import SCHEMA_VERSION
+
+META_FILE = "meta.json"
+SHARD_DIR = "shards"
+
+TRACE_SCHEMA = pa.schema(
+    [
+        ("trace_id", pa.string()),  # "<question id>#<sample index>"
+        ("question_id", pa.string()),
+        ("family", pa.string()),
+        ("split", pa.string()),  # question split of the family (train/validation/test)
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("model", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("generated_text", pa.string()),
+        ("final_answer", pa.string()),  # null when the generation states no answer
+        ("final_em", pa.bool_()),
+        ("reasoning_tokens", pa.int32()),  # every token the model generated (its own answer included)
+        ("hit_cap", pa.bool_()),  # stopped by max_new_tokens rather than EOS
+        ("probe_positions", pa.list_(pa.int32())),  # generated tokens before the probe
+        ("probe_reasons", pa.list_(pa.string())),  # what fired the probe: every_n|boundary|cue
+        ("probe_answers", pa.list_(pa.string())),  # extracted probe answer ("" when none)
+        ("probe_texts", pa.list_(pa.string())),  # raw forced continuation
+        ("probe_em", pa.list_(pa.bool_())),
+        ("probe_tokens", pa.list_(pa.int32())),  # cost of the probe: trigger + answer tokens
+        ("probe_answer_tokens", pa.list_(pa.int32())),  # answer tokens alone
+        ("probe_logprob_mean", pa.list_(pa.float32())),
+        ("probe_logprob_min", pa.list_(pa.float32())),
+        ("features", pa.list_(pa.list_(pa.float16()))),  # (n_probes, n_features)
+    ]
+)
+TRACE_COLUMNS = TRACE_SCHEMA.names
+
+
+class CorpusError(ValueError):
+    """A corpus folder, shard or metadata file that cannot be used."""
+
+
+def write_meta(root: str | Path, meta: dict[str, Any]) -> None:
+    meta = {"schema_version": SCHEMA_VERSION, **meta}
+    _atomic_write_bytes(Path(root) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def read_meta(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / META_FILE
+    if not path.is_file():
+        raise CorpusError(f"{root} is not a trace corpus: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{path} is not valid JSON: {err}") from err
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CorpusError(
+            f"{root} has trace schema version {version!r}; this code reads version {SCHEMA_VERSION}. "
+            "Re-harvest it or use the maml_stop release that wrote it."
+        )
+    for key in ("feature_names",):
+        if key not in meta:
+            raise CorpusError(f"{path} lacks the key {key!r}; keys present: {sorted(meta)}")
+    return meta
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def shard_paths(root: str | Path, family: str | None = None) -> list[Path]:
+    base = Path(root) / SHARD_DIR
+    pattern = f"{family}/*.parquet" if family else "*/*.parquet"
+    return sorted(base.glob(pattern))
+
+
+def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` as the next shard of (family, split), atomically. Returns its path."""
+    if not rows:
+        raise ValueError("refusing to write an empty shard")
+    missing = [c for c in TRACE_COLUMNS if c not in rows[0]]
+    if missing:
+        raise CorpusError(f"trace rows lack columns {missing}")
+    folder = Path(root) / SHARD_DIR / family
+    folder.mkdir(parents=True, exist_ok=True)
+    index = len(list(folder.glob(f"{split}-*.parquet")))
+    path = folder / f"{split}-{index:05d}.parquet"
+    table = pa.Table.from_pylist([{c: r[c] for c in TRACE_COLUMNS} for r in rows], schema=TRACE_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def read_table(root: str | Path, families: Iterable[str] | None = None) -> pa.Table:
+    """All shards of a corpus (optionally only some families) as one Arrow table."""
+    paths: list[Path] = []
+    if families is None:
+        paths = shard_paths(root)
+    else:
+        for fam in families:
+            found = shard_paths(root, fam)
+            if not found:
+                have = sorted({p.parent.name for p in shard_paths(root)})
+                raise CorpusError(f"corpus {root} has no traces of family {fam!r}; families present: {have}")
+            paths += found
+    if not paths:
+        raise CorpusError(f"corpus {root} has no trace shards under {SHARD_DIR}/")
+    tables = []
+    for p in paths:
+        try:
+            t = pq.read_table(p)
+        except Exception as err:  # pyarrow raises several types for damaged files
+            raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
+        if t.schema.names != TRACE_COLUMNS:
+            raise CorpusError(f"shard {p} has columns {t.schema.names}, expected {TRACE_COLUMNS}")
+        tables.append(t.cast(TRACE_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def load_dataset(root: str | Path, families: Iterable[str] | None = None):
+    """The corpus as a Hugging Face ``datasets.Dataset`` (metadata checked first)."""
+    import datasets
+
+    read_meta(root)
+    return datasets.Dataset(read_table(root, families))
+
+
+def stored_trace_ids(root: str | Path) -> set[str]:
+    """trace ids already stored (for resuming a harvest)."""
+    ids: set[str] = set()
+    for p in shard_paths(root):
+        try:
+            ids.update(pq.read_table(p, columns=["trace_id"]).column("trace_id").to_pylist())
+        except Exception as err:
+            raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
+    return ids
