@@ -1,9 +1,27 @@
 """Answer extraction and exact-match scoring shared by all families.
 
->>> extract_final("5 + 7 = 12.\\nFinal answer: \\\\boxed{12}")
+An **answer kind** says how an answer is read and compared:
+
+=============  ==========================================  ===========================================
+kind           examples (gold / accepted model answers)    EM compares
+=============  ==========================================  ===========================================
+``text``       ``husband`` / ``Husband.``                  normalised strings (case, spaces, markup)
+``number``     ``1234.5`` / ``$1,234.50``, ``12 apples``   numerically (the number the answer states)
+``number_list````['52.2', '30.0']`` / ``52.2, 30.0``        the numbers in order
+``word_list``  ``a, b, c`` / ``['a', 'b', 'c']``, ``a b c`` the words in order (case-insensitive)
+``factors``    ``2 × 2 × 3`` / ``2*2*3``, ``2^2 × 3``        the multiset of factors
+``yesno``      ``Yes`` / ``YES``, ``yes, it follows``       the leading yes/no word
+``duration``   ``67 days, 01:04:00`` / ``67 days, 1:04:00`` the total number of seconds (to 1 ms)
+``choice``     ``B`` / ``(B)``, ``B)``, ``The answer is B``  the option letter (choice text: see
+                                                            :mod:`tasks.dataset_family`)
+=============  ==========================================  ===========================================
+
+>>> extract_final("5 + 7 = 12.\\nFinal answer: \\\\boxed{12}", kind="number")
 '12'
->>> exact_match("$1,234.50", "1234.5", numeric=True)
+>>> exact_match("$1,234.50", "1234.5", kind="number")
 True
+>>> extract_probe(" 42\\nStep 3: add 5", kind="number")
+'42'
 """
 
 from __future__ import annotations
@@ -11,12 +29,30 @@ from __future__ import annotations
 import math
 import re
 
-_FINAL_RE = re.compile(r"(?:final answer|the answer is|answer)\s*(?:is)?\s*[:：]?\s*(.+)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+ANSWER_KINDS = ("text", "number", "number_list", "word_list", "factors", "yesno", "duration", "choice")
 
 
 class AnswerFormatError(ValueError):
-    """A gold answer or answer field that cannot be read."""
+    """A gold answer, answer field or answer kind that cannot be read."""
+
+
+def check_kind(kind: str) -> str:
+    if kind not in ANSWER_KINDS:
+        raise AnswerFormatError(f"unknown answer kind {kind!r}; valid kinds: {', '.join(ANSWER_KINDS)}")
+    return kind
+
+
+def _kind(kind: str | None, numeric: bool) -> str:
+    return check_kind(kind) if kind is not None else ("number" if numeric else "text")
+
+
+# -- cleaning --------------------------------------------------------------------------------------
+_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
+_NUMBER_RE = re.compile(_NUM)
+_PHRASE_RE = re.compile(
+    r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+)?answer\s*(?:is|=|:|：)?\s*[:：]?\s*",
+    re.IGNORECASE,
+)
 
 
 def strip_boxed(text: str) -> str:
@@ -36,71 +72,254 @@ def strip_boxed(text: str) -> str:
 
 
 def clean(text: str) -> str:
-    """Strip markup around an answer: boxed, bold, quotes, surrounding spaces, a trailing period."""
+    """Strip markup around an answer: an answer phrase, boxed, bold, LaTeX delimiters, quotes, spaces,
+    a trailing period ("The answer is: **7**." -> "7")."""
+    text = _PHRASE_RE.sub("", text.strip(), count=1)
     text = strip_boxed(text).strip()
-    text = text.replace("**", "").replace("`", "").strip()
-    text = re.sub(r"^\$+|\$+$", lambda m: "" if not re.match(r"^\$\d", text) else m.group(0), text)
-    text = text.strip().strip("\"'").strip()
-    text = re.sub(r"[.。]+$", "", text).strip()
+    text = text.replace("**", "").replace("`", "")
+    text = re.sub(r"\\[()\[\]]", "", text)  # \( \) \[ \]
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    text = text.strip()
+    if re.fullmatch(r"\$[^$]+\$", text):  # $x$ (LaTeX), not "$5" (money)
+        text = text[1:-1]
+    text = _PHRASE_RE.sub("", text, count=1).strip()  # "**Final answer:** 7" leaves "Final answer: 7"
+    text = re.sub(r"[.。!]+$", "", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
     return text
 
 
-def parse_number(text: str) -> float | None:
-    """The number a short answer states ("$1,234.50" -> 1234.5, "7 apples" -> 7), else None."""
-    text = clean(text)
-    frac = re.fullmatch(r"\s*([-+]?\d+)\s*/\s*(\d+)\s*", text)
-    if frac and int(frac.group(2)) != 0:
-        return int(frac.group(1)) / int(frac.group(2))
-    m = _NUMBER_RE.search(text)
-    if m is None:
-        return None
+def normalise(text: str) -> str:
+    """Lower-case, single-spaced, markup-free form of an answer."""
+    return re.sub(r"\s+", " ", clean(text).lower()).strip()
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+def _to_float(token: str) -> float | None:
     try:
-        return float(m.group(0).replace("$", "").replace(",", ""))
+        return float(token.replace(",", ""))
     except ValueError:
         return None
 
 
-def normalise(text: str) -> str:
-    text = clean(text).lower()
-    text = re.sub(r"\s+", " ", text)
-    return text.strip()
+def _prepare_numeric(text: str) -> str:
+    text = clean(text).replace("−", "-").replace("–", "-")
+    text = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", text)
+    return text.replace("$", "").replace("\\%", "%")
 
 
-def exact_match(answer: str, gold: str, numeric: bool = False) -> bool:
-    """Normalised string match; with ``numeric``, numerically equal answers match too."""
-    if normalise(answer) == normalise(gold):
+def pick_number(text: str) -> str | None:
+    """The number a short answer states, as written without "$" or thousands commas.
+
+    The first number, or the one after the last "=" ("3 + 4 = 7" -> "7"); a whole fraction "3/8"
+    stays a fraction. None when the text holds no number.
+    """
+    text = _prepare_numeric(text)
+    if "=" in text:
+        tail = text.rsplit("=", 1)[1]
+        if _NUMBER_RE.search(tail):
+            text = tail
+    frac = re.fullmatch(r"\s*([-+]?\d+)\s*/\s*(\d+)\s*", text)
+    if frac:
+        return f"{frac.group(1)}/{frac.group(2)}"
+    m = _NUMBER_RE.search(text)
+    return m.group(0).replace(",", "") if m else None
+
+
+def parse_number(text: str) -> float | None:
+    """The number a short answer states ("$1,234.50" -> 1234.5, "7 apples" -> 7, "3/8" -> 0.375)."""
+    token = pick_number(text)
+    if token is None:
+        return None
+    if "/" in token:
+        num, den = token.split("/")
+        return int(num) / int(den) if int(den) != 0 else None
+    return _to_float(token)
+
+
+
+# -- canonical forms -------------------------------------------------------------------------------
+_LIST_STRIP = re.compile(r"^[\[(]+|[\])]+$")
+
+
+def _list_items(text: str) -> list[str]:
+    text = _LIST_STRIP.sub("", clean(text).strip())
+    parts = text.split(",") if "," in text else text.split()
+    items = [p.strip().strip("\"'").strip() for p in parts]
+    return [i for i in items if i]
+
+
+def _yesno(text: str) -> str | None:
+    m = re.match(r"\W*(yes|no|true|false)\b", clean(text), re.IGNORECASE)
+    if m is None:
+        return None
+    return {"true": "yes", "false": "no"}.get(m.group(1).lower(), m.group(1).lower())
+
+
+_DURATION_RE = re.compile(
+    r"(?:(?P<days>\d+)\s*days?)?\s*,?\s*(?:(?P<h>\d+):(?P<m>\d{1,2})(?::(?P<s>\d{1,2})(?:\.(?P<ms>\d+))?)?)?",
+    re.IGNORECASE,
+)
+
+
+def _duration(text: str) -> float | None:
+    if re.fullmatch(r"\d+", clean(text)):  # a bare count is a count of days ("34" for "34 days")
+        return int(clean(text)) * 86400.0
+    m = next((m for m in _DURATION_RE.finditer(clean(text)) if m.group(0).strip(" ,")), None)
+    if m is None:
+        return None
+    total = int(m.group("days") or 0) * 86400.0
+    if m.group("h") is not None:
+        total += int(m.group("h")) * 3600 + int(m.group("m")) * 60 + int(m.group("s") or 0)
+        if m.group("ms"):
+            total += float("0." + m.group("ms"))
+    return total
+
+
+def _factors(text: str) -> list[int] | None:
+    body = clean(text).replace("\\times", "×").replace("\\cdot", "×")
+    parts = re.split(r"\s*(?:×|\*|·|⋅|\bx\b)\s*", body.strip())
+    out: list[int] = []
+    for part in parts:
+        m = re.fullmatch(r"(\d+)\s*(?:\^\s*\{?(\d+)\}?|\*\*\s*(\d+))?", part.strip())
+        if m is None:
+            return None
+        out += [int(m.group(1))] * int(m.group(2) or m.group(3) or 1)
+    return sorted(out)
+
+
+def _choice_letter(text: str) -> str | None:
+    t = clean(text)
+    m = re.fullmatch(r"(?:option|choice)?\s*\(?([A-Za-z])\)?", t, re.IGNORECASE)
+    if m is None:  # "(B) text", "B) text", "B. text", "B: text"
+        m = re.match(r"(?:(?:option|choice)\s*)?(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?:\s|$)", t, re.IGNORECASE)
+        if m is None:
+            return None
+        return (m.group(1) or m.group(2)).upper()
+    return m.group(1).upper()
+
+
+def canonical(text: str, kind: str = "text") -> object | None:
+    """The comparable form of an answer of ``kind`` (None when it states none).
+
+    Use it to compare two answers of the same question (e.g. answer stability across probes).
+    """
+    check_kind(kind)
+    if kind == "text":
+        return normalise(text) or None
+    if kind == "number":
+        return parse_number(text)
+    if kind == "number_list":
+        items = _list_items(text)
+        vals = [_to_float(_prepare_numeric(i)) for i in items]
+        return tuple(vals) if vals and all(v is not None for v in vals) else None
+    if kind == "word_list":
+        items = [normalise(i) for i in _list_items(text)]
+        return tuple(items) if items else None
+    if kind == "factors":
+        f = _factors(text)
+        return tuple(f) if f else None
+    if kind == "yesno":
+        return _yesno(text)
+    if kind == "duration":
+        return _duration(text)
+    return _choice_letter(text)  # choice
+
+
+def exact_match(answer: str | None, gold: str, numeric: bool = False, kind: str | None = None) -> bool:
+    """Whether ``answer`` matches ``gold``: normalised string match, or equal canonical forms of ``kind``
+    (numbers within a relative 1e-6; ``numeric=True`` is shorthand for ``kind="number"``)."""
+    if answer is None:
+        return False
+    kind = _kind(kind, numeric)
+    if normalise(answer) == normalise(gold) and normalise(gold):
         return True
-    if numeric:
-        a, g = parse_number(answer), parse_number(gold)
-        if a is not None and g is not None:
-            return math.isclose(a, g, rel_tol=1e-6, abs_tol=1e-9)
-    return False
+    a, g = canonical(answer, kind), canonical(gold, kind)
+    if a is None or g is None:
+        return False
+    if kind == "number":
+        return math.isclose(a, g, rel_tol=1e-6, abs_tol=1e-9)  # type: ignore[arg-type]
+    if kind == "number_list":
+        return len(a) == len(g) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, g))  # type: ignore[arg-type]
+    if kind == "duration":
+        return abs(a - g) < 5e-4  # type: ignore[operator]  (to the millisecond)
+    return a == g
 
 
-def extract_final(text: str, numeric: bool = False) -> str | None:
-    """The answer stated in a full generation: the last 'Final answer:' line, else the last \\boxed{},
-    else (numeric families) the last number; None when nothing is found."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        m = _FINAL_RE.search(line)
-        if m and m.group(1).strip():
-            return clean(m.group(1))
-    if "\\boxed{" in text:
-        return clean(strip_boxed(text))
-    if numeric:
-        nums = _NUMBER_RE.findall(text)
-        if nums:
-            return nums[-1].replace("$", "").replace(",", "")
+# -- extraction ------------------------------------------------------------------------------------
+_FINAL_MARK = re.compile(r"final\s+answer\s*(?:is)?\s*[:：]?", re.IGNORECASE)
+_ANSWER_MARK = re.compile(r"(?:the\s+answer\s+is|answer\s*[:：])\s*[:：]?", re.IGNORECASE)
+
+
+def _after_last(mark: re.Pattern[str], text: str) -> str | None:
+    """The text after the last ``mark``: the rest of its line, else the next non-empty line."""
+    matches = list(mark.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end():]
+    lines = rest.split("\n")
+    if lines[0].strip(" *:\t"):
+        return lines[0]
+    nxt = [ln for ln in lines[1:] if ln.strip()]
+    return nxt[0] if nxt else None
+
+
+def _shape(segment: str, kind: str) -> str | None:
+    """An extracted answer segment in the form of its kind (a number for numbers, ...)."""
+    if kind == "number":
+        return pick_number(segment)
+    if kind == "yesno":
+        m = re.match(r"\W*(yes|no|true|false)\b", clean(segment), re.IGNORECASE)
+        return m.group(1) if m else None
+    if kind == "choice":
+        letter = _choice_letter(segment)
+        return letter if letter is not None else (clean(segment) or None)
+    return clean(segment) or None
+
+
+def extract_final(text: str, numeric: bool = False, kind: str | None = None) -> str | None:
+    """The answer stated in a full generation, None when it states none.
+
+    In order: the last "Final answer:" (rest of the line, else the next line); the last ``\\boxed{}``;
+    the last "The answer is" / "Answer:"; for numbers, the last number in the text.
+    """
+    kind = _kind(kind, numeric)
+    for segment in (
+        _after_last(_FINAL_MARK, text),
+        strip_boxed(text[text.rfind("\\boxed{"):]) if "\\boxed{" in text else None,
+        _after_last(_ANSWER_MARK, text),
+    ):
+        if segment is not None and segment.strip():
+            shaped = _shape(segment, kind)
+            if shaped is not None:
+                return shaped
+    if kind == "number":
+        nums = _NUMBER_RE.findall(_prepare_numeric(text.replace("\n", " ")))
+        return nums[-1].replace(",", "") if nums else None
     return None
 
 
-def extract_probe(text: str, numeric: bool = False) -> str | None:
-    """The answer in a forced continuation (what follows the answer trigger): its first line."""
-    first = text.strip().split("\n", 1)[0] if text.strip() else ""
-    first = clean(first)
-    if not first:
+def extract_probe(text: str, numeric: bool = False, kind: str | None = None) -> str | None:
+    """The answer in a forced continuation (the text after the answer trigger): its first non-empty
+    line, read as an answer of ``kind``. Sees nothing but ``text`` (no look-ahead)."""
+    kind = _kind(kind, numeric)
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if not lines:
         return None
-    if numeric:
-        n = _NUMBER_RE.search(first)
-        return n.group(0).replace("$", "").replace(",", "") if n else first
-    return first
+    return _shape(lines[0], kind)
+
+
+__all__ = [
+    "ANSWER_KINDS",
+    "AnswerFormatError",
+    "canonical",
+    "check_kind",
+    "clean",
+    "exact_match",
+    "extract_final",
+    "extract_probe",
+    "normalise",
+    "parse_number",
+    "pick_number",
+    "strip_boxed",
+]

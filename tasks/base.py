@@ -59,15 +59,26 @@ def question_id(family: str, text: str) -> str:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise TaskError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+class TaskError(ValueError):
+    """A task family asked for something it cannot give (unknown family or split, too few questions,
+    a missing field, an empty source). The message names the valid choices."""
 
 
 class TaskFamily(ABC):
-    """A source of questions with gold answers and an answer checker (see module docstring)."""
+    """A source of questions with gold answers and an answer checker (see module docstring).
+
+    ``answer_kind`` (one of :data:`tasks.answers.ANSWER_KINDS`) says how answers are extracted and
+    compared; ``numeric`` is ``answer_kind == "number"`` (EM accepts numerically equal answers).
+    """
 
     name: str
     answer_trigger: str = DEFAULT_TRIGGER
-    numeric: bool = False  # answers are numbers: EM also accepts numerically equal answers
+    answer_kind: str = "text"
+    # a stream of candidates that yields this many already-seen question texts in a row is exhausted
+    max_duplicate_run: int = 2000
 
     def __init__(
         self,
@@ -75,13 +86,23 @@ class TaskFamily(ABC):
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = DEFAULT_SYSTEM,
         answer_trigger: str = DEFAULT_TRIGGER,
+        answer_kind: str | None = None,
     ) -> None:
         if "{question}" not in instruction:
-            raise ValueError("instruction must contain the placeholder '{question}'")
+            raise TaskError(f"instruction must contain the placeholder '{{question}}', got {instruction!r}")
+        if not answer_trigger.strip():
+            raise TaskError("answer_trigger must not be blank (e.g. '\\nFinal answer:')")
         self.name = name
         self.instruction = instruction
         self.system_prompt = system_prompt
         self.answer_trigger = answer_trigger
+        if answer_kind is not None:
+            self.answer_kind = answers.check_kind(answer_kind)
+
+    @property
+    def numeric(self) -> bool:
+        """Answers are numbers: EM also accepts numerically equal answers ("1,234.50" == "1234.5")."""
+        return self.answer_kind == "number"
 
     # -- questions -------------------------------------------------------------------------------
     @abstractmethod
@@ -95,19 +116,26 @@ class TaskFamily(ABC):
         """
         check_split(split)
         if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+            raise TaskError(f"n must be >= 0, got {n}")
         out: list[Question] = []
         seen: set[str] = set()
+        run = 0  # already-seen texts in a row: a finite generator repeats itself once exhausted
         for text, gold, meta in self._candidates(seed):
             if len(out) >= n:
                 break
-            if text in seen or split_of(text) != split:
+            if text in seen:
+                run += 1
+                if run >= self.max_duplicate_run:
+                    break
                 continue
+            run = 0
             seen.add(text)
-            out.append(Question(question_id(self.name, text), self.name, split, text, gold, meta))
+            if split_of(text) == split:
+                out.append(Question(question_id(self.name, text), self.name, split, text, gold, meta))
         if len(out) < n:
-            raise ValueError(
-                f"family {self.name!r} has only {len(out)} distinct {split} questions, {n} were asked for"
+            raise TaskError(
+                f"family {self.name!r} has only {len(out)} distinct {split} questions, {n} were asked for; "
+                f"ask for at most {len(out)} or widen the family's configuration"
             )
         return out
 
@@ -130,17 +158,24 @@ class TaskFamily(ABC):
     # -- answers ---------------------------------------------------------------------------------
     def extract_answer(self, text: str) -> str | None:
         """The answer stated in a full generation, or None when it states none."""
-        return answers.extract_final(text, numeric=self.numeric)
+        return answers.extract_final(text, kind=self.answer_kind)
 
     def extract_probe_answer(self, text: str) -> str | None:
-        """The answer in the short continuation that follows :attr:`answer_trigger`."""
-        return answers.extract_probe(text, numeric=self.numeric)
+        """The answer in the short continuation that follows :attr:`answer_trigger` (its first line).
+
+        ``text`` is the forced continuation alone: nothing generated after the probe point is seen.
+        """
+        return answers.extract_probe(text, kind=self.answer_kind)
+
+    def canonical_answer(self, answer: str | None) -> object | None:
+        """A comparable form of an extracted answer (e.g. for answer stability across probes)."""
+        return None if answer is None else answers.canonical(answer, self.answer_kind)
 
     def score(self, answer: str | None, question: Question) -> bool:
         """Exact match of an extracted answer against the question's gold answer."""
         if answer is None:
             return False
-        return answers.exact_match(answer, question.gold, numeric=self.numeric)
+        return answers.exact_match(answer, question.gold, kind=self.answer_kind)
 
 
 # -- registry --------------------------------------------------------------------------------------
@@ -148,8 +183,9 @@ _REGISTRY: dict[str, Callable[..., TaskFamily]] = {}
 
 
 def register_family(name: str, factory: Callable[..., TaskFamily]) -> None:
+    """Register ``factory`` (a class or a function returning a family) under ``name``."""
     if name in _REGISTRY:
-        raise ValueError(f"family {name!r} is already registered")
+        raise TaskError(f"family {name!r} is already registered")
     _REGISTRY[name] = factory
 
 
@@ -167,7 +203,7 @@ def get_family(name: str, **kwargs: Any) -> TaskFamily:
     """A family by registry name; keyword arguments go to its constructor."""
     _ensure_loaded()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task family {name!r}; valid families: {', '.join(sorted(_REGISTRY))}")
+        raise TaskError(f"unknown task family {name!r}; valid families: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)
 
 
