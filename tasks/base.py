@@ -14,6 +14,7 @@ A **task family** is a source of questions with gold answers and an answer check
 from __future__ import annotations
 
 import hashlib
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -112,7 +113,8 @@ class TaskFamily(ABC):
     def questions(self, split: str, n: int, seed: int = 0) -> list[Question]:
         """``n`` distinct questions of ``split``, deterministic in ``seed``.
 
-        Raises ``ValueError`` when the family cannot supply ``n`` questions for that split.
+        Raises :class:`TaskError` (a ``ValueError``) when the family cannot supply ``n`` questions for
+        that split.
         """
         check_split(split)
         if n < 0:
@@ -204,7 +206,17 @@ def get_family(name: str, **kwargs: Any) -> TaskFamily:
     _ensure_loaded()
     if name not in _REGISTRY:
         raise TaskError(f"unknown task family {name!r}; valid families: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:
+        required = [p for p, v in params.items() if v.default is inspect.Parameter.empty]
+        raise TaskError(
+            f"family {name!r}: {err}; required: {', '.join(required) or 'nothing'}; "
+            f"accepted: {', '.join(params)}"
+        ) from None
+    return factory(**kwargs)
 
 
 def get_families(names: Sequence[str]) -> list[TaskFamily]:

@@ -1,0 +1,221 @@
+"""Task families: registry, deterministic draws, disjoint splits, and answer extraction + EM on real
+generated questions of every reasoning-gym family."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from maml_stop import cli
+from tasks import answers, get_family, list_families
+from tasks.base import SPLITS, Question, TaskError, split_of
+from tasks.reasoning_gym_families import RG_FAMILIES, ReasoningGymFamily
+
+RG_NAMES = sorted(RG_FAMILIES)
+N = 40  # questions per split drawn in the per-family tests
+
+
+@pytest.fixture(scope="module")
+def drawn() -> dict[str, tuple[ReasoningGymFamily, dict[str, list[Question]]]]:
+    out = {}
+    for name in RG_NAMES:
+        fam = get_family(name)
+        out[name] = (fam, {s: fam.questions(s, N, seed=0) for s in SPLITS})
+    return out
+
+
+def realistic_variants(kind: str, gold: str) -> list[str]:
+    """How a model might state the right answer, beyond the gold string itself."""
+    if kind == "number":
+        value = answers.parse_number(gold)
+        assert value is not None, gold
+        out = [f"\\boxed{{{gold}}}", f"The answer is: {gold}.", f"{gold} in total", f"**{gold}**"]
+        if float(value).is_integer() and abs(value) >= 1000:
+            out.append(f"{int(value):,}")
+        return out
+    if kind == "number_list":
+        nums = re.findall(r"-?\d+(?:\.\d+)?", gold)
+        return [", ".join(nums), "[" + ", ".join(n.rstrip("0").rstrip(".") for n in nums) + "]"]
+    if kind == "word_list":
+        words = [w.strip() for w in gold.split(",")]
+        return [",".join(words), str(words), ", ".join(w.upper() for w in words)]
+    if kind == "yesno":
+        return [gold.upper(), gold.lower() + ", it follows" if gold == "Yes" else gold.lower() + ", it does not follow"]
+    if kind == "factors":
+        return [gold.replace(" × ", "*"), " x ".join(reversed(gold.split(" × ")))]
+    if kind == "duration":
+        return [re.sub(r"(^|\s)0(\d):", r"\1\2:", gold)]  # drop a leading zero of the hours
+    return [gold.upper() if gold.lower() != gold.upper() else gold, f"**{gold}**."]
+
+
+def wrong_answer(family: ReasoningGymFamily, q: Question, pool: list[Question]) -> str:
+    """The gold of another question that states a different answer (a realistic wrong answer)."""
+    mine = answers.canonical(q.gold, family.answer_kind)
+    for other in pool:
+        if answers.canonical(other.gold, family.answer_kind) != mine and not family.score(other.gold, q):
+            return other.gold
+    raise AssertionError(f"{family.name}: every question has the same answer")
+
+
+def test_registry_lists_every_family() -> None:
+    names = list_families()
+    assert set(RG_NAMES) <= set(names) and "dataset" in names
+    assert len(RG_NAMES) >= 10
+
+
+def test_unknown_family_names_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid families: .*basic_arithmetic"):
+        get_family("no_such_family")
+
+
+def test_bad_constructor_argument_names_accepted_ones() -> None:
+    with pytest.raises(TaskError, match="accepted: config"):
+        get_family("gcd", bogus=1)
+
+
+def test_bad_generator_config_is_a_task_error() -> None:
+    with pytest.raises(TaskError, match="reasoning-gym cannot build"):
+        get_family("gcd", config={"no_such_option": 3})
+
+
+def test_unknown_split_names_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid splits: train, validation, test"):
+        get_family("chain_sum").questions("dev", 3)
+
+
+def test_too_many_questions_is_a_clear_error() -> None:
+    fam = get_family("gcd", config={"max_value": 4}, pool_size=2000)  # a tiny question space
+    with pytest.raises(TaskError, match="has only \\d+ distinct test questions, 50 were asked for"):
+        fam.questions("test", 50)
+
+
+def test_negative_n_rejected() -> None:
+    with pytest.raises(TaskError):
+        get_family("chain_sum").questions("train", -1)
+
+
+@pytest.mark.parametrize("name", RG_NAMES)
+def test_draws_are_deterministic_and_disjoint(name: str, drawn) -> None:
+    fam, by_split = drawn[name]
+    again = fam.questions("train", N, seed=0)
+    assert [q.id for q in again] == [q.id for q in by_split["train"]]
+    other_seed = fam.questions("train", N, seed=1)
+    assert [q.id for q in other_seed] != [q.id for q in again]
+    texts = {s: {q.question for q in qs} for s, qs in by_split.items()}
+    for s, qs in by_split.items():
+        assert len(texts[s]) == N  # distinct within a split
+        assert all(q.split == s and split_of(q.question) == s and q.family == name for q in qs)
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    # a different seed never moves a question into another split
+    assert not {q.question for q in other_seed} & (texts["validation"] | texts["test"])
+
+
+@pytest.mark.parametrize("name", RG_NAMES)
+def test_gold_and_realistic_answers_score(name: str, drawn) -> None:
+    fam, by_split = drawn[name]
+    pool = by_split["train"]
+    for q in pool[:15]:
+        assert q.gold.strip()
+        assert fam.score(q.gold, q), (q.question, q.gold)
+        assert fam.rg_score(q.gold, q) == 1.0  # reasoning-gym's own scorer accepts its gold
+        generation = f"Step 1: read the question.\nStep 2: work it out.\nFinal answer: {q.gold}"
+        assert fam.score(fam.extract_answer(generation), q), (generation, fam.extract_answer(generation))
+        probe = f" {q.gold}\nStep 3: check the result again"
+        assert fam.score(fam.extract_probe_answer(probe), q), (probe, fam.extract_probe_answer(probe))
+        for variant in realistic_variants(fam.answer_kind, q.gold):
+            ext = fam.extract_answer(f"Step 1: think.\nFinal answer: {variant}")
+            assert fam.score(ext, q), (variant, ext, q.gold)
+            assert fam.score(fam.extract_probe_answer(f" {variant}\nStep 2: ..."), q), (variant, q.gold)
+        wrong = wrong_answer(fam, q, pool)
+        assert not fam.score(fam.extract_answer(f"Step 1: think.\nFinal answer: {wrong}"), q), (wrong, q.gold)
+        assert not fam.score(fam.extract_probe_answer(f" {wrong}\nStep 2"), q), (wrong, q.gold)
+        assert not fam.score(None, q)
+
+
+@pytest.mark.parametrize("name", RG_NAMES)
+def test_stored_question_scores_the_same(name: str, drawn) -> None:
+    """A question read back from a trace corpus has no metadata: scoring must not depend on it."""
+    fam, by_split = drawn[name]
+    pool = by_split["test"]
+    for q in pool[:10]:
+        bare = Question(q.id, q.family, q.split, q.question, q.gold)
+        assert fam.score(q.gold, bare)
+        assert fam.rg_score(q.gold, bare) == 1.0
+        wrong = wrong_answer(fam, q, pool)
+        assert fam.score(wrong, bare) == fam.score(wrong, q) is False
+
+
+def test_number_family_tricky_formats() -> None:
+    fam = get_family("gsm_symbolic")
+    q = Question("x", "gsm_symbolic", "train", "How much?", "1234.5")
+    for text in ["$1,234.50", "\\boxed{1234.5}", "The answer is: 1234.5.", "1234.5 dollars"]:
+        assert fam.score(fam.extract_answer(f"Final answer: {text}"), q), text
+    neg = Question("y", "basic_arithmetic", "train", "Calculate 3 - 10.", "-7")
+    fam2 = get_family("basic_arithmetic")
+    assert fam2.score(fam2.extract_probe_answer(" -7\nStep 3: ..."), neg)
+    assert not fam2.score(fam2.extract_probe_answer(" 7\nStep 3: ..."), neg)
+    legs = Question("z", "leg_counting", "train", "How many legs?", "7")
+    assert get_family("leg_counting").score("7 legs", legs)
+
+
+def test_yes_no_case_insensitive() -> None:
+    fam = get_family("syllogism")
+    q = Question("x", "syllogism", "train", "Does it follow?", "Yes")
+    assert fam.score(fam.extract_answer("Final answer: YES"), q)
+    assert fam.score(fam.extract_probe_answer(" yes.\nStep 2"), q)
+    assert not fam.score(fam.extract_answer("Final answer: NO"), q)
+
+
+def test_number_sorting_accepts_plain_comma_list() -> None:
+    fam = get_family("number_sorting")
+    q = Question("x", "number_sorting", "train", "Sort these numbers in descending order: 30.0, 52.2", "['52.2', '30.0']")
+    assert fam.score("52.2, 30.0", q)
+    assert fam.score("['52.2', '30.0']", q)
+    assert not fam.score("30.0, 52.2", q)
+
+
+def test_probe_extraction_sees_only_its_continuation() -> None:
+    fam = get_family("chain_sum")
+    q = Question("x", "chain_sum", "train", "1 + 41 =", "42")
+    assert fam.extract_probe_answer(" 42\nStep 3: 1 + 41 = 43\nFinal answer: 43") == "42"
+    assert fam.score(fam.extract_probe_answer(" 42\nStep 3: ..."), q)
+
+
+def test_render_prompt_plain_and_chat_template() -> None:
+    fam = get_family("chain_sum")
+    q = fam.questions("train", 1)[0]
+    plain = fam.render_prompt(q)
+    assert q.question in plain and "Final answer" in plain
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            assert not tokenize and add_generation_prompt
+            return "|".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+    chat = fam.render_prompt(q, Tok())
+    assert chat.startswith("<system>") and "<user>" in chat and q.question in chat
+
+
+def test_canonical_answer_for_stability() -> None:
+    fam = get_family("gsm_symbolic")
+    assert fam.canonical_answer("$1,234.50") == fam.canonical_answer("1234.5")
+    assert fam.canonical_answer(None) is None
+
+
+def test_tasks_command_lists_every_family(capsys) -> None:
+    assert cli.main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in RG_NAMES:
+        assert re.search(rf"^{name}\s", out, re.MULTILINE), name
+    assert "gold:" in out
+
+
+def test_tasks_command_on_some_families(capsys) -> None:
+    assert cli.main(["tasks", "--families", "gcd", "syllogism", "--split", "test", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["gcd", "syllogism"]
