@@ -1,0 +1,426 @@
+"""Stopping policies (the baselines and the learned probes) behind one interface.
+
+A :class:`StoppingPolicy` is fitted on the K support traces of a family, then picks, per trace, the
+probe at which to stop (``stop_index``; ``None`` = run to the end). :meth:`StoppingPolicy.outcome`
+turns that choice into EM and tokens with the accounting of ``DESIGN.md`` / ``Trace.stop_cost``:
+probing policies pay every probe they ran; full generation and the token budget run no probes (a
+budget pays the one forced answer at its cut-off); the oracle needs no probe when it runs to the end.
+
+Thresholded policies (:class:`ThresholdedPolicy`) are families indexed by one parameter (the token
+budget, the consistency window k, the confidence level, the probe threshold tau), with candidates
+ordered from conservative (stops latest) to aggressive; ``fit`` lets a
+:class:`~maml_stop.thresholds.ThresholdSelector` choose the parameter on support, and ``None`` means
+"never stop early" (plain full generation, no probes).
+
+>>> from maml_stop.thresholds import FixedThreshold
+>>> policy = AnswerConsistency(selector=FixedThreshold(2))          # stop once 2 probe answers agree
+>>> policy.fit(support).stop_index(trace)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from maml_stop.corpus import Trace
+from maml_stop.thresholds import FixedThreshold, SupportSweep, ThresholdSelector
+
+if TYPE_CHECKING:  # pragma: no cover
+    from maml_stop.adapter import InnerLoopAdapter
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "StopOutcome",
+    "Outcomes",
+    "StoppingPolicy",
+    "FullGeneration",
+    "OraclePolicy",
+    "ThresholdedPolicy",
+    "TokenBudget",
+    "AnswerConsistency",
+    "AnswerConfidence",
+    "ProbePolicy",
+    "full_generation_outcome",
+    "evaluate_policy",
+    "sweep_policy",
+    "DEFAULT_TAUS",
+]
+
+# probe thresholds from conservative to aggressive (tuned grids go in experiments/evaluate.yaml)
+DEFAULT_TAUS: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What a policy's decision on one trace yields."""
+
+    index: int | None  # probe stopped at; None = ran to the end
+    em: bool
+    total_tokens: int  # reasoning + probes + answer
+    reasoning_tokens: int
+
+
+@dataclass
+class Outcomes:
+    """Outcomes of one policy on a list of traces, with full generation of the same traces beside them."""
+
+    em: np.ndarray  # (N,) float 0/1
+    total_tokens: np.ndarray  # (N,)
+    reasoning_tokens: np.ndarray  # (N,)
+    full_em: np.ndarray  # (N,)
+    full_tokens: np.ndarray  # (N,)
+    stopped_early: np.ndarray  # (N,) bool: stopped at a probe
+
+
+def full_generation_outcome(trace: Trace) -> StopOutcome:
+    """Plain full generation: no probes, every generated token, the model's own final answer."""
+    return StopOutcome(None, bool(trace.final_em), trace.full_cost, trace.full_cost)
+
+
+def _probe_outcome(trace: Trace, index: int | None) -> StopOutcome:
+    """A probing policy's outcome: stop at probe ``index`` having run probes 0..index (or all of them)."""
+    total, reasoning = trace.stop_cost(index)
+    return StopOutcome(index, trace.stop_em(index), total, reasoning)
+
+
+class StoppingPolicy:
+    """Fit on the K support traces, then choose a stop index per trace (``None`` = run to the end)."""
+
+    name = "policy"
+
+    def fit(self, support: Sequence[Trace]) -> "StoppingPolicy":
+        return self
+
+    def stop_index(self, trace: Trace) -> int | None:
+        raise NotImplementedError
+
+    def outcome(self, trace: Trace) -> StopOutcome:
+        return _probe_outcome(trace, self.stop_index(trace))
+
+    def prepare(self, traces: Sequence[Trace]) -> None:
+        """Precompute per-trace scores for a list of traces in one batch (learned policies)."""
+
+
+class FullGeneration(StoppingPolicy):
+    """Never stop early; run no probes."""
+
+    name = "full"
+
+    def stop_index(self, trace: Trace) -> int | None:
+        return None
+
+    def outcome(self, trace: Trace) -> StopOutcome:
+        return full_generation_outcome(trace)
+
+
+class OraclePolicy(StoppingPolicy):
+    """Stop at the earliest probe whose answer is correct; when none is, run to the end if the final
+    answer is correct (paying no probes: the oracle knows), else stop at the first probe."""
+
+    name = "oracle"
+
+    def stop_index(self, trace: Trace) -> int | None:
+        correct = np.flatnonzero(trace.labels > 0.5)
+        if correct.size:
+            return int(correct[0])
+        if trace.final_em or trace.n_probes == 0:
+            return None
+        return 0
+
+    def outcome(self, trace: Trace) -> StopOutcome:
+        index = self.stop_index(trace)
+        return full_generation_outcome(trace) if index is None else _probe_outcome(trace, index)
+
+
+class ThresholdedPolicy(StoppingPolicy):
+    """A family of policies indexed by one parameter, chosen on support by a threshold selector.
+
+    Subclasses give ``candidates`` (conservative -> aggressive), ``default_param`` and
+    ``stop_index_at``; learned ones also override ``_fit_scores``.
+    """
+
+    def __init__(self, selector: ThresholdSelector | None = None) -> None:
+        self.selector = selector if selector is not None else FixedThreshold()
+        self.param: float | None = self.default_param
+
+    @property
+    def candidates(self) -> list[float]:
+        raise NotImplementedError
+
+    @property
+    def default_param(self) -> float | None:
+        raise NotImplementedError
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        raise NotImplementedError
+
+    def outcome_at(self, trace: Trace, param: float | None) -> StopOutcome:
+        if param is None:
+            return full_generation_outcome(trace)
+        return _probe_outcome(trace, self.stop_index_at(trace, param))
+
+    def stop_index(self, trace: Trace) -> int | None:
+        return None if self.param is None else self.stop_index_at(trace, self.param)
+
+    def outcome(self, trace: Trace) -> StopOutcome:
+        return self.outcome_at(trace, self.param)
+
+    def _fit_scores(self, support: Sequence[Trace]) -> None:
+        """Fit whatever the policy learns from support before its parameter is chosen."""
+
+    def fit(self, support: Sequence[Trace]) -> "ThresholdedPolicy":
+        if not support:
+            raise ValueError(f"{self.name}: cannot fit on an empty support set")
+        self._fit_scores(support)
+        sweep = sweep_policy(self, support)
+        self.param = self.selector.select(self.candidates, sweep, self.default_param)
+        log.debug("%s: %s chose %s on %d support traces", self.name, self.selector.name, self.param, len(support))
+        return self
+
+
+class TokenBudget(ThresholdedPolicy):
+    """Stop at a fixed reasoning-token budget B: answer from the last probe at or before B, paying that
+    one probe (a trace that ends within B runs to its end; one whose first probe lies beyond B answers
+    at its first probe). Candidate budgets are quantiles of the support traces' lengths."""
+
+    name = "budget"
+
+    def __init__(
+        self,
+        selector: ThresholdSelector | None = None,
+        quantiles: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
+        default_quantile: float = 0.5,
+    ) -> None:
+        if not quantiles or any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise ValueError(f"quantiles must be a non-empty list of fractions in [0, 1]; got {list(quantiles)}")
+        self.quantiles = sorted(quantiles, reverse=True)  # large budget = conservative
+        self.default_quantile = default_quantile
+        self._budgets: list[float] = []
+        self._default: float | None = None
+        super().__init__(selector)
+
+    @property
+    def candidates(self) -> list[float]:
+        if not self._budgets:
+            raise RuntimeError("TokenBudget: call fit(support) first; its budgets are quantiles of support lengths")
+        return self._budgets
+
+    @property
+    def default_param(self) -> float | None:
+        return self._default
+
+    def _fit_scores(self, support: Sequence[Trace]) -> None:
+        lengths = np.array([t.reasoning_tokens for t in support], dtype=np.float64)
+        self._budgets = [float(np.quantile(lengths, q)) for q in self.quantiles]
+        self._default = float(np.quantile(lengths, self.default_quantile))
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        if trace.reasoning_tokens <= param or trace.n_probes == 0:
+            return None
+        before = np.flatnonzero(trace.positions <= param)
+        return int(before[-1]) if before.size else 0
+
+    def outcome_at(self, trace: Trace, param: float | None) -> StopOutcome:
+        index = None if param is None else self.stop_index_at(trace, param)
+        if index is None:
+            return full_generation_outcome(trace)
+        reasoning = int(trace.positions[index])
+        return StopOutcome(index, bool(trace.labels[index] > 0.5), reasoning + int(trace.probe_tokens[index]), reasoning)
+
+
+class AnswerConsistency(ThresholdedPolicy):
+    """Stop once the last k probe answers agree (and are not empty): Dynasor-CoT (Fu et al. 2024,
+    arXiv:2412.20993) and ES-CoT. The window k is the parameter; larger k is more conservative."""
+
+    name = "consistency"
+
+    def __init__(self, selector: ThresholdSelector | None = None, windows: Sequence[int] = (8, 6, 5, 4, 3, 2)) -> None:
+        if not windows or any(int(k) < 1 for k in windows):
+            raise ValueError(f"windows must be positive integers; got {list(windows)}")
+        self.windows = sorted({int(k) for k in windows}, reverse=True)
+        super().__init__(selector)
+
+    @property
+    def candidates(self) -> list[float]:
+        return [float(k) for k in self.windows]
+
+    @property
+    def default_param(self) -> float | None:
+        return 3.0
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        k = int(param)
+        answers = [a.strip() for a in trace.probe_answers]
+        run = 0
+        for i, a in enumerate(answers):
+            run = run + 1 if a and i > 0 and a == answers[i - 1] else (1 if a else 0)
+            if run >= k:
+                return i
+        return None
+
+
+class AnswerConfidence(ThresholdedPolicy):
+    """Stop at the first probe whose forced answer is confident: exp(mean answer-token log-prob) >= c
+    (DEER, Yang et al. 2025, arXiv:2504.15895). Higher c is more conservative."""
+
+    name = "confidence"
+
+    def __init__(
+        self,
+        selector: ThresholdSelector | None = None,
+        levels: Sequence[float] = (0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),
+    ) -> None:
+        if not levels or any(not 0.0 <= c <= 1.0 for c in levels):
+            raise ValueError(f"levels must be probabilities in [0, 1]; got {list(levels)}")
+        self.levels = sorted(levels, reverse=True)
+        super().__init__(selector)
+
+    @property
+    def candidates(self) -> list[float]:
+        return list(self.levels)
+
+    @property
+    def default_param(self) -> float | None:
+        return 0.95
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        confident = np.exp(trace.logprob_mean.astype(np.float64)) >= param
+        nonempty = np.array([bool(a.strip()) for a in trace.probe_answers], dtype=bool)
+        hits = np.flatnonzero(confident & nonempty)
+        return int(hits[0]) if hits.size else None
+
+
+class ProbePolicy(ThresholdedPolicy):
+    """A stopping predictor: stop at the first probe whose P(stop keeps the answer) >= tau.
+
+    ``adapter=None`` uses ``predictor`` as it is (the pooled probe without adaptation); otherwise
+    ``fit`` calls ``adapter.adapt`` on the support probes (MAML-adapted, fine-tuned, or trained from
+    scratch: each is an :class:`~maml_stop.adapter.InnerLoopAdapter` around the right initial predictor).
+    ``renormalise=True`` first sets the predictor's normalisation from the support features (for a
+    predictor trained from scratch, which has no source statistics).
+    """
+
+    def __init__(
+        self,
+        predictor: nn.Module | None = None,
+        adapter: "InnerLoopAdapter | None" = None,
+        selector: ThresholdSelector | None = None,
+        taus: Sequence[float] = DEFAULT_TAUS,
+        default_tau: float = 0.5,
+        renormalise: bool = False,
+        adapt_steps: int | None = None,
+        name: str = "probe",
+    ) -> None:
+        if predictor is None and adapter is None:
+            raise ValueError("ProbePolicy needs a predictor or an adapter")
+        if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
+            raise ValueError(f"taus must be probabilities in [0, 1]; got {list(taus)}")
+        self.predictor = predictor if predictor is not None else adapter.predictor  # type: ignore[union-attr]
+        self.adapter = adapter
+        self.taus = sorted(taus, reverse=True)  # high tau = conservative
+        self.default_tau = default_tau
+        self.renormalise = renormalise
+        self.adapt_steps = adapt_steps
+        self.name = name
+        self.model: nn.Module | None = None if adapter is not None else self.predictor
+        self._probs: dict[str, np.ndarray] = {}
+        super().__init__(selector)
+
+    @property
+    def candidates(self) -> list[float]:
+        return list(self.taus)
+
+    @property
+    def default_param(self) -> float | None:
+        return self.default_tau
+
+    def _fit_scores(self, support: Sequence[Trace]) -> None:
+        from maml_stop.data import collate_traces
+
+        self._probs = {}
+        if self.adapter is None:
+            self.model = self.predictor
+            return
+        batch = collate_traces(support, weighting=_adapter_weighting(self.adapter))
+        if self.renormalise:
+            mean = batch.features.mean(0)  # (F,)
+            std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
+            self.predictor.set_normalisation(mean, std)
+        with torch.enable_grad():
+            self.model = self.adapter.adapt(batch, steps=self.adapt_steps)
+
+    def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
+        from maml_stop.data import collate_traces
+
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
+        missing = [t for t in traces if t.trace_id not in self._probs]
+        if missing:
+            batch = collate_traces(missing)
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                probs = torch.sigmoid(self.model(batch)).double().numpy()  # (N,)
+            self.model.train(was_training)
+            index = batch.trace_index.numpy()
+            for i, t in enumerate(missing):
+                self._probs[t.trace_id] = probs[index == i]
+        return [self._probs[t.trace_id] for t in traces]
+
+    def prepare(self, traces: Sequence[Trace]) -> None:
+        if traces:
+            self.probabilities(traces)
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        (p,) = self.probabilities([trace])
+        hits = np.flatnonzero(p >= param)
+        return int(hits[0]) if hits.size else None
+
+
+def _adapter_weighting(adapter: object) -> str:
+    """The probe weighting the adapter's loss expects (``cost`` loss -> cost weights)."""
+    weighting = getattr(adapter, "weighting", None)
+    if isinstance(weighting, str):
+        return weighting
+    return "cost" if getattr(adapter, "loss_name", getattr(adapter, "loss_kind", None)) == "cost" else "uniform"
+
+
+def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace]) -> Outcomes:
+    """Outcomes of a fitted policy on ``traces`` (with full generation of the same traces)."""
+    policy.prepare(traces)
+    results = [policy.outcome(t) for t in traces]
+    return Outcomes(
+        em=np.array([r.em for r in results], dtype=np.float64),
+        total_tokens=np.array([r.total_tokens for r in results], dtype=np.float64),
+        reasoning_tokens=np.array([r.reasoning_tokens for r in results], dtype=np.float64),
+        full_em=np.array([t.final_em for t in traces], dtype=np.float64),
+        full_tokens=np.array([t.full_cost for t in traces], dtype=np.float64),
+        stopped_early=np.array([r.index is not None for r in results], dtype=bool),
+    )
+
+
+def sweep_policy(
+    policy: ThresholdedPolicy, traces: Sequence[Trace], candidates: Sequence[float] | None = None
+) -> SupportSweep:
+    """EM and total tokens of every candidate parameter on ``traces``: (N, J) arrays."""
+    cands = list(policy.candidates if candidates is None else candidates)
+    policy.prepare(traces)
+    em = np.zeros((len(traces), len(cands)))
+    tokens = np.zeros((len(traces), len(cands)))
+    for i, t in enumerate(traces):
+        for j, c in enumerate(cands):
+            r = policy.outcome_at(t, c)
+            em[i, j], tokens[i, j] = float(r.em), float(r.total_tokens)
+    return SupportSweep(
+        em=em,
+        tokens=tokens,
+        full_em=np.array([t.final_em for t in traces], dtype=np.float64),
+        full_tokens=np.array([t.full_cost for t in traces], dtype=np.float64),
+    )

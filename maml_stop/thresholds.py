@@ -1,0 +1,215 @@
+"""Threshold selection on the support set: fixed, EM target, and risk-controlled (Learn-then-Test).
+
+A thresholded policy (a stopping predictor with threshold tau, answer-consistency with window k, ...)
+offers an ordered list of **candidates**, from the most conservative (stops latest) to the most
+aggressive. A selector sees how every candidate does on the K support traces and returns the chosen
+candidate, or ``None``: never stop early (plain full generation, no probes).
+
+* :class:`FixedThreshold`: a given value (or the policy's default), whatever the support says.
+* :class:`EMTargetThreshold`: the largest support savings whose support EM stays within ``delta`` of
+  full generation.
+* :class:`LTTThreshold`: Learn-then-Test (Angelopoulos et al. 2021, arXiv:2110.01052) with a binomial
+  tail bound and fixed-sequence testing from conservative to aggressive. The loss of a question is 1
+  when full generation answers it correctly and the policy does not; its mean bounds the EM drop from
+  above, so with probability >= 1 - alpha over the draw of the support set the chosen candidate's EM
+  drop is at most ``delta``. Certifying anything needs ``K >= log(alpha) / log(1 - delta)`` support
+  questions (230 for delta = 1 point, alpha = 0.1): with fewer, it never stops early.
+
+The guarantee assumes the policy's scores do not depend on the support set; a predictor adapted on the
+same K traces it is calibrated on sees optimistic support scores, so for adapted probes the bound is a
+heuristic (see the report).
+
+>>> import numpy as np
+>>> sweep = SupportSweep(em=np.array([[1, 1, 0], [1, 1, 1]]), tokens=np.array([[90, 50, 10], [80, 60, 20]]),
+...                      full_em=np.array([1, 1]), full_tokens=np.array([100, 100]))
+>>> EMTargetThreshold(delta=0.01).select([0.9, 0.5, 0.1], sweep, default=0.5)
+0.5
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SupportSweep",
+    "ThresholdSelector",
+    "FixedThreshold",
+    "EMTargetThreshold",
+    "LTTThreshold",
+    "binom_cdf",
+    "min_certifiable_k",
+    "make_selector",
+    "SELECTORS",
+]
+
+_TOL = 1e-9
+
+
+@dataclass
+class SupportSweep:
+    """How each candidate does on the support traces (candidates ordered conservative -> aggressive)."""
+
+    em: np.ndarray  # (K, J) EM of the answer returned by candidate j on trace k
+    tokens: np.ndarray  # (K, J) total tokens (probes included) of candidate j on trace k
+    full_em: np.ndarray  # (K,) EM of full generation
+    full_tokens: np.ndarray  # (K,) tokens of full generation
+
+    def __post_init__(self) -> None:
+        self.em = np.asarray(self.em, dtype=np.float64).reshape(len(self.full_em), -1)
+        self.tokens = np.asarray(self.tokens, dtype=np.float64).reshape(self.em.shape)
+        self.full_em = np.asarray(self.full_em, dtype=np.float64)
+        self.full_tokens = np.asarray(self.full_tokens, dtype=np.float64)
+
+    @property
+    def n(self) -> int:
+        return int(self.em.shape[0])
+
+    def em_drop(self) -> np.ndarray:
+        """(J,) support EM drop of each candidate against full generation."""
+        return self.full_em.mean() - self.em.mean(0)
+
+    def savings(self) -> np.ndarray:
+        """(J,) support token savings of each candidate against full generation."""
+        return 1.0 - self.tokens.sum(0) / max(self.full_tokens.sum(), 1e-12)
+
+    def losses(self) -> np.ndarray:
+        """(K, J) 1 where full generation is right and candidate j is wrong: its mean bounds the EM drop."""
+        return self.full_em[:, None] * (1.0 - self.em)
+
+
+def binom_cdf(s: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= s), summed in log space (no SciPy needed)."""
+    if s < 0:
+        return 0.0
+    if s >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(int(s) + 1)
+    ]
+    top = max(log_terms)
+    return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms)))
+
+
+def min_certifiable_k(delta: float, alpha: float) -> int:
+    """Fewest support questions for which Learn-then-Test can certify anything (zero losses observed)."""
+    if not (0.0 < delta < 1.0 and 0.0 < alpha < 1.0):
+        raise ValueError(f"delta and alpha must lie in (0, 1); got delta={delta}, alpha={alpha}")
+    return int(math.ceil(math.log(alpha) / math.log1p(-delta)))
+
+
+def _best_by_savings(candidates: Sequence[float], sweep: SupportSweep, allowed: np.ndarray) -> float | None:
+    """The allowed candidate with the largest support savings; None when none saves anything."""
+    if not allowed.any():
+        return None
+    savings = np.where(allowed, sweep.savings(), -np.inf)
+    j = int(np.argmax(savings))  # first (most conservative) among ties
+    return float(candidates[j]) if savings[j] > 0.0 else None
+
+
+def _check_inputs(candidates: Sequence[float], sweep: SupportSweep) -> None:
+    if sweep.em.shape[1] != len(candidates):
+        raise ValueError(f"the sweep has {sweep.em.shape[1]} columns but there are {len(candidates)} candidates")
+
+
+class ThresholdSelector:
+    """Chooses a candidate from how the candidates do on support; ``None`` = never stop early."""
+
+    name = "selector"
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        raise NotImplementedError
+
+
+class FixedThreshold(ThresholdSelector):
+    """A fixed value; ``value=None`` takes each policy's default (tau 0.5, k 3, ...)."""
+
+    name = "fixed"
+
+    def __init__(self, value: float | None = None) -> None:
+        self.value = value
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        return self.value if self.value is not None else default
+
+
+class EMTargetThreshold(ThresholdSelector):
+    """Largest support savings whose support EM drop against full generation is at most ``delta``."""
+
+    name = "em_target"
+
+    def __init__(self, delta: float = 0.01) -> None:
+        if not 0.0 <= delta < 1.0:
+            raise ValueError(f"delta is an EM drop as a fraction in [0, 1) (0.01 = 1 point); got {delta}")
+        self.delta = delta
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        _check_inputs(candidates, sweep)
+        if sweep.n == 0:
+            raise ValueError("cannot choose a threshold on an empty support set")
+        return _best_by_savings(candidates, sweep, sweep.em_drop() <= self.delta + _TOL)
+
+
+class LTTThreshold(ThresholdSelector):
+    """Learn-then-Test: binomial-tail p-values, fixed-sequence testing from conservative to aggressive;
+    among the certified candidates, the one with the largest support savings."""
+
+    name = "ltt"
+
+    def __init__(self, delta: float = 0.01, alpha: float = 0.1) -> None:
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta is an EM drop as a fraction in (0, 1) (0.01 = 1 point); got {delta}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha is a probability in (0, 1); got {alpha}")
+        self.delta = delta
+        self.alpha = alpha
+
+    def p_values(self, sweep: SupportSweep) -> np.ndarray:
+        """(J,) p-value of H_j: 'the expected loss of candidate j exceeds delta'."""
+        counts = np.rint(sweep.losses().sum(0)).astype(int)
+        return np.array([binom_cdf(int(s), sweep.n, self.delta) for s in counts])
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        _check_inputs(candidates, sweep)
+        if sweep.n == 0:
+            raise ValueError("cannot choose a threshold on an empty support set")
+        if sweep.n < min_certifiable_k(self.delta, self.alpha):
+            log.debug(
+                "LTT: K=%d support questions cannot certify an EM drop <= %.3f at alpha=%.2f (needs K >= %d); "
+                "never stopping early",
+                sweep.n, self.delta, self.alpha, min_certifiable_k(self.delta, self.alpha),
+            )
+            return None
+        allowed = np.zeros(len(candidates), dtype=bool)
+        for j, p in enumerate(self.p_values(sweep)):  # fixed sequence: stop at the first non-rejection
+            if p > self.alpha:
+                break
+            allowed[j] = True
+        return _best_by_savings(candidates, sweep, allowed)
+
+
+SELECTORS: dict[str, type[ThresholdSelector]] = {
+    "fixed": FixedThreshold,
+    "em_target": EMTargetThreshold,
+    "ltt": LTTThreshold,
+}
+
+
+def make_selector(method: str, delta: float = 0.01, alpha: float = 0.1, value: float | None = None) -> ThresholdSelector:
+    """A selector by name: ``fixed`` (uses ``value``), ``em_target`` (``delta``), ``ltt`` (``delta``, ``alpha``)."""
+    if method == "fixed":
+        return FixedThreshold(value)
+    if method == "em_target":
+        return EMTargetThreshold(delta)
+    if method == "ltt":
+        return LTTThreshold(delta, alpha)
+    raise ValueError(f"unknown threshold method {method!r}; valid methods: {', '.join(SELECTORS)}")

@@ -1,0 +1,153 @@
+"""Every baseline on hand-made traces where the right stopping index is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from maml_stop import policies as P
+from maml_stop.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
+from trace_helpers import make_trace
+
+
+def test_full_generation_pays_no_probes():
+    t = make_trace([0, 1, 1], final_em=True, reasoning_tokens=57)
+    out = P.FullGeneration().fit([t]).outcome(t)
+    assert out == P.StopOutcome(None, True, 57, 57)
+
+
+def test_oracle_earliest_correct_probe():
+    t = make_trace([0, 0, 1, 1])  # positions 10, 20, 30, 40; probes cost 5
+    out = P.OraclePolicy().outcome(t)
+    assert out.index == 2 and out.em
+    assert out.total_tokens == 30 + 3 * 5 and out.reasoning_tokens == 30
+
+
+def test_oracle_without_correct_probe():
+    right = make_trace([0, 0], final_em=True, reasoning_tokens=33)
+    wrong = make_trace([0, 0], final_em=False, reasoning_tokens=33)
+    assert P.OraclePolicy().outcome(right) == P.StopOutcome(None, True, 33, 33)  # runs to the end, no probes
+    assert P.OraclePolicy().outcome(wrong) == P.StopOutcome(0, False, 15, 10)  # cheapest: first probe
+
+
+def test_token_budget_cuts_at_last_probe_before_budget():
+    t = make_trace([0, 1, 1, 0], reasoning_tokens=50)  # positions 10..40
+    policy = P.TokenBudget(selector=FixedThreshold(25.0)).fit([t])
+    assert policy.stop_index(t) == 1
+    assert policy.outcome(t) == P.StopOutcome(1, True, 20 + 5, 20)  # pays one probe only
+    assert policy.outcome_at(t, 60.0) == P.StopOutcome(None, True, 50, 50)  # ends within budget
+    assert policy.stop_index_at(t, 5.0) == 0  # budget before the first probe: first forced answer
+
+
+def test_token_budget_candidates_from_support_quantiles():
+    support = [make_trace([1], reasoning_tokens=n, trace_id=str(n)) for n in (100, 200, 300)]
+    policy = P.TokenBudget(quantiles=(1.0, 0.5, 0.0)).fit(support)
+    assert policy.candidates == [300.0, 200.0, 100.0]
+    assert policy.param == 200.0  # fixed selector: median budget by default
+
+
+def test_consistency_window():
+    t = make_trace([0, 0, 1, 1, 1], answers=["", "3", "4", "4", "4"])
+    policy = P.AnswerConsistency()
+    assert policy.stop_index_at(t, 1) == 1  # first non-empty answer
+    assert policy.stop_index_at(t, 2) == 3
+    assert policy.stop_index_at(t, 3) == 4
+    assert policy.stop_index_at(t, 4) is None
+    empty = make_trace([0, 0, 1], answers=["", "", "5"])
+    assert policy.stop_index_at(empty, 2) is None  # empty answers never count as agreement
+
+
+def test_consistency_never_firing_pays_every_probe():
+    t = make_trace([0, 1, 1], answers=["1", "2", "3"], final_em=True, reasoning_tokens=40)
+    out = P.AnswerConsistency(selector=FixedThreshold(2)).fit([t]).outcome(t)
+    assert out == P.StopOutcome(None, True, 40 + 15, 40)
+
+
+def test_confidence_threshold():
+    t = make_trace([0, 1, 1], answers=["7", "", "42"], confidence=[0.5, 0.999, 0.97])
+    policy = P.AnswerConfidence()
+    assert policy.stop_index_at(t, 0.95) == 2  # probe 1 is confident but has no answer
+    assert policy.stop_index_at(t, 0.4) == 0
+    assert policy.stop_index_at(t, 0.99) is None
+
+
+def test_em_target_tunes_consistency_window_on_support():
+    # k=2 stops on a wrong repeated answer in the second trace; k=3 keeps every answer correct
+    support = [
+        make_trace([0, 1, 1, 1], answers=["1", "42", "42", "42"], trace_id="a", reasoning_tokens=200),
+        make_trace([0, 0, 1, 1, 1], answers=["5", "5", "42", "42", "42"], trace_id="b", reasoning_tokens=200),
+    ]
+    policy = P.AnswerConsistency(selector=EMTargetThreshold(delta=0.0), windows=(4, 3, 2)).fit(support)
+    assert policy.param == 3.0
+    assert [policy.stop_index(t) for t in support] == [3, 4]
+
+
+def test_ltt_falls_back_to_full_generation_with_few_shots():
+    support = [make_trace([1, 1, 1], answers=["42"] * 3, trace_id=str(i)) for i in range(4)]
+    policy = P.AnswerConsistency(selector=LTTThreshold(delta=0.01, alpha=0.1)).fit(support)
+    assert policy.param is None
+    t = support[0]
+    assert policy.stop_index(t) is None and policy.outcome(t) == P.full_generation_outcome(t)
+
+
+class FirstFeature(nn.Module):
+    """A fixed 'predictor': logit = 10 * (feature 0 - 0.5)."""
+
+    def forward(self, batch):
+        return 10.0 * (batch.features[:, 0] - 0.5)
+
+
+class RecordingAdapter:
+    """Stands in for InnerLoopAdapter: records the support batch and returns a fixed model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.predictor = model
+        self.calls: list = []
+
+    def adapt(self, support, steps=None):
+        self.calls.append((support, steps))
+        return self.predictor
+
+
+def _feature_trace(probs, **kw):
+    f = np.zeros((len(probs), 2))
+    f[:, 0] = probs
+    return make_trace([1] * len(probs), features=f, **kw)
+
+
+def test_probe_policy_first_probe_over_tau():
+    t = _feature_trace([0.1, 0.45, 0.6, 0.9])
+    policy = P.ProbePolicy(predictor=FirstFeature(), selector=FixedThreshold(0.5)).fit([t])
+    assert policy.stop_index(t) == 2
+    p = policy.probabilities([t])[0]
+    np.testing.assert_allclose(p, torch.sigmoid(10 * (torch.tensor([0.1, 0.45, 0.6, 0.9]) - 0.5)).numpy(), rtol=1e-5)
+    assert policy.stop_index_at(t, 0.999) is None
+
+
+def test_probe_policy_adapts_on_support_through_the_adapter():
+    support = [_feature_trace([0.1, 0.9], trace_id="s0"), _feature_trace([0.2, 0.8, 0.9], trace_id="s1")]
+    adapter = RecordingAdapter(FirstFeature())
+    policy = P.ProbePolicy(adapter=adapter, adapt_steps=3, name="maml").fit(support)
+    (batch, steps), = adapter.calls
+    assert steps == 3 and batch.features.shape == (5, 2) and batch.n_traces == 2
+    assert policy.stop_index(support[1]) == 1
+
+
+def test_evaluate_policy_arrays():
+    traces = [make_trace([0, 1], trace_id="x", reasoning_tokens=30), make_trace([0, 0], final_em=False, trace_id="y")]
+    out = P.evaluate_policy(P.OraclePolicy(), traces)
+    np.testing.assert_array_equal(out.em, [1.0, 0.0])
+    np.testing.assert_array_equal(out.total_tokens, [20 + 10, 10 + 5])
+    np.testing.assert_array_equal(out.full_tokens, [30, 30])
+    np.testing.assert_array_equal(out.stopped_early, [True, True])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="empty support"):
+        P.AnswerConsistency().fit([])
+    with pytest.raises(RuntimeError, match="fit"):
+        P.TokenBudget().candidates
+    with pytest.raises(ValueError, match="predictor or an adapter"):
+        P.ProbePolicy()

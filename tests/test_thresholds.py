@@ -1,0 +1,147 @@
+"""Threshold selection: hand cases, the binomial bound, and the Learn-then-Test guarantee checked
+empirically over many random support/test splits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch import nn
+
+from maml_stop import policies as P
+from maml_stop import thresholds as T
+from maml_stop.corpus import TraceCorpus
+from trace_helpers import make_trace
+
+REAL_CORPUS = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
+
+
+def _sweep(em, tokens, full_em, full_tokens):
+    return T.SupportSweep(em=np.array(em), tokens=np.array(tokens), full_em=np.array(full_em), full_tokens=np.array(full_tokens))
+
+
+def test_binom_cdf_matches_exact_sum():
+    for n, p in [(10, 0.1), (50, 0.01), (200, 0.3)]:
+        for s in (0, 1, 3, n // 2, n):
+            want = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(s + 1))
+            assert T.binom_cdf(s, n, p) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert T.binom_cdf(-1, 5, 0.5) == 0.0
+
+
+def test_min_certifiable_k():
+    assert T.min_certifiable_k(0.01, 0.1) == 230  # 0.99**230 <= 0.1 < 0.99**229
+    assert 0.99**230 <= 0.1 < 0.99**229
+    with pytest.raises(ValueError):
+        T.min_certifiable_k(0.0, 0.1)
+
+
+def test_fixed_uses_value_or_default():
+    sweep = _sweep([[1, 1]], [[5, 5]], [1], [10])
+    assert T.FixedThreshold(0.7).select([0.9, 0.5], sweep, default=0.5) == 0.7
+    assert T.FixedThreshold().select([0.9, 0.5], sweep, default=0.5) == 0.5
+
+
+def test_em_target_largest_savings_within_delta():
+    # candidate 0 keeps EM (savings .2), 1 drops 1/4 (savings .5), 2 drops 1/2 (savings .8)
+    em = [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]
+    tokens = [[80, 50, 20]] * 4
+    sweep = _sweep(em, tokens, [1, 1, 1, 1], [100] * 4)
+    cands = [0.9, 0.5, 0.1]
+    assert T.EMTargetThreshold(0.0).select(cands, sweep, None) == 0.9
+    assert T.EMTargetThreshold(0.25).select(cands, sweep, None) == 0.5
+    assert T.EMTargetThreshold(0.5).select(cands, sweep, None) == 0.1
+
+
+def test_em_target_never_stops_when_nothing_saves_tokens():
+    sweep = _sweep([[1, 1]], [[120, 110]], [1], [100])  # probes make every candidate dearer
+    assert T.EMTargetThreshold(0.5).select([0.9, 0.1], sweep, None) is None
+
+
+def test_ltt_fixed_sequence_stops_at_first_failure():
+    n = 60
+    em = np.ones((n, 3))
+    em[:20, 1] = 0  # candidate 1: a third of the questions lost
+    tokens = np.tile([80.0, 50.0, 20.0], (n, 1))  # candidate 2 is clean and cheapest, yet untestable
+    sweep = _sweep(em, tokens, np.ones(n), np.full(n, 100.0))
+    selector = T.LTTThreshold(delta=0.1, alpha=0.1)
+    p = selector.p_values(sweep)
+    assert p[0] <= 0.1 and p[1] > 0.1 and p[2] <= 0.1
+    assert selector.select([0.9, 0.5, 0.1], sweep, None) == 0.9
+
+
+def test_ltt_loss_counts_only_questions_full_generation_gets_right():
+    sweep = _sweep([[0], [1]], [[1], [1]], [0, 1], [2, 2])
+    np.testing.assert_array_equal(sweep.losses()[:, 0], [0, 0])
+
+
+def test_ltt_falls_back_when_k_too_small():
+    n = 32
+    sweep = _sweep(np.ones((n, 2)), np.tile([50.0, 20.0], (n, 1)), np.ones(n), np.full(n, 100.0))
+    assert T.LTTThreshold(delta=0.01, alpha=0.1).select([0.9, 0.1], sweep, None) is None  # needs 230
+    assert T.LTTThreshold(delta=0.1, alpha=0.1).select([0.9, 0.1], sweep, None) == 0.1  # needs 22
+
+
+def test_make_selector_errors():
+    assert isinstance(T.make_selector("ltt", delta=0.05, alpha=0.2), T.LTTThreshold)
+    with pytest.raises(ValueError, match="valid methods: fixed, em_target, ltt"):
+        T.make_selector("best")
+    with pytest.raises(ValueError, match="alpha"):
+        T.LTTThreshold(alpha=1.5)
+
+
+class FirstFeature(nn.Module):
+    """A fixed scorer of the synthetic corpus: feature f0 carries the 'already solved' signal."""
+
+    def forward(self, batch):
+        return 1.5 * batch.features[:, 0] - 1.0
+
+
+def _violation_rate(traces, policy, k, delta, n_splits, seed, selector):
+    """Fraction of random support/test splits where the chosen parameter's test EM drop > delta, and
+    the fraction of splits where the selector chose an early-stopping parameter at all."""
+    policy.fit(traces[:1])  # the scorer is fixed: fitting learns nothing from support
+    full = P.sweep_policy(policy, traces)  # (N, J) for every trace once
+    cands = policy.candidates
+    rng = np.random.default_rng(seed)
+    violations = certified = 0
+    for _ in range(n_splits):
+        perm = rng.permutation(len(traces))
+        s, q = perm[:k], perm[k:]
+        sub = T.SupportSweep(full.em[s], full.tokens[s], full.full_em[s], full.full_tokens[s])
+        chosen = selector.select(cands, sub, None)
+        if chosen is None:
+            continue
+        certified += 1
+        j = cands.index(chosen)
+        drop = full.full_em[q].mean() - full.em[q, j].mean()
+        violations += drop > delta
+    return violations / n_splits, certified / n_splits
+
+
+def test_ltt_guarantee_on_tiny_corpus(tiny_corpus):
+    corpus = TraceCorpus.load(tiny_corpus)
+    traces = [t for fam in corpus.families for t in corpus.traces(fam)]  # 180 traces
+    policy = P.ProbePolicy(predictor=FirstFeature(), taus=(0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1))
+    ltt = T.LTTThreshold(delta=0.1, alpha=0.2)
+    rate, certified = _violation_rate(traces, policy, k=90, delta=0.1, n_splits=400, seed=0, selector=ltt)
+    assert certified > 0.5  # the check is not vacuous: LTT does stop early on most splits
+    assert rate <= 0.2
+    # the plain EM target on the same splits violates more often (the check can fail)
+    naive, _ = _violation_rate(traces, policy, k=90, delta=0.1, n_splits=400, seed=0, selector=T.EMTargetThreshold(0.1))
+    assert naive > rate
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CORPUS.exists(), reason="experiments/corpus/qwen05 not harvested yet")
+def test_ltt_guarantee_on_real_corpus():
+    corpus = TraceCorpus.load(REAL_CORPUS)
+    for family in corpus.families:
+        traces = corpus.traces(family)
+        if len(traces) < 150:
+            continue
+        policy = P.AnswerConfidence()
+        ltt = T.LTTThreshold(delta=0.05, alpha=0.1)
+        rate, _ = _violation_rate(traces, policy, k=len(traces) // 2, delta=0.05, n_splits=300, seed=1, selector=ltt)
+        assert rate <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 300), family
