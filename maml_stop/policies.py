@@ -49,6 +49,8 @@ __all__ = [
     "full_generation_outcome",
     "evaluate_policy",
     "sweep_policy",
+    "train_predictor",
+    "fresh_copy",
     "DEFAULT_TAUS",
 ]
 
@@ -148,6 +150,7 @@ class ThresholdedPolicy(StoppingPolicy):
     def __init__(self, selector: ThresholdSelector | None = None) -> None:
         self.selector = selector if selector is not None else FixedThreshold()
         self.param: float | None = self.default_param
+        self.support_sweep: SupportSweep | None = None
 
     @property
     def candidates(self) -> list[float]:
@@ -178,10 +181,16 @@ class ThresholdedPolicy(StoppingPolicy):
         if not support:
             raise ValueError(f"{self.name}: cannot fit on an empty support set")
         self._fit_scores(support)
-        sweep = sweep_policy(self, support)
-        self.param = self.selector.select(self.candidates, sweep, self.default_param)
+        self.support_sweep = sweep_policy(self, support)  # kept so other selectors can reuse it
+        self.param = self.choose(self.selector)
         log.debug("%s: %s chose %s on %d support traces", self.name, self.selector.name, self.param, len(support))
         return self
+
+    def choose(self, selector: ThresholdSelector) -> float | None:
+        """The parameter ``selector`` picks from the fitted support sweep (does not change ``param``)."""
+        if getattr(self, "support_sweep", None) is None:
+            raise RuntimeError(f"{self.name}: call fit(support) before choosing a threshold")
+        return selector.select(self.candidates, self.support_sweep, self.default_param)
 
 
 class TokenBudget(ThresholdedPolicy):
@@ -352,7 +361,7 @@ class ProbePolicy(ThresholdedPolicy):
             mean = batch.features.mean(0)  # (F,)
             std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
             self.predictor.set_normalisation(mean, std)
-        with torch.enable_grad():
+        with torch.no_grad():  # the adapter then runs first-order inner steps and returns a detached clone
             self.model = self.adapter.adapt(batch, steps=self.adapt_steps)
 
     def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
@@ -424,3 +433,41 @@ def sweep_policy(
         full_em=np.array([t.final_em for t in traces], dtype=np.float64),
         full_tokens=np.array([t.full_cost for t in traces], dtype=np.float64),
     )
+
+
+def fresh_copy(predictor: nn.Module) -> nn.Module:
+    """A new StoppingPredictor with ``predictor``'s weights and normalisation as real parameters (an
+    adapted clone holds plain tensors, which cannot be adapted again)."""
+    from maml_stop.predictor import StoppingPredictor
+
+    new = StoppingPredictor(**predictor.config())
+    new.load_state_dict({k: v.detach().clone() for k, v in predictor.state_dict().items()})
+    return new
+
+
+def train_predictor(
+    traces: Sequence[Trace],
+    predictor_config: dict,
+    steps: int,
+    lr: float,
+    loss: str = "balanced",
+    seed: int = 0,
+) -> nn.Module:
+    """A stopping predictor trained on every probe of ``traces`` (the pooled probe of the protocol):
+    normalisation from those features, a seeded random init, then ``steps`` full-batch gradient steps
+    through :meth:`InnerLoopAdapter.adapt` (the one adaptation function, used here as plain training)."""
+    from maml_stop.adapter import InnerLoopAdapter
+    from maml_stop.data import collate_traces
+    from maml_stop.predictor import StoppingPredictor
+
+    if not traces:
+        raise ValueError("train_predictor needs at least one trace")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        predictor = StoppingPredictor(**predictor_config)
+    batch = collate_traces(traces, weighting="cost" if loss == "cost" else "uniform")
+    predictor.set_normalisation(batch.features.mean(0), batch.features.std(0, unbiased=False))
+    adapter = InnerLoopAdapter(predictor, algorithm="maml", inner_lr=lr, inner_steps=steps, first_order=True, loss=loss)
+    with torch.no_grad():
+        trained = adapter.adapt(batch)
+    return fresh_copy(trained)

@@ -151,3 +151,43 @@ def test_errors_name_the_problem():
         P.TokenBudget().candidates
     with pytest.raises(ValueError, match="predictor or an adapter"):
         P.ProbePolicy()
+
+
+def _auc(p, y):
+    pos, neg = p[y > 0.5], p[y < 0.5]
+    return (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+
+
+def test_train_predictor_learns_the_synthetic_signal(tiny_corpus):
+    from maml_stop.corpus import TraceCorpus
+
+    corpus = TraceCorpus.load(tiny_corpus)
+    pooled = P.train_predictor(corpus.traces("fam_a") + corpus.traces("fam_b"), {"n_features": 8, "hidden": 16, "depth": 1},
+                               steps=100, lr=0.5)
+    held_out = corpus.traces("fam_c")
+    probs = np.concatenate(P.ProbePolicy(predictor=pooled).fit(held_out[:4]).probabilities(held_out))
+    labels = np.concatenate([t.labels for t in held_out])
+    assert _auc(probs, labels) > 0.8
+    again = P.train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
+    same = P.train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), same.state_dict().values()))
+
+
+def test_maml_policy_adapts_a_clone_with_the_real_adapter(tiny_corpus):
+    from maml_stop.adapter import InnerLoopAdapter
+    from maml_stop.corpus import TraceCorpus
+    from maml_stop.predictor import StoppingPredictor
+
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_b")
+    torch.manual_seed(0)
+    predictor = StoppingPredictor(8, hidden=8, depth=1)
+    before = {k: v.clone() for k, v in predictor.state_dict().items()}
+    adapter = InnerLoopAdapter(predictor, inner_lr=0.5, inner_steps=5)
+    maml = P.ProbePolicy(adapter=adapter, name="maml").fit(traces[:8])
+    plain = P.ProbePolicy(predictor=predictor, name="pooled").fit(traces[:8])
+    p_adapted = np.concatenate(maml.probabilities(traces[8:]))
+    p_plain = np.concatenate(plain.probabilities(traces[8:]))
+    assert not np.allclose(p_adapted, p_plain)
+    assert all(torch.equal(before[k], v) for k, v in predictor.state_dict().items())  # predictor untouched
+    copy = P.fresh_copy(maml.model)
+    np.testing.assert_allclose(np.concatenate(P.ProbePolicy(predictor=copy).fit(traces[:1]).probabilities(traces[8:])), p_adapted, rtol=1e-6)
