@@ -201,7 +201,7 @@ def list_families() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_family(name: str, **kwargs: Any) -> TaskFamily:
+def get_family(name: str, /, **kwargs: Any) -> TaskFamily:
     """A family by registry name; keyword arguments go to its constructor."""
     _ensure_loaded()
     if name not in _REGISTRY:

@@ -116,6 +116,8 @@ def load_source(path: str, subset: str | None = None, source_split: str | None =
         if os.path.isfile(path):
             if ext not in _BUILDERS:
                 raise TaskError(f"cannot read {path!r}: unknown extension {ext!r}; valid: {', '.join(_BUILDERS)}")
+            if os.path.getsize(path) == 0:
+                raise TaskError(f"dataset {path!r} has no rows (the file is empty)")
             builder, extra = _BUILDERS[ext]
             source = datasets.load_dataset(builder, data_files=path, **extra)
         elif os.path.isdir(path) and (
@@ -129,6 +131,8 @@ def load_source(path: str, subset: str | None = None, source_split: str | None =
     except TaskError:
         raise
     except Exception as err:  # noqa: BLE001  datasets raises many types (offline hub, bad file)
+        if os.path.isfile(path) and "corresponds to no data" in str(err):  # datasets' word for an empty file
+            raise TaskError(f"dataset {path!r} has no rows") from err
         raise TaskError(f"cannot load dataset {path!r} (subset {subset!r}): {type(err).__name__}: {err}") from err
     if isinstance(source, datasets.Dataset):
         source = datasets.DatasetDict({"train": source})
