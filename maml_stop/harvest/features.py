@@ -1,0 +1,149 @@
+"""Features of a probe point, computed only from what exists at that moment of generation.
+
+The same code runs in the harvester and, later, inside ``generate()`` for live stopping: it sees the
+last-layer hidden states and next-token entropies of the tokens generated so far, and the probe answers
+so far; never a later token, the final answer or the gold answer.
+
+Feature vector (names in :attr:`ProbeFeaturizer.feature_names`):
+
+* ``h0..h{D-1}``: summary of the last-layer hidden state (``summary="last"``: at the probe point;
+  ``"mean"``: mean over the window since the previous probe), projected to ``proj_dim`` with a seeded
+  Gaussian random projection (``proj_dim=0`` keeps the full width);
+* answer confidence: ``logprob_mean``, ``logprob_min``, ``logprob_first`` of the forced answer tokens,
+  ``answer_tokens`` (its length) and ``answer_empty`` (no answer could be extracted);
+* answer stability: ``same_as_prev``, ``run_length`` (current run of identical answers),
+  ``n_distinct`` (distinct answers so far);
+* ``entropy_mean`` (mean next-token entropy over the window) and ``entropy_last``;
+* progress: ``tokens_so_far``, ``log_tokens``, ``probe_index``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SCALAR_FEATURES = (
+    "logprob_mean",
+    "logprob_min",
+    "logprob_first",
+    "answer_tokens",
+    "answer_empty",
+    "same_as_prev",
+    "run_length",
+    "n_distinct",
+    "entropy_mean",
+    "entropy_last",
+    "tokens_so_far",
+    "log_tokens",
+    "probe_index",
+)
+SUMMARIES = ("last", "mean")
+
+
+@dataclass
+class FeatureState:
+    """Running per-row state of a batch of generations (rows indexed 0..B-1 for the whole run)."""
+
+    h_sum: torch.Tensor  # (B, H) float32, sum of hidden states in the window
+    h_last: torch.Tensor  # (B, H) float32
+    count: torch.Tensor  # (B,) tokens in the window
+    ent_sum: torch.Tensor  # (B,) sum of next-token entropies in the window
+    ent_last: torch.Tensor  # (B,)
+    answers: list[list[str]] = field(default_factory=list)  # probe answers so far, per row
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token entropy in nats. logits: (B, V) -> (B,)"""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class ProbeFeaturizer:
+    def __init__(self, hidden_size: int, proj_dim: int = 32, proj_seed: int = 0, summary: str = "mean") -> None:
+        if summary not in SUMMARIES:
+            raise ValueError(f"unknown hidden-state summary {summary!r}; valid: {', '.join(SUMMARIES)}")
+        if proj_dim < 0:
+            raise ValueError(f"proj_dim must be >= 0 (0 = no projection), got {proj_dim}")
+        self.hidden_size = hidden_size
+        self.proj_dim = proj_dim
+        self.proj_seed = proj_seed
+        self.summary = summary
+        if proj_dim:
+            g = torch.Generator().manual_seed(proj_seed)
+            # (H, D): entries N(0, 1/D) so that projected norms match the hidden norm in expectation
+            self.projection = torch.randn(hidden_size, proj_dim, generator=g) / math.sqrt(proj_dim)
+        else:
+            self.projection = None
+        width = proj_dim or hidden_size
+        self.feature_names = [f"h{i}" for i in range(width)] + list(SCALAR_FEATURES)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "proj_dim": self.proj_dim, "proj_seed": self.proj_seed,
+                "summary": self.summary, "projection": "gaussian, N(0, 1/proj_dim), torch.Generator seed"}
+
+    def new_state(self, batch_size: int) -> FeatureState:
+        H = self.hidden_size
+        return FeatureState(
+            h_sum=torch.zeros(batch_size, H),
+            h_last=torch.zeros(batch_size, H),
+            count=torch.zeros(batch_size),
+            ent_sum=torch.zeros(batch_size),
+            ent_last=torch.zeros(batch_size),
+            answers=[[] for _ in range(batch_size)],
+        )
+
+    def observe(self, state: FeatureState, rows: torch.Tensor, hidden: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Add one generation step. rows: (b,) long row ids; hidden: (b, H); entropy: (b,)"""
+        hidden = hidden.float()
+        state.h_sum.index_add_(0, rows, hidden)
+        state.h_last[rows] = hidden
+        state.count[rows] += 1
+        state.ent_sum[rows] += entropy.float()
+        state.ent_last[rows] = entropy.float()
+
+    def probe_features(
+        self,
+        state: FeatureState,
+        row: int,
+        answer: str | None,
+        logprobs: list[float],
+        n_generated: int,
+    ) -> np.ndarray:
+        """The feature vector of a probe of ``row`` (then the window restarts). Returns (F,) float32."""
+        n = max(float(state.count[row]), 1.0)
+        h = state.h_last[row] if self.summary == "last" else state.h_sum[row] / n
+        if self.projection is not None:
+            h = h @ self.projection
+        previous = state.answers[row]
+        key = (answer or "").strip().lower()
+        same = float(bool(previous) and previous[-1] == key and key != "")
+        run = 1
+        for prev in reversed(previous):
+            if prev != key:
+                break
+            run += 1
+        distinct = len(set(previous + [key]))
+        lp = [float(x) for x in logprobs] or [0.0]
+        scalars = [
+            float(np.mean(lp)),
+            float(np.min(lp)),
+            lp[0],
+            float(len(logprobs)),
+            float(not key),
+            same,
+            float(run),
+            float(distinct),
+            float(state.ent_sum[row]) / n,
+            float(state.ent_last[row]),
+            float(n_generated),
+            math.log1p(n_generated),
+            float(len(previous)),
+        ]
+        previous.append(key)
+        state.h_sum[row].zero_()
+        state.count[row] = 0
+        state.ent_sum[row] = 0
+        return np.concatenate([h.numpy().astype(np.float32), np.asarray(scalars, dtype=np.float32)])
