@@ -1,0 +1,142 @@
+"""The stopping predictor: a probe point's features -> logit of P(stopping here keeps the answer correct).
+
+>>> import torch
+>>> from maml_stop.data import ProbeBatch
+>>> net = StoppingPredictor(n_features=8, hidden=16, depth=1)
+>>> batch = ProbeBatch(torch.randn(5, 8), torch.ones(5), torch.zeros(5, dtype=torch.long),
+...                    torch.arange(5), torch.ones(5))
+>>> net(batch).shape
+torch.Size([5])
+
+Layout (so that ANIL can adapt the head alone): ``embed`` = normalisation buffers -> inputs of the
+chosen ``kind`` -> ``body`` (``depth`` x Linear/ReLU/Dropout), then ``head`` = one Linear to a logit.
+
+``kind`` (no look-ahead in any of them: a probe's logit depends only on that probe and earlier probes
+of its trace; ``tests/test_predictor.py`` checks it):
+
+* ``mlp``: the probe's own (normalised) features;
+* ``delta``: the features, their change since the previous probe of the trace (0 at the first probe)
+  and their running mean over the trace's probes so far; all built with a few tensor ops;
+* ``gru``: the features plus the state of a small GRU run over the trace's probes in order (a Python
+  loop over probe *positions*, batched over traces; slower than ``delta``).
+
+Normalisation statistics (``feature_mean``, ``feature_std``) are buffers: computed on the
+meta-training families (``TraceDataModule.normalisation_stats``), set with :meth:`set_normalisation`,
+and saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from maml_stop.data import ProbeBatch
+
+__all__ = ["StoppingPredictor", "CausalGRU", "KINDS"]
+
+KINDS = ("mlp", "delta", "gru")
+MIN_STD = 1e-6  # features with a smaller spread on the training families are only centred
+
+
+class CausalGRU(nn.Module):
+    """A GRU over the probes of each trace, batched over traces; built from two Linear layers so that
+    learn2learn's ``clone_module``/``update_module`` and double backward work on it unchanged."""
+
+    def __init__(self, n_in: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.ih = nn.Linear(n_in, 3 * hidden)
+        self.hh = nn.Linear(hidden, 3 * hidden)
+
+    def forward(self, x: Tensor, trace_index: Tensor, probe_index: Tensor) -> Tensor:
+        """(N, n_in) -> (N, hidden): the state after each probe, having seen that probe and earlier ones."""
+        n_traces = int(trace_index.max()) + 1
+        n_steps = int(probe_index.max()) + 1
+        gi = self.ih(x)  # (N, 3H), all input projections at once
+        padded = gi.new_zeros(n_traces, n_steps, 3 * self.hidden).index_put((trace_index, probe_index), gi)
+        h = x.new_zeros(n_traces, self.hidden)  # (T, H)
+        states = []
+        for t in range(n_steps):  # steps past a trace's end only produce states nobody reads
+            i_r, i_z, i_n = padded[:, t].chunk(3, dim=1)
+            h_r, h_z, h_n = self.hh(h).chunk(3, dim=1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            states.append(h)
+        return torch.stack(states, dim=1)[trace_index, probe_index]  # (N, H)
+
+
+class StoppingPredictor(nn.Module):
+    """Normalisation buffers + an MLP (or a sequence variant) giving one logit per probe point."""
+
+    def __init__(
+        self, n_features: int, hidden: int = 64, depth: int = 2, kind: str = "mlp", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown predictor kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        if n_features < 1 or hidden < 1 or depth < 0:
+            raise ValueError(f"need n_features >= 1, hidden >= 1, depth >= 0; got {n_features}, {hidden}, {depth}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.n_features, self.hidden, self.depth, self.kind, self.dropout = n_features, hidden, depth, kind, dropout
+        self.register_buffer("feature_mean", torch.zeros(n_features))  # (F,)
+        self.register_buffer("feature_std", torch.ones(n_features))  # (F,)
+        if kind == "gru":
+            self.encoder = CausalGRU(n_features, hidden)
+            width = n_features + hidden
+        else:
+            width = n_features * (3 if kind == "delta" else 1)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 1)
+
+    def config(self) -> dict:
+        """Constructor arguments (stored in checkpoints)."""
+        return {"n_features": self.n_features, "hidden": self.hidden, "depth": self.depth,
+                "kind": self.kind, "dropout": self.dropout}
+
+    @torch.no_grad()
+    def set_normalisation(self, mean: Tensor, std: Tensor) -> None:
+        """Set the feature statistics (from the meta-training families). mean, std: (F,)"""
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.shape != (self.n_features,) or std.shape != (self.n_features,):
+            raise ValueError(
+                f"normalisation statistics must have shape ({self.n_features},); got {tuple(mean.shape)}, {tuple(std.shape)}"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()) or (std < 0).any():
+            raise ValueError("normalisation statistics must be finite with std >= 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std))
+
+    def _inputs(self, batch: ProbeBatch) -> Tensor:
+        x = (batch.features - self.feature_mean) / self.feature_std  # (N, F)
+        if self.kind == "mlp":
+            return x
+        if self.kind == "gru":
+            return torch.cat([x, self.encoder(x, batch.trace_index, batch.probe_index)], dim=1)  # (N, F+H)
+        # delta: rows of a trace are contiguous and in probe order (ProbeBatch layout)
+        ti, pi = batch.trace_index, batch.probe_index
+        prev = x[torch.arange(x.shape[0]) - (pi > 0).long()]  # (N, F) previous probe (itself at the first)
+        n_traces, n_steps = int(ti[-1]) + 1, int(pi.max()) + 1
+        padded = x.new_zeros(n_traces, n_steps, x.shape[1]).index_put((ti, pi), x)  # (T, P, F)
+        run_mean = torch.cumsum(padded, dim=1)[ti, pi] / (pi + 1).unsqueeze(1)  # (N, F) mean of probes <= i
+        return torch.cat([x, x - prev, run_mean], dim=1)  # (N, 3F)
+
+    def embed(self, batch: ProbeBatch) -> Tensor:
+        """Everything but the head (what ANIL shares across tasks). -> (N, width of head input)"""
+        return self.body(self._inputs(batch))
+
+    def forward(self, batch: ProbeBatch) -> Tensor:
+        return self.head(self.embed(batch)).squeeze(-1)  # (N,) logits
+
+    def predict_proba(self, batch: ProbeBatch) -> Tensor:
+        """P(stopping at each probe keeps the answer correct). (N,)"""
+        return torch.sigmoid(self(batch))
