@@ -50,7 +50,7 @@ def _kind(kind: str | None, numeric: bool) -> str:
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
 _NUMBER_RE = re.compile(_NUM)
 _PHRASE_RE = re.compile(
-    r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+)?answer\s*(?:is|=|:|：)?\s*[:：]?\s*",
+    r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+)?answer\s*(?:is\b\s*[:：]?|[:：=])\s*",
     re.IGNORECASE,
 )
 
@@ -111,10 +111,14 @@ def _prepare_numeric(text: str) -> str:
 def pick_number(text: str) -> str | None:
     """The number a short answer states, as written without "$" or thousands commas.
 
-    The first number, or the one after the last "=" ("3 + 4 = 7" -> "7"); a whole fraction "3/8"
-    stays a fraction. None when the text holds no number.
+    The number the text opens with ("12. Then 12 + 3 = 15" -> "12", "7 (3 + 4)" -> "7"), unless an
+    operator follows it; else the one after the last "=" ("3 + 4 = 7" -> "7", "x = 46" -> "46"); else
+    the first number. A whole fraction "3/8" stays a fraction. None when the text holds no number.
     """
     text = _prepare_numeric(text)
+    lead = re.match(rf"\s*({_NUM})(?!\d|[.,]\d)(?!\s*[-+*/×÷^=])", text)
+    if lead and not re.fullmatch(r"\s*[-+]?\d+\s*/\s*\d+\s*", text):
+        return lead.group(1).replace(",", "")
     if "=" in text:
         tail = text.rsplit("=", 1)[1]
         if _NUMBER_RE.search(tail):

@@ -196,3 +196,29 @@ def test_clean_and_boxed() -> None:
     assert answers.clean("**Final answer:** 7.") == "7"
     assert answers.clean('"eaditO"') == "eaditO"
     assert answers.parse_number("no number") is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("12. Then 12 + 3 = 15", "12"),  # the stated answer opens the line; later arithmetic is not it
+        ("7 (since 3 + 4 = 7)", "7"),
+        ("3 + 4 = 7", "7"),
+        ("12 - 5 = 7 apples", "7"),
+        ("1,234 + 5 = 1,239", "1239"),
+        ("x = 46", "46"),
+        ("The total is 3 * 4 = 12", "12"),
+        ("-7", "-7"),
+        ("3/8", "3/8"),
+        ("no number", None),
+    ],
+)
+def test_pick_number(text: str, expected: str | None) -> None:
+    assert answers.pick_number(text) == expected
+
+
+def test_answer_phrase_needs_a_delimiter() -> None:
+    # a caesar-cipher answer may begin with the word "answer"; only "answer is"/"answer:" is a phrase
+    assert answers.clean("ANSWER THE CALL") == "ANSWER THE CALL"
+    assert not exact_match("THE CALL", "ANSWER THE CALL")
+    assert answers.clean("answer = 5") == "5"
