@@ -238,3 +238,17 @@ def test_schema_version_mismatch(tmp_path):
     (tmp_path / store.META_FILE).write_text(meta)
     with pytest.raises(store.CorpusError, match="schema version 0"):
         store.read_meta(tmp_path)
+
+
+def test_schedule_align_defers_boundaries_to_shared_steps():
+    s = ProbeSchedule(every_n=32, boundary=True, align=8)
+    assert s.event("\n") == "boundary"
+    assert s.due(13, pending="boundary") is None  # waits for the next multiple of 8
+    assert s.due(16, pending="boundary") == "boundary"
+    assert s.due(32, pending=None) == "every_n"
+
+
+def test_aligned_probes_land_on_the_grid(model, tok):
+    sched = ProbeSchedule(every_n=None, boundary=True, cues=("Wait",), align=4, max_probes=50)
+    for r in _gen(model, tok, schedule=sched, max_new_tokens=40).run(PROMPTS):
+        assert all(p.position % 4 == 0 for p in r.probes)

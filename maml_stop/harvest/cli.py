@@ -97,6 +97,7 @@ def harvest(
     cues: list[str] | None = None,
     min_gap: int = 1,
     max_probes: int = 16,
+    align: int = 1,
     answer_trigger: str = "\nFinal answer:",
     hidden_summary: str = "mean",
     proj_dim: int = 32,
@@ -125,7 +126,7 @@ def harvest(
     family_args = family_args or {}
     fams = {name: get_family(name, **family_args.get(name, {})) for name in families}
     schedule = ProbeSchedule(every_n=every_n, boundary=boundary, cues=tuple(cues or ()), min_gap=min_gap,
-                             max_probes=max_probes)
+                             max_probes=max_probes, align=align)
     schedule.check_fires_within(max_new_tokens)
     out_path = Path(out)
 

@@ -233,6 +233,7 @@ class ProbingGenerator:
         results = [TraceResult(prompt_tokens=len(p)) for p in prompt_ids]
         state = self.featurizer.new_state(B)
         last_probe: list[int | None] = [None] * B
+        pending: list[str | None] = [None] * B  # boundary/cue seen since the row's last probe
 
         rows = torch.arange(B, device=self.device)  # original row id of each active batch entry
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -247,11 +248,11 @@ class ProbingGenerator:
                 due, reasons = [], []
                 for j, r in enumerate(rows.tolist()):
                     gen = results[r].generated_ids
-                    reason = self.schedule.fires(
-                        n, self._tok_text(gen[-1]), "".join(self._tok_text(t) for t in gen[-4:]),
-                        last_probe[r], len(results[r].probes),
-                    )
+                    event = self.schedule.event(self._tok_text(gen[-1]), "".join(self._tok_text(t) for t in gen[-4:]))
+                    pending[r] = event or pending[r]
+                    reason = self.schedule.due(n, pending[r], last_probe[r], len(results[r].probes))
                     if reason:
+                        pending[r] = None
                         due.append(j)
                         reasons.append(reason)
                 if due:

@@ -87,3 +87,11 @@ def convert_gguf(gguf: str, out: str) -> str:
     prov = {"converted_from": Path(gguf).name, "gguf_sha256": sha256_file(gguf)}
     (Path(out) / "provenance.json").write_text(json.dumps(prov, indent=2))
     return out
+
+
+if __name__ == "__main__":  # python -m maml_stop.harvest.model MODEL.gguf OUT_DIR
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m maml_stop.harvest.model MODEL.gguf OUT_DIR")
+    print(convert_gguf(sys.argv[1], sys.argv[2]))

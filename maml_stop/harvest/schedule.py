@@ -12,6 +12,12 @@ fires on any combination of:
 ``min_gap`` keeps probes at least that many tokens apart (the every-N probes too), and ``max_probes``
 caps probes per trace. A schedule only sees what is known at that moment (tokens so far).
 
+``align`` makes probes batch-friendly: a boundary or cue seen since the row's last probe makes the row
+due at the next multiple of ``align`` generated tokens, so the rows of a batch probe together instead of
+each at its own step (a probe event costs a few forward passes whatever the number of rows in it).
+The probe point then lies up to ``align - 1`` tokens after the boundary: still no look-ahead, and a row's
+probe points do not depend on the other rows of its batch. ``align=1`` probes at the boundary itself.
+
 >>> s = ProbeSchedule(every_n=4, max_probes=2)
 >>> [n for n in range(1, 13) if s.reason(n, "x")]
 [4, 8, 12]
@@ -35,12 +41,13 @@ class ProbeSchedule:
     min_gap: int = 1  # at least this many tokens between two probes of a trace
     max_probes: int = 16  # cap on probes per trace
     first_at: int = 1  # no probe before this many generated tokens
+    align: int = 1  # boundary/cue probes wait for the next multiple of this many tokens (see above)
 
     def __post_init__(self) -> None:
         if self.every_n is not None and self.every_n < 1:
             raise ValueError(f"every_n must be >= 1 or None, got {self.every_n}")
-        if self.max_probes < 0 or self.min_gap < 1 or self.first_at < 0:
-            raise ValueError("max_probes must be >= 0, min_gap >= 1 and first_at >= 0")
+        if self.max_probes < 0 or self.min_gap < 1 or self.first_at < 0 or self.align < 1:
+            raise ValueError("max_probes must be >= 0, min_gap >= 1, first_at >= 0 and align >= 1")
         if self.every_n is None and not self.boundary and not self.cues:
             raise ValueError("the probe schedule never fires: set every_n, boundary or cues")
         object.__setattr__(self, "cues", tuple(self.cues))
@@ -56,15 +63,9 @@ class ProbeSchedule:
                 f"(every_n={self.every_n}, first_at={self.first_at}, boundary={self.boundary}, cues={self.cues})"
             )
 
-    def reason(self, n_generated: int, last_token: str, tail: str = "") -> str | None:
-        """Why a probe is due after ``n_generated`` tokens (ignoring gap and cap), or None.
-
-        ``last_token`` is the text of the last generated token, ``tail`` the text of the last few
-        generated tokens (for cue words that span tokens)."""
-        if n_generated < max(self.first_at, 1):
-            return None
-        if self.every_n is not None and n_generated % self.every_n == 0:
-            return "every_n"
+    def event(self, last_token: str, tail: str = "") -> str | None:
+        """A boundary or cue that the last generated token completes (``last_token`` is its text,
+        ``tail`` the text of the last few tokens, for cue words that span tokens), or None."""
         if self.boundary:
             if "\n" in last_token:
                 return "boundary"
@@ -76,14 +77,28 @@ class ProbeSchedule:
                 return "cue"
         return None
 
-    def fires(self, n_generated: int, last_token: str, tail: str = "", last_probe: int | None = None,
-              n_probes: int = 0) -> str | None:
-        """The reason a probe fires now, applying gap and cap; None when it does not."""
-        if n_probes >= self.max_probes:
+    def due(self, n_generated: int, pending: str | None = None, last_probe: int | None = None,
+            n_probes: int = 0) -> str | None:
+        """The reason a probe fires after ``n_generated`` tokens, or None. ``pending`` is the event
+        (boundary/cue) seen since the row's last probe, if any; gap, cap and alignment apply."""
+        if n_generated < max(self.first_at, 1) or n_probes >= self.max_probes:
             return None
         if last_probe is not None and n_generated - last_probe < self.min_gap:
             return None
-        return self.reason(n_generated, last_token, tail)
+        if self.every_n is not None and n_generated % self.every_n == 0:
+            return "every_n"
+        if pending and n_generated % self.align == 0:
+            return pending
+        return None
+
+    def reason(self, n_generated: int, last_token: str, tail: str = "") -> str | None:
+        """:meth:`due` for a row whose only event is the one its last token completes (no gap or cap)."""
+        return self.due(n_generated, self.event(last_token, tail))
+
+    def fires(self, n_generated: int, last_token: str, tail: str = "", last_probe: int | None = None,
+              n_probes: int = 0) -> str | None:
+        """:meth:`due` with gap and cap, for a row whose only event is the one its last token completes."""
+        return self.due(n_generated, self.event(last_token, tail), last_probe, n_probes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
