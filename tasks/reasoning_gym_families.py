@@ -42,11 +42,11 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "chain_sum": ("chain_sum", {"min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 2}, "number"),
     "decimal_arithmetic": ("decimal_arithmetic", {"min_terms": 2, "max_terms": 3}, "number"),
     "gcd": ("gcd", {"min_numbers": 2, "max_numbers": 2, "max_value": 100}, "number"),
-    "lcm": ("lcm", {"min_numbers": 2, "max_numbers": 2, "max_value": 60}, "number"),
-    "prime_factorization": ("prime_factorization", {"min_value": 2, "max_value": 2000}, "factors"),
+    "lcm": ("lcm", {"min_numbers": 2, "max_numbers": 2, "max_value": 100}, "number"),
+    "prime_factorization": ("prime_factorization", {"min_value": 2, "max_value": 5000}, "factors"),
     "simple_equations": ("simple_equations", {}, "number"),
     "time_intervals": ("time_intervals", {}, "duration"),
-    "coin_flip": ("coin_flip", {"min_trials": 3, "max_trials": 30}, "number"),
+    "coin_flip": ("coin_flip", {"min_trials": 3, "max_trials": 50}, "number"),
     # word problems
     "gsm_symbolic": ("gsm_symbolic", {}, "number"),
     "aiw": ("aiw", {}, "number"),
@@ -60,7 +60,7 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     # string manipulation
     "spell_backward": ("spell_backward", {"min_word_len": 3, "max_word_len": 6}, "text"),
     "word_sequence_reversal": ("word_sequence_reversal", {"min_words": 3, "max_words": 5}, "word_list"),
-    "caesar_cipher": ("caesar_cipher", {"min_words": 1, "max_words": 2}, "text"),
+    "caesar_cipher": ("caesar_cipher", {"min_words": 1, "max_words": 5}, "text"),
     "base_conversion": ("base_conversion", {"min_base": 2, "max_base": 10, "min_value": 1, "max_value": 100}, "text"),
     # logic
     "syllogism": ("syllogism", {}, "yesno"),
@@ -114,6 +114,7 @@ class ReasoningGymFamily(TaskFamily):
         self.pool_size = pool_size
         self.use_rg_scorer = use_rg_scorer
         self._datasets: dict[int, Any] = {}
+        self._generated: dict[int, list[tuple[str, str, dict[str, Any]] | None]] = {}
         self._dataset(0)  # fail now, with reasoning-gym's message, on a bad generator or config
 
     def _dataset(self, seed: int) -> Any:
@@ -132,13 +133,21 @@ class ReasoningGymFamily(TaskFamily):
         return self._datasets[seed]
 
     def _candidates(self, seed: int) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        # generated entries are kept per seed: drawing train, then validation, then test walks the
+        # same stream, and some generators cost ~1 ms an entry (simple_equations builds sympy terms)
         ds = self._dataset(seed)
+        cache = self._generated.setdefault(seed, [])
         for i in range(self.pool_size):
-            entry = ds[i]
-            if entry.get("answer") is None or not str(entry["answer"]).strip():
-                continue  # e.g. base_conversion of 0 has an empty answer
-            meta = {"rg_index": i, "rg_seed": seed, "rg_metadata": entry.get("metadata", {})}
-            yield entry["question"], str(entry["answer"]), meta
+            if i == len(cache):
+                entry = ds[i]
+                if entry.get("answer") is None or not str(entry["answer"]).strip():
+                    cache.append(None)  # e.g. base_conversion of 0 has an empty answer
+                else:
+                    meta = {"rg_index": i, "rg_seed": seed, "rg_metadata": entry.get("metadata", {})}
+                    cache.append((entry["question"], str(entry["answer"]), meta))
+            if cache[i] is not None:
+                text, gold, meta = cache[i]
+                yield text, gold, dict(meta)
 
     def _entry(self, question: Question) -> dict[str, Any]:
         meta = question.metadata.get("rg_metadata")
