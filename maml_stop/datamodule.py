@@ -1,0 +1,230 @@
+"""``TraceDataModule``: episodes of a stored trace corpus for meta-training, validation and test.
+
+* training: ``steps_per_epoch`` meta-batches per epoch, each ``meta_batch_size`` random episodes from
+  the meta-training families (K support + Q query traces each), drawn by a seeded
+  :class:`tasks.samplers.EpisodeSampler` (same seed, same episodes);
+* validation / test: ``val_episodes`` / ``test_episodes`` fixed episodes per validation / test family
+  (seeded, identical on every epoch and every run), query = ``eval_q`` traces (None: all the others).
+
+Every trace is collated to tensors once (:class:`maml_stop.data.TraceTensors`); an episode is then a few
+tensor gathers. A batch is a list of :class:`EpisodeBatch`.
+
+What the model learns from the data (wired in :mod:`maml_stop.lightning_cli`):
+
+* ``n_features`` and ``feature_names`` (read from the corpus ``meta.json``) are linked to the model with
+  ``LightningCLI.link_arguments(..., apply_on="instantiate")``;
+* the normalisation statistics are computed on the **meta-training families only**
+  (:meth:`normalisation_stats`) and copied into the predictor's buffers by
+  ``MetaStoppingModule.setup`` (a hook, not a link: they need the corpus loaded, and a checkpoint's own
+  statistics, restored after ``setup``, win when validating or testing a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from maml_stop.corpus import TraceCorpus
+from maml_stop.data import WEIGHTINGS, DataError, ProbeBatch, TraceTensors
+from maml_stop.harvest import store
+from tasks.samplers import Episode, EpisodeSampler, FamilySplit
+
+__all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "experiments/corpus/qwen05"
+
+
+@dataclass
+class EpisodeBatch:
+    """One episode as tensors."""
+
+    family: str
+    support: ProbeBatch
+    query: ProbeBatch
+
+
+def _identity(batch):  # DataLoader collate: items are already meta-batches
+    return batch
+
+
+class _RandomMetaBatches(IterableDataset):
+    """``steps`` meta-batches of random training episodes per pass, from one persistent seeded sampler
+    (so epochs differ from each other but two runs with the same seed are identical)."""
+
+    def __init__(self, sampler: EpisodeSampler, tensors: TraceTensors, meta_batch_size: int, steps: int) -> None:
+        self.sampler, self.tensors, self.meta_batch_size, self.steps = sampler, tensors, meta_batch_size, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[EpisodeBatch]]:
+        for _ in range(self.steps):
+            yield [_to_tensors(e, self.tensors) for e in self.sampler.sample_batch(self.meta_batch_size)]
+
+
+def _to_tensors(episode: Episode, tensors: TraceTensors) -> EpisodeBatch:
+    return EpisodeBatch(episode.family, tensors.collate(episode.support), tensors.collate(episode.query))
+
+
+class TraceDataModule(LightningDataModule):
+    """Episodes of the stored trace corpus at ``corpus`` (see the module docstring).
+
+    Family split: explicit ``train_families`` / ``val_families`` / ``test_families`` lists, or
+    ``fold`` (leave-one-family-out over the sorted families: test = family ``fold``, validation = the
+    next ``n_val_families``); train defaults to every other family.
+    """
+
+    def __init__(
+        self,
+        corpus: str = DEFAULT_CORPUS,
+        train_families: list[str] | None = None,
+        val_families: list[str] | None = None,
+        test_families: list[str] | None = None,
+        fold: int | None = None,
+        n_val_families: int = 1,
+        k: int = 16,
+        q: int = 64,
+        eval_q: int | None = None,
+        meta_batch_size: int = 8,
+        steps_per_epoch: int = 100,
+        val_episodes: int = 10,
+        test_episodes: int = 50,
+        family_weighting: str = "uniform",
+        weighting: str = "uniform",
+        min_probes: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        for name, value in (("k", k), ("min_probes", min_probes), ("q", q), ("meta_batch_size", meta_batch_size),
+                            ("steps_per_epoch", steps_per_epoch), ("val_episodes", val_episodes),
+                            ("test_episodes", test_episodes)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1; got {value}")
+        self.save_hyperparameters()
+        self.corpus_path = corpus
+        self.k, self.q, self.eval_q = k, q, eval_q
+        self.meta_batch_size, self.steps_per_epoch = meta_batch_size, steps_per_epoch
+        self.val_episodes, self.test_episodes = val_episodes, test_episodes
+        self.family_weighting, self.weighting, self.min_probes, self.seed = family_weighting, weighting, min_probes, seed
+        self._split_args = dict(train=train_families, val=val_families, test=test_families, fold=fold, n_val=n_val_families)
+        self._meta: dict | None = None
+        self.corpus: TraceCorpus | None = None
+        self.split: FamilySplit | None = None
+        self._tensors: TraceTensors | None = None
+        self._train_sampler: EpisodeSampler | None = None
+        self._eval: dict[str, list[list[EpisodeBatch]]] = {}
+
+    # ---- what the model needs to know (linked in the CLI) -------------------------------------------
+    @property
+    def meta(self) -> dict:
+        if self._meta is None:
+            path = Path(self.corpus_path)
+            if not (path / store.META_FILE).is_file():
+                raise store.CorpusError(
+                    f"no trace corpus at {self.corpus_path!r} (resolved to {path.resolve()}): {store.META_FILE} "
+                    f"is missing. Harvest one with `maml-stop harvest` or point --data.corpus at a corpus folder."
+                )
+            self._meta = store.read_meta(path)
+        return self._meta
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.meta["feature_names"])
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    # ---- loading ------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is not None:
+            return
+        self.meta  # noqa: B018  (clear error first when the path holds no corpus)
+        try:
+            self.corpus = TraceCorpus.load(self.corpus_path, min_probes=self.min_probes)
+        except store.CorpusError:
+            raise
+        except ValueError as err:  # numpy's reshape error when stored vectors are not F wide
+            raise DataError(
+                f"corpus {self.corpus_path!r}: stored feature vectors do not have the width of the "
+                f"{self.n_features} feature names in {store.META_FILE} ({err})"
+            ) from err
+        self.split = FamilySplit.resolve(self.corpus.families, **self._split_args)
+        log.info("families: train %s, val %s, test %s", self.split.train, self.split.val, self.split.test)
+        by_family = {f: self.corpus.traces(f) for f in self.corpus.families}
+        every = [t for f in self.split.train + self.split.val + self.split.test for t in by_family[f]]
+        self._tensors = TraceTensors(every, weighting=self.weighting, n_features=self.n_features)
+        self._train_sampler = EpisodeSampler(
+            by_family, self.k, self.q, families=self.split.train,
+            family_weights=self.family_weighting, seed=self.seed,
+        )
+        # fixed evaluation episodes (checked now: too-small families fail before training starts)
+        self._eval_sampler = EpisodeSampler(
+            by_family, self.k, self.eval_q, families=self.split.val + self.split.test, seed=self.seed
+        ) if self.split.val or self.split.test else None
+
+    def normalisation_stats(self) -> tuple[Tensor, Tensor]:
+        """Per-feature mean and std over every probe point of the meta-training families. (F,), (F,)"""
+        self.setup()
+        feats = np.concatenate([t.features for f in self.split.train for t in self.corpus.traces(f)])
+        mean, std = feats.mean(axis=0, dtype=np.float64), feats.std(axis=0, dtype=np.float64)
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+    def collate(self, traces) -> ProbeBatch:
+        """Probe points of traces of this corpus (from the pre-collated tensors)."""
+        self.setup()
+        return self._tensors.collate(traces)
+
+    def fixed_episodes(self, families: list[str], n: int, seed: int) -> list[EpisodeBatch]:
+        """``n`` seeded fixed episodes per family, as tensors (query: ``eval_q`` traces)."""
+        self.setup()
+        if self._eval_sampler is None:
+            raise DataError("no validation or test families in the split")
+        out = []
+        for fam in families:
+            for ep in self._eval_sampler.fixed_episodes(fam, n, seed):
+                out.append(_to_tensors(ep, self._tensors))
+        return out
+
+    def _eval_batches(self, stage: str) -> list[list[EpisodeBatch]]:
+        if stage not in self._eval:
+            families = self.split.val if stage == "val" else self.split.test
+            if not families and stage == "val":
+                log.warning("no validation families: validation is skipped")
+                self._eval[stage] = []
+                return []
+            if not families:
+                raise DataError(
+                    f"no {stage} families: set data.{stage}_families (or data.fold) to "
+                    f"families of the corpus {self.corpus.families}"
+                )
+            n = self.val_episodes if stage == "val" else self.test_episodes
+            eps = self.fixed_episodes(families, n, seed=self.seed + (1 if stage == "val" else 2))
+            self._eval[stage] = [eps[i : i + self.meta_batch_size] for i in range(0, len(eps), self.meta_batch_size)]
+        return self._eval[stage]
+
+    # ---- loaders ------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        ds = _RandomMetaBatches(self._train_sampler, self._tensors, self.meta_batch_size, self.steps_per_epoch)
+        return DataLoader(ds, batch_size=None, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self._eval_batches("val"), batch_size=None, collate_fn=_identity)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self._eval_batches("test"), batch_size=None, collate_fn=_identity)

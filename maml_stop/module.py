@@ -1,0 +1,235 @@
+"""``MetaStoppingModule``: meta-training of the stopping predictor (LightningModule), and
+:func:`load_predictor` for the code that uses a trained checkpoint (evaluation, the adapt script).
+
+One training step = one meta-batch of episodes: for each episode the :class:`InnerLoopAdapter` adapts
+the predictor on the support set (under ``torch.enable_grad()``, inside the adapter), the adapted
+clone's loss on the query set is the outer loss, averaged over the meta-batch; the outer optimiser
+updates the initialisation (and Meta-SGD's rates). Validation/test adapt on seeded fixed episodes of
+the held-out families and log, on the query sets:
+
+* ``val/loss``: after adaptation (the number to monitor);
+* ``val/loss_unadapted``: the meta-trained predictor without adaptation;
+* ``val/loss_random_init``: the same architecture and adapter from the random initialisation that
+  meta-training started from (same ``init_seed``), adapted on the same support sets: what
+  meta-training buys over plain few-shot fine-tuning.
+
+Validation and test need ``Trainer(inference_mode=False)`` (set in every YAML and enforced by the CLI):
+the inner loop takes gradients.
+
+>>> predictor, adapter, meta = load_predictor("runs/quickstart/checkpoints/last.ckpt")   # doctest: +SKIP
+>>> adapted = adapter.adapt(support_batch)                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+import maml_stop
+from maml_stop import SCHEMA_VERSION
+from maml_stop.adapter import InnerLoopAdapter
+from maml_stop.data import DataError
+from maml_stop.datamodule import EpisodeBatch
+from maml_stop.predictor import StoppingPredictor
+
+__all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "CheckpointError", "CKPT_KEY"]
+
+log = logging.getLogger(__name__)
+
+CKPT_KEY = "maml_stop"  # our section of a Lightning checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that this code cannot use (not ours, other schema, other features)."""
+
+
+def check_feature_names(checkpoint_names: list[str] | None, corpus_names: list[str] | None) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint was trained on other features than a corpus has."""
+    if checkpoint_names is None or corpus_names is None or list(checkpoint_names) == list(corpus_names):
+        return
+    raise CheckpointError(
+        "the checkpoint was trained on other features than the corpus provides:\n"
+        f"  checkpoint ({len(checkpoint_names)}): {list(checkpoint_names)}\n"
+        f"  corpus     ({len(corpus_names)}): {list(corpus_names)}\n"
+        "Use a corpus harvested with the same feature set, or meta-train on this one."
+    )
+
+
+class MetaStoppingModule(LightningModule):
+    """Meta-trains a :class:`StoppingPredictor` through an :class:`InnerLoopAdapter`."""
+
+    def __init__(
+        self,
+        n_features: int,
+        feature_names: list[str] | None = None,
+        hidden: int = 64,
+        depth: int = 2,
+        kind: str = "mlp",
+        dropout: float = 0.0,
+        algorithm: str = "maml",
+        inner_lr: float = 0.1,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        loss: str = "balanced",
+        eval_inner_steps: int | None = None,
+        compare_random_init: bool = True,
+        init_seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """``n_features`` and ``feature_names`` come from the data (linked by the CLI); ``init_seed``
+        fixes the predictor's initialisation (and so the random-init comparison); ``eval_inner_steps``
+        (default ``inner_steps``) is the number of inner steps at validation/test; ``lr_scheduler`` is
+        stepped every optimiser step."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if feature_names is not None and len(feature_names) != n_features:
+            raise ValueError(f"{len(feature_names)} feature names for n_features={n_features}")
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.eval_inner_steps = eval_inner_steps
+        self.compare_random_init = compare_random_init
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed)
+            predictor = StoppingPredictor(n_features, hidden=hidden, depth=depth, kind=kind, dropout=dropout)
+        self.adapter = InnerLoopAdapter(
+            predictor, algorithm=algorithm, inner_lr=inner_lr, inner_steps=inner_steps,
+            first_order=first_order, loss=loss,
+        )
+        # the initialisation meta-training starts from (not a parameter, not in the state_dict)
+        self._init_state = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        self._random_init: InnerLoopAdapter | None = None
+
+    @property
+    def predictor(self) -> StoppingPredictor:
+        return self.adapter.predictor
+
+    # ---- data-dependent set-up ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "normalisation_stats"):
+            log.warning("no TraceDataModule: normalisation statistics are left as they are")
+            return
+        if dm.n_features != self.predictor.n_features:
+            raise DataError(
+                f"the corpus has {dm.n_features} features {dm.feature_names}; the predictor expects "
+                f"{self.predictor.n_features} (do not set model.n_features by hand: the CLI links it)"
+            )
+        check_feature_names(self.feature_names, dm.feature_names)
+        # statistics of the meta-training families; a checkpoint restored after setup() overrides them
+        self.predictor.set_normalisation(*dm.normalisation_stats())
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _shared_step(self, batch: list[EpisodeBatch], stage: str) -> Tensor:
+        steps = None if stage == "train" else self.eval_inner_steps
+        losses = torch.stack([self.adapter.loss(self.adapter.adapt(ep.support, steps), ep.query) for ep in batch])
+        loss = losses.mean()
+        n = len(batch)
+        self.log(f"{stage}/loss", loss, batch_size=n, prog_bar=True)
+        if stage != "train":
+            unadapted = torch.stack([self.adapter.loss(self.predictor, ep.query) for ep in batch]).mean()
+            self.log(f"{stage}/loss_unadapted", unadapted, batch_size=n)
+            if self.compare_random_init:
+                ref = self._random_init_adapter()
+                rand = torch.stack([ref.loss(ref.adapt(ep.support, steps), ep.query) for ep in batch]).mean()
+                self.log(f"{stage}/loss_random_init", rand, batch_size=n)
+        return loss
+
+    def training_step(self, batch: list[EpisodeBatch], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: list[EpisodeBatch], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: list[EpisodeBatch], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def _random_init_adapter(self) -> InnerLoopAdapter:
+        """The adapter at the initialisation meta-training started from, with the current statistics."""
+        if self._random_init is None:
+            pred = StoppingPredictor(**self.predictor.config())
+            ref = InnerLoopAdapter(pred, **self.adapter.config())
+            ref.load_state_dict(self._init_state)
+            # kept out of the submodules: never optimised, never checkpointed
+            object.__setattr__(self, "_random_init", ref.to(self.device))
+        self._random_init.predictor.set_normalisation(self.predictor.feature_mean, self.predictor.feature_std)
+        self._random_init.train(self.training)
+        return self._random_init
+
+    def on_validation_epoch_start(self) -> None:
+        self._check_grad_mode()
+
+    def on_test_epoch_start(self) -> None:
+        self._check_grad_mode()
+
+    @staticmethod
+    def _check_grad_mode() -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "validation/test adapt the predictor on support sets and need gradients, but the Trainer "
+                "runs them in inference mode: use Trainer(inference_mode=False) (trainer.inference_mode: "
+                "false in the YAML)"
+            )
+
+    # ---- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_KEY] = {
+            "schema_version": SCHEMA_VERSION,
+            "code_version": maml_stop.__version__,
+            "feature_names": self.feature_names,
+            "predictor": self.predictor.config(),
+            "adapter": self.adapter.config(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = _section(checkpoint, "<checkpoint>")
+        check_feature_names(info.get("feature_names"), self.feature_names)
+
+
+def _section(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
+    if CKPT_KEY not in checkpoint:
+        raise CheckpointError(f"{path} is not a maml_stop checkpoint: no {CKPT_KEY!r} entry (keys: {sorted(checkpoint)})")
+    info = checkpoint[CKPT_KEY]
+    if info.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path} was written for trace schema version {info.get('schema_version')!r}; this code reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    return info
+
+
+def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, InnerLoopAdapter, dict[str, Any]]:
+    """The meta-trained predictor (in eval mode), its adapter (same algorithm and inner-loop settings
+    as in training) and the checkpoint's metadata: ``feature_names``, ``schema_version``,
+    ``predictor``/``adapter`` configs, ``hyper_parameters``, ``epoch``, ``global_step``.
+
+    Check the corpus you adapt on with ``check_feature_names(meta["feature_names"], corpus.feature_names)``.
+    """
+    path = str(checkpoint_path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    info = _section(ckpt, path)
+    predictor = StoppingPredictor(**info["predictor"])
+    adapter = InnerLoopAdapter(predictor, **info["adapter"])
+    prefix = "adapter."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    adapter.load_state_dict(state)
+    adapter.eval()
+    meta = {**info, "hyper_parameters": dict(ckpt.get("hyper_parameters", {})),
+            "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "path": path}
+    return predictor, adapter, meta

@@ -1,0 +1,151 @@
+"""MetaStoppingModule + TraceDataModule on the tiny corpus: fit, validate, checkpoints, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from maml_stop.corpus import TraceCorpus
+from maml_stop.data import DataError
+from maml_stop.datamodule import TraceDataModule
+from maml_stop.harvest import store
+from maml_stop.module import CheckpointError, MetaStoppingModule, load_predictor
+from tasks.samplers import SamplerError
+
+FAMS = dict(val_families=["fam_b"], test_families=["fam_c"])
+
+
+def make_dm(corpus: str, **kw) -> TraceDataModule:
+    args = dict(k=4, q=8, meta_batch_size=2, steps_per_epoch=3, val_episodes=2, test_episodes=2, **FAMS)
+    args.update(kw)
+    return TraceDataModule(corpus, **args)
+
+
+def make_model(dm: TraceDataModule, **kw) -> MetaStoppingModule:
+    args = dict(hidden=16, depth=1, inner_steps=2, inner_lr=0.3)
+    args.update(kw)
+    return MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, **args)
+
+
+def make_trainer(tmp_path, **kw) -> Trainer:
+    args = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path, inference_mode=False,
+                num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    args.update(kw)
+    return Trainer(**args)
+
+
+def fit_metrics(corpus, tmp_path, **model_kw) -> dict[str, float]:
+    torch.manual_seed(0)
+    dm = make_dm(corpus)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(make_model(dm, **model_kw), datamodule=dm)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_fit_logs_losses(tiny_corpus, tmp_path, algorithm):
+    m = fit_metrics(tiny_corpus, tmp_path, algorithm=algorithm)
+    assert {"train/loss", "val/loss", "val/loss_unadapted", "val/loss_random_init"} <= set(m)
+    assert all(np.isfinite(v) for v in m.values())
+
+
+def test_two_runs_identical(tiny_corpus, tmp_path):
+    assert fit_metrics(tiny_corpus, tmp_path / "a", dropout=0.1) == fit_metrics(tiny_corpus, tmp_path / "b", dropout=0.1)
+
+
+def test_normalisation_from_training_families_only(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus)
+    corpus = TraceCorpus.load(tiny_corpus)
+    feats = np.concatenate([t.features for t in corpus.traces("fam_a")])  # the only training family
+    mean, std = dm.normalisation_stats()
+    np.testing.assert_allclose(mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-6)
+    model = make_model(dm)
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
+    torch.testing.assert_close(model.predictor.feature_mean, mean)
+
+
+def test_checkpoint_roundtrip_and_load_predictor(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus)
+    model = make_model(dm, algorithm="metasgd")
+    trainer = make_trainer(tmp_path)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    predictor, adapter, meta = load_predictor(path)
+    assert meta["feature_names"] == dm.feature_names and meta["schema_version"] == 1
+    assert adapter.config() == model.adapter.config() and not predictor.training
+    batch = dm.collate(dm.corpus.traces("fam_b")[:5])
+    model.eval()
+    torch.testing.assert_close(predictor(batch), model.predictor(batch))
+    torch.testing.assert_close(predictor.feature_std, model.predictor.feature_std)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.adapt(batch)(batch), model.adapter.adapt(batch)(batch))
+    # validate reloads it and reproduces the metrics
+    first = make_trainer(tmp_path).validate(model, datamodule=dm)
+    again = make_trainer(tmp_path).validate(make_model(dm, algorithm="metasgd"), datamodule=make_dm(tiny_corpus), ckpt_path=path)
+    assert first == again
+
+
+def test_checkpoint_against_other_feature_names(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus)
+    model = make_model(dm)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    other = tmp_path / "renamed"
+    shutil.copytree(tiny_corpus, other)
+    meta = json.loads((other / store.META_FILE).read_text())
+    meta["feature_names"] = [f"g{i}" for i in range(len(meta["feature_names"]))]
+    (other / store.META_FILE).write_text(json.dumps(meta))
+    dm2 = make_dm(str(other))
+    with pytest.raises(CheckpointError, match=r"(?s)checkpoint \(8\): \['f0'.*corpus     \(8\): \['g0'"):
+        make_trainer(tmp_path).validate(make_model(dm2), datamodule=dm2, ckpt_path=tmp_path / "m.ckpt")
+
+
+def test_inference_mode_is_refused(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus)
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        make_trainer(tmp_path, inference_mode=True).validate(make_model(dm), datamodule=dm)
+
+
+def test_data_errors(tiny_corpus, tmp_path):
+    with pytest.raises(store.CorpusError, match="no trace corpus at .*meta.json is missing"):
+        TraceDataModule(str(tmp_path / "nowhere")).n_features
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        make_dm(tiny_corpus, k=0)
+    with pytest.raises(SamplerError, match=r"family 'fam_a' has 60 traces.*K=40"):
+        make_dm(tiny_corpus, k=40, q=30).setup("fit")
+    with pytest.raises(SamplerError, match=r"unknown val families \['nope'\]"):
+        make_dm(tiny_corpus, val_families=["nope"]).setup("fit")
+    dm = make_dm(tiny_corpus)
+    wrong = MetaStoppingModule(n_features=5, hidden=8, depth=1)
+    with pytest.raises(DataError, match="corpus has 8 features"):
+        make_trainer(tmp_path).fit(wrong, datamodule=dm)
+
+
+def test_nan_features_rejected(tmp_path):
+    from conftest import make_trace_rows
+
+    rows = make_trace_rows("fam_a", 10, seed=0)
+    rows[3]["features"][1][2] = float("nan")
+    store.write_meta(tmp_path, {"feature_names": [f"f{i}" for i in range(8)]})
+    store.write_shard(tmp_path, "fam_a", "all", rows)
+    with pytest.raises(ValueError, match="fam_a/00003#0 has non-finite features"):
+        TraceDataModule(str(tmp_path), k=2, q=2).setup("fit")
+
+
+@pytest.mark.slow
+def test_meta_training_beats_random_init(tiny_corpus, tmp_path):
+    """On the tiny corpus, the meta-learned initialisation adapts better than the random one."""
+    dm = make_dm(tiny_corpus, k=8, q=16, meta_batch_size=4, steps_per_epoch=50, val_episodes=10)
+    model = make_model(dm, hidden=32, inner_steps=3, inner_lr=0.1)
+    trainer = make_trainer(tmp_path, max_steps=100)
+    trainer.fit(model, datamodule=dm)
+    m = trainer.callback_metrics
+    assert m["val/loss"] < m["val/loss_random_init"]
