@@ -42,6 +42,7 @@ __all__ = [
     "FullGeneration",
     "OraclePolicy",
     "ThresholdedPolicy",
+    "FirstHitPolicy",
     "TokenBudget",
     "AnswerConsistency",
     "AnswerConfidence",
@@ -168,6 +169,10 @@ class ThresholdedPolicy(StoppingPolicy):
             return full_generation_outcome(trace)
         return _probe_outcome(trace, self.stop_index_at(trace, param))
 
+    def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
+        """:meth:`outcome_at` for many parameters (subclasses vectorise it)."""
+        return [self.outcome_at(trace, p) for p in params]
+
     def stop_index(self, trace: Trace) -> int | None:
         return None if self.param is None else self.stop_index_at(trace, self.param)
 
@@ -191,6 +196,34 @@ class ThresholdedPolicy(StoppingPolicy):
         if getattr(self, "support_sweep", None) is None:
             raise RuntimeError(f"{self.name}: call fit(support) before choosing a threshold")
         return selector.select(self.candidates, self.support_sweep, self.default_param)
+
+
+class FirstHitPolicy(ThresholdedPolicy):
+    """Stop at the first probe whose score reaches the parameter: ``scores(trace)`` (P,) says how ready
+    each probe is (a probability, a confidence, a run length), computed once for every parameter."""
+
+    def scores(self, trace: Trace) -> np.ndarray:
+        raise NotImplementedError
+
+    def stop_index_at(self, trace: Trace, param: float) -> int | None:
+        hits = np.flatnonzero(self.scores(trace) >= param)
+        return int(hits[0]) if hits.size else None
+
+    def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
+        score = self.scores(trace)  # (P,)
+        hit = score[None, :] >= np.asarray(params, dtype=np.float64)[:, None]  # (J, P)
+        first = hit.argmax(axis=1)  # (J,) first hit, 0 when none
+        any_hit = hit.any(axis=1)
+        stop_total = trace.positions + np.cumsum(trace.probe_tokens)  # (P,) total tokens stopping at each probe
+        never_total, never_reasoning = trace.stop_cost(None)
+        out = []
+        for j in range(len(params)):
+            if any_hit[j]:
+                i = int(first[j])
+                out.append(StopOutcome(i, bool(trace.labels[i] > 0.5), int(stop_total[i]), int(trace.positions[i])))
+            else:
+                out.append(StopOutcome(None, bool(trace.final_em), never_total, never_reasoning))
+        return out
 
 
 class TokenBudget(ThresholdedPolicy):
@@ -243,7 +276,7 @@ class TokenBudget(ThresholdedPolicy):
         return StopOutcome(index, bool(trace.labels[index] > 0.5), reasoning + int(trace.probe_tokens[index]), reasoning)
 
 
-class AnswerConsistency(ThresholdedPolicy):
+class AnswerConsistency(FirstHitPolicy):
     """Stop once the last k probe answers agree (and are not empty): Dynasor-CoT (Fu et al. 2024,
     arXiv:2412.20993) and ES-CoT. The window k is the parameter; larger k is more conservative."""
 
@@ -263,18 +296,16 @@ class AnswerConsistency(ThresholdedPolicy):
     def default_param(self) -> float | None:
         return 3.0
 
-    def stop_index_at(self, trace: Trace, param: float) -> int | None:
-        k = int(param)
+    def scores(self, trace: Trace) -> np.ndarray:
+        """(P,) how many consecutive probes up to each one gave this same non-empty answer."""
         answers = [a.strip() for a in trace.probe_answers]
-        run = 0
+        run = np.zeros(len(answers))
         for i, a in enumerate(answers):
-            run = run + 1 if a and i > 0 and a == answers[i - 1] else (1 if a else 0)
-            if run >= k:
-                return i
-        return None
+            run[i] = (run[i - 1] + 1 if i > 0 and a == answers[i - 1] else 1) if a else 0
+        return run
 
 
-class AnswerConfidence(ThresholdedPolicy):
+class AnswerConfidence(FirstHitPolicy):
     """Stop at the first probe whose forced answer is confident: exp(mean answer-token log-prob) >= c
     (DEER, Yang et al. 2025, arXiv:2504.15895). Higher c is more conservative."""
 
@@ -298,14 +329,14 @@ class AnswerConfidence(ThresholdedPolicy):
     def default_param(self) -> float | None:
         return 0.95
 
-    def stop_index_at(self, trace: Trace, param: float) -> int | None:
-        confident = np.exp(trace.logprob_mean.astype(np.float64)) >= param
+    def scores(self, trace: Trace) -> np.ndarray:
+        """(P,) exp(mean answer-token log-prob) of each probe answer; -inf where the answer is empty."""
+        confidence = np.exp(trace.logprob_mean.astype(np.float64))
         nonempty = np.array([bool(a.strip()) for a in trace.probe_answers], dtype=bool)
-        hits = np.flatnonzero(confident & nonempty)
-        return int(hits[0]) if hits.size else None
+        return np.where(nonempty, confidence, -np.inf)
 
 
-class ProbePolicy(ThresholdedPolicy):
+class ProbePolicy(FirstHitPolicy):
     """A stopping predictor: stop at the first probe whose P(stop keeps the answer) >= tau.
 
     ``adapter=None`` uses ``predictor`` as it is (the pooled probe without adaptation); otherwise
@@ -387,10 +418,8 @@ class ProbePolicy(ThresholdedPolicy):
         if traces:
             self.probabilities(traces)
 
-    def stop_index_at(self, trace: Trace, param: float) -> int | None:
-        (p,) = self.probabilities([trace])
-        hits = np.flatnonzero(p >= param)
-        return int(hits[0]) if hits.size else None
+    def scores(self, trace: Trace) -> np.ndarray:
+        return self.probabilities([trace])[0]
 
 
 def _adapter_weighting(adapter: object) -> str:
@@ -424,8 +453,7 @@ def sweep_policy(
     em = np.zeros((len(traces), len(cands)))
     tokens = np.zeros((len(traces), len(cands)))
     for i, t in enumerate(traces):
-        for j, c in enumerate(cands):
-            r = policy.outcome_at(t, c)
+        for j, r in enumerate(policy.outcomes_at(t, cands)):
             em[i, j], tokens[i, j] = float(r.em), float(r.total_tokens)
     return SupportSweep(
         em=em,

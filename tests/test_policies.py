@@ -191,3 +191,18 @@ def test_maml_policy_adapts_a_clone_with_the_real_adapter(tiny_corpus):
     assert all(torch.equal(before[k], v) for k, v in predictor.state_dict().items())  # predictor untouched
     copy = P.fresh_copy(maml.model)
     np.testing.assert_allclose(np.concatenate(P.ProbePolicy(predictor=copy).fit(traces[:1]).probabilities(traces[8:])), p_adapted, rtol=1e-6)
+
+
+def test_vectorised_sweep_matches_one_parameter_at_a_time():
+    rng = np.random.default_rng(3)
+    traces = []
+    for n in range(20):
+        p = int(rng.integers(1, 8))
+        answers = [str(a) if a else "" for a in rng.integers(0, 3, p)]
+        f = rng.random((p, 2))
+        traces.append(make_trace(rng.integers(0, 2, p).tolist(), answers=answers, confidence=rng.random(p).tolist(),
+                                 final_em=bool(rng.integers(0, 2)), features=f, trace_id=str(n)))
+    for policy in (P.AnswerConsistency(), P.AnswerConfidence(), P.ProbePolicy(predictor=FirstFeature())):
+        policy.fit(traces[:3])
+        for t in traces:
+            assert policy.outcomes_at(t, policy.candidates) == [policy.outcome_at(t, c) for c in policy.candidates]

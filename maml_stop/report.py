@@ -1,0 +1,495 @@
+"""Tables, plots and the written analysis of a ``maml-stop evaluate`` results file.
+
+Everything here is a pure function of the results dictionary that :mod:`maml_stop.evaluate` writes to
+``results.json`` (layout in :func:`maml_stop.evaluate.evaluate_family`), so a report can be rebuilt
+from the JSON alone::
+
+    maml-stop evaluate --report-only runs/evaluate/results.json
+
+Intervals are 95% t-intervals over episodes (mean +- t * sd / sqrt(n)). Episodes of one family redraw
+support and query sets from the same pool of traces, so the interval shows how much the figure moves
+from one K-shot draw to the next; it is not a confidence interval for the family's population.
+The mean row averages the family means; its half-width combines the families' half-widths
+(sqrt(sum h_f^2) / n_families, families being independent).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "mean_ci",
+    "t_quantile_975",
+    "summarise",
+    "markdown_tables",
+    "analysis",
+    "plot_curves",
+    "plot_savings_vs_k",
+    "plot_calibration",
+    "write_report",
+    "fmt_ci",
+    "HEADLINE",
+]
+
+# the headline figure: % of tokens saved (total, probes included) with the threshold chosen on support
+HEADLINE = "savings"
+PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
+METHOD_LABELS = {
+    "full": "full generation",
+    "budget": "token budget",
+    "consistency": "answer consistency",
+    "confidence": "answer confidence",
+    "pooled": "pooled probe",
+    "finetuned": "pooled probe + fine-tune",
+    "scratch": "probe from scratch",
+    "maml": "MAML-adapted probe",
+    "oracle": "oracle",
+}
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile_975(df: int) -> float:
+    """97.5% quantile of Student's t with ``df`` degrees of freedom (bisection on the two-sided tail
+    P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2); no SciPy needed)."""
+    if df <= 0:
+        return float("nan")
+    lo, hi = 0.0, 1000.0
+    for _ in range(64):  # 1000 / 2**64: below float resolution
+        mid = 0.5 * (lo + hi)
+        if _betainc(df / 2.0, 0.5, df / (df + mid * mid)) > 0.05:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% half-width over episodes (NaN values dropped; half-width 0 for one value)."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if x.size == 1:
+        return float(x[0]), 0.0
+    return float(x.mean()), float(t_quantile_975(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def fmt_ci(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
+    """``"31.2 ± 2.3"`` (values scaled by ``scale``: 100 turns fractions into % or points)."""
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
+def _combine(stats: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    stats = [s for s in stats if math.isfinite(s[0])]
+    if not stats:
+        return float("nan"), float("nan")
+    means, halves = zip(*stats)
+    return float(np.mean(means)), float(math.sqrt(sum(h * h for h in halves)) / len(halves))
+
+
+def _cell(results: dict, family: str, k: int, method: str) -> dict | None:
+    return results["results"].get(family, {}).get(str(k), {}).get(method)
+
+
+def summarise(results: dict, threshold: str | None = None) -> dict[str, dict[str, dict[str, dict[str, list]]]]:
+    """Per K, method and family (plus ``"mean"``): (mean, half-width) of every reported figure.
+
+    Figures: ``savings``, ``savings_reasoning``, ``em``, ``em_drop``, ``within_delta`` (fraction of
+    episodes whose query EM drop is <= delta) with the support-chosen threshold ``threshold`` (default:
+    the first threshold method); ``curve_savings`` (best threshold in hindsight), ``auc``, ``brier``,
+    ``ece``; and ``oracle_fraction`` (mean savings / mean oracle savings, no interval).
+    """
+    threshold = threshold or results["threshold_methods"][0]
+    out: dict = {}
+    for k in results["shots"]:
+        out[str(k)] = {}
+        oracle_means = {}
+        for family in results["families"]:
+            cell = _cell(results, family, k, "oracle")
+            if cell is not None:
+                oracle_means[family] = mean_ci(cell["thresholds"][threshold]["savings"])[0]
+        for method in results["methods"]:
+            rows: dict[str, dict[str, tuple[float, float]]] = {}
+            for family in results["families"]:
+                cell = _cell(results, family, k, method)
+                if cell is None:
+                    continue
+                chosen = cell["thresholds"][threshold]
+                stats = {name: mean_ci(chosen[name]) for name in ("savings", "savings_reasoning", "em", "em_drop")}
+                delta = results["delta"]
+                stats["within_delta"] = mean_ci([float(d <= delta + 1e-9) for d in chosen["em_drop"]])
+                for name in ("curve_savings", "auc", "brier", "ece"):
+                    stats[name] = mean_ci(cell.get(name, []))
+                oracle = oracle_means.get(family, float("nan"))
+                frac = stats["savings"][0] / oracle if oracle and oracle > 0 else float("nan")
+                stats["oracle_fraction"] = (frac, float("nan"))
+                rows[family] = stats
+            if rows:
+                names = next(iter(rows.values())).keys()
+                rows["mean"] = {n: _combine([r[n] for r in rows.values()]) for n in names}
+                fracs = [r["oracle_fraction"][0] for f, r in rows.items() if f != "mean"]
+                fracs = [x for x in fracs if math.isfinite(x)]
+                rows["mean"]["oracle_fraction"] = (float(np.mean(fracs)) if fracs else float("nan"), float("nan"))
+            out[str(k)][method] = rows
+    return out
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+def markdown_tables(results: dict) -> str:
+    """The Markdown report tables: the headline summary over K, then one detailed table per K."""
+    delta_pts = 100 * results["delta"]
+    lines: list[str] = []
+    for threshold in results["threshold_methods"]:
+        summary = summarise(results, threshold)
+        lines += [
+            f"### Mean over held-out families: % of tokens saved (threshold: `{threshold}` on support), "
+            f"EM drop in points in brackets",
+            "",
+            "| method | " + " | ".join(f"K={k}" for k in results["shots"]) + " |",
+            "|---|" + "---|" * len(results["shots"]),
+        ]
+        for method in results["methods"]:
+            cells = []
+            for k in results["shots"]:
+                row = summary[str(k)].get(method, {}).get("mean")
+                cells.append("n/a" if row is None else f"{fmt_ci(*row['savings'])} ({fmt_ci(*row['em_drop'])})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    threshold = results["threshold_methods"][0]
+    summary = summarise(results, threshold)
+    header = (
+        f"| family | method | saved % (support τ) | EM drop (pts) | drop ≤ {delta_pts:g} pt | "
+        "saved % (best τ in hindsight) | % of oracle | reasoning saved % | AUC |"
+    )
+    for k in results["shots"]:
+        lines += [
+            f"### K = {k}: threshold `{threshold}` chosen on the K support traces, {results['episodes']} episodes "
+            f"per family, 95% intervals over episodes",
+            "",
+            header,
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for family in [*results["families"], "mean"]:
+            for method in results["methods"]:
+                s = summary[str(k)].get(method, {}).get(family)
+                if s is None:
+                    continue
+                lines.append(
+                    f"| {family} | {method} | {fmt_ci(*s['savings'])} | {fmt_ci(*s['em_drop'])} | "
+                    f"{_pct(s['within_delta'][0])} | {fmt_ci(*s['curve_savings'])} | {_pct(s['oracle_fraction'][0])} | "
+                    f"{fmt_ci(*s['savings_reasoning'])} | {fmt_ci(*s['auc'], scale=1.0, digits=3)} |"
+                )
+        lines.append("")
+    probe = [m for m in results["methods"] if m in PROBE_METHODS]
+    if probe:
+        lines += [
+            "### Calibration of the probes on query probe points (mean over families)",
+            "",
+            "| method | " + " | ".join(f"Brier K={k} | ECE K={k}" for k in results["shots"]) + " |",
+            "|---|" + "---|---|" * len(results["shots"]),
+        ]
+        for method in probe:
+            cells = []
+            for k in results["shots"]:
+                row = summary[str(k)].get(method, {}).get("mean")
+                cells += ["n/a", "n/a"] if row is None else [
+                    fmt_ci(*row["brier"], scale=1.0, digits=3), fmt_ci(*row["ece"], scale=1.0, digits=3)
+                ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _paired(results: dict, family: str, k: int, a: str, b: str, figure: str, threshold: str) -> tuple[float, float] | None:
+    """Mean and half-width of the per-episode difference a - b (same episodes for every method)."""
+    ca, cb = _cell(results, family, k, a), _cell(results, family, k, b)
+    if ca is None or cb is None:
+        return None
+    xa = np.asarray(ca["thresholds"][threshold][figure], dtype=np.float64)
+    xb = np.asarray(cb["thresholds"][threshold][figure], dtype=np.float64)
+    if xa.shape != xb.shape or xa.size == 0:
+        return None
+    return mean_ci(xa - xb)
+
+
+def analysis(results: dict, method: str = "maml") -> str:
+    """A short written analysis of where ``method`` wins and loses, generated from the numbers."""
+    if method not in results["methods"]:
+        return f"({method} was not evaluated; no analysis.)\n"
+    threshold = results["threshold_methods"][0]
+    summary = summarise(results, threshold)
+    delta = results["delta"]
+    shots = results["shots"]
+    rivals = [m for m in results["methods"] if m not in (method, "full", "oracle")]
+    lines = [f"## Where {METHOD_LABELS.get(method, method)} wins and loses", ""]
+    lines.append(
+        f"Headline: % of tokens saved (total, probes included) against full generation with the threshold "
+        f"chosen by `{threshold}` on the K support traces; EM drop target {100 * delta:g} point(s). "
+        "Comparisons are paired over the same episodes; 'wins' and 'loses' mean the 95% interval of the "
+        "per-episode difference excludes 0."
+    )
+    lines.append("")
+    for k in shots:
+        m = summary[str(k)].get(method, {}).get("mean")
+        if m is None:
+            continue
+        best = None
+        for r in rivals:
+            rm = summary[str(k)].get(r, {}).get("mean")
+            if rm is not None and rm["em_drop"][0] <= delta + 1e-9 and (best is None or rm["savings"][0] > best[1]["savings"][0]):
+                best = (r, rm)
+        text = (
+            f"- K={k}: {method} saves {fmt_ci(*m['savings'])}% of tokens at an EM drop of "
+            f"{fmt_ci(*m['em_drop'])} points (EM drop within target in {_pct(m['within_delta'][0])} of episodes; "
+            f"{_pct(m['oracle_fraction'][0])} of the oracle's savings; {fmt_ci(*m['curve_savings'])}% with the best "
+            f"threshold in hindsight)."
+        )
+        if best is not None:
+            text += f" Best baseline within the EM target: {best[0]} at {fmt_ci(*best[1]['savings'])}%."
+        else:
+            text += " No baseline stays within the EM target on average."
+        lines.append(text)
+    lines.append("")
+    wins, losses = [], []
+    for family in results["families"]:
+        for k in shots:
+            for r in rivals:
+                d = _paired(results, family, k, method, r, "savings", threshold)
+                if d is None or not math.isfinite(d[0]):
+                    continue
+                drop = _paired(results, family, k, method, r, "em_drop", threshold)
+                item = (family, k, r, d, drop)
+                if d[0] - d[1] > 0:
+                    wins.append(item)
+                elif d[0] + d[1] < 0:
+                    losses.append(item)
+
+    def _fmt(items: list, limit: int = 12) -> list[str]:
+        items = sorted(items, key=lambda it: -abs(it[3][0]))[:limit]
+        return [
+            f"  - {fam}, K={k}, vs {r}: {fmt_ci(*d)} points of savings (EM drop difference "
+            f"{fmt_ci(*drop) if drop else 'n/a'} points)"
+            for fam, k, r, d, drop in items
+        ]
+
+    n_cmp = len(results["families"]) * len(shots) * len(rivals)
+    lines.append(f"{method} saves more tokens than a rival in {len(wins)} and fewer in {len(losses)} of {n_cmp} "
+                 "(family, K, rival) comparisons.")
+    if wins:
+        lines += ["", "Largest wins:", *_fmt(wins)]
+    if losses:
+        lines += ["", "Largest losses:", *_fmt(losses)]
+    lines.append("")
+    # savings bought with EM: a win that costs more EM than the rival is not a clean win
+    costly = [w for w in wins if w[4] is not None and w[4][0] - w[4][1] > 0]
+    if costly:
+        lines.append(
+            f"{len(costly)} of the wins come with a significantly larger EM drop than the rival's, so they "
+            "trade accuracy for tokens rather than dominate."
+        )
+    over = [
+        (f, k) for f in results["families"] for k in shots
+        if (s := summary[str(k)].get(method, {}).get(f)) is not None and s["em_drop"][0] > delta + 1e-9
+    ]
+    if over:
+        lines.append(
+            f"The support-chosen threshold misses the EM target on average in {len(over)} (family, K) cells: "
+            + ", ".join(f"{f} K={k}" for f, k in over[:10]) + ("..." if len(over) > 10 else "") + "."
+        )
+    if len(shots) > 1:
+        lo, hi = str(shots[0]), str(shots[-1])
+        trend = []
+        for m in [method, *[r for r in ("finetuned", "scratch", "pooled") if r in results["methods"]]]:
+            a = summary[lo].get(m, {}).get("mean")
+            b = summary[hi].get(m, {}).get("mean")
+            if a and b:
+                trend.append(f"{m} {100 * a['savings'][0]:.1f}% -> {100 * b['savings'][0]:.1f}%")
+        if trend:
+            lines.append(f"From K={lo} to K={hi}, mean savings move: " + "; ".join(trend) + ".")
+    cal = []
+    for m in [method, "pooled", "finetuned", "scratch"]:
+        row = summary[str(shots[-1])].get(m, {}).get("mean")
+        if row is not None and math.isfinite(row["brier"][0]):
+            cal.append(f"{m} Brier {row['brier'][0]:.3f}, ECE {row['ece'][0]:.3f}")
+    if cal:
+        lines.append(f"Calibration at K={shots[-1]}: " + "; ".join(cal) + ".")
+    if "ltt" in results["threshold_methods"]:
+        ltt = summarise(results, "ltt")
+        stopped = [
+            ltt[str(k)].get(method, {}).get("mean", {}).get("savings", (float("nan"),))[0] for k in shots
+        ]
+        if all(math.isfinite(x) and abs(x) < 1e-12 for x in stopped):
+            lines.append(
+                "Learn-then-Test certified no early stopping at any K: with an EM-drop target of "
+                f"{100 * results.get('ltt_delta', delta):g} point(s) at alpha={results.get('ltt_alpha', 'n/a')}, "
+                "the binomial bound needs more support questions than K."
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg backend: no display needed)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(3, n)
+    return int(math.ceil(n / cols)), cols
+
+
+def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
+    """EM-vs-tokens curves (pooled over episodes) per held-out family, every method, at one K."""
+    plt = _pyplot()
+    k = k if k is not None else results["shots"][-1]
+    families = results["families"]
+    rows, cols = _grid(len(families))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        for method in results["methods"]:
+            cell = _cell(results, family, k, method)
+            if cell is None:
+                continue
+            curve = cell["curve"]
+            cost = 1.0 - np.asarray(curve["savings"], dtype=float)
+            em = np.asarray(curve["em"], dtype=float)
+            style = "o" if len(cost) == 1 else ".-"
+            ax.plot(cost, em, style, label=method, markersize=5 if len(cost) == 1 else 3)
+        ax.set_title(f"{family} (K={k})")
+        ax.set_xlabel("tokens / full generation")
+        ax.set_ylabel("EM")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_savings_vs_k(results: dict, path: str | Path) -> Path:
+    """Headline savings (support-chosen threshold) against K, mean over families with 95% intervals."""
+    plt = _pyplot()
+    summary = summarise(results)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    shots = results["shots"]
+    for method in results["methods"]:
+        pts = [summary[str(k)].get(method, {}).get("mean") for k in shots]
+        if any(p is None for p in pts):
+            continue
+        ax.errorbar(shots, [100 * p["savings"][0] for p in pts], yerr=[100 * p["savings"][1] for p in pts],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("K (support questions)")
+    ax.set_ylabel("% tokens saved (threshold chosen on support)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(results: dict, path: str | Path) -> Path:
+    """Reliability diagram of every probe method (query probe points pooled over families, largest K)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    cal = results.get("calibration", {})
+    for method, bins in cal.items():
+        count = np.asarray(bins["count"], dtype=float)
+        conf = np.asarray(bins["confidence"], dtype=float)
+        freq = np.asarray(bins["frequency"], dtype=float)
+        keep = count > 0
+        ax.plot(conf[keep], freq[keep], "o-", ms=3, label=method)
+    ax.set_xlabel("predicted P(stop keeps the answer)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"calibration (K={results['shots'][-1]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: str | Path) -> dict[str, Path]:
+    """Write ``results.md`` (tables + analysis) and the plots into ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    text = [
+        "# Early-stopping evaluation: leave-one-family-out",
+        "",
+        f"Corpus `{results.get('corpus', '?')}`; held-out families {', '.join(results['families'])}; "
+        f"K in {results['shots']}; {results['episodes']} fixed episodes per family and K (every method on the "
+        f"same episodes). Savings are against full generation of the same query traces; total tokens include "
+        "every probe a policy ran.",
+        "",
+        markdown_tables(results),
+        analysis(results),
+    ]
+    paths["table"] = out / "results.md"
+    paths["table"].write_text("\n".join(text))
+    for k in results["shots"]:
+        paths[f"curves_k{k}"] = plot_curves(results, out / f"curves_k{k}.png", k)
+    paths["savings_vs_k"] = plot_savings_vs_k(results, out / "savings_vs_k.png")
+    paths["calibration"] = plot_calibration(results, out / "calibration.png")
+    return paths

@@ -1,0 +1,153 @@
+"""``maml-stop evaluate`` end to end on the tiny corpus with a tiny checkpoint; the report recomputed
+from the JSON; the report's interval arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_FEATURES
+from maml_stop import report as R
+from maml_stop.evaluate import EvaluateConfig, main, run
+from maml_stop.module import CheckpointError
+
+ALL = ["full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle"]
+
+
+def write_tiny_checkpoint(path: Path, feature_names=TINY_FEATURES, test=("fam_c",), val=("fam_b",)) -> str:
+    """A MetaStoppingModule checkpoint in Lightning's layout, without a Trainer (fast)."""
+    from maml_stop.module import MetaStoppingModule
+
+    module = MetaStoppingModule(n_features=len(feature_names), feature_names=list(feature_names), hidden=8, depth=1,
+                                inner_lr=0.3, inner_steps=2, first_order=True)
+    ckpt = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": {"train_families": None, "val_families": list(val),
+                                        "test_families": list(test), "fold": None, "n_val_families": 1},
+    }
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_corpus, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate")
+    code = main([
+        "--corpus", tiny_corpus, "--checkpoint", tiny_checkpoint, "--out", str(out), "--shots", "[4, 8]",
+        "--episodes", "4", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
+        "--progress", "false", "--threshold_methods", "[em_target, ltt, fixed]", "--ltt_delta", "0.1",
+    ])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_json_table_and_plots(evaluated):
+    out, results = evaluated
+    assert results["families"] == ["fam_c"]  # the checkpoint's test family
+    assert results["sources"]["fam_c"] == ["fam_a"]  # pooled probe: the checkpoint's training families only
+    assert results["methods"] == ALL
+    for name in ("results.md", "curves_k4.png", "curves_k8.png", "savings_vs_k.png", "calibration.png"):
+        assert (out / name).stat().st_size > 0, name
+    cell = results["results"]["fam_c"]["8"]["maml"]
+    assert len(cell["thresholds"]["em_target"]["savings"]) == 4
+    assert len(cell["curve"]["em"]) == len(results["config"]["taus"])
+    assert set(results["calibration"]) == {"pooled", "finetuned", "scratch", "maml"}
+    text = (out / "results.md").read_text()
+    assert "## Where MAML-adapted probe wins and loses" in text
+
+
+def test_every_method_sees_the_same_episodes(evaluated):
+    _, results = evaluated
+    for k in ("4", "8"):
+        full = {m: results["results"]["fam_c"][k][m]["thresholds"]["em_target"]["full_em"] for m in ALL}
+        tokens = {m: results["results"]["fam_c"][k][m]["thresholds"]["em_target"]["full_tokens"] for m in ALL}
+        assert all(v == full["full"] for v in full.values())
+        assert all(v == tokens["full"] for v in tokens.values())
+
+
+def test_accounting_invariants(evaluated):
+    _, results = evaluated
+    for k in ("4", "8"):
+        cells = results["results"]["fam_c"][k]
+        full = cells["full"]["thresholds"]["em_target"]
+        assert full["savings"] == [0.0] * 4 and full["em_drop"] == [0.0] * 4
+        oracle = cells["oracle"]["thresholds"]["em_target"]
+        assert all(d <= 0.0 for d in oracle["em_drop"])  # the oracle never loses a correct answer
+        for m in ALL:
+            for thr in ("em_target", "ltt", "fixed"):
+                f = cells[m]["thresholds"][thr]
+                assert all(r <= t + 1e-9 for r, t in zip(f["reasoning_tokens"], f["tokens"]))
+
+
+def test_table_row_recomputed_from_json(evaluated):
+    out, results = evaluated
+    text = (out / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| fam_c | maml |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    chosen = results["results"]["fam_c"]["4"]["maml"]["thresholds"]["em_target"]
+    # the first such row belongs to the first K table (K=4)
+    for col, values in ((2, chosen["savings"]), (3, chosen["em_drop"])):
+        x = 100 * np.asarray(values, dtype=float)
+        t = {3: 3.182446305284263}[len(x) - 1]  # Student t, 97.5%, 3 degrees of freedom
+        want = f"{x.mean():.1f} ± {t * x.std(ddof=1) / math.sqrt(len(x)):.1f}"
+        assert cells[col] == want
+    oracle = np.mean(results["results"]["fam_c"]["4"]["oracle"]["thresholds"]["em_target"]["savings"])
+    assert cells[6] == f"{100 * np.mean(chosen['savings']) / oracle:.0f}%"
+
+
+def test_report_only_rebuilds_from_json(evaluated, tmp_path):
+    out, results = evaluated
+    copy = tmp_path / "results.json"
+    copy.write_text(json.dumps(results))
+    assert main(["--report_only", str(copy)]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def test_mean_ci_and_t_quantile():
+    x = [0.1, 0.3, 0.2, 0.5, 0.4]
+    m, h = R.mean_ci(x)
+    assert m == pytest.approx(0.3)
+    assert h == pytest.approx(2.7764451051977987 * np.std(x, ddof=1) / math.sqrt(5), rel=1e-6)
+    for df, exact in ((3, 3.182446305284263), (10, 2.2281388519649385), (49, 2.009575234489209)):
+        assert R.t_quantile_975(df) == pytest.approx(exact, rel=1e-6)
+    assert R.mean_ci([0.2]) == (0.2, 0.0)
+    assert R.fmt_ci(0.1234, 0.01) == "12.3 ± 1.0"
+
+
+def test_errors_name_valid_choices(tiny_corpus, tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="valid methods"):
+        run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "magic"], families=["fam_c"]))
+    with pytest.raises(ValueError, match="needs a meta-trained checkpoint"):
+        run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), families=["fam_c"]))
+    with pytest.raises(ValueError, match="seen in meta-training"):
+        run(EvaluateConfig(corpus=tiny_corpus, checkpoint=tiny_checkpoint, out=str(tmp_path), families=["fam_a"]))
+    with pytest.raises(ValueError, match="not in the corpus"):
+        run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), families=["nope"], methods=["full"]))
+
+
+def test_feature_mismatch_is_refused(tiny_corpus, tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "other.ckpt", feature_names=[f"g{i}" for i in range(8)])
+    with pytest.raises(CheckpointError, match="other features"):
+        run(EvaluateConfig(corpus=tiny_corpus, checkpoint=ckpt, out=str(tmp_path), episodes=1, shots=[4]))
+
+
+def test_config_yaml_parses(tiny_corpus):
+    from maml_stop.evaluate import _parser
+
+    root = Path(__file__).resolve().parents[1]
+    ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
+    assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
+    assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
