@@ -1,0 +1,57 @@
+"""The datasheet's figures are recomputed from stored traces, for the tiny corpus and the bundled one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maml_stop.corpus import TraceCorpus
+from maml_stop.datasheet import corpus_stats, write_datasheet
+
+BUNDLED = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
+
+
+def test_datasheet_figures_by_hand(tiny_corpus, tmp_path):
+    root = shutil.copytree(tiny_corpus, tmp_path / "c")
+    stats = write_datasheet(root)
+    corpus = TraceCorpus.load(root, min_probes=0)
+    for fam in corpus.families:
+        traces = corpus.traces(fam)
+        s = stats["families"][fam]
+        assert s["traces"] == len(traces)
+        assert s["final_em"] == pytest.approx(np.mean([t.final_em for t in traces]))
+        labels = np.concatenate([t.labels for t in traces])
+        assert s["probe_correct_fraction"] == pytest.approx(labels.mean())
+        # oracle by hand: earliest correct probe; else full run if final correct; else first probe
+        cost = full = 0
+        em = []
+        for t in traces:
+            full += t.reasoning_tokens
+            hits = np.flatnonzero(t.labels > 0.5)
+            if hits.size:
+                i = hits[0]
+                cost += t.positions[i] + t.probe_tokens[: i + 1].sum()
+                em.append(1)
+            elif t.final_em:
+                cost += t.reasoning_tokens
+                em.append(1)
+            else:
+                cost += t.positions[0] + t.probe_tokens[0]
+                em.append(0)
+        assert s["oracle_savings"] == pytest.approx(1 - cost / full)
+        assert s["oracle_em"] == pytest.approx(np.mean(em))
+    assert "| fam_a |" in (Path(root) / "README.md").read_text()
+
+
+@pytest.mark.skipif(not (BUNDLED / "datasheet.json").is_file(), reason="bundled corpus not present")
+def test_bundled_datasheet_is_reproduced():
+    stored = json.loads((BUNDLED / "datasheet.json").read_text())
+    fresh = corpus_stats(BUNDLED)
+    assert set(stored["families"]) == set(fresh["families"])
+    for fam, s in fresh["families"].items():
+        for key, value in s.items():
+            assert stored["families"][fam][key] == pytest.approx(value, rel=1e-6), (fam, key)
