@@ -274,7 +274,11 @@ def _shape(segment: str, kind: str) -> str | None:
         return pick_number(segment)
     if kind == "yesno":
         m = re.match(r"\W*(yes|no|true|false)\b", clean(segment), re.IGNORECASE)
-        return m.group(1) if m else None
+        if m:
+            return m.group(1)
+        # "It does not follow, so No": one yes/no word in the segment, whatever else it says
+        words = re.findall(r"\b(yes|no)\b", segment, re.IGNORECASE)
+        return words[-1] if words and len({w.lower() for w in words}) == 1 else None
     if kind == "choice":
         letter = _choice_letter(segment)
         return letter if letter is not None else (clean(segment) or None)

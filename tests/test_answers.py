@@ -152,6 +152,8 @@ def test_unknown_kind_names_valid_kinds() -> None:
         ("I cannot tell.", "number", None),
         ("Step 1\nFinal answer: YES", "yesno", "YES"),
         ("Step 1\nFinal answer: **No**, it does not follow.", "yesno", "No"),
+        ("Step 1\nFinal answer: it does not follow, so No.", "yesno", "No"),
+        ("Final answer: hard to say, yes or no", "yesno", None),  # two different words: no answer
         ("Sorted.\nFinal answer: ['1', '2']", "number_list", "['1', '2']"),
         ("Final answer: state, originator", "word_list", "state, originator"),
         ("Final answer: 2 × 2 × 449", "factors", "2 × 2 × 449"),
