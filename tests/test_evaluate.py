@@ -151,3 +151,45 @@ def test_config_yaml_parses(tiny_corpus):
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
     assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
+
+
+# ---- the EM/token evaluation callback ----------------------------------------------------------------
+
+
+def test_callback_evaluate_figures(tiny_corpus, tiny_checkpoint):
+    from maml_stop.callbacks import EMTokenEvaluation
+    from maml_stop.corpus import TraceCorpus
+    from maml_stop.module import load_predictor
+    from tasks.samplers import EpisodeSampler
+
+    corpus = TraceCorpus.load(tiny_corpus)
+    _, adapter, _ = load_predictor(tiny_checkpoint)
+    episodes = EpisodeSampler({"fam_b": corpus.traces("fam_b")}, k=4, q=None).fixed_episodes("fam_b", 3, seed=0)
+    callback = EMTokenEvaluation(n_episodes=3, k=4, taus=[0.9, 0.5, 0.1])
+    figures, curve = callback.evaluate(adapter, episodes)
+    assert set(figures) == {"savings_at_delta", "em_drop", "curve_savings_at_delta", "curve_auc", "oracle_savings", "brier", "ece"}
+    assert figures["curve_savings_at_delta"] <= figures["oracle_savings"] + 1e-9
+    assert len(curve["em"]) == 3 and 0.0 <= figures["curve_auc"] <= 1.0
+    with pytest.raises(ValueError, match="valid: fixed, em_target, ltt"):
+        EMTokenEvaluation(threshold_method="magic")
+
+
+def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from maml_stop.callbacks import EMTokenEvaluation
+    from maml_stop.datamodule import TraceDataModule
+    from maml_stop.module import MetaStoppingModule
+
+    dm = TraceDataModule(corpus=tiny_corpus, val_families=["fam_b"], test_families=["fam_c"], k=4, q=8,
+                         meta_batch_size=2, steps_per_epoch=2, val_episodes=2)
+    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, hidden=8, depth=1,
+                               inner_steps=1, first_order=True, compare_random_init=False)
+    callback = EMTokenEvaluation(n_episodes=2, taus=[0.9, 0.5, 0.1])
+    trainer = Trainer(max_steps=2, inference_mode=False, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(model, datamodule=dm)
+    assert "val/savings_at_delta" in trainer.callback_metrics and "val/em_drop" in trainer.callback_metrics
+    assert (tmp_path / "em_tokens" / "epoch=000.png").stat().st_size > 0
+    assert callback.state_dict()["history"][0]["epoch"] == 0
