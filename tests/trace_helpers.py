@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
+from conftest import TINY_FEATURES
 from maml_stop.corpus import Trace
 
 
@@ -39,3 +42,20 @@ def make_trace(
         reasoning_tokens=reasoning_tokens if reasoning_tokens is not None else (p + 1) * step,
         hit_cap=False,
     )
+
+
+def write_tiny_checkpoint(path: Path, feature_names=TINY_FEATURES, test=("fam_c",), val=("fam_b",)) -> str:
+    """A MetaStoppingModule checkpoint in Lightning's layout, without a Trainer (fast)."""
+    from maml_stop.module import MetaStoppingModule
+
+    module = MetaStoppingModule(n_features=len(feature_names), feature_names=list(feature_names), hidden=8, depth=1,
+                                inner_lr=0.3, inner_steps=2, first_order=True)
+    ckpt = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": {"train_families": None, "val_families": list(val),
+                                        "test_families": list(test), "fold": None, "n_val_families": 1},
+    }
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
