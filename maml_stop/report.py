@@ -117,7 +117,8 @@ def fmt_ci(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> s
     """``"31.2 ± 2.3"`` (values scaled by ``scale``: 100 turns fractions into % or points)."""
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+    m = round(mean * scale, digits) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{m:.{digits}f} ± {half * scale:.{digits}f}"
 
 
 def _combine(stats: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -176,7 +177,7 @@ def summarise(results: dict, threshold: str | None = None) -> dict[str, dict[str
 
 
 def _pct(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{100 * x:.0f}%"
+    return "n/a" if not math.isfinite(x) else f"{round(100 * x) + 0:.0f}%"
 
 
 def markdown_tables(results: dict) -> str:
@@ -330,6 +331,12 @@ def analysis(results: dict, method: str = "maml") -> str:
         lines.append(
             f"{len(costly)} of the wins come with a significantly larger EM drop than the rival's, so they "
             "trade accuracy for tokens rather than dominate."
+        )
+    careful = [w for w in losses if w[4] is not None and w[4][0] + w[4][1] < 0]
+    if careful:
+        lines.append(
+            f"{len(careful)} of the losses come with a significantly smaller EM drop than the rival's: a more "
+            "conservative operating point rather than a worse one."
         )
     over = [
         (f, k) for f in results["families"] for k in shots
