@@ -159,7 +159,8 @@ def test_harvest_round_trip(tmp_path, model_dir):
         if r["features"]:
             assert len(r["features"][0]) == len(meta["feature_names"])
         assert r["reasoning_tokens"] <= 20
-        assert r["hit_cap"] == (r["reasoning_tokens"] == 20 and not r["generated_text"].endswith("<eos>")) or True
+        if r["hit_cap"]:
+            assert r["reasoning_tokens"] == 20
     corpus = TraceCorpus.load(tmp_path / "c", min_probes=0)
     assert corpus.families == ["basic_arithmetic", "count_bits"] and len(corpus) == 20
     # rerunning the finished harvest stores nothing new
