@@ -142,12 +142,12 @@ def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path
         others = [f for f in corpus.families if f != family]
         val = [others[corpus.families.index(family) % len(others)]]
     folder = out / "folds" / family
-    args = [
-        "fit", "--config", str(cfg.train_config), f"--data.corpus={cfg.corpus}", "--data.fold=null",
+    args = [  # run=False: no subcommand; we call trainer.fit ourselves after pointing the checkpoints
+        "--config", str(cfg.train_config), f"--data.corpus={cfg.corpus}", "--data.fold=null",
         "--data.train_families=null", f"--data.val_families=[{','.join(val)}]", f"--data.test_families=[{family}]",
         f"--trainer.default_root_dir={folder}",
     ]
-    log.info("meta-training the fold of %s: maml-stop %s", family, " ".join(args))
+    log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
     cli = cli_main(args, run=False)
     callback = cli.trainer.checkpoint_callback
     if callback is not None:

@@ -176,3 +176,24 @@ def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
     assert "val/savings_at_delta" in trainer.callback_metrics and "val/em_drop" in trainer.callback_metrics
     assert (tmp_path / "em_tokens" / "epoch=000.png").stat().st_size > 0
     assert callback.state_dict()["history"][0]["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 2\n  inference_mode: false\n  logger: false\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n  num_sanity_val_steps: 0\n"
+        "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {dirpath: " + str(tmp_path / "shared") + ", save_last: true}\n"
+        "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
+        "data: {val_families: [fam_a], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
+    )
+    results = run(EvaluateConfig(corpus=tiny_corpus, train_config=str(config), out=str(tmp_path / "out"), shots=[4],
+                                 episodes=2, pooled_steps=5, scratch_steps=3, progress=False))
+    assert results["families"] == ["fam_a", "fam_b", "fam_c"]
+    for fam in results["families"]:
+        ckpt = Path(results["checkpoints"][fam])
+        assert ckpt.is_file() and ckpt.parent == tmp_path / "out" / "folds" / fam / "checkpoints"
+        assert fam not in results["sources"][fam]
+    assert results["sources"]["fam_a"] == ["fam_c"]  # fam_b validates the fam_a fold; pooled = train families
