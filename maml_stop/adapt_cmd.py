@@ -11,6 +11,8 @@ what live generation needs: the adapted predictor, the threshold and the feature
 
 >>> adapted = load_adapted("runs/adapted/gcd.pt", feature_names=corpus.feature_names)   # doctest: +SKIP
 >>> adapted.predict_proba(batch), adapted.threshold                                     # doctest: +SKIP
+>>> LiveStopping(model, tok, adapted.predictor, adapted.live_threshold, prompt_length=n,
+...              feature_names=adapted.feature_names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
 
 When the family has more than K questions, K are drawn with the one support/query split
 (:func:`tasks.samplers.split_support_query`, seeded) and the rest are scored as a held-out check; the
@@ -73,6 +75,11 @@ class AdaptedPredictor:
 
     def should_stop(self, probability: float) -> bool:
         return self.threshold is not None and probability >= self.threshold
+
+    @property
+    def live_threshold(self) -> float:
+        """The threshold as :class:`maml_stop.generation.LiveStopping` takes it (inf = never stop)."""
+        return float("inf") if self.threshold is None else float(self.threshold)
 
 
 def _check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what: str, other: str) -> None:

@@ -53,6 +53,7 @@ def test_trace_file_finds_its_corpus_meta(tiny_corpus, ckpt, tmp_path):
 def test_ltt_with_few_shots_never_stops(tiny_corpus, ckpt):
     adapted = adapt(ckpt, "fam_c", k=4, corpus=tiny_corpus, threshold_method="ltt", delta=0.01)
     assert adapted.threshold is None and not adapted.should_stop(0.999)
+    assert adapted.live_threshold == float("inf")  # LiveStopping's "never stop"
 
 
 def test_empty_support_is_refused(tiny_corpus, ckpt):
