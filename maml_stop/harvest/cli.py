@@ -14,6 +14,7 @@ error rather than a silently mixed corpus.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,8 @@ def harvest(
             qs += fam.questions(split, int(round(n_per_family * frac)), seed=seed)
         if not qs:
             raise ValueError(f"family {name!r} yields no questions (n_per_family={n_per_family})")
+        # interleave the splits (seeded) so that a harvest stopped early has some of each
+        random.Random(f"{seed}/{name}").shuffle(qs)
         todo[name] = qs
 
     lm, tok = load_model(model, dtype=dtype)
