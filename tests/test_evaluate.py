@@ -134,6 +134,12 @@ def test_config_yaml_parses(tiny_corpus):
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
     assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
+    from maml_stop.evaluate import _selectors, build_policies
+
+    cfg = EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
+    assert list(_selectors(cfg)) == cfg.threshold_methods
+    heuristics = [m for m in cfg.methods if m in ("full", "budget", "consistency", "confidence", "oracle")]
+    assert set(build_policies(cfg, heuristics, None, None, {"n_features": 8})) == set(heuristics)
 
 
 # ---- the EM/token evaluation callback ----------------------------------------------------------------

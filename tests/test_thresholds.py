@@ -83,6 +83,12 @@ def test_ltt_falls_back_when_k_too_small():
     assert T.LTTThreshold(delta=0.1, alpha=0.1).select([0.9, 0.1], sweep, None) == 0.1  # needs 22
 
 
+def test_doctest():
+    import doctest
+
+    assert doctest.testmod(T).failed == 0
+
+
 def test_make_selector_errors():
     assert isinstance(T.make_selector("ltt", delta=0.05, alpha=0.2), T.LTTThreshold)
     with pytest.raises(ValueError, match="valid methods: fixed, em_target, ltt"):
