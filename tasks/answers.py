@@ -116,7 +116,8 @@ def pick_number(text: str) -> str | None:
     the first number. A whole fraction "3/8" stays a fraction. None when the text holds no number.
     """
     text = _prepare_numeric(text)
-    lead = re.match(rf"\s*({_NUM})(?!\d|[.,]\d)(?!\s*[-+*/×÷^=])", text)
+    # not a coefficient ("-10p = -220") nor the start of an expression ("16 - 93")
+    lead = re.match(rf"\s*({_NUM})(?!\d|[.,]\d|[A-Za-z(])(?!\s*[-+*/×÷^=])", text)
     if lead and not re.fullmatch(r"\s*[-+]?\d+\s*/\s*\d+\s*", text):
         return lead.group(1).replace(",", "")
     if "=" in text:
@@ -230,9 +231,11 @@ def canonical(text: str, kind: str = "text") -> object | None:
     return _choice_letter(text)  # choice
 
 
-def exact_match(answer: str | None, gold: str, numeric: bool = False, kind: str | None = None) -> bool:
+def exact_match(
+    answer: str | None, gold: str, numeric: bool = False, kind: str | None = None, rel_tol: float = 1e-6
+) -> bool:
     """Whether ``answer`` matches ``gold``: normalised string match, or equal canonical forms of ``kind``
-    (numbers within a relative 1e-6; ``numeric=True`` is shorthand for ``kind="number"``)."""
+    (numbers within ``rel_tol``; ``numeric=True`` is shorthand for ``kind="number"``)."""
     if answer is None:
         return False
     kind = _kind(kind, numeric)
@@ -242,9 +245,9 @@ def exact_match(answer: str | None, gold: str, numeric: bool = False, kind: str 
     if a is None or g is None:
         return False
     if kind == "number":
-        return math.isclose(a, g, rel_tol=1e-6, abs_tol=1e-9)  # type: ignore[arg-type]
+        return math.isclose(a, g, rel_tol=rel_tol, abs_tol=1e-9)  # type: ignore[arg-type]
     if kind == "number_list":
-        return len(a) == len(g) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, g))  # type: ignore[arg-type]
+        return len(a) == len(g) and all(math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-9) for x, y in zip(a, g))  # type: ignore[arg-type]
     if kind == "duration":
         return abs(a - g) < 5e-4  # type: ignore[operator]  (to the millisecond)
     return a == g

@@ -5,7 +5,8 @@ generated lazily, one index at a time, so drawing a few hundred costs millisecon
 the slowest, about 0.7 ms a question).
 
 EM: our answer-kind match (:mod:`tasks.answers`) OR a reasoning-gym ``score_answer`` of exactly 1.0
-(its partial credits count as wrong). Ours accepts formats reasoning-gym rejects ("$1,234", "\\boxed{12}",
+(its partial credits count as wrong; :data:`RG_OPTIONS` turns its scorer off where it gives 1.0 to
+wrong answers). Ours accepts formats reasoning-gym rejects ("$1,234", "\\boxed{12}",
 "7 legs", "52.2, 30.0" for a list, "YES"); reasoning-gym's accepts its own tolerances (decimal_arithmetic,
 coin_flip). The reasoning-gym entry is rebuilt from the question and gold alone when a question comes
 back from a stored corpus without its metadata, so scoring a stored trace gives the same result.
@@ -68,6 +69,19 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
+# registry name -> constructor options that differ from the defaults, with the reason
+RG_OPTIONS: dict[str, dict[str, Any]] = {
+    # reasoning-gym's scorers give 1.0 to wrong answers here, so only our match decides:
+    # coin_flip: prefix "partial credit" scores "0" as 1.0 against 0.0478...; answers to 3 significant
+    # digits count (rel_tol 5e-3 accepts every correct rounding to 3 significant digits)
+    "coin_flip": {"use_rg_scorer": False, "rel_tol": 5e-3},
+    # number_sorting: accepts each number within 1 of the gold ("4, 6" for "5, 6")
+    "number_sorting": {"use_rg_scorer": False},
+    # word_sorting: gold words followed by extra words score 1.0
+    "word_sorting": {"use_rg_scorer": False},
+}
+
+
 def _time_task_type(gold: str) -> str:
     if "day" in gold:
         return "datetime" if ":" in gold else "date"
@@ -92,6 +106,7 @@ class ReasoningGymFamily(TaskFamily):
         answer_kind: how answers are extracted and compared (:data:`tasks.answers.ANSWER_KINDS`).
         pool_size: indices drawn per seed at most; the stream is lazy, so this only bounds a search.
         use_rg_scorer: also accept an answer that reasoning-gym's ``score_answer`` scores 1.0.
+        rel_tol: relative tolerance of numeric answers (number and number_list kinds).
     """
 
     def __init__(
@@ -102,11 +117,15 @@ class ReasoningGymFamily(TaskFamily):
         answer_kind: str = "text",
         pool_size: int = 20000,
         use_rg_scorer: bool = True,
+        rel_tol: float = 1e-6,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = DEFAULT_SYSTEM,
         answer_trigger: str = DEFAULT_TRIGGER,
     ) -> None:
         super().__init__(name, instruction, system_prompt, answer_trigger, answer_kind)
+        if not 0.0 <= rel_tol < 1.0:
+            raise TaskError(f"rel_tol must be in [0, 1), got {rel_tol}")
+        self.rel_tol = rel_tol
         if pool_size < 1:
             raise TaskError(f"pool_size must be >= 1, got {pool_size}")
         self.generator = generator
@@ -168,23 +187,26 @@ class ReasoningGymFamily(TaskFamily):
     def score(self, answer: str | None, question: Question) -> bool:
         if answer is None:
             return False
-        if answers.exact_match(answer, question.gold, kind=self.answer_kind):
+        if answers.exact_match(answer, question.gold, kind=self.answer_kind, rel_tol=self.rel_tol):
             return True
         return self.use_rg_scorer and self.rg_score(answer, question) >= 1.0
 
 
 def _factory(name: str, generator: str, config: dict[str, Any], kind: str) -> Callable[..., ReasoningGymFamily]:
+    options = RG_OPTIONS.get(name, {})
+
     def factory(
         config: dict[str, Any] | None = None,
         pool_size: int = 20000,
-        use_rg_scorer: bool = True,
+        use_rg_scorer: bool = options.get("use_rg_scorer", True),
+        rel_tol: float = options.get("rel_tol", 1e-6),
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = DEFAULT_SYSTEM,
         answer_trigger: str = DEFAULT_TRIGGER,
     ) -> ReasoningGymFamily:
         """``config`` entries override the registered configuration."""
         return ReasoningGymFamily(
-            name, generator, {**defaults, **(config or {})}, kind, pool_size, use_rg_scorer,
+            name, generator, {**defaults, **(config or {})}, kind, pool_size, use_rg_scorer, rel_tol,
             instruction, system_prompt, answer_trigger,
         )
 

@@ -230,3 +230,60 @@ def test_every_family_is_large_enough(name: str) -> None:
     drawn = {s: fam.questions(s, n, seed=0) for s, n in sizes.items()}
     texts = [q.question for qs in drawn.values() for q in qs]
     assert len(set(texts)) == sum(sizes.values())
+
+
+def near_misses(kind: str, gold: str) -> list[str]:
+    """Wrong answers that a lenient scorer might accept: prefixes, extra items, off-by-one numbers."""
+    out = ["0", gold + ", extra", gold + " 1", gold[: max(1, len(gold) // 2)]]
+    if kind in ("number", "number_list"):
+        out.append(re.sub(r"-?\d+(?:\.\d+)?", lambda m: str(float(m.group(0)) + 1), gold, count=1))
+    return out
+
+
+def within_declared_tolerance(name: str, answer: str, gold: str) -> bool:
+    """reasoning-gym's decimal_arithmetic accepts answers 1e-3 off (its configured precision)."""
+    try:
+        return name == "decimal_arithmetic" and abs(float(answer) - float(gold)) <= 1e-3
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("name", RG_NAMES)
+def test_near_misses_are_wrong(name: str, drawn) -> None:
+    fam, by_split = drawn[name]
+    for q in by_split["train"][:15]:
+        for bad in near_misses(fam.answer_kind, q.gold):
+            if answers.exact_match(bad, q.gold, kind=fam.answer_kind, rel_tol=fam.rel_tol):
+                continue  # really the same answer ("24 1" is 24 to a number family)
+            if not within_declared_tolerance(name, bad, q.gold):
+                assert not fam.score(bad, q), (bad, q.gold)
+
+
+def test_unsound_reasoning_gym_scorers_are_off() -> None:
+    coin = get_family("coin_flip")
+    q = Question("x", "coin_flip", "train", "What is the probability of getting exactly 2 heads in 9 fair coin flips?",
+                 "0.04788167289")
+    assert coin.rg_score("0.000000000", q) == 1.0  # reasoning-gym's prefix credit: the reason it is off
+    assert not coin.score("0.000000000", q)
+    assert coin.score("0.0479", q) and coin.score("0.04788", q) and not coin.score("0.05", q)
+    ns = get_family("number_sorting")
+    q = Question("y", "number_sorting", "train", "Sort these numbers in descending order: 5.0, 6.0", "['6.0', '5.0']")
+    assert ns.rg_score("['6.0', '4.0']", q) == 1.0 and not ns.score("6, 4", q)
+    ws = get_family("word_sorting")
+    q = Question("z", "word_sorting", "train", "sort in ascending order: b, a", "a, b")
+    assert ws.rg_score("a, b, c", q) == 1.0 and not ws.score("a, b, c", q)
+
+
+def test_real_model_outputs() -> None:
+    """Generations of Qwen2.5-0.5B-Instruct on these families, with what a probe or extraction must read."""
+    se = get_family("simple_equations")
+    assert se.extract_probe_answer(" -10p = -220") == "-220"  # not the coefficient -10
+    gsm = get_family("gsm_symbolic")
+    assert gsm.extract_probe_answer(" 310,000\n   \\]\n\n") == "310000"
+    assert gsm.extract_answer("Therefore, the number of Snapchat friends Emily has is \\(\\boxed{22}\\).") == "22"
+    ba = get_family("basic_arithmetic")
+    assert ba.extract_answer("...\nTherefore, the final answer is \\(\\boxed{-85}\\).") == "-85"
+    assert ba.extract_answer("Step 1: 3 + 4 = 7\nFinal answer:") == "7"  # empty final line: last number
+    ti = get_family("time_intervals")
+    q = Question("t", "time_intervals", "train", "How long? Answer in HH:MM.", "11:22")
+    assert ti.score(ti.extract_probe_answer(" 11:22"), q) and not ti.score(ti.extract_answer("Final answer: 11:11"), q)
