@@ -49,6 +49,8 @@ def _kind(kind: str | None, numeric: bool) -> str:
 # -- cleaning --------------------------------------------------------------------------------------
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
 _NUMBER_RE = re.compile(_NUM)
+# two operands around a binary operator: "24 + 12", "-16 - (-46", "(3) * 4"
+_EXPRESSION_RE = re.compile(r"\d\s*\)*\s*[-+*/×÷^]\s*\(*\s*[-+]?\s*\d")
 _PHRASE_RE = re.compile(
     r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+)?answer\s*(?:is\b\s*[:：]?|[:：=])\s*",
     re.IGNORECASE,
@@ -113,7 +115,8 @@ def pick_number(text: str) -> str | None:
 
     The number the text opens with ("12. Then 12 + 3 = 15" -> "12", "7 (3 + 4)" -> "7"), unless an
     operator follows it; else the one after the last "=" ("3 + 4 = 7" -> "7", "x = 46" -> "46"); else
-    the first number. A whole fraction "3/8" stays a fraction. None when the text holds no number.
+    the first number. A whole fraction "3/8" stays a fraction. None when the text holds no number,
+    or only an expression not yet worked out ("24 + 12 + 6", "-16 - (-46) =", "\\frac{2105}{").
     """
     text = _prepare_numeric(text)
     # not a coefficient ("-10p = -220") nor the start of an expression ("16 - 93")
@@ -121,12 +124,12 @@ def pick_number(text: str) -> str | None:
     if lead and not re.fullmatch(r"\s*[-+]?\d+\s*/\s*\d+\s*", text):
         return lead.group(1).replace(",", "")
     if "=" in text:
-        tail = text.rsplit("=", 1)[1]
-        if _NUMBER_RE.search(tail):
-            text = tail
+        text = text.rsplit("=", 1)[1]
     frac = re.fullmatch(r"\s*([-+]?\d+)\s*/\s*(\d+)\s*", text)
     if frac:
         return f"{frac.group(1)}/{frac.group(2)}"
+    if "\\frac" in text or _EXPRESSION_RE.search(text):
+        return None
     m = _NUMBER_RE.search(text)
     return m.group(0).replace(",", "") if m else None
 

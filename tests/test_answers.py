@@ -213,6 +213,14 @@ def test_clean_and_boxed() -> None:
         ("-7", "-7"),
         ("3/8", "3/8"),
         ("no number", None),
+        # expressions not yet worked out state no answer (seen in real probe continuations)
+        (" 24 + 12 + 6", None),
+        (" -16 - (-46) = -", None),
+        (" \\(-(-126) + 1", None),
+        (" \\(-\\frac{2105}{", None),
+        (" \\(\\boxed{53 - 35", None),
+        (" \\(-192\\)", "-192"),
+        (" -2 + 6 = 4\n", "4"),
     ],
 )
 def test_pick_number(text: str, expected: str | None) -> None:
