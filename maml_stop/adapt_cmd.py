@@ -145,6 +145,7 @@ def adapt(
     taus: Sequence[float] = DEFAULT_TAUS,
     steps: int | None = None,
     seed: int = 0,
+    crossfit: bool = False,
 ) -> AdaptedPredictor:
     """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold."""
     from maml_stop.module import load_predictor
@@ -174,12 +175,13 @@ def adapt(
         support, heldout = split_support_query(pool, k, None, np.random.default_rng(seed), family=family)
     steps = steps if steps is not None else (ckpt_meta.get("hyper_parameters") or {}).get("eval_inner_steps")
     selector = make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
-    policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), default_tau=tau, adapt_steps=steps, name="maml")
+    policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), default_tau=tau, adapt_steps=steps,
+                         crossfit=crossfit, seed=seed, name="maml")
     policy.fit(support)
     predictor = fresh_copy(policy.model).eval()
     info: dict[str, Any] = {
         "family": family, "k": k, "seed": seed, "threshold_method": threshold_method, "delta": delta,
-        "alpha": alpha, "checkpoint": str(checkpoint), "adapter": adapter.config(), "inner_steps": steps,
+        "alpha": alpha, "crossfit": crossfit, "checkpoint": str(checkpoint), "adapter": adapter.config(), "inner_steps": steps,
         "support_trace_ids": [t.trace_id for t in support],
         "support": _figures(policy, support),
     }
@@ -262,6 +264,8 @@ def _parser():
     p.add_argument("--taus", type=list[float], default=list(DEFAULT_TAUS), help="thresholds to choose from")
     p.add_argument("--steps", type=int | None, default=None, help="inner steps (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K-question draw")
+    p.add_argument("--crossfit", type=bool, default=False,
+                   help="choose the threshold on out-of-sample support scores (adapt on one half, score the other)")
     p.add_argument("--out", type=str, required=True, help="where to write the adapted predictor (.pt)")
     return p
 
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         adapted = adapt(
             args.checkpoint, args.family, args.k, corpus=args.corpus, traces=args.traces, meta=args.meta,
             threshold_method=args.threshold_method, delta=args.delta, alpha=args.alpha, tau=args.tau,
-            taus=args.taus, steps=args.steps, seed=args.seed,
+            taus=args.taus, steps=args.steps, seed=args.seed, crossfit=args.crossfit,
         )
     except (AdaptError, store.CorpusError, CheckpointError, FileNotFoundError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)

@@ -56,9 +56,11 @@ class EMTokenEvaluation(Callback):
         every_n_epochs: int = 1,
         seed: int = 0,
         save_plot: bool = True,
+        crossfit: bool = False,
     ) -> None:
         """``k`` defaults to the datamodule's K, ``families`` to its validation families; ``query``
-        None = every question not in support; ``taus`` default :data:`maml_stop.policies.DEFAULT_TAUS`."""
+        None = every question not in support; ``taus`` default :data:`maml_stop.policies.DEFAULT_TAUS`;
+        ``crossfit`` chooses tau on out-of-sample support scores (see :class:`~maml_stop.policies.ProbePolicy`)."""
         super().__init__()
         if n_episodes < 1 or every_n_epochs < 1:
             raise ValueError(f"n_episodes and every_n_epochs must be >= 1; got {n_episodes}, {every_n_epochs}")
@@ -72,13 +74,15 @@ class EMTokenEvaluation(Callback):
         self.selector = make_selector(threshold_method, delta=delta, alpha=ltt_alpha)
         self.taus = list(taus) if taus is not None else list(DEFAULT_TAUS)
         self.families, self.every_n_epochs, self.seed, self.save_plot = families, every_n_epochs, seed, save_plot
+        self.crossfit = crossfit
         self.history: list[dict[str, float]] = []
         self._episodes: list | None = None
 
     # ---- the decision part: pure given the adapter and the episodes -----------------------------------
     def evaluate(self, adapter: Any, episodes: Sequence[Any], eval_steps: int | None = None) -> tuple[dict[str, float], dict]:
         """Figures (see the module docstring) and the pooled EM-vs-tokens curve over ``episodes``."""
-        policy = ProbePolicy(adapter=adapter, selector=self.selector, taus=self.taus, adapt_steps=eval_steps, name="maml")
+        policy = ProbePolicy(adapter=adapter, selector=self.selector, taus=self.taus, adapt_steps=eval_steps,
+                             crossfit=self.crossfit, seed=self.seed, name="maml")
         oracle = OraclePolicy()
         curve = M.EMTokensCurve(n_thresholds=len(self.taus))
         auc = M.CurveAUC(n_thresholds=len(self.taus))

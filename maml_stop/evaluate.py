@@ -76,6 +76,7 @@ class EvaluateConfig:
     ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
     ltt_alpha: float = 0.1  # LTT risk level
     fixed_tau: float = 0.5  # probe threshold of the 'fixed' method
+    crossfit: bool = False  # adapted probes: choose tau on out-of-sample support scores (two halves)
     taus: list[float] = field(default_factory=lambda: list(DEFAULT_TAUS))  # probe thresholds swept
     consistency_windows: list[int] = field(default_factory=lambda: [8, 6, 5, 4, 3, 2])
     confidence_levels: list[float] = field(default_factory=lambda: [0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
@@ -178,6 +179,7 @@ def build_policies(
     from maml_stop.predictor import StoppingPredictor
 
     probe = dict(taus=cfg.taus, default_tau=cfg.fixed_tau)
+    adapted = dict(crossfit=cfg.crossfit, seed=cfg.seed)
     policies: dict[str, StoppingPolicy] = {}
     for name in methods:
         if name == "full":
@@ -195,18 +197,18 @@ def build_policies(
         elif name == "finetuned":
             tuner = InnerLoopAdapter(fresh_copy(pooled), algorithm="maml", inner_lr=cfg.finetune_lr,
                                      inner_steps=cfg.finetune_steps, first_order=True, loss=inner_loss)
-            policies[name] = ProbePolicy(adapter=tuner, name=name, **probe)
+            policies[name] = ProbePolicy(adapter=tuner, name=name, **probe, **adapted)
         elif name == "scratch":
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 fresh = StoppingPredictor(**predictor_config)
             trainer = InnerLoopAdapter(fresh, algorithm="maml", inner_lr=cfg.scratch_lr,
                                        inner_steps=cfg.scratch_steps, first_order=True, loss=inner_loss)
-            policies[name] = ProbePolicy(adapter=trainer, renormalise=True, name=name, **probe)
+            policies[name] = ProbePolicy(adapter=trainer, renormalise=True, name=name, **probe, **adapted)
         elif name == "maml":
             if adapter is None:
                 raise ValueError("method 'maml' needs a checkpoint (--checkpoint, --checkpoints or --train_config)")
-            policies[name] = ProbePolicy(adapter=adapter, adapt_steps=maml_steps, name=name, **probe)
+            policies[name] = ProbePolicy(adapter=adapter, adapt_steps=maml_steps, name=name, **probe, **adapted)
         else:
             raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return policies

@@ -344,6 +344,12 @@ class ProbePolicy(FirstHitPolicy):
     scratch: each is an :class:`~maml_stop.adapter.InnerLoopAdapter` around the right initial predictor).
     ``renormalise=True`` first sets the predictor's normalisation from the support features (for a
     predictor trained from scratch, which has no source statistics).
+
+    ``crossfit=True`` scores the support traces for threshold selection out of sample: the support
+    questions are split in two halves (with the one split function, seeded by ``seed``), each half is
+    scored by the predictor adapted on the other half, and the threshold is chosen on those scores; the
+    policy then uses the predictor adapted on all K. Without it, the threshold is chosen on the very
+    traces the predictor was adapted on, whose scores are optimistic (see the report).
     """
 
     def __init__(
@@ -355,6 +361,8 @@ class ProbePolicy(FirstHitPolicy):
         default_tau: float = 0.5,
         renormalise: bool = False,
         adapt_steps: int | None = None,
+        crossfit: bool = False,
+        seed: int = 0,
         name: str = "probe",
     ) -> None:
         if predictor is None and adapter is None:
@@ -367,6 +375,8 @@ class ProbePolicy(FirstHitPolicy):
         self.default_tau = default_tau
         self.renormalise = renormalise
         self.adapt_steps = adapt_steps
+        self.crossfit = crossfit
+        self.seed = seed
         self.name = name
         self.model: nn.Module | None = None if adapter is not None else self.predictor
         self._probs: dict[str, np.ndarray] = {}
@@ -380,38 +390,45 @@ class ProbePolicy(FirstHitPolicy):
     def default_param(self) -> float | None:
         return self.default_tau
 
-    def _fit_scores(self, support: Sequence[Trace]) -> None:
+    def _adapt(self, traces: Sequence[Trace]) -> nn.Module:
         from maml_stop.data import collate_traces
 
-        self._probs = {}
-        if self.adapter is None:
-            self.model = self.predictor
-            return
-        batch = collate_traces(support, weighting=_adapter_weighting(self.adapter))
+        batch = collate_traces(traces, weighting=_adapter_weighting(self.adapter))
         if self.renormalise:
             mean = batch.features.mean(0)  # (F,)
             std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
             self.predictor.set_normalisation(mean, std)
         with torch.no_grad():  # the adapter then runs first-order inner steps and returns a detached clone
-            self.model = self.adapter.adapt(batch, steps=self.adapt_steps)
+            return self.adapter.adapt(batch, steps=self.adapt_steps)
+
+    def _fit_scores(self, support: Sequence[Trace]) -> None:
+        self._probs = {}
+        if self.adapter is None:
+            self.model = self.predictor
+            return
+        questions = {t.trace_id.split("#", 1)[0] for t in support}
+        if self.crossfit and len(questions) >= 2:
+            from tasks.samplers import split_support_query
+
+            half_a, half_b = split_support_query(support, len(questions) // 2, None, np.random.default_rng(self.seed))
+            for fit_on, score in ((half_a, half_b), (half_b, half_a)):
+                self._probs.update(zip([t.trace_id for t in score], _score(self._adapt(fit_on), score)))
+        self.model = self._adapt(support)
+
+    def fit(self, support: Sequence[Trace]) -> "ProbePolicy":
+        super().fit(support)
+        if self.crossfit:  # the out-of-sample support scores served threshold selection only
+            for t in support:
+                self._probs.pop(t.trace_id, None)
+        return self
 
     def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
         """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
-        from maml_stop.data import collate_traces
-
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
         missing = [t for t in traces if t.trace_id not in self._probs]
         if missing:
-            batch = collate_traces(missing)
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                probs = torch.sigmoid(self.model(batch)).double().numpy()  # (N,)
-            self.model.train(was_training)
-            index = batch.trace_index.numpy()
-            for i, t in enumerate(missing):
-                self._probs[t.trace_id] = probs[index == i]
+            self._probs.update(zip([t.trace_id for t in missing], _score(self.model, missing)))
         return [self._probs[t.trace_id] for t in traces]
 
     def prepare(self, traces: Sequence[Trace]) -> None:
@@ -420,6 +437,20 @@ class ProbePolicy(FirstHitPolicy):
 
     def scores(self, trace: Trace) -> np.ndarray:
         return self.probabilities([trace])[0]
+
+
+def _score(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
+    """Probabilities of ``model`` at every probe of each trace (eval mode, no gradients): list of (P_i,)."""
+    from maml_stop.data import collate_traces
+
+    batch = collate_traces(traces)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
+    model.train(was_training)
+    index = batch.trace_index.numpy()
+    return [probs[index == i] for i in range(len(traces))]
 
 
 def _adapter_weighting(adapter: object) -> str:

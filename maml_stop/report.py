@@ -488,7 +488,9 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         f"Corpus `{results.get('corpus', '?')}`; held-out families {', '.join(results['families'])}; "
         f"K in {results['shots']}; {results['episodes']} fixed episodes per family and K (every method on the "
         f"same episodes). Savings are against full generation of the same query traces; total tokens include "
-        "every probe a policy ran.",
+        "every probe a policy ran. Adapted probes choose their threshold on "
+        + ("cross-fitted support scores (each half of the support scored by the probe adapted on the other half)."
+           if results.get("config", {}).get("crossfit") else "the support traces they were adapted on (in-sample)."),
         "",
         markdown_tables(results),
         analysis(results),

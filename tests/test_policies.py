@@ -206,3 +206,29 @@ def test_vectorised_sweep_matches_one_parameter_at_a_time():
         policy.fit(traces[:3])
         for t in traces:
             assert policy.outcomes_at(t, policy.candidates) == [policy.outcome_at(t, c) for c in policy.candidates]
+
+
+def test_crossfit_scores_support_out_of_sample():
+    support = [_feature_trace([0.1, 0.9], trace_id=f"s{i}") for i in range(6)]
+    adapter = RecordingAdapter(FirstFeature())
+    policy = P.ProbePolicy(adapter=adapter, crossfit=True).fit(support)
+    sizes = [batch.n_traces for batch, _ in adapter.calls]
+    assert sizes == [3, 3, 6]  # each half adapted on the other, then the final model on all K
+    assert policy._probs == {}  # out-of-sample support scores are not kept for later scoring
+    assert policy.support_sweep.em.shape == (6, len(P.DEFAULT_TAUS))
+
+
+def test_crossfit_changes_selection_with_the_real_adapter(tiny_corpus):
+    from maml_stop.adapter import InnerLoopAdapter
+    from maml_stop.corpus import TraceCorpus
+    from maml_stop.predictor import StoppingPredictor
+
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_a")[:16]
+    torch.manual_seed(0)
+    adapter = InnerLoopAdapter(StoppingPredictor(8, hidden=8, depth=1), inner_lr=0.5, inner_steps=30)
+    plain = P.ProbePolicy(adapter=adapter, selector=EMTargetThreshold(0.0)).fit(traces)
+    cross = P.ProbePolicy(adapter=adapter, selector=EMTargetThreshold(0.0), crossfit=True).fit(traces)
+    # same final model; the support sweep differs because support scores are out of sample
+    np.testing.assert_allclose(np.concatenate(plain.probabilities(traces)), np.concatenate(cross.probabilities(traces)))
+    assert not np.array_equal(plain.support_sweep.em, cross.support_sweep.em) or not np.array_equal(
+        plain.support_sweep.tokens, cross.support_sweep.tokens)
