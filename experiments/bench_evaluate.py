@@ -71,7 +71,7 @@ def main() -> None:
         module.on_save_checkpoint(ckpt)
         torch.save(ckpt, Path(tmp) / "tiny.ckpt")
         cfg = EvaluateConfig(corpus=str(root), checkpoint=str(Path(tmp) / "tiny.ckpt"), out=str(Path(tmp) / "out"),
-                             episodes=args.episodes, progress=False)
+                             episodes=args.episodes, progress=False, crossfit=True)  # as in evaluate.yaml
         start = time.perf_counter()
         results = run(cfg)
         seconds = time.perf_counter() - start
