@@ -14,6 +14,7 @@ query set against full generation of the same traces. Writes into ``out``:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -511,11 +512,12 @@ def _parser():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--report_only" in argv or any(a.startswith("--report_only=") for a in argv):
-        i = next(i for i, a in enumerate(argv) if a.startswith("--report_only"))
-        path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
-        results = json.loads(Path(path).read_text())
-        paths = write_results(results, Path(path).parent)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report_only", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.report_only:  # no evaluation: the corpus and the rest of the settings are not needed
+        path = Path(known.report_only)
+        paths = write_results(json.loads(path.read_text()), path.parent)
         print(f"report written: {paths['table']}")
         return 0
     parser = _parser()

@@ -243,7 +243,8 @@ class _CurveStates(Metric):
 
 class EMTokensCurve(_CurveStates):
     """The EM-vs-tokens curve of a threshold sweep: ``compute()`` returns a dict of (T,) tensors
-    ``em``, ``savings``, ``cost`` (tokens / full-generation tokens) and the scalar ``full_em``."""
+    ``em``, ``savings``, ``cost`` (tokens / full-generation tokens) and the scalar ``full_em``
+    (torchmetrics squeezes one-element results: use ``torch.atleast_1d`` when T may be 1)."""
 
     higher_is_better = None
 
