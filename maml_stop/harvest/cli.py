@@ -170,6 +170,8 @@ def harvest(
 
     done = store.stored_trace_ids(out_path)
     pending = {n: [q for q in qs if f"{q.id}#0" not in done] for n, qs in todo.items()}
+    # resume with the families that have the fewest traces, so restarts do not starve the last ones
+    fams = dict(sorted(fams.items(), key=lambda kv: len(todo[kv[0]]) - len(pending[kv[0]])))
     total = sum(len(v) for v in pending.values())
     log.info("harvest: %d traces to do, %d already stored", total, len(done))
 
