@@ -10,7 +10,7 @@ call :meth:`InnerLoopAdapter.adapt`; it wraps learn2learn (imported through :mod
   optimiser), Li et al. 2017.
 
 >>> import torch
->>> from maml_stop.predictor import StoppingPredictor
+>>> from maml_stop.predictor import StoppingPredictor, apply_linear
 >>> from maml_stop.data import ProbeBatch
 >>> support = ProbeBatch(torch.randn(6, 4), torch.tensor([0., 1, 1, 0, 1, 0]),
 ...                      torch.zeros(6, dtype=torch.long), torch.arange(6), torch.ones(6))
@@ -35,14 +35,16 @@ probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, s
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from maml_stop.data import DataError, ProbeBatch
 from maml_stop.l2l import MAML, MetaSGD
-from maml_stop.predictor import StoppingPredictor
+from maml_stop.predictor import StoppingPredictor, apply_linear
 
 __all__ = ["InnerLoopAdapter", "ALGORITHMS", "LOSSES", "inner_loss", "loss_weights"]
 
@@ -72,6 +74,16 @@ def inner_loss(logits: Tensor, batch: ProbeBatch, kind: str = "balanced", weight
     summing to 1, default ``loss_weights(batch, kind)`` (pass them to skip recomputing in a loop)."""
     w = loss_weights(batch, kind) if weights is None else weights
     return F.binary_cross_entropy_with_logits(logits, batch.labels, weight=w, reduction="sum")
+
+
+def _expand_(module: nn.Module, n: int) -> nn.Module:
+    """Give every parameter of a (cloned) module a leading episode axis of size ``n`` (in place; a view,
+    still connected to the parameters it was cloned from)."""
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = p.unsqueeze(0).expand(n, *p.shape)
+    return module
 
 
 def _detach_(module: nn.Module) -> nn.Module:
@@ -135,13 +147,7 @@ class InnerLoopAdapter(nn.Module):
     def adapt(self, support: ProbeBatch, steps: int | None = None) -> StoppingPredictor:
         """An adapted clone of the predictor after ``steps`` (default ``inner_steps``) inner steps on
         ``support``. The predictor itself is never modified."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "adaptation needs gradients but inference mode is on; run evaluation under "
-                "torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
-            )
-        if len(support) == 0:
-            raise DataError("empty support set: the adapter needs at least one labelled probe point")
+        self._check_can_adapt([support])
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0; got {steps}")
@@ -160,10 +166,72 @@ class InnerLoopAdapter(nn.Module):
                 return self._with_head(head.module if outer else _detach_(head.module))
             else:
                 learner = self._learner.clone() if self.algorithm == "metasgd" else self._learner.clone(first_order=first_order)
+                x = self.predictor.inputs(support)  # (N, in) parameter-free: once, not per step
                 for _ in range(steps):
-                    learner.adapt(inner_loss(learner(support), support, weights=w), first_order=first_order)
+                    logits = learner.module.logits_from_inputs(x, support)
+                    learner.adapt(inner_loss(logits, support, weights=w), first_order=first_order)
                 adapted = learner.module
         return adapted if outer else _detach_(adapted)
+
+    def episode_losses(self, episodes: Sequence[tuple[ProbeBatch, ProbeBatch]], steps: int | None = None) -> Tensor:
+        """Query loss after adapting on the support set, for each ``(support, query)`` pair. (E,)
+
+        The same computation as ``[self.loss(self.adapt(s, steps), q) for s, q in episodes]`` (tested
+        equal, values and meta-gradients), vectorised over the episodes of a meta-batch: one clone whose
+        parameters carry a leading episode axis, support/query sets zero-padded to (E, N, in) with
+        zero loss weight on padding, one learn2learn ``adapt`` per inner step for all episodes (the
+        inner loss is the sum of per-episode losses, so each episode's slice gets its own gradient).
+        ``kind="gru"`` has no batched form and loops over :meth:`adapt`.
+        """
+        if self.predictor.kind == "gru":
+            return torch.stack([self.loss(self.adapt(s, steps), q) for s, q in episodes])
+        self._check_can_adapt([s for s, _ in episodes])
+        steps = self.inner_steps if steps is None else steps
+        outer = torch.is_grad_enabled()
+        first_order = self.first_order or not outer
+        xs, ys, ws = self._padded([s for s, _ in episodes])  # (E, Ns, in), (E, Ns), (E, Ns)
+        n = len(episodes)
+        with torch.enable_grad():
+            if self.algorithm == "metasgd":
+                learner = self._learner.clone()
+            else:
+                learner = self._learner.clone(first_order=first_order)
+            _expand_(learner.module, n)
+            if self.algorithm == "anil":
+                emb = self.predictor.embed_inputs(xs)  # (E, Ns, H) shared body, computed once
+                if not outer:
+                    emb = emb.detach()
+                for _ in range(steps):
+                    logits = apply_linear(emb, learner.module).squeeze(-1)  # (E, Ns)
+                    learner.adapt(F.binary_cross_entropy_with_logits(logits, ys, weight=ws, reduction="sum"),
+                                  first_order=first_order)
+            else:
+                for _ in range(steps):
+                    logits = learner.module.logits_from_inputs(xs)  # (E, Ns)
+                    learner.adapt(F.binary_cross_entropy_with_logits(logits, ys, weight=ws, reduction="sum"),
+                                  first_order=first_order)
+        xq, yq, wq = self._padded([q for _, q in episodes])  # (E, Nq, ...)
+        if self.algorithm == "anil":
+            logits = apply_linear(self.predictor.embed_inputs(xq), learner.module).squeeze(-1)  # (E, Nq)
+        else:
+            logits = learner.module.logits_from_inputs(xq)  # (E, Nq)
+        return (F.binary_cross_entropy_with_logits(logits, yq, reduction="none") * wq).sum(dim=1)  # (E,)
+
+    def _padded(self, batches: Sequence[ProbeBatch]) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs, labels and loss weights of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
+        x = pad_sequence([self.predictor.inputs(b) for b in batches], batch_first=True)
+        y = pad_sequence([b.labels for b in batches], batch_first=True)
+        w = pad_sequence([loss_weights(b, self.loss_kind) for b in batches], batch_first=True)
+        return x, y, w
+
+    def _check_can_adapt(self, supports: Sequence[ProbeBatch]) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "adaptation needs gradients but inference mode is on; run evaluation under "
+                "torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
+            )
+        if any(len(s) == 0 for s in supports):
+            raise DataError("empty support set: the adapter needs at least one labelled probe point")
 
     def _with_head(self, head: nn.Module) -> StoppingPredictor:
         """A shallow copy of the predictor sharing its body, with ``head`` in place of its head."""

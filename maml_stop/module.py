@@ -128,8 +128,8 @@ class MetaStoppingModule(LightningModule):
     # ---- steps -------------------------------------------------------------------------------------
     def _shared_step(self, batch: list[EpisodeBatch], stage: str) -> Tensor:
         steps = None if stage == "train" else self.eval_inner_steps
-        losses = torch.stack([self.adapter.loss(self.adapter.adapt(ep.support, steps), ep.query) for ep in batch])
-        loss = losses.mean()
+        pairs = [(ep.support, ep.query) for ep in batch]
+        loss = self.adapter.episode_losses(pairs, steps).mean()  # = mean of loss(adapt(support), query)
         n = len(batch)
         self.log(f"{stage}/loss", loss, batch_size=n, prog_bar=True)
         if stage != "train":
@@ -137,7 +137,7 @@ class MetaStoppingModule(LightningModule):
             self.log(f"{stage}/loss_unadapted", unadapted, batch_size=n)
             if self.compare_random_init:
                 ref = self._random_init_adapter()
-                rand = torch.stack([ref.loss(ref.adapt(ep.support, steps), ep.query) for ep in batch]).mean()
+                rand = ref.episode_losses(pairs, steps).mean()
                 self.log(f"{stage}/loss_random_init", rand, batch_size=n)
         return loss
 

@@ -8,8 +8,8 @@
 >>> net(batch).shape
 torch.Size([5])
 
-Layout (so that ANIL can adapt the head alone): ``embed`` = normalisation buffers -> inputs of the
-chosen ``kind`` -> ``body`` (``depth`` x Linear/ReLU/Dropout), then ``head`` = one Linear to a logit.
+Layout (so that ANIL can adapt the head alone): ``embed`` = normalisation buffers -> ``inputs`` of the
+chosen ``kind`` -> ``body`` (``depth`` x Linear + ReLU + dropout), then ``head`` = one Linear to a logit.
 
 ``kind`` (no look-ahead in any of them: a probe's logit depends only on that probe and earlier probes
 of its trace; ``tests/test_predictor.py`` checks it):
@@ -28,6 +28,7 @@ and saved in every checkpoint.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_stop.data import ProbeBatch
@@ -36,6 +37,15 @@ __all__ = ["StoppingPredictor", "CausalGRU", "KINDS"]
 
 KINDS = ("mlp", "delta", "gru")
 MIN_STD = 1e-6  # features with a smaller spread on the training families are only centred
+
+
+def apply_linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)``, also when the layer's parameters carry a leading episode axis (episode-batched
+    clones): weight (E, out, in), bias (E, out), x (E, N, in) -> (E, N, out)."""
+    w, b = layer.weight, layer.bias
+    if w.dim() == 2:
+        return F.linear(x, w, b)
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
 class CausalGRU(nn.Module):
@@ -88,13 +98,13 @@ class StoppingPredictor(nn.Module):
             width = n_features + hidden
         else:
             width = n_features * (3 if kind == "delta" else 1)
-        layers: list[nn.Module] = []
+        layers = []
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(width, hidden))
             width = hidden
-        self.body = nn.Sequential(*layers)
+        # Linear layers only (ReLU/dropout applied functionally): fewer modules make learn2learn's
+        # per-step clone/update, which walk every module in Python, measurably cheaper
+        self.body = nn.ModuleList(layers)
         self.head = nn.Linear(width, 1)
 
     def config(self) -> dict:
@@ -116,13 +126,14 @@ class StoppingPredictor(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std))
 
-    def _inputs(self, batch: ProbeBatch) -> Tensor:
+    def inputs(self, batch: ProbeBatch) -> Tensor:
+        """The parameter-free part: normalised features (plus, for ``delta``, their change since the
+        previous probe and their running mean). Depends on buffers only, so the adapter computes it
+        once per support set. (N, F) or (N, 3F)"""
         x = (batch.features - self.feature_mean) / self.feature_std  # (N, F)
-        if self.kind == "mlp":
+        if self.kind != "delta":
             return x
-        if self.kind == "gru":
-            return torch.cat([x, self.encoder(x, batch.trace_index, batch.probe_index)], dim=1)  # (N, F+H)
-        # delta: rows of a trace are contiguous and in probe order (ProbeBatch layout)
+        # rows of a trace are contiguous and in probe order (ProbeBatch layout)
         ti, pi = batch.trace_index, batch.probe_index
         prev = x[torch.arange(x.shape[0]) - (pi > 0).long()]  # (N, F) previous probe (itself at the first)
         n_traces, n_steps = int(ti[-1]) + 1, int(pi.max()) + 1
@@ -130,12 +141,28 @@ class StoppingPredictor(nn.Module):
         run_mean = torch.cumsum(padded, dim=1)[ti, pi] / (pi + 1).unsqueeze(1)  # (N, F) mean of probes <= i
         return torch.cat([x, x - prev, run_mean], dim=1)  # (N, 3F)
 
+    def embed_inputs(self, x: Tensor, batch: ProbeBatch | None = None) -> Tensor:
+        """Body applied to :meth:`inputs`. (N, in) -> (N, width of head input)"""
+        if self.kind == "gru":
+            x = torch.cat([x, self.encoder(x, batch.trace_index, batch.probe_index)], dim=1)  # (N, F+H)
+        for layer in self.body:
+            x = torch.relu(apply_linear(x, layer))
+            if self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+        return x
+
+    def logits_from_inputs(self, x: Tensor, batch: ProbeBatch | None = None) -> Tensor:
+        """Logits from :meth:`inputs`: (N, in) -> (N,), or, for an episode-batched clone (parameters
+        with a leading episode axis E, see ``InnerLoopAdapter.episode_losses``), (E, N, in) -> (E, N).
+        ``batch`` (trace/probe indices) is needed by ``kind="gru"`` only, which has no batched form."""
+        return apply_linear(self.embed_inputs(x, batch), self.head).squeeze(-1)
+
     def embed(self, batch: ProbeBatch) -> Tensor:
         """Everything but the head (what ANIL shares across tasks). -> (N, width of head input)"""
-        return self.body(self._inputs(batch))
+        return self.embed_inputs(self.inputs(batch), batch)
 
     def forward(self, batch: ProbeBatch) -> Tensor:
-        return self.head(self.embed(batch)).squeeze(-1)  # (N,) logits
+        return self.logits_from_inputs(self.inputs(batch), batch)  # (N,) logits
 
     def predict_proba(self, batch: ProbeBatch) -> Tensor:
         """P(stopping at each probe keeps the answer correct). (N,)"""

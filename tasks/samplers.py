@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-__all__ = ["Episode", "EpisodeSampler", "FamilySplit", "split_support_query", "SamplerError", "FAMILY_WEIGHTINGS"]
+__all__ = ["Episode", "EpisodeSampler", "FamilySplit", "QuestionGroups", "split_support_query", "SamplerError", "FAMILY_WEIGHTINGS"]
 
 T = TypeVar("T")
 FAMILY_WEIGHTINGS = ("uniform", "traces")
@@ -44,10 +44,27 @@ def _question_of(item: Any) -> Any:
     return item if trace_id is None else trace_id.split("#", 1)[0]
 
 
+class QuestionGroups:
+    """Traces grouped by question (in first-seen order), built once per family by the sampler so that
+    drawing an episode does not regroup hundreds of traces."""
+
+    def __init__(self, traces: Sequence[Any], family: str | None = None) -> None:
+        groups: dict[Any, list[Any]] = {}
+        for t in traces:
+            groups.setdefault(_question_of(t), []).append(t)
+        self.groups: list[list[Any]] = list(groups.values())
+        self.n_traces = len(traces)
+        self.family = family if family is not None else (getattr(traces[0], "family", "?") if traces else "?")
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
 def split_support_query(
-    traces: Sequence[T], k: int, q: int | None, rng: np.random.Generator, family: str | None = None
+    traces: Sequence[T] | QuestionGroups, k: int, q: int | None, rng: np.random.Generator, family: str | None = None
 ) -> tuple[list[T], list[T]]:
-    """Draw K support and Q query questions (``q=None``: every other question) from ``traces``.
+    """Draw K support and Q query questions (``q=None``: every other question) from ``traces`` (a list
+    of traces, or the same grouped once as :class:`QuestionGroups`).
 
     Support and query never share a question. Raises :class:`SamplerError` naming the family, the
     counts and the K/Q asked when there are too few questions.
@@ -56,23 +73,21 @@ def split_support_query(
         raise SamplerError(f"K must be >= 1 (an empty support set cannot be adapted on); got K={k}")
     if q is not None and q < 1:
         raise SamplerError(f"Q must be >= 1 or None (all remaining questions); got Q={q}")
-    groups: dict[Any, list[T]] = {}
-    for t in traces:
-        groups.setdefault(_question_of(t), []).append(t)
-    n = len(groups)
+    grouped = traces if isinstance(traces, QuestionGroups) else QuestionGroups(traces, family)
+    n = len(grouped)
     need = k + (1 if q is None else q)
     if n < need:
-        fam = family if family is not None else (getattr(traces[0], "family", "?") if traces else "?")
-        counted = f"{n} questions ({len(traces)} traces)" if n != len(traces) else f"{n} traces"
+        fam = family if family is not None else grouped.family
+        counted = f"{n} questions ({grouped.n_traces} traces)" if n != grouped.n_traces else f"{n} traces"
         raise SamplerError(
             f"family {fam!r} has {counted}; an episode with K={k} support and "
             f"Q={'all remaining' if q is None else q} query questions needs at least {need}"
         )
-    keys = list(groups)
     order = rng.permutation(n)
     end = n if q is None else k + q
-    support = [t for i in order[:k] for t in groups[keys[i]]]
-    query = [t for i in order[k:end] for t in groups[keys[i]]]
+    groups = grouped.groups
+    support = [t for i in order[:k] for t in groups[i]]
+    query = [t for i in order[k:end] for t in groups[i]]
     return support, query
 
 
@@ -143,8 +158,7 @@ class EpisodeSampler:
         self.families = list(families) if families is not None else sorted(self.traces_by_family)
         if not self.families:
             raise SamplerError("EpisodeSampler needs at least one family")
-        for f in self.families:
-            self._traces(f)
+        self._groups = {f: QuestionGroups(self._traces(f), f) for f in self.families}
         self.k, self.q = k, q
         self.weights = self._weights(family_weights)  # (n_families,) sums to 1
         self.rng = np.random.default_rng(seed)
@@ -175,15 +189,20 @@ class EpisodeSampler:
             raise SamplerError(f"family weights must be finite, >= 0 and not all 0; got {dict(zip(self.families, w))}")
         return w / w.sum()
 
+    def _grouped(self, family: str) -> QuestionGroups:
+        if family not in self._groups:
+            self._groups[family] = QuestionGroups(self._traces(family), family)
+        return self._groups[family]
+
     def check(self, family: str, k: int, q: int | None) -> None:
         """Raise :class:`SamplerError` unless ``family`` can give an episode with this K and Q."""
-        split_support_query(self._traces(family), k, q, np.random.default_rng(0), family=family)
+        split_support_query(self._grouped(family), k, q, np.random.default_rng(0), family=family)
 
     def sample(self, family: str | None = None) -> Episode:
         """A random episode (of ``family``, or of a family drawn by ``family_weights``)."""
         if family is None:
             family = self.families[int(self.rng.choice(len(self.families), p=self.weights))]
-        support, query = split_support_query(self._traces(family), self.k, self.q, self.rng, family=family)
+        support, query = split_support_query(self._grouped(family), self.k, self.q, self.rng, family=family)
         return Episode(family, support, query)
 
     def sample_batch(self, n: int) -> list[Episode]:
@@ -197,9 +216,9 @@ class EpisodeSampler:
         k = self.k if k is None else k
         q = self.q if q == -1 else q
         rng = np.random.default_rng([seed, zlib.crc32(family.encode())])
-        traces = self._traces(family)
+        grouped = self._grouped(family)
         episodes = []
         for _ in range(n):
-            support, query = split_support_query(traces, k, q, rng, family=family)
+            support, query = split_support_query(grouped, k, q, rng, family=family)
             episodes.append(Episode(family, support, query))
         return episodes
