@@ -253,3 +253,25 @@ def test_aligned_probes_land_on_the_grid(model, tok):
     sched = ProbeSchedule(every_n=None, boundary=True, cues=("Wait",), align=4, max_probes=50)
     for r in _gen(model, tok, schedule=sched, max_new_tokens=40).run(PROMPTS):
         assert all(p.position % 4 == 0 for p in r.probes)
+
+
+def test_rescore_recomputes_labels_and_stability_features(tmp_path, model_dir):
+    from maml_stop.harvest.rescore import rescore, stability_features
+
+    assert [s["run_length"] for s in stability_features(["4", "4", None, "5", "5", "5"])] == [1, 2, 1, 1, 2, 3]
+    _harvest(tmp_path / "c", model_dir, n_per_family=3)
+    before = store.load_dataset(tmp_path / "c").to_list()
+    path = store.shard_paths(tmp_path / "c")[0]
+    import pyarrow.parquet as pq
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["final_em"] = not rows[0]["final_em"]  # a stale label
+    from maml_stop.harvest.rescore import _rewrite
+    _rewrite(path, rows)
+    changed = rescore(tmp_path / "c")
+    assert changed["final_em"] == 1 and changed["traces"] == len(before)
+    after = store.load_dataset(tmp_path / "c").to_list()
+    key = lambda r: r["trace_id"]  # noqa: E731
+    for a, b in zip(sorted(before, key=key), sorted(after, key=key)):
+        assert a["final_em"] == b["final_em"] and a["probe_em"] == b["probe_em"]
+        np.testing.assert_allclose(np.asarray(a["features"], dtype=float), np.asarray(b["features"], dtype=float))
+    assert store.read_meta(tmp_path / "c")["rescored"]["final_em"] == 1

@@ -1,0 +1,89 @@
+"""Re-score a stored corpus with the current answer extraction and EM code.
+
+The harvester stores the raw texts (the full generation and every forced probe continuation), so labels
+can be recomputed whenever a family's extraction or scoring improves, without touching the model:
+final answer and EM, probe answers and EM, and the four answer-stability features (which depend only on
+the sequence of probe answers). Shards are rewritten atomically; ``meta.json`` records the rescoring.
+
+    python -m maml_stop.harvest.rescore experiments/corpus/qwen05
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from maml_stop.harvest import store
+from tasks import get_family
+from tasks.base import Question
+
+_STABILITY = ("answer_empty", "same_as_prev", "run_length", "n_distinct")
+
+
+def stability_features(answers: list[str | None]) -> list[dict[str, float]]:
+    """The answer-stability features of each probe, as the featurizer computes them."""
+    out, previous = [], []
+    for answer in answers:
+        key = (answer or "").strip().lower()
+        run = 1
+        for prev in reversed(previous):
+            if prev != key:
+                break
+            run += 1
+        out.append({
+            "answer_empty": float(not key),
+            "same_as_prev": float(bool(previous) and previous[-1] == key and key != ""),
+            "run_length": float(run),
+            "n_distinct": float(len(set(previous + [key]))),
+        })
+        previous.append(key)
+    return out
+
+
+def rescore(root: str | Path) -> dict[str, int]:
+    meta = store.read_meta(root)
+    names = meta["feature_names"]
+    cols = {k: names.index(k) for k in _STABILITY if k in names}
+    changed = {"final_em": 0, "probe_em": 0, "traces": 0}
+    families: dict[str, object] = {}
+    for path in store.shard_paths(root):
+        rows = pq.read_table(path).to_pylist()
+        for r in rows:
+            fam = families.setdefault(r["family"], get_family(r["family"]))
+            q = Question(r["question_id"], r["family"], r["split"], r["question"], r["gold"])
+            final = fam.extract_answer(r["generated_text"])
+            em = bool(fam.score(final, q))
+            changed["final_em"] += em != r["final_em"]
+            r["final_answer"], r["final_em"] = final, em
+            answers = [fam.extract_probe_answer(t) for t in r["probe_texts"]]
+            probe_em = [bool(fam.score(a, q)) for a in answers]
+            changed["probe_em"] += sum(a != b for a, b in zip(probe_em, r["probe_em"]))
+            r["probe_answers"], r["probe_em"] = [a or "" for a in answers], probe_em
+            if cols and r["features"]:
+                feats = np.asarray(r["features"], dtype=np.float32)
+                for i, stab in enumerate(stability_features(answers)):
+                    for k, j in cols.items():
+                        feats[i, j] = stab[k]
+                r["features"] = feats.astype(np.float16).tolist()
+            changed["traces"] += 1
+        _rewrite(path, rows)  # in place, atomically
+    meta["rescored"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), **changed}
+    store.write_meta(root, {k: v for k, v in meta.items() if k != "schema_version"})
+    return changed
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{c: r[c] for c in store.TRACE_COLUMNS} for r in rows], schema=store.TRACE_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    store._atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+if __name__ == "__main__":
+    print(rescore(sys.argv[1] if len(sys.argv) > 1 else "experiments/corpus/qwen05"))
