@@ -122,6 +122,11 @@ class MetaStoppingModule(LightningModule):
                 f"{self.predictor.n_features} (do not set model.n_features by hand: the CLI links it)"
             )
         check_feature_names(self.feature_names, dm.feature_names)
+        if self.adapter.loss_kind == "cost" and getattr(dm, "weighting", "cost") != "cost":
+            raise ValueError(
+                "model.loss: cost weights probes by ProbeBatch.weights, which data.weighting: "
+                f"{dm.weighting!r} leaves at 1.0; set data.weighting: cost (or model.loss: balanced/bce)"
+            )
         # statistics of the meta-training families; a checkpoint restored after setup() overrides them
         self.predictor.set_normalisation(*dm.normalisation_stats())
 

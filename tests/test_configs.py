@@ -64,3 +64,20 @@ def test_cli_fit_then_test_from_checkpoint(tiny_corpus, tmp_path):
                  "--trainer.check_val_every_n_epoch=1", f"--trainer.callbacks={ckpt_cb}"]) == 0
     assert (tmp_path / "ck" / "last.ckpt").is_file()
     assert main(["test", *common, "--trainer.callbacks=[]", f"--ckpt_path={tmp_path}/ck/last.ckpt"]) == 0
+
+
+def test_quickstart_is_deterministic(tiny_corpus, tmp_path):
+    """Two runs of the quick config (a few steps on the tiny corpus) give identical metrics."""
+    def run(sub: str) -> dict[str, float]:
+        args = tiny_args(EXPERIMENTS / "quickstart.yaml", tiny_corpus, tmp_path / sub) + [
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.max_steps=6",
+            "--data.steps_per_epoch=3", "--trainer.check_val_every_n_epoch=1", "--data.k=4", "--data.q=8",
+            "--data.val_episodes=3", "--model.dropout=0.2",
+        ]
+        cli = cli_main(["fit", *args])
+        return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+    first, second = run("a"), run("b")
+    assert {"train/loss", "val/loss", "val/loss_random_init"} <= set(first)
+    assert first == second

@@ -140,7 +140,6 @@ def test_nan_features_rejected(tmp_path):
         TraceDataModule(str(tmp_path), k=2, q=2).setup("fit")
 
 
-@pytest.mark.slow
 def test_meta_training_beats_random_init(tiny_corpus, tmp_path):
     """On the tiny corpus, the meta-learned initialisation adapts better than the random one."""
     dm = make_dm(tiny_corpus, k=8, q=16, meta_batch_size=4, steps_per_epoch=50, val_episodes=10)
@@ -149,3 +148,11 @@ def test_meta_training_beats_random_init(tiny_corpus, tmp_path):
     trainer.fit(model, datamodule=dm)
     m = trainer.callback_metrics
     assert m["val/loss"] < m["val/loss_random_init"]
+
+
+def test_cost_loss_needs_cost_weights(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus)
+    with pytest.raises(ValueError, match="set data.weighting: cost"):
+        make_trainer(tmp_path).fit(make_model(dm, loss="cost"), datamodule=dm)
+    dm = make_dm(tiny_corpus, weighting="cost")
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(make_model(dm, loss="cost"), datamodule=dm)
