@@ -61,7 +61,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MetaStoppingCLI
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point used by ``maml_stop.cli`` (argv starts with fit/validate/test)."""
-    cli_main(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    # the console script passes sys.argv on: let LightningCLI read it itself (no "args and argv" warning)
+    cli_main(None if args == sys.argv[1:] else args)
     return 0
 
 
