@@ -6,6 +6,10 @@ from the JSON alone::
 
     maml-stop evaluate --report-only runs/evaluate/results.json
 
+Two plots the notebooks use sit beside them: :func:`plot_probe_accuracy` (a corpus: how often the
+forced answer is already correct, by tokens so far) and :func:`plot_training_curves` (a Lightning
+``CSVLogger`` file of meta-training).
+
 Intervals are 95% t-intervals over episodes (mean +- t * sd / sqrt(n)). Episodes of one family redraw
 support and query sets from the same pool of traces, so the interval shows how much the figure moves
 from one K-shot draw to the next; it is not a confidence interval for the family's population.
@@ -19,7 +23,7 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +38,9 @@ __all__ = [
     "plot_curves",
     "plot_savings_vs_k",
     "plot_calibration",
+    "probe_accuracy_by_position",
+    "plot_probe_accuracy",
+    "plot_training_curves",
     "write_report",
     "fmt_ci",
     "HEADLINE",
@@ -468,6 +475,95 @@ def plot_calibration(results: dict, path: str | Path) -> Path:
     ax.set_xlabel("predicted P(stop keeps the answer)")
     ax.set_ylabel("observed frequency")
     ax.set_title(f"calibration (K={results['shots'][-1]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# corpus and meta-training plots (used by the notebooks)
+
+
+def probe_accuracy_by_position(traces: Sequence[Any], bin_width: int = 32) -> dict[str, np.ndarray]:
+    """Fraction of probe points whose forced answer is already correct, by reasoning tokens so far.
+
+    Probe points are binned by ``positions // bin_width``; empty bins are left out. Returns ``left``
+    (B,) left edge of each bin in tokens, ``fraction`` (B,) correct probe answers, ``count`` (B,) probe
+    points in the bin.
+
+    >>> from types import SimpleNamespace as T
+    >>> out = probe_accuracy_by_position([T(positions=np.array([10, 40, 70]), labels=np.array([0., 1., 1.])),
+    ...                                   T(positions=np.array([20]), labels=np.array([1.]))], bin_width=32)
+    >>> out["left"].tolist(), out["fraction"].tolist(), out["count"].tolist()
+    ([0, 32, 64], [0.5, 1.0, 1.0], [2, 1, 1])
+    """
+    if bin_width < 1:
+        raise ValueError(f"bin_width must be >= 1 token; got {bin_width}")
+    pos = np.concatenate([np.asarray(t.positions, dtype=np.int64) for t in traces] or [np.zeros(0, np.int64)])
+    lab = np.concatenate([np.asarray(t.labels, dtype=np.float64) for t in traces] or [np.zeros(0)])
+    bins = pos // bin_width  # (N,)
+    keys, inverse = np.unique(bins, return_inverse=True)  # (B,), (N,)
+    count = np.bincount(inverse, minlength=keys.size)
+    correct = np.bincount(inverse, weights=lab, minlength=keys.size)
+    return {"left": keys * bin_width, "fraction": correct / np.maximum(count, 1), "count": count}
+
+
+def plot_probe_accuracy(
+    traces_by_family: Mapping[str, Sequence[Any]], path: str | Path, bin_width: int = 32, min_count: int = 5
+) -> Path:
+    """Per family: fraction of probe answers already correct vs. reasoning tokens so far (bins with at
+    least ``min_count`` probe points), with the family's final-answer EM as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for family, traces in traces_by_family.items():
+        acc = probe_accuracy_by_position(traces, bin_width)
+        keep = acc["count"] >= min_count
+        line, = ax.plot(acc["left"][keep] + bin_width / 2, acc["fraction"][keep], "o-", ms=3,
+                        label=f"{family} ({len(traces)} traces)")
+        final_em = float(np.mean([t.final_em for t in traces])) if traces else float("nan")
+        ax.axhline(final_em, color=line.get_color(), ls="--", lw=1)
+    ax.set_xlabel(f"reasoning tokens so far (bins of {bin_width})")
+    ax.set_ylabel("probe answers already correct")
+    ax.set_title("forced answer correct vs. position (dashed: final-answer EM)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(
+    metrics_csv: str | Path,
+    path: str | Path,
+    keys: Sequence[str] = ("train/loss", "val/loss", "val/loss_unadapted", "val/loss_random_init"),
+) -> Path:
+    """Loss curves against the optimiser step from a Lightning ``CSVLogger`` ``metrics.csv`` (keys not
+    logged are skipped; raises when none of ``keys`` is in the file, listing the columns that are)."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    present = [k for k in keys if k in columns]
+    if not present:
+        raise ValueError(f"none of {list(keys)} in {metrics_csv}; its columns: {columns}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in present:
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            steps, values = zip(*pts)
+            ax.plot(steps, values, "-" if key.startswith("train/") else "o-", ms=3, label=key,
+                    alpha=0.6 if key.startswith("train/") else 1.0)
+    ax.set_xlabel("meta-training step")
+    ax.set_ylabel("query loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
