@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the bundled corpus: meta-train (LightningCLI), then the leave-families-out EM/token
+# evaluation with every baseline. Writes runs/main/evaluate/results.md (the README's results table).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+rm -rf runs/main
+.venv/bin/maml-stop fit --config experiments/main.yaml
+.venv/bin/maml-stop evaluate --config experiments/main_evaluate.yaml
+echo "results: runs/main/evaluate/results.md"
