@@ -78,7 +78,8 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
                 f"corpus {out} was harvested with a different {key!r}:\n  stored: {old.get(key)}\n  now:    "
                 f"{meta.get(key)}\nUse a new --out folder, or the stored settings to resume."
             )
-    merged = {**old, "families": sorted(set(old.get("families", [])) | set(meta["families"]))}
+    stored = {p.parent.name for p in store.shard_paths(out)}  # families with traces, plus this run's
+    merged = {**old, "families": sorted(stored | set(meta["families"]))}
     store.write_meta(out, merged)
 
 
