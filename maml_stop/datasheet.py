@@ -31,6 +31,7 @@ def family_stats(traces: list[Trace]) -> dict[str, Any]:
     full_tokens = float(oracle.full_tokens.sum())
     return {
         "traces": len(traces),
+        "traces_with_probes": int((probes > 0).sum()),
         "final_em": float(np.mean([t.final_em for t in traces])),
         "reasoning_tokens_mean": float(tokens.mean()),
         "reasoning_tokens_median": float(np.median(tokens)),
@@ -78,14 +79,14 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
         "- regenerate or resume: `maml-stop harvest --config experiments/corpus_qwen05.yaml` "
         "(model set-up in that file's header), then `maml-stop datasheet " + str(root) + "`",
         "",
-        "| family | traces | final EM | reasoning tokens mean / median | probes per trace | probe answers correct | "
+        "| family | traces (with probes) | final EM | reasoning tokens mean / median | probes per trace | probe answers correct | "
         "any probe correct | oracle EM | oracle savings | hit cap |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(stats["families"].items()) + [("**all**", stats["all"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['traces']} | {s['final_em']:.3f} | {s['reasoning_tokens_mean']:.1f} / "
+            f"| {name} | {s['traces']} ({s['traces_with_probes']}) | {s['final_em']:.3f} | {s['reasoning_tokens_mean']:.1f} / "
             f"{s['reasoning_tokens_median']:.0f} | {s['probes_per_trace']:.2f} | {s['probe_correct_fraction']:.3f} | "
             f"{s['any_probe_correct']:.3f} | {s['oracle_em']:.3f} | {100 * s['oracle_savings']:.1f}% | {s['hit_cap']} |"
         )

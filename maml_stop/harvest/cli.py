@@ -67,6 +67,17 @@ def trace_row(family, question, result: TraceResult, tokenizer, model_name: str)
     }
 
 
+def _family_settings(family) -> dict[str, Any]:
+    """What defines a family's questions and scoring, recorded so that a changed family is visible."""
+    keys = ("generator", "config", "answer_kind", "answer_trigger", "instruction", "pool_size", "use_rg_scorer")
+    out = {"class": type(family).__name__}
+    for key in keys:
+        value = getattr(family, key, None)
+        if value is not None:
+            out[key] = value if isinstance(value, (str, int, float, bool, list, dict)) else str(value)
+    return out
+
+
 def _check_meta(out: Path, meta: dict[str, Any]) -> None:
     if not (out / store.META_FILE).is_file():
         store.write_meta(out, meta)
@@ -79,7 +90,9 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
                 f"{meta.get(key)}\nUse a new --out folder, or the stored settings to resume."
             )
     stored = {p.parent.name for p in store.shard_paths(out)}  # families with traces, plus this run's
-    merged = {**old, "families": sorted(stored | set(meta["families"]))}
+    merged = {**old, **{k: v for k, v in meta.items() if k not in _MUST_MATCH}}
+    merged["families"] = sorted(stored | set(meta["families"]))
+    merged["family_settings"] = {**old.get("family_settings", {}), **meta.get("family_settings", {})}
     store.write_meta(out, merged)
 
 
@@ -127,6 +140,10 @@ def harvest(
         raise ValueError("no task families given")
     family_args = family_args or {}
     fams = {name: get_family(name, **family_args.get(name, {})) for name in families}
+    for name, fam in fams.items():
+        if getattr(fam, "answer_trigger", answer_trigger) != answer_trigger:
+            raise ValueError(f"family {name!r} expects the answer trigger {fam.answer_trigger!r}, the harvest uses "
+                             f"{answer_trigger!r}: harvest it separately with --answer_trigger")
     schedule = ProbeSchedule(every_n=every_n, boundary=boundary, cues=tuple(cues or ()), min_gap=min_gap,
                              max_probes=max_probes, align=align)
     schedule.check_fires_within(max_new_tokens)
@@ -164,6 +181,7 @@ def harvest(
         "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
                        "do_sample": do_sample, "temperature": temperature, "seed": seed},
         "families": sorted(fams),
+        "family_settings": {n: _family_settings(f) for n, f in fams.items()},
         "code_version": maml_stop.__version__,
         "split_fractions": SPLIT_FRACTIONS,
     }
