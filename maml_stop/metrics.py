@@ -84,46 +84,36 @@ def _savings_compute(tokens_sum: Tensor, full_sum: Tensor) -> Tensor:
     return 1.0 - tokens_sum / full_sum if full_sum > 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
-class EMAtStop(Metric):
-    """Exact match of the answer returned at the stopping point (mean over traces)."""
+class _MeanMetric(Metric):
+    """Mean of a per-trace value over every update (shared by :class:`EMAtStop` and :class:`TokensUsed`)."""
 
     is_differentiable = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        total, count = _mean_update(values)
+        self.total += total
+        self.count += count
+
+    def compute(self) -> Tensor:
+        return _mean_compute(self.total, self.count)
+
+
+class EMAtStop(_MeanMetric):
+    """Exact match of the answer returned at the stopping point (mean over traces); ``update(em)``."""
+
     higher_is_better = True
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, em: Tensor) -> None:
-        total, count = _mean_update(em)
-        self.total += total
-        self.count += count
-
-    def compute(self) -> Tensor:
-        return _mean_compute(self.total, self.count)
 
 
-class TokensUsed(Metric):
-    """Mean tokens per trace (feed total tokens, probes included, or reasoning tokens alone)."""
+class TokensUsed(_MeanMetric):
+    """Mean tokens per trace (feed total tokens, probes included, or reasoning tokens alone); ``update(tokens)``."""
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, tokens: Tensor) -> None:
-        total, count = _mean_update(tokens)
-        self.total += total
-        self.count += count
-
-    def compute(self) -> Tensor:
-        return _mean_compute(self.total, self.count)
 
 
 class TokenSavings(Metric):
