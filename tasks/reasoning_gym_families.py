@@ -46,6 +46,7 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "lcm": ("lcm", {"min_numbers": 2, "max_numbers": 2, "max_value": 100}, "number"),
     "prime_factorization": ("prime_factorization", {"min_value": 2, "max_value": 5000}, "factors"),
     "simple_equations": ("simple_equations", {}, "number"),
+    "products": ("products", {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}, "number"),
     "time_intervals": ("time_intervals", {}, "duration"),
     "coin_flip": ("coin_flip", {"min_trials": 3, "max_trials": 50}, "number"),
     # word problems
