@@ -399,6 +399,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG at 110 dpi) and close a figure; returns its path."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(3, n)
     return int(math.ceil(n / cols)), cols
@@ -428,11 +438,7 @@ def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
     for ax in list(axes.flat)[len(families):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_savings_vs_k(results: dict, path: str | Path) -> Path:
@@ -453,11 +459,7 @@ def plot_savings_vs_k(results: dict, path: str | Path) -> Path:
     ax.set_ylabel("% tokens saved (threshold chosen on support)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_calibration(results: dict, path: str | Path) -> Path:
@@ -477,11 +479,7 @@ def plot_calibration(results: dict, path: str | Path) -> Path:
     ax.set_title(f"calibration (K={results['shots'][-1]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -532,11 +530,7 @@ def plot_probe_accuracy(
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training_curves(
@@ -566,11 +560,7 @@ def plot_training_curves(
     ax.set_ylabel("query loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(results: dict, out: str | Path) -> dict[str, Path]:
