@@ -8,11 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tiny_lm
 from maml_stop.corpus import TraceCorpus
@@ -265,8 +263,7 @@ def test_rescore_recomputes_labels_and_stability_features(tmp_path, model_dir):
     import pyarrow.parquet as pq
     rows = pq.read_table(path).to_pylist()
     rows[0]["final_em"] = not rows[0]["final_em"]  # a stale label
-    from maml_stop.harvest.rescore import _rewrite
-    _rewrite(path, rows)
+    store.rewrite_shard(path, rows)
     changed = rescore(tmp_path / "c")
     assert changed["final_em"] == 1 and changed["traces"] == len(before)
     after = store.load_dataset(tmp_path / "c").to_list()

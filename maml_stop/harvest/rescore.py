@@ -70,19 +70,10 @@ def rescore(root: str | Path) -> dict[str, int]:
                         feats[i, j] = stab[k]
                 r["features"] = feats.astype(np.float16).tolist()
             changed["traces"] += 1
-        _rewrite(path, rows)  # in place, atomically
+        store.rewrite_shard(path, rows)  # in place, atomically
     meta["rescored"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), **changed}
     store.write_meta(root, {k: v for k, v in meta.items() if k != "schema_version"})
     return changed
-
-
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist([{c: r[c] for c in store.TRACE_COLUMNS} for r in rows], schema=store.TRACE_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    store._atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 if __name__ == "__main__":

@@ -121,11 +121,16 @@ def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     index = len(list(folder.glob(f"{split}-*.parquet")))
     path = folder / f"{split}-{index:05d}.parquet"
+    rewrite_shard(path, rows)
+    return path
+
+
+def rewrite_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (in the trace schema) to the shard ``path``, atomically (new or replaced)."""
     table = pa.Table.from_pylist([{c: r[c] for c in TRACE_COLUMNS} for r in rows], schema=TRACE_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
-    return path
+    _atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
 
 
 def read_table(root: str | Path, families: Iterable[str] | None = None) -> pa.Table:
