@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from maml_stop import report as R
 from maml_stop.evaluate import EvaluateConfig, main, run

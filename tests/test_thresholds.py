@@ -13,7 +13,6 @@ from torch import nn
 from maml_stop import policies as P
 from maml_stop import thresholds as T
 from maml_stop.corpus import TraceCorpus
-from trace_helpers import make_trace
 
 REAL_CORPUS = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
 

@@ -26,7 +26,7 @@ probe points do not depend on the other rows of its batch. ``align=1`` probes at
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 DEFAULT_CUES = ("Wait", "Alternatively", "Hmm", "However", "Let me check", "Double-check")
 _SENTENCE_END = re.compile(r"[.!?]\s*$")
