@@ -129,7 +129,7 @@ def test_sampling_is_seeded(model, tok):
     assert [r.generated_ids for r in a] == [r.generated_ids for r in b]
 
 
-def test_trigger_split_oddly_is_recorded(tok):
+def test_trigger_encoding_and_empty_trigger(tok):
     ids, ok = encode_trigger(tok, "\nFinal answer:")
     assert ok and ids
     with pytest.raises(ValueError, match="tokenizes to no tokens"):
@@ -149,6 +149,8 @@ def test_harvest_round_trip(tmp_path, model_dir):
     assert summary["traces"] == 20 and summary["remaining"] == 0
     meta = store.read_meta(tmp_path / "c")
     assert meta["model_weights"]["weights"]  # sha256 of the weight file is recorded
+    # how the tokenizer split the answer trigger is recorded with the corpus
+    assert meta["prompt"]["trigger_ids"] and meta["prompt"]["trigger_roundtrip"] is True
     ds = store.load_dataset(tmp_path / "c")
     assert len(ds) == 20 and len(set(ds["trace_id"])) == 20
     row = ds[0]
