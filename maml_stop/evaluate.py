@@ -59,7 +59,11 @@ PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 class EvaluateConfig:
     """Settings of ``maml-stop evaluate`` (tuned values live in ``experiments/evaluate.yaml``)."""
 
-    corpus: str  # trace corpus folder
+    corpus: str  # trace corpus folder (the held-out families' traces)
+    # corpus of the meta-training and pooled-probe families (default: ``corpus``). A corpus of another
+    # model with the same feature names gives a cross-model check: meta-train on one model's traces,
+    # adapt and test on the other's.
+    source_corpus: str | None = None
     out: str = "runs/evaluate"  # output folder
     checkpoint: str | None = None  # one meta-trained checkpoint, used for every held-out family
     checkpoints: dict[str, str] | None = None  # held-out family -> checkpoint of that fold
@@ -145,7 +149,7 @@ def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path
         val = [others[corpus.families.index(family) % len(others)]]
     folder = out / "folds" / family
     args = [  # run=False: no subcommand; we call trainer.fit ourselves after pointing the checkpoints
-        "--config", str(cfg.train_config), f"--data.corpus={cfg.corpus}", "--data.fold=null",
+        "--config", str(cfg.train_config), f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null",
         "--data.train_families=null", f"--data.val_families=[{','.join(val)}]", f"--data.test_families=[{family}]",
         f"--trainer.default_root_dir={folder}",
     ]
@@ -367,24 +371,26 @@ def _check(cfg: EvaluateConfig) -> None:
         )
 
 
-def _folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path) -> list[Fold]:
-    """Every held-out family with its meta-trained adapter and pooled-probe source families."""
+def _folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: TraceCorpus | None = None) -> list[Fold]:
+    """Every held-out family (from ``corpus``) with its meta-trained adapter and pooled-probe source
+    families (from ``source``, by default the same corpus)."""
+    source = corpus if source is None else source
     available = corpus.families
 
-    def check_families(names: Sequence[str], what: str) -> None:
-        bad = [f for f in names if f not in available]
+    def check_families(names: Sequence[str], what: str, where: TraceCorpus = corpus) -> None:
+        bad = [f for f in names if f not in where.families]
         if bad:
-            raise ValueError(f"{what} {bad} are not in the corpus; families in the corpus: {available}")
+            raise ValueError(f"{what} {bad} are not in the corpus; families in the corpus: {where.families}")
 
     def fold(family: str, path: str | None, held_out: Sequence[str]) -> Fold:
-        adapter, meta, split = load_checkpoint(path, corpus) if path else (None, {}, {})
+        adapter, meta, split = load_checkpoint(path, source) if path else (None, {}, {})
         seen = set(split.get("train", [])) | set(split.get("val", []))
         if family in seen:
             raise ValueError(f"family {family!r} was seen in meta-training by {path}; it cannot be held out")
-        sources = list(cfg.source_families or split.get("train") or [g for g in available if g not in held_out])
+        sources = list(cfg.source_families or split.get("train") or [g for g in source.families if g not in held_out])
         if family in sources:
             raise ValueError(f"held-out family {family!r} is among the pooled-probe source families {sources}")
-        check_families(sources, "source families")
+        check_families(sources, "source families", source)
         steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
         return Fold(family, adapter, sources, path, steps)
 
@@ -398,8 +404,8 @@ def _folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path) -> list[Fold]:
     if cfg.train_config:
         families = list(cfg.families or available)
         check_families(families, "held-out families")
-        return [fold(f, _train_fold(cfg, f, corpus, out), [f]) for f in families]
-    split = load_checkpoint(cfg.checkpoint, corpus)[2] if cfg.checkpoint else {}
+        return [fold(f, _train_fold(cfg, f, source, out), [f]) for f in families]
+    split = load_checkpoint(cfg.checkpoint, source)[2] if cfg.checkpoint else {}
     families = list(cfg.families or split.get("test") or [])
     if not families:
         raise ValueError(
@@ -417,12 +423,22 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = TraceCorpus.load(cfg.corpus, min_probes=cfg.min_probes)
+    source = corpus
+    if cfg.source_corpus:
+        source = TraceCorpus.load(cfg.source_corpus, min_probes=cfg.min_probes)
+        if source.feature_names != corpus.feature_names:
+            raise ValueError(
+                f"the source corpus {cfg.source_corpus} has other features than the corpus {cfg.corpus}:\n"
+                f"  source ({len(source.feature_names)}): {source.feature_names}\n"
+                f"  corpus ({len(corpus.feature_names)}): {corpus.feature_names}"
+            )
     selectors = _selectors(cfg)
-    folds = _folds(cfg, corpus, out)
+    folds = _folds(cfg, corpus, out, source)
     started = time.time()
     calibration = {m: M.ExpectedCalibrationError(cfg.calibration_bins) for m in cfg.methods if m in PROBE_METHODS}
     results: dict[str, Any] = {
         "corpus": cfg.corpus,
+        "source_corpus": cfg.source_corpus,
         "families": [f.family for f in folds],
         "shots": list(cfg.shots),
         "methods": list(cfg.methods),
@@ -444,7 +460,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         loss = getattr(adapter, "loss_kind", "balanced")
         pooled = None
         if any(m in cfg.methods for m in ("pooled", "finetuned")):
-            source_traces = [t for s in fold.sources for t in corpus.traces(s)]
+            source_traces = [t for s in fold.sources for t in source.traces(s)]
             pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed)
         policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps)
         log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)

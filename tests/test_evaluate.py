@@ -202,3 +202,27 @@ def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
         assert ckpt.is_file() and ckpt.parent == tmp_path / "out" / "folds" / fam / "checkpoints"
         assert fam not in results["sources"][fam]
     assert results["sources"]["fam_a"] == ["fam_c"]  # fam_b validates the fam_a fold; pooled = train families
+
+
+def test_source_corpus_gives_a_cross_model_check(tiny_corpus, tiny_checkpoint, tmp_path):
+    """Held-out traces from one corpus, meta-training split and pooled-probe sources from another."""
+    from conftest import write_tiny_corpus
+
+    other = write_tiny_corpus(tmp_path / "other_model", families=("fam_c",), n=40)
+    results = run(EvaluateConfig(
+        corpus=other, source_corpus=tiny_corpus, checkpoint=tiny_checkpoint, out=str(tmp_path / "out"),
+        shots=[4], episodes=2, pooled_steps=5, scratch_steps=3, finetune_steps=2, progress=False,
+        methods=["full", "pooled", "maml", "oracle"],
+    ))
+    assert results["families"] == ["fam_c"] and results["source_corpus"] == tiny_corpus
+    assert results["sources"]["fam_c"] == ["fam_a"]  # from the source corpus, which the held-out corpus lacks
+    cell = results["results"]["fam_c"]["4"]["full"]["thresholds"]["em_target"]
+    assert len(cell["savings"]) == 2
+    # without the source corpus, the checkpoint's training family is missing from the held-out corpus
+    with pytest.raises(ValueError, match="families in the corpus"):
+        run(EvaluateConfig(corpus=other, checkpoint=tiny_checkpoint, out=str(tmp_path / "o2"), shots=[4],
+                           episodes=1, progress=False, methods=["full", "pooled"]))
+    wide = write_tiny_corpus(tmp_path / "wide", families=("fam_c",), n=40, n_features=9)
+    with pytest.raises(ValueError, match="other features"):
+        run(EvaluateConfig(corpus=wide, source_corpus=tiny_corpus, checkpoint=tiny_checkpoint,
+                           out=str(tmp_path / "o3"), shots=[4], episodes=1, progress=False))
