@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -124,6 +124,7 @@ class TraceDataModule(LightningDataModule):
         self.split: FamilySplit | None = None
         self._tensors: TraceTensors | None = None
         self._train_sampler: EpisodeSampler | None = None
+        self._resumed_rng: dict | None = None  # sampler RNG state from a checkpoint, applied once set up
         self._eval: dict[str, list[list[EpisodeBatch]]] = {}
 
     # ---- what the model needs to know (linked in the CLI) -------------------------------------------
@@ -170,10 +171,28 @@ class TraceDataModule(LightningDataModule):
             by_family, self.k, self.q, families=self.split.train,
             family_weights=self.family_weighting, seed=self.seed,
         )
+        self._restore_sampler()
         # fixed evaluation episodes (checked now: too-small families fail before training starts)
         self._eval_sampler = EpisodeSampler(
             by_family, self.k, self.eval_q, families=self.split.val + self.split.test, seed=self.seed
         ) if self.split.val or self.split.test else None
+
+    # ---- resuming: checkpoints carry the training sampler's RNG -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training sampler's RNG state, so that a fit resumed from a
+        checkpoint draws the episodes the uninterrupted fit would have drawn."""
+        if self._train_sampler is None:
+            return {}
+        return {"train_sampler_rng": self._train_sampler.rng.bit_generator.state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_rng = state_dict.get("train_sampler_rng")
+        self._restore_sampler()
+
+    def _restore_sampler(self) -> None:
+        if self._resumed_rng is not None and self._train_sampler is not None:
+            self._train_sampler.rng.bit_generator.state = self._resumed_rng
+            self._resumed_rng = None
 
     def normalisation_stats(self) -> tuple[Tensor, Tensor]:
         """Per-feature mean and std over every probe point of the meta-training families. (F,), (F,)"""

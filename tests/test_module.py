@@ -156,3 +156,36 @@ def test_cost_loss_needs_cost_weights(tiny_corpus, tmp_path):
         make_trainer(tmp_path).fit(make_model(dm, loss="cost"), datamodule=dm)
     dm = make_dm(tiny_corpus, weighting="cost")
     make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(make_model(dm, loss="cost"), datamodule=dm)
+
+
+def test_resumed_fit_draws_the_same_episodes(tiny_corpus, tmp_path):
+    """Two epochs in one go, and one epoch then a resume from its checkpoint, end with equal weights:
+    the checkpoint carries the training sampler's RNG (without it the resumed epoch repeats epoch 1's
+    episodes)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(root, **kw):
+        ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+        return make_trainer(root, max_steps=-1, limit_val_batches=0, enable_checkpointing=True,
+                            callbacks=[ckpt], **kw)
+
+    torch.manual_seed(0)
+    dm = make_dm(tiny_corpus)
+    whole = make_model(dm)
+    trainer(tmp_path / "whole", max_epochs=2).fit(whole, datamodule=dm)
+
+    torch.manual_seed(0)
+    dm1 = make_dm(tiny_corpus)
+    first = make_model(dm1)
+    trainer(tmp_path / "first", max_epochs=1).fit(first, datamodule=dm1)
+    state = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)["TraceDataModule"]
+    assert set(state) == {"train_sampler_rng"}
+
+    torch.manual_seed(0)
+    dm2 = make_dm(tiny_corpus)
+    resumed = make_model(dm2)
+    trainer(tmp_path / "resumed", max_epochs=2).fit(resumed, datamodule=dm2, ckpt_path=tmp_path / "first" / "last.ckpt")
+    for (name, a), b in zip(whole.adapter.state_dict().items(), resumed.adapter.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # the second epoch moved the weights, so the equality above says something
+    assert not torch.equal(next(first.adapter.parameters()), next(whole.adapter.parameters()))
