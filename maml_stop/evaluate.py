@@ -122,8 +122,7 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
 
     _, adapter, meta = load_predictor(path)
     check_feature_names(meta.get("feature_names"), corpus.feature_names)
-    # load_predictor's metadata has no family split: read the datamodule's hyper-parameters
-    hp = torch.load(path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
+    hp = meta["data"]
     split: dict[str, list[str]] = {}
     if any(hp.get(key) is not None for key in ("train_families", "val_families", "test_families", "fold")):
         resolved = FamilySplit.resolve(

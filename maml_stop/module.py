@@ -220,7 +220,9 @@ def _section(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
 def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, InnerLoopAdapter, dict[str, Any]]:
     """The meta-trained predictor (in eval mode), its adapter (same algorithm and inner-loop settings
     as in training) and the checkpoint's metadata: ``feature_names``, ``schema_version``,
-    ``predictor``/``adapter`` configs, ``hyper_parameters``, ``epoch``, ``global_step``.
+    ``predictor``/``adapter`` configs, ``hyper_parameters``, ``data`` (the datamodule's
+    hyper-parameters: corpus and family split, empty when it was fitted without one), ``epoch``,
+    ``global_step``.
 
     Check the corpus you adapt on with ``check_feature_names(meta["feature_names"], corpus.feature_names)``.
     """
@@ -236,5 +238,6 @@ def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, Inne
     adapter.load_state_dict(state)
     adapter.eval()
     meta = {**info, "hyper_parameters": dict(ckpt.get("hyper_parameters", {})),
+            "data": dict(ckpt.get("datamodule_hyper_parameters") or {}),
             "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "path": path}
     return predictor, adapter, meta

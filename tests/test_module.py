@@ -80,6 +80,7 @@ def test_checkpoint_roundtrip_and_load_predictor(tiny_corpus, tmp_path):
     predictor, adapter, meta = load_predictor(path)
     assert meta["feature_names"] == dm.feature_names and meta["schema_version"] == 1
     assert adapter.config() == model.adapter.config() and not predictor.training
+    assert meta["data"]["val_families"] == ["fam_b"] and meta["data"]["test_families"] == ["fam_c"]
     batch = dm.collate(dm.corpus.traces("fam_b")[:5])
     model.eval()
     torch.testing.assert_close(predictor(batch), model.predictor(batch))
