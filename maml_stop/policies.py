@@ -41,6 +41,7 @@ __all__ = [
     "StoppingPolicy",
     "FullGeneration",
     "OraclePolicy",
+    "oracle_at_equal_em",
     "ThresholdedPolicy",
     "FirstHitPolicy",
     "TokenBudget",
@@ -139,6 +140,33 @@ class OraclePolicy(StoppingPolicy):
     def outcome(self, trace: Trace) -> StopOutcome:
         index = self.stop_index(trace)
         return full_generation_outcome(trace) if index is None else _probe_outcome(trace, index)
+
+
+def oracle_at_equal_em(traces: Sequence[Trace]) -> list[StopOutcome]:
+    """The fewest tokens any stopping rule could spend on ``traces`` with as many correct answers as full
+    generation (a set-level oracle, unlike :class:`OraclePolicy`, which maximises EM first).
+
+    Every trace first stops at its cheapest point (a probe, or the end without probes); then traces whose
+    cheapest point is wrong but which have a correct one move to their cheapest correct point, fewest
+    extra tokens first, until as many answers are correct as under full generation. Each move adds one
+    correct answer, so taking the cheapest moves first is optimal. :class:`OraclePolicy` also fixes
+    answers that full generation gets wrong, which costs tokens: a policy that keeps the full run's EM
+    can beat it on savings but never this oracle.
+    """
+    chosen: list[StopOutcome] = []
+    moves: list[tuple[int, int, StopOutcome]] = []
+    for i, trace in enumerate(traces):
+        options = [full_generation_outcome(trace)] + [_probe_outcome(trace, j) for j in range(trace.n_probes)]
+        cheapest = min(options, key=lambda o: o.total_tokens)
+        chosen.append(cheapest)
+        correct = [o for o in options if o.em]
+        if correct and not cheapest.em:
+            best = min(correct, key=lambda o: o.total_tokens)
+            moves.append((best.total_tokens - cheapest.total_tokens, i, best))
+    need = sum(bool(t.final_em) for t in traces) - sum(o.em for o in chosen)
+    for _, i, best in sorted(moves, key=lambda m: m[:2])[: max(need, 0)]:
+        chosen[i] = best
+    return chosen
 
 
 class ThresholdedPolicy(StoppingPolicy):

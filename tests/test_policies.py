@@ -32,6 +32,40 @@ def test_oracle_without_correct_probe():
     assert P.OraclePolicy().outcome(wrong) == P.StopOutcome(0, False, 15, 10)  # cheapest: first probe
 
 
+def test_oracle_at_equal_em_spends_the_cheapest_fixes():
+    a = make_trace([0, 0, 1], final_em=True, reasoning_tokens=40, trace_id="a")  # correct from probe 2 (45 tok)
+    b = make_trace([0, 1], final_em=True, reasoning_tokens=40, trace_id="b")  # correct from probe 1 (30 tok)
+    c = make_trace([1, 1], final_em=False, reasoning_tokens=40, trace_id="c")  # right at once, wrong at the end
+    d = make_trace([0, 0], final_em=False, reasoning_tokens=40, trace_id="d")  # never right
+    out = P.oracle_at_equal_em([a, b, c, d])
+    # full generation gets 2 right; c is right at its cheapest point, so one fix is bought: b's (+15), not a's (+30)
+    assert [o.em for o in out] == [False, True, True, False]
+    assert [o.total_tokens for o in out] == [15, 30, 15, 15]
+    # OraclePolicy buys every fix it can: more correct answers, more tokens
+    most = [P.OraclePolicy().outcome(t) for t in (a, b, c, d)]
+    assert sum(o.em for o in most) == 3 and sum(o.total_tokens for o in most) == 45 + 30 + 15 + 15
+    # a trace that full generation gets right and no probe does keeps its full run
+    e = make_trace([0, 0], final_em=True, reasoning_tokens=33)
+    assert P.oracle_at_equal_em([e]) == [P.StopOutcome(None, True, 33, 33)]
+    assert P.oracle_at_equal_em([]) == []
+
+
+def test_oracle_at_equal_em_matches_brute_force():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        traces = [make_trace(rng.integers(0, 2, rng.integers(1, 4)).tolist(), final_em=bool(rng.integers(0, 2)),
+                             reasoning_tokens=int(rng.integers(45, 60)), trace_id=str(i)) for i in range(4)]
+        need = sum(t.final_em for t in traces)
+        options = [[P.full_generation_outcome(t)] + [P._probe_outcome(t, j) for j in range(t.n_probes)] for t in traces]
+        best = min(sum(o.total_tokens for o in combo) for combo in itertools.product(*options)
+                   if sum(o.em for o in combo) >= need)
+        got = P.oracle_at_equal_em(traces)
+        assert sum(o.em for o in got) >= need, trial
+        assert sum(o.total_tokens for o in got) == best, trial
+
+
 def test_token_budget_cuts_at_last_probe_before_budget():
     t = make_trace([0, 1, 1, 0], reasoning_tokens=50)  # positions 10..40
     policy = P.TokenBudget(selector=FixedThreshold(25.0)).fit([t])
