@@ -33,6 +33,7 @@ from maml_stop.policies import (
     DEFAULT_TAUS,
     AnswerConfidence,
     AnswerConsistency,
+    EqualEMOracle,
     FullGeneration,
     OraclePolicy,
     ProbePolicy,
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EvaluateConfig", "METHODS", "build_policies", "evaluate_episode", "evaluate_family", "run", "main"]
 
-METHODS = ("full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle")
+METHODS = ("full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle",
+           "oracle_equal_em")
 NEEDS_CHECKPOINT = ("maml",)
 PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 
@@ -190,6 +192,8 @@ def build_policies(
             policies[name] = FullGeneration()
         elif name == "oracle":
             policies[name] = OraclePolicy()
+        elif name == "oracle_equal_em":
+            policies[name] = EqualEMOracle()
         elif name == "budget":
             policies[name] = TokenBudget(quantiles=cfg.budget_quantiles)
         elif name == "consistency":

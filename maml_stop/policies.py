@@ -42,6 +42,7 @@ __all__ = [
     "FullGeneration",
     "OraclePolicy",
     "oracle_at_equal_em",
+    "EqualEMOracle",
     "ThresholdedPolicy",
     "FirstHitPolicy",
     "TokenBudget",
@@ -167,6 +168,27 @@ def oracle_at_equal_em(traces: Sequence[Trace]) -> list[StopOutcome]:
     for _, i, best in sorted(moves, key=lambda m: m[:2])[: max(need, 0)]:
         chosen[i] = best
     return chosen
+
+
+class EqualEMOracle(StoppingPolicy):
+    """:func:`oracle_at_equal_em` as a policy: the choice is made over the whole list of traces it is
+    evaluated on (``prepare``), so it is a bound for a query set, not a rule for one trace."""
+
+    name = "oracle_equal_em"
+
+    def __init__(self) -> None:
+        self._chosen: dict[int, StopOutcome] = {}
+
+    def prepare(self, traces: Sequence[Trace]) -> None:
+        self._chosen = {id(t): o for t, o in zip(traces, oracle_at_equal_em(traces))}
+
+    def stop_index(self, trace: Trace) -> int | None:
+        return self.outcome(trace).index
+
+    def outcome(self, trace: Trace) -> StopOutcome:
+        if id(trace) not in self._chosen:
+            raise ValueError("EqualEMOracle chooses over a set of traces: evaluate it with evaluate_policy(policy, traces)")
+        return self._chosen[id(trace)]
 
 
 class ThresholdedPolicy(StoppingPolicy):

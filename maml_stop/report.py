@@ -59,7 +59,9 @@ METHOD_LABELS = {
     "scratch": "probe from scratch",
     "maml": "MAML-adapted probe",
     "oracle": "oracle",
+    "oracle_equal_em": "oracle at equal EM",
 }
+ORACLES = ("oracle", "oracle_equal_em")
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -146,17 +148,19 @@ def summarise(results: dict, threshold: str | None = None) -> dict[str, dict[str
     Figures: ``savings``, ``savings_reasoning``, ``em``, ``em_drop``, ``within_delta`` (fraction of
     episodes whose query EM drop is <= delta) with the support-chosen threshold ``threshold`` (default:
     the first threshold method); ``curve_savings`` (best threshold in hindsight), ``auc``, ``brier``,
-    ``ece``; and ``oracle_fraction`` (mean savings / mean oracle savings, no interval).
+    ``ece``; ``oracle_fraction`` (mean savings / mean oracle savings, no interval) and, when the oracle at
+    equal EM was evaluated, ``equal_em_fraction`` (the same against it).
     """
     threshold = threshold or results["threshold_methods"][0]
     out: dict = {}
     for k in results["shots"]:
         out[str(k)] = {}
-        oracle_means = {}
-        for family in results["families"]:
-            cell = _cell(results, family, k, "oracle")
-            if cell is not None:
-                oracle_means[family] = mean_ci(cell["thresholds"][threshold]["savings"])[0]
+        oracle_means: dict[str, dict[str, float]] = {name: {} for name in ORACLES}
+        for name in ORACLES:
+            for family in results["families"]:
+                cell = _cell(results, family, k, name)
+                if cell is not None:
+                    oracle_means[name][family] = mean_ci(cell["thresholds"][threshold]["savings"])[0]
         for method in results["methods"]:
             rows: dict[str, dict[str, tuple[float, float]]] = {}
             for family in results["families"]:
@@ -169,16 +173,21 @@ def summarise(results: dict, threshold: str | None = None) -> dict[str, dict[str
                 stats["within_delta"] = mean_ci([float(d <= delta + 1e-9) for d in chosen["em_drop"]])
                 for name in ("curve_savings", "auc", "brier", "ece"):
                     stats[name] = mean_ci(cell.get(name, []))
-                oracle = oracle_means.get(family, float("nan"))
-                frac = stats["savings"][0] / oracle if oracle and oracle > 0 else float("nan")
-                stats["oracle_fraction"] = (frac, float("nan"))
+                for name, key in (("oracle", "oracle_fraction"), ("oracle_equal_em", "equal_em_fraction")):
+                    if name == "oracle" or oracle_means[name]:
+                        oracle = oracle_means[name].get(family, float("nan"))
+                        frac = stats["savings"][0] / oracle if oracle and oracle > 0 else float("nan")
+                        stats[key] = (frac, float("nan"))
                 rows[family] = stats
             if rows:
                 names = next(iter(rows.values())).keys()
                 rows["mean"] = {n: _combine([r[n] for r in rows.values()]) for n in names}
-                fracs = [r["oracle_fraction"][0] for f, r in rows.items() if f != "mean"]
-                fracs = [x for x in fracs if math.isfinite(x)]
-                rows["mean"]["oracle_fraction"] = (float(np.mean(fracs)) if fracs else float("nan"), float("nan"))
+                for key in ("oracle_fraction", "equal_em_fraction"):
+                    if key not in rows["mean"]:
+                        continue
+                    fracs = [r[key][0] for f, r in rows.items() if f != "mean"]
+                    fracs = [x for x in fracs if math.isfinite(x)]
+                    rows["mean"][key] = (float(np.mean(fracs)) if fracs else float("nan"), float("nan"))
             out[str(k)][method] = rows
     return out
 
@@ -209,9 +218,11 @@ def markdown_tables(results: dict) -> str:
         lines.append("")
     threshold = results["threshold_methods"][0]
     summary = summarise(results, threshold)
+    equal_em = "oracle_equal_em" in results["methods"]
     header = (
         f"| family | method | saved % (support τ) | EM drop (pts) | drop ≤ {delta_pts:g} pt | "
-        "saved % (best τ in hindsight) | % of oracle | reasoning saved % | AUC |"
+        "saved % (best τ in hindsight) | % of oracle | " + ("% of oracle at equal EM | " if equal_em else "")
+        + "reasoning saved % | AUC |"
     )
     for k in results["shots"]:
         lines += [
@@ -219,7 +230,7 @@ def markdown_tables(results: dict) -> str:
             f"per family, 95% intervals over episodes",
             "",
             header,
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|" + ("---|" if equal_em else "") + "---|---|",
         ]
         for family in [*results["families"], "mean"]:
             for method in results["methods"]:
@@ -229,6 +240,7 @@ def markdown_tables(results: dict) -> str:
                 lines.append(
                     f"| {family} | {method} | {fmt_ci(*s['savings'])} | {fmt_ci(*s['em_drop'])} | "
                     f"{_pct(s['within_delta'][0])} | {fmt_ci(*s['curve_savings'])} | {_pct(s['oracle_fraction'][0])} | "
+                    + (f"{_pct(s['equal_em_fraction'][0])} | " if equal_em else "") +
                     f"{fmt_ci(*s['savings_reasoning'])} | {fmt_ci(*s['auc'], scale=1.0, digits=3)} |"
                 )
         lines.append("")
@@ -272,7 +284,7 @@ def analysis(results: dict, method: str = "maml") -> str:
     summary = summarise(results, threshold)
     delta = results["delta"]
     shots = results["shots"]
-    rivals = [m for m in results["methods"] if m not in (method, "full", "oracle")]
+    rivals = [m for m in results["methods"] if m not in (method, "full", *ORACLES)]
     lines = [f"## Where {METHOD_LABELS.get(method, method)} wins and loses", ""]
     lines.append(
         f"Headline: % of tokens saved (total, probes included) against full generation with the threshold "
@@ -293,7 +305,9 @@ def analysis(results: dict, method: str = "maml") -> str:
         text = (
             f"- K={k}: {method} saves {fmt_ci(*m['savings'])}% of tokens at an EM drop of "
             f"{fmt_ci(*m['em_drop'])} points (EM drop within target in {_pct(m['within_delta'][0])} of episodes; "
-            f"{_pct(m['oracle_fraction'][0])} of the oracle's savings; {fmt_ci(*m['curve_savings'])}% with the best "
+            f"{_pct(m['oracle_fraction'][0])} of the oracle's savings"
+            + (f", {_pct(m['equal_em_fraction'][0])} of the equal-EM oracle's" if "equal_em_fraction" in m else "")
+            + f"; {fmt_ci(*m['curve_savings'])}% with the best "
             f"threshold in hindsight)."
         )
         if best is not None:

@@ -16,7 +16,7 @@ from maml_stop.evaluate import EvaluateConfig, main, run
 from maml_stop.module import CheckpointError
 from trace_helpers import write_tiny_checkpoint
 
-ALL = ["full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle"]
+ALL = ["full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle", "oracle_equal_em"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,10 @@ def test_accounting_invariants(evaluated):
         assert full["savings"] == [0.0] * 4 and full["em_drop"] == [0.0] * 4
         oracle = cells["oracle"]["thresholds"]["em_target"]
         assert all(d <= 0.0 for d in oracle["em_drop"])  # the oracle never loses a correct answer
+        equal = cells["oracle_equal_em"]["thresholds"]["em_target"]
+        assert all(d <= 0.0 for d in equal["em_drop"])  # as many right as full generation, or more
+        # ... and the fewest tokens doing so: never fewer savings than the EM-first oracle
+        assert all(e >= o - 1e-12 for e, o in zip(equal["savings"], oracle["savings"]))
         for m in ALL:
             for thr in ("em_target", "ltt", "fixed"):
                 f = cells[m]["thresholds"][thr]
@@ -88,6 +92,8 @@ def test_table_row_recomputed_from_json(evaluated):
         assert cells[col] == want
     oracle = np.mean(results["results"]["fam_c"]["4"]["oracle"]["thresholds"]["em_target"]["savings"])
     assert cells[6] == f"{100 * np.mean(chosen['savings']) / oracle:.0f}%"
+    equal = np.mean(results["results"]["fam_c"]["4"]["oracle_equal_em"]["thresholds"]["em_target"]["savings"])
+    assert cells[7] == f"{100 * np.mean(chosen['savings']) / equal:.0f}%"
 
 
 def test_report_only_rebuilds_from_json(evaluated, tmp_path):

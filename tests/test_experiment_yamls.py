@@ -45,4 +45,5 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         parser.add_function_arguments(harvest)
         ns = parser.parse_args(["--config", str(path)])
         assert set(ns.families) <= set(list_families())
-        assert ns.n_per_family >= 300 and ns.max_new_tokens >= 128
+        # the bundled corpus: >= 300 traces per family (issue 4); the cross-model corpora are small by design
+        assert ns.n_per_family >= (300 if path.name == "corpus_qwen05.yaml" else 32) and ns.max_new_tokens >= 128
