@@ -55,6 +55,27 @@ class FeatureState:
     answers: list[list[str]] = field(default_factory=list)  # probe answers so far, per row
 
 
+def answer_key(answer: str | None) -> str:
+    """How probe answers are compared by the stability features: stripped and lower-cased."""
+    return (answer or "").strip().lower()
+
+
+def answer_stability(previous: list[str], key: str) -> dict[str, float]:
+    """``answer_empty``, ``same_as_prev``, ``run_length``, ``n_distinct`` of a probe whose answer key is
+    ``key``, after the probes whose keys are ``previous`` (the harvester, live stopping and rescore)."""
+    run = 1
+    for prev in reversed(previous):
+        if prev != key:
+            break
+        run += 1
+    return {
+        "answer_empty": float(not key),
+        "same_as_prev": float(bool(previous) and previous[-1] == key and key != ""),
+        "run_length": float(run),
+        "n_distinct": float(len(set(previous + [key]))),
+    }
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Next-token entropy in nats. logits: (B, V) -> (B,)"""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -118,24 +139,18 @@ class ProbeFeaturizer:
         if self.projection is not None:
             h = h @ self.projection
         previous = state.answers[row]
-        key = (answer or "").strip().lower()
-        same = float(bool(previous) and previous[-1] == key and key != "")
-        run = 1
-        for prev in reversed(previous):
-            if prev != key:
-                break
-            run += 1
-        distinct = len(set(previous + [key]))
+        key = answer_key(answer)
+        stability = answer_stability(previous, key)
         lp = [float(x) for x in logprobs] or [0.0]
         scalars = [
             float(np.mean(lp)),
             float(np.min(lp)),
             lp[0],
             float(len(logprobs)),
-            float(not key),
-            same,
-            float(run),
-            float(distinct),
+            stability["answer_empty"],
+            stability["same_as_prev"],
+            stability["run_length"],
+            stability["n_distinct"],
             float(state.ent_sum[row]) / n,
             float(state.ent_last[row]),
             float(n_generated),

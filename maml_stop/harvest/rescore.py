@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from maml_stop.harvest import store
+from maml_stop.harvest.features import answer_key, answer_stability
 from tasks import get_family
 from tasks.base import Question
 
@@ -28,18 +29,8 @@ def stability_features(answers: list[str | None]) -> list[dict[str, float]]:
     """The answer-stability features of each probe, as the featurizer computes them."""
     out, previous = [], []
     for answer in answers:
-        key = (answer or "").strip().lower()
-        run = 1
-        for prev in reversed(previous):
-            if prev != key:
-                break
-            run += 1
-        out.append({
-            "answer_empty": float(not key),
-            "same_as_prev": float(bool(previous) and previous[-1] == key and key != ""),
-            "run_length": float(run),
-            "n_distinct": float(len(set(previous + [key]))),
-        })
+        key = answer_key(answer)
+        out.append(answer_stability(previous, key))
         previous.append(key)
     return out
 
