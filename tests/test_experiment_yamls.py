@@ -20,6 +20,12 @@ def _kind(path: Path) -> str:
         return "lightning"
     if "shots" in cfg and "methods" in cfg:
         return "evaluate"
+    from dataclasses import fields
+
+    from maml_stop.evaluate import EvaluateConfig
+
+    if cfg and set(cfg) <= {f.name for f in fields(EvaluateConfig)}:
+        return "evaluate override"  # read after experiments/main_evaluate.yaml (a second --config)
     if "families" in cfg and isinstance(cfg.get("model"), str):
         return "harvest"
     return "unknown"
@@ -34,6 +40,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
 
         ns = _parser().parse_args(["--config", str(path), "--corpus", tiny_corpus])
         assert ns.episodes >= 50 and ns.delta == 0.01
+    elif kind == "evaluate override":
+        from maml_stop.evaluate import _parser
+
+        assert f"--config experiments/main_evaluate.yaml --config experiments/{path.name}" in path.read_text()
+        ns = _parser().parse_args(["--config", str(EXPERIMENTS / "main_evaluate.yaml"), "--config", str(path)])
+        assert ns.episodes >= 50 and ns.out != "runs/main/evaluate"
     elif kind == "harvest":
         from jsonargparse import ArgumentParser
 
