@@ -56,7 +56,12 @@ class FeatureState:
 
 
 def answer_key(answer: str | None) -> str:
-    """How probe answers are compared by the stability features: stripped and lower-cased."""
+    """How probe answers are compared by the stability features: stripped and lower-cased.
+
+    Comparing the families' canonical forms instead (``family.canonical_answer``: "7.0" = "7",
+    "-3/1" = "-3") would merge 73 of the 19,625 consecutive probe-answer pairs of the bundled qwen05
+    corpus (0.4%, at 2,048 traces), so the features keep this family-free key, which live stopping
+    can compute without knowing the family."""
     return (answer or "").strip().lower()
 
 
