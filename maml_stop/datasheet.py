@@ -2,7 +2,8 @@
 
     maml-stop datasheet experiments/corpus/qwen05
 
-writes ``<corpus>/datasheet.json`` and ``<corpus>/README.md``. Per family: traces, final EM, mean and
+writes ``<corpus>/datasheet.json``, ``<corpus>/README.md`` and ``<corpus>/probe_accuracy.png`` (per
+family, the share of forced answers already correct against reasoning tokens so far). Per family: traces, final EM, mean and
 median reasoning tokens, probes per trace, the fraction of probe points whose forced answer is already
 correct, the oracle's EM and token savings against full generation (DESIGN.md's oracle and accounting,
 via :class:`maml_stop.policies.OraclePolicy`), the savings of the oracle at equal EM
@@ -48,9 +49,9 @@ def family_stats(traces: list[Trace]) -> dict[str, Any]:
     }
 
 
-def corpus_stats(root: str | Path) -> dict[str, Any]:
-    """Every figure of the datasheet, recomputed from the stored traces."""
-    corpus = TraceCorpus.load(root, min_probes=0)
+def corpus_stats(root: str | Path, corpus: TraceCorpus | None = None) -> dict[str, Any]:
+    """Every figure of the datasheet, recomputed from the stored traces (``corpus``: already loaded)."""
+    corpus = corpus if corpus is not None else TraceCorpus.load(root, min_probes=0)
     fams = {f: family_stats(corpus.traces(f)) for f in corpus.families}
     every = [t for f in corpus.families for t in corpus.traces(f)]
     return {"families": fams, "all": family_stats(every)}
@@ -104,12 +105,18 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
         "(every trace at its cheapest point, then the cheapest fixes until the full run's EM): no policy that "
         "keeps the full run's EM saves more. Savings are against full generation of the same traces, "
         "probe tokens included (DESIGN.md, honest accounting).",
+        "",
+        "![forced answer correct vs. position](probe_accuracy.png)",
     ]
     return "\n".join(lines) + "\n"
 
 
 def write_datasheet(root: str | Path) -> dict[str, Any]:
-    stats = corpus_stats(root)
+    from maml_stop.report import plot_probe_accuracy
+
+    corpus = TraceCorpus.load(root, min_probes=0)
+    stats = corpus_stats(root, corpus)
+    plot_probe_accuracy({f: corpus.traces(f) for f in corpus.families}, Path(root, "probe_accuracy.png"))
     Path(root, "datasheet.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     Path(root, "README.md").write_text(render(root, stats))
     return stats

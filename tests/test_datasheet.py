@@ -47,6 +47,7 @@ def test_datasheet_figures_by_hand(tiny_corpus, tmp_path):
         # the oracle at equal EM may give up the fixes the EM-first oracle buys, never save less
         assert s["oracle_equal_em_savings"] >= s["oracle_savings"] - 1e-12
     assert "| fam_a |" in (Path(root) / "README.md").read_text()
+    assert (Path(root) / "probe_accuracy.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", ["qwen05", "qwen15"])
