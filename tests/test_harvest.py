@@ -199,6 +199,28 @@ def test_resume_after_kill(tmp_path, model_dir):
     assert before <= set(ds["trace_id"])
 
 
+def test_max_per_family_harvests_a_prefix_that_extends(tmp_path, model_dir):
+    """A capped harvest stores the first questions of the full recipe's order; raising the cap adds the
+    next ones and leaves the stored traces as they were."""
+    from maml_stop.harvest.cli import harvest_order
+    from tasks import get_family
+
+    order = [f"{q.id}#0" for q in harvest_order(get_family("count_bits"), "count_bits", 10, seed=0)]
+    kw = dict(families=["count_bits"], max_new_tokens=10, shard_size=3, hash_weights=False)
+    capped = _harvest(tmp_path / "c", model_dir, max_per_family=4, **kw)
+    assert capped["traces"] == 4 and capped["remaining"] == 0
+    first = store.load_dataset(tmp_path / "c")
+    assert set(first["trace_id"]) == set(order[:4])
+    texts = {r["trace_id"]: r["generated_text"] for r in first}
+    more = _harvest(tmp_path / "c", model_dir, max_per_family=7, **kw)
+    assert more["traces"] == 3
+    again = store.load_dataset(tmp_path / "c")
+    assert set(again["trace_id"]) == set(order[:7])
+    assert all(texts[r["trace_id"]] == r["generated_text"] for r in again if r["trace_id"] in texts)
+    with pytest.raises(ValueError, match="max_per_family"):
+        _harvest(tmp_path / "d", model_dir, max_per_family=0, **kw)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, model_dir):
     _harvest(tmp_path / "c", model_dir, n_per_family=3)
     with pytest.raises(store.CorpusError, match="different 'schedule'"):

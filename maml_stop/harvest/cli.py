@@ -96,6 +96,17 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
     store.write_meta(out, merged)
 
 
+def harvest_order(family, name: str, n_per_family: int, seed: int) -> list:
+    """A family's questions in the order the harvest takes them: ``n_per_family`` split 70/10/20 over
+    its train/validation/test pools, interleaved by a seeded shuffle (so that a harvest stopped early
+    has some of each split)."""
+    qs = []
+    for split, frac in SPLIT_FRACTIONS.items():
+        qs += family.questions(split, int(round(n_per_family * frac)), seed=seed)
+    random.Random(f"{seed}/{name}").shuffle(qs)
+    return qs
+
+
 def harvest(
     out: str,
     model: str,
@@ -121,6 +132,7 @@ def harvest(
     temperature: float = 1.0,
     family_args: dict[str, dict[str, Any]] | None = None,
     max_shards: int | None = None,
+    max_per_family: int | None = None,
     hash_weights: bool = True,
     num_threads: int = 1,
 ) -> dict[str, Any]:
@@ -132,12 +144,17 @@ def harvest(
         families: registry names of the task families.
         n_per_family: traces per family, split 70/10/20 over the families' train/validation/test pools.
         max_shards: stop after writing this many shards (for tests and time-boxed runs).
+        max_per_family: harvest only the first this many of each family's ``n_per_family`` questions, in
+            the harvest's seeded order: a prefix of the ``n_per_family`` recipe, so that raising it later
+            extends the corpus without changing what is already stored.
     """
     from tasks import get_family
 
     torch.set_num_threads(num_threads)
     if not families:
         raise ValueError("no task families given")
+    if max_per_family is not None and max_per_family < 1:
+        raise ValueError(f"max_per_family must be >= 1 (or None for all n_per_family questions); got {max_per_family}")
     family_args = family_args or {}
     fams = {name: get_family(name, **family_args.get(name, {})) for name in families}
     for name, fam in fams.items():
@@ -152,14 +169,10 @@ def harvest(
     # questions first: a bad family or too few questions fails before the model loads
     todo: dict[str, list] = {}
     for name, fam in fams.items():
-        qs = []
-        for split, frac in SPLIT_FRACTIONS.items():
-            qs += fam.questions(split, int(round(n_per_family * frac)), seed=seed)
+        qs = harvest_order(fam, name, n_per_family, seed)
         if not qs:
             raise ValueError(f"family {name!r} yields no questions (n_per_family={n_per_family})")
-        # interleave the splits (seeded) so that a harvest stopped early has some of each
-        random.Random(f"{seed}/{name}").shuffle(qs)
-        todo[name] = qs
+        todo[name] = qs if max_per_family is None else qs[:max_per_family]
 
     lm, tok = load_model(model, dtype=dtype)
     featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary)
