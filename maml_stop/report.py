@@ -276,6 +276,56 @@ def _paired(results: dict, family: str, k: int, a: str, b: str, figure: str, thr
     return mean_ci(xa - xb)
 
 
+def versus_best_table(results: dict, k: int, method: str = "maml") -> str:
+    """Per held-out family at one K: ``method`` against the best same-K baseline whose mean EM drop stays
+    within the target (the baseline that saves most among those), with both oracles' shares.
+
+    "misses target" when ``method``'s own mean EM drop exceeds the target; "n/a" when no baseline saves
+    anything within it.
+    """
+    if method not in results["methods"]:
+        return ""
+    threshold = results["threshold_methods"][0]
+    summary = summarise(results, threshold)[str(k)]
+    delta = results["delta"]
+    rivals = [m for m in results["methods"] if m not in (method, "full", *ORACLES)]
+    equal_em = "oracle_equal_em" in results["methods"]
+    lines = [
+        f"### K = {k}: {METHOD_LABELS.get(method, method)} against the best baseline within "
+        f"{100 * delta:g} point(s) of EM",
+        "",
+        "| held-out family | full EM | " + f"{method} saved % (EM drop) | best baseline within target: saved % | "
+        f"{method} / best | {method} % of oracle | " + (f"{method} % of oracle at equal EM | " if equal_em else "")
+        + "oracle saved % |",
+        "|---|---|---|---|---|---|" + ("---|" if equal_em else "") + "---|",
+    ]
+    for family in [*results["families"], "mean"]:
+        m = summary.get(method, {}).get(family)
+        if m is None:
+            continue
+        best = None
+        for r in rivals:
+            rm = summary.get(r, {}).get(family)
+            if rm is not None and rm["em_drop"][0] <= delta + 1e-9 and (best is None or rm["savings"][0] > best[1]):
+                best = (r, rm["savings"][0])
+        if m["em_drop"][0] > delta + 1e-9:
+            ratio = "misses target"
+        elif best is None or best[1] <= 1e-9:
+            ratio = "n/a"
+        else:
+            ratio = f"{m['savings'][0] / best[1]:.2f}x"
+        full_em = summary.get("full", {}).get(family, {}).get("em", (float("nan"), 0.0))[0]
+        oracle = summary.get("oracle", {}).get(family, {}).get("savings", (float("nan"), 0.0))[0]
+        name = f"**{family}**" if family == "mean" else family
+        lines.append(
+            f"| {name} | {100 * full_em:.1f} | {fmt_ci(*m['savings'])} ({100 * m['em_drop'][0]:.1f}) | "
+            + ("none" if best is None else f"{best[0]} {100 * best[1]:.1f}") + f" | {ratio} | "
+            f"{_pct(m['oracle_fraction'][0])} | " + (f"{_pct(m['equal_em_fraction'][0])} | " if equal_em else "")
+            + f"{100 * oracle:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def analysis(results: dict, method: str = "maml") -> str:
     """A short written analysis of where ``method`` wins and loses, generated from the numbers."""
     if method not in results["methods"]:
@@ -585,7 +635,9 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     text = [
         "# Early-stopping evaluation: leave-one-family-out",
         "",
-        f"Corpus `{results.get('corpus', '?')}`; held-out families {', '.join(results['families'])}; "
+        f"Corpus `{results.get('corpus', '?')}`"
+        + (f" (meta-training and pooled-probe families from `{results['source_corpus']}`)"
+           if results.get("source_corpus") else "") + f"; held-out families {', '.join(results['families'])}; "
         f"K in {results['shots']}; {results['episodes']} fixed episodes per family and K (every method on the "
         f"same episodes). Savings are against full generation of the same query traces; total tokens include "
         "every probe a policy ran. Adapted probes choose their threshold on "
@@ -593,6 +645,7 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
            if results.get("config", {}).get("crossfit") else "the support traces they were adapted on (in-sample)."),
         "",
         markdown_tables(results),
+        *[versus_best_table(results, k) for k in results["shots"]],
         analysis(results),
     ]
     paths["table"] = out / "results.md"
