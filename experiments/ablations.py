@@ -73,8 +73,9 @@ def main() -> int:
 
     lines = [f"K={args.shots}, {args.episodes} episodes per held-out family, threshold em_target (1 point) on support",
              "", "## MAML-adapted probe per variant", "", *header, *(row(r) for r in rows if r[1] == "maml"),
-             "", "## Every method per variant (the baselines do not depend on the variant, except through the",
-             "checkpoint's training families and normalisation)", "", *header, *(row(r) for r in rows)]
+             "", "## Every method per variant", "",
+             "The pooled, fine-tuned and from-scratch probes use the variant's predictor architecture.", "",
+             *header, *(row(r) for r in rows)]
     (out / "ablations.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
