@@ -34,6 +34,7 @@ from maml_stop.policies import (
     AnswerConfidence,
     AnswerConsistency,
     EqualEMOracle,
+    FirstProbe,
     FullGeneration,
     OraclePolicy,
     ProbePolicy,
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EvaluateConfig", "METHODS", "build_policies", "evaluate_episode", "evaluate_family", "run", "main"]
 
-METHODS = ("full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle",
-           "oracle_equal_em")
+METHODS = ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml",
+           "oracle", "oracle_equal_em")
 NEEDS_CHECKPOINT = ("maml",)
 PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 
@@ -192,6 +193,8 @@ def build_policies(
             policies[name] = FullGeneration()
         elif name == "oracle":
             policies[name] = OraclePolicy()
+        elif name == "first_probe":
+            policies[name] = FirstProbe()
         elif name == "oracle_equal_em":
             policies[name] = EqualEMOracle()
         elif name == "budget":

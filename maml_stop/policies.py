@@ -40,6 +40,7 @@ __all__ = [
     "Outcomes",
     "StoppingPolicy",
     "FullGeneration",
+    "FirstProbe",
     "OraclePolicy",
     "oracle_at_equal_em",
     "EqualEMOracle",
@@ -122,6 +123,16 @@ class FullGeneration(StoppingPolicy):
 
     def outcome(self, trace: Trace) -> StopOutcome:
         return full_generation_outcome(trace)
+
+
+class FirstProbe(StoppingPolicy):
+    """Stop at the first probe, whatever it says (a trace without probes runs to the end): the answer
+    the model gives before most of its chain of thought. When it keeps EM, stopping needs no predictor."""
+
+    name = "first_probe"
+
+    def stop_index(self, trace: Trace) -> int | None:
+        return 0 if trace.n_probes else None
 
 
 class OraclePolicy(StoppingPolicy):

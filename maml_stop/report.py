@@ -51,6 +51,7 @@ HEADLINE = "savings"
 PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 METHOD_LABELS = {
     "full": "full generation",
+    "first_probe": "stop at the first probe",
     "budget": "token budget",
     "consistency": "answer consistency",
     "confidence": "answer confidence",

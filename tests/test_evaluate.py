@@ -16,7 +16,7 @@ from maml_stop.evaluate import EvaluateConfig, main, run
 from maml_stop.module import CheckpointError
 from trace_helpers import write_tiny_checkpoint
 
-ALL = ["full", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle", "oracle_equal_em"]
+ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle", "oracle_equal_em"]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,13 @@ def test_oracle_earliest_correct_probe():
     assert out.total_tokens == 30 + 3 * 5 and out.reasoning_tokens == 30
 
 
+def test_first_probe_stops_at_once():
+    t = make_trace([0, 1, 1], reasoning_tokens=50)  # positions 10, 20, 30; probes cost 5
+    assert P.FirstProbe().outcome(t) == P.StopOutcome(0, False, 15, 10)
+    bare = make_trace([], final_em=True, reasoning_tokens=20)  # no probe point: runs to the end
+    assert P.FirstProbe().outcome(bare) == P.StopOutcome(None, True, 20, 20)
+
+
 def test_oracle_without_correct_probe():
     right = make_trace([0, 0], final_em=True, reasoning_tokens=33)
     wrong = make_trace([0, 0], final_em=False, reasoning_tokens=33)
