@@ -249,4 +249,38 @@ def test_versus_best_table_recomputed(evaluated):
         best = max(within, key=within.get)
         assert cells[3] == f"{best} {100 * within[best]:.1f}"
         assert cells[4] == f"{m['savings'][0] / within[best]:.2f}x"
+    # the mean row counts a method as within the target only when it is within it on every family
+    fams = results["families"]
+    ok = {r: all(summary[r][f]["em_drop"][0] <= results["delta"] + 1e-9 for f in fams) for r in rivals}
+    mean_row = next(line for line in R.versus_best_table(results, 4).splitlines() if line.startswith("| **mean** |"))
+    cells = [c.strip() for c in mean_row.strip("|").split("|")]
+    allowed = {r: summary[r]["mean"]["savings"][0] for r in rivals if ok[r]}
+    assert cells[3] == ("none" if not allowed else f"{max(allowed, key=allowed.get)} {100 * max(allowed.values()):.1f}")
+    if not all(summary["maml"][f]["em_drop"][0] <= results["delta"] + 1e-9 for f in fams):
+        assert cells[4].startswith("misses target (")
     assert "against the best baseline" in (out / "results.md").read_text()
+
+
+def test_within_target_on_the_mean_needs_every_family():
+    """A rule that gains EM on one family and misses the target on another is not within it on the mean."""
+    summary = {"a": {"f1": {"em_drop": (-0.30, 0.0)}, "f2": {"em_drop": (0.05, 0.0)}, "mean": {"em_drop": (-0.12, 0.0)}},
+               "b": {"f1": {"em_drop": (0.0, 0.0)}, "f2": {"em_drop": (0.01, 0.0)}, "mean": {"em_drop": (0.005, 0.0)}}}
+    assert R.within_target(summary, "a", "f1", ["f1", "f2"], 0.01)
+    assert not R.within_target(summary, "a", "f2", ["f1", "f2"], 0.01)
+    assert not R.within_target(summary, "a", "mean", ["f1", "f2"], 0.01)
+    assert R.within_target(summary, "b", "mean", ["f1", "f2"], 0.01)
+    assert not R.within_target(summary, "c", "f1", ["f1", "f2"], 0.01)  # not evaluated: not within
+
+
+def test_report_command_rewrites_from_results_json(evaluated, tmp_path, capsys):
+    """`maml-stop report RUN` re-renders the report from results.json; bad input fails with a message."""
+    out, _ = evaluated
+    assert R.main([str(out), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "again" / "savings_vs_k.png").is_file()
+    with pytest.raises(SystemExit):
+        R.main([str(tmp_path / "nothing_here")])
+    (tmp_path / "bad.json").write_text('{"methods": []}')
+    with pytest.raises(SystemExit):
+        R.main([str(tmp_path / "bad.json")])
+    assert "lacks" in capsys.readouterr().err
