@@ -139,8 +139,10 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
 def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path) -> str:
     """Meta-train one checkpoint with ``family`` held out, in process (``maml-stop fit`` with
     ``train_config``): test = [family], validation = the config's validation families other than it (or
-    the next family), checkpoints under ``out/folds/<family>``. Returns the best (else last) checkpoint."""
+    the next family), checkpoints and CSV/TensorBoard logs under ``out/folds/<family>``. Returns the best (else last) checkpoint."""
     import yaml
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from maml_stop.lightning_cli import cli_main
 
@@ -160,6 +162,11 @@ def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path
     callback = cli.trainer.checkpoint_callback
     if callback is not None:
         callback.dirpath = str(folder / "checkpoints")  # one folder per fold, whatever the YAML says
+    # file loggers too (the YAML's save_dir would mix every fold's logs with the main job's)
+    cli.trainer.loggers = [
+        type(lg)(save_dir=str(folder), name="logs") if isinstance(lg, (CSVLogger, TensorBoardLogger)) else lg
+        for lg in cli.trainer.loggers
+    ]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
     if not path:

@@ -193,8 +193,9 @@ def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
 def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
     config = tmp_path / "fit.yaml"
     config.write_text(
-        "trainer:\n  max_steps: 2\n  inference_mode: false\n  logger: false\n  enable_progress_bar: false\n"
-        "  enable_model_summary: false\n  num_sanity_val_steps: 0\n"
+        "trainer:\n  max_steps: 2\n  inference_mode: false\n  enable_progress_bar: false\n"
+        "  logger: {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: " + str(tmp_path / "shared")
+        + ", name: logs}}\n  enable_model_summary: false\n  num_sanity_val_steps: 0\n"
         "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {dirpath: " + str(tmp_path / "shared") + ", save_last: true}\n"
         "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
@@ -207,6 +208,8 @@ def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
         ckpt = Path(results["checkpoints"][fam])
         assert ckpt.is_file() and ckpt.parent == tmp_path / "out" / "folds" / fam / "checkpoints"
         assert fam not in results["sources"][fam]
+        assert list((tmp_path / "out" / "folds" / fam / "logs").glob("version_*/metrics.csv"))  # the fold's own logs
+    assert not (tmp_path / "shared" / "logs").exists()
     assert results["sources"]["fam_a"] == ["fam_c"]  # fam_b validates the fam_a fold; pooled = train families
 
 
