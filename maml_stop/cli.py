@@ -19,7 +19,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("maml_stop.lightning_cli", "validate a checkpoint (LightningCLI)"),
     "test": ("maml_stop.lightning_cli", "test a checkpoint (LightningCLI)"),
     "evaluate": ("maml_stop.evaluate", "leave-one-family-out EM/token evaluation with every baseline"),
-    "report": ("maml_stop.report", "rewrite an evaluation's results.md and plots from its results.json"),
     "adapt": ("maml_stop.adapt_cmd", "adapt a meta-trained predictor to a new family from K labelled traces"),
 }
 

@@ -674,28 +674,3 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     paths["calibration"] = plot_calibration(results, out / "calibration.png")
     return paths
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``maml-stop report RUN``: rewrite ``results.md`` and the plots of an evaluation from its
-    ``results.json`` (after a change to the report code; nothing is re-evaluated)."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="maml-stop report", description=main.__doc__)
-    p.add_argument("run", help="an evaluation's output folder (holding results.json) or the results.json itself")
-    p.add_argument("--out", default=None, help="write the report here instead of beside results.json")
-    args = p.parse_args(argv)
-    src = Path(args.run)
-    src = src / "results.json" if src.is_dir() else src
-    if not src.is_file():
-        p.error(f"{src} does not exist: give an evaluation folder written by `maml-stop evaluate`")
-    try:
-        results = json.loads(src.read_text())
-    except json.JSONDecodeError as err:
-        p.error(f"{src} is not valid JSON ({err})")
-    missing = [key for key in ("methods", "families", "shots", "results", "threshold_methods") if key not in results]
-    if missing:
-        p.error(f"{src} is not an evaluation's results.json: it lacks {', '.join(missing)}")
-    paths = write_report(results, args.out or src.parent)
-    print(f"report: {paths['table']}")
-    return 0

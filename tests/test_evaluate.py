@@ -274,16 +274,3 @@ def test_within_target_on_the_mean_needs_every_family():
     assert R.within_target(summary, "b", "mean", ["f1", "f2"], 0.01)
     assert not R.within_target(summary, "c", "f1", ["f1", "f2"], 0.01)  # not evaluated: not within
 
-
-def test_report_command_rewrites_from_results_json(evaluated, tmp_path, capsys):
-    """`maml-stop report RUN` re-renders the report from results.json; bad input fails with a message."""
-    out, _ = evaluated
-    assert R.main([str(out), "--out", str(tmp_path / "again")]) == 0
-    assert (tmp_path / "again" / "results.md").read_text() == (out / "results.md").read_text()
-    assert (tmp_path / "again" / "savings_vs_k.png").is_file()
-    with pytest.raises(SystemExit):
-        R.main([str(tmp_path / "nothing_here")])
-    (tmp_path / "bad.json").write_text('{"methods": []}')
-    with pytest.raises(SystemExit):
-        R.main([str(tmp_path / "bad.json")])
-    assert "lacks" in capsys.readouterr().err
