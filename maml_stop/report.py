@@ -496,6 +496,19 @@ def _grid(n: int) -> tuple[int, int]:
     return int(math.ceil(n / cols)), cols
 
 
+POINT_MARKERS = {"full": "s", "first_probe": "^", "oracle": "*", "oracle_equal_em": "D"}
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """One distinct colour per method (tab20, the dark shades first: more than the 10 of the default cycle),
+    the same in every plot of a report."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {m: cmap(order[i % 20]) for i, m in enumerate(methods)}
+
+
 def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
     """EM-vs-tokens curves (pooled over episodes) per held-out family, every method, at one K."""
     plt = _pyplot()
@@ -503,6 +516,7 @@ def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
     families = results["families"]
     rows, cols = _grid(len(families))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = method_colors(results["methods"])
     for ax, family in zip(axes.flat, families):
         for method in results["methods"]:
             cell = _cell(results, family, k, method)
@@ -511,8 +525,8 @@ def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
             curve = cell["curve"]
             cost = 1.0 - np.asarray(curve["savings"], dtype=float)
             em = np.asarray(curve["em"], dtype=float)
-            style = "o" if len(cost) == 1 else ".-"
-            ax.plot(cost, em, style, label=method, markersize=5 if len(cost) == 1 else 3)
+            style = POINT_MARKERS.get(method, "o") if len(cost) == 1 else ".-"
+            ax.plot(cost, em, style, label=method, color=colors[method], markersize=6 if len(cost) == 1 else 3)
         ax.set_title(f"{family} (K={k})")
         ax.set_xlabel("tokens / full generation")
         ax.set_ylabel("EM")
@@ -529,12 +543,13 @@ def plot_savings_vs_k(results: dict, path: str | Path) -> Path:
     summary = summarise(results)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     shots = results["shots"]
+    colors = method_colors(results["methods"])
     for method in results["methods"]:
         pts = [summary[str(k)].get(method, {}).get("mean") for k in shots]
         if any(p is None for p in pts):
             continue
         ax.errorbar(shots, [100 * p["savings"][0] for p in pts], yerr=[100 * p["savings"][1] for p in pts],
-                    marker="o", capsize=3, label=method)
+                    marker=POINT_MARKERS.get(method, "o"), capsize=3, label=method, color=colors[method])
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("K (support questions)")
