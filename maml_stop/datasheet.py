@@ -3,7 +3,8 @@
     maml-stop datasheet experiments/corpus/qwen05
 
 writes ``<corpus>/datasheet.json``, ``<corpus>/README.md`` and ``<corpus>/probe_accuracy.png`` (per
-family, the share of forced answers already correct against reasoning tokens so far). Per family: traces, final EM, mean and
+family, the share of forced answers already correct against reasoning tokens so far). Per family: traces, final EM, the
+EM of the answer forced at the first probe, mean and
 median reasoning tokens, probes per trace, the fraction of probe points whose forced answer is already
 correct, the oracle's EM and token savings against full generation (DESIGN.md's oracle and accounting,
 via :class:`maml_stop.policies.OraclePolicy`), the savings of the oracle at equal EM
@@ -25,9 +26,10 @@ from maml_stop.harvest import store
 
 
 def family_stats(traces: list[Trace]) -> dict[str, Any]:
-    from maml_stop.policies import OraclePolicy, evaluate_policy, oracle_at_equal_em
+    from maml_stop.policies import FirstProbe, OraclePolicy, evaluate_policy, oracle_at_equal_em
 
     oracle = evaluate_policy(OraclePolicy(), traces)
+    first = evaluate_policy(FirstProbe(), traces)
     equal_em_tokens = float(sum(o.total_tokens for o in oracle_at_equal_em(traces)))
     tokens = np.array([t.reasoning_tokens for t in traces])
     probes = np.array([t.n_probes for t in traces])
@@ -37,6 +39,7 @@ def family_stats(traces: list[Trace]) -> dict[str, Any]:
         "traces": len(traces),
         "traces_with_probes": int((probes > 0).sum()),
         "final_em": float(np.mean([t.final_em for t in traces])),
+        "first_probe_em": float(first.em.mean()),
         "reasoning_tokens_mean": float(tokens.mean()),
         "reasoning_tokens_median": float(np.median(tokens)),
         "probes_per_trace": float(probes.mean()),
@@ -85,20 +88,23 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
         f"- regenerate or resume: `maml-stop harvest --config {recipe}` "
         "(model set-up in that file's header), then `maml-stop datasheet " + str(root) + "`",
         "",
-        "| family | traces (with probes) | final EM | reasoning tokens mean / median | probes per trace | probe answers correct | "
-        "any probe correct | oracle EM | oracle savings | oracle savings at equal EM | hit cap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family | traces (with probes) | final EM | first-probe EM | reasoning tokens mean / median | probes per trace | "
+        "probe answers correct | any probe correct | oracle EM | oracle savings | oracle savings at equal EM | hit cap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(stats["families"].items()) + [("**all**", stats["all"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['traces']} ({s['traces_with_probes']}) | {s['final_em']:.3f} | {s['reasoning_tokens_mean']:.1f} / "
+            f"| {name} | {s['traces']} ({s['traces_with_probes']}) | {s['final_em']:.3f} | {s['first_probe_em']:.3f} | "
+            f"{s['reasoning_tokens_mean']:.1f} / "
             f"{s['reasoning_tokens_median']:.0f} | {s['probes_per_trace']:.2f} | {s['probe_correct_fraction']:.3f} | "
             f"{s['any_probe_correct']:.3f} | {s['oracle_em']:.3f} | {100 * s['oracle_savings']:.1f}% | "
             f"{100 * s['oracle_equal_em_savings']:.1f}% | {s['hit_cap']} |"
         )
     lines += [
         "",
+        "First-probe EM: the answer forced at the first probe (a trace without probes: its final answer), i.e. "
+        "with almost no reasoning; where it is at least the final EM, this model's reasoning does not help. "
         "Oracle: stop at the earliest probe whose answer is correct; when none is, run to the end if the final "
         "answer is correct, else stop at the first probe. It also fixes answers that full generation gets wrong. "
         "The oracle at equal EM gets exactly as many answers right as full generation with the fewest tokens "

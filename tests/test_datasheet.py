@@ -24,6 +24,8 @@ def test_datasheet_figures_by_hand(tiny_corpus, tmp_path):
         s = stats["families"][fam]
         assert s["traces"] == len(traces)
         assert s["final_em"] == pytest.approx(np.mean([t.final_em for t in traces]))
+        first = [t.labels[0] > 0.5 if t.n_probes else bool(t.final_em) for t in traces]
+        assert s["first_probe_em"] == pytest.approx(np.mean(first))
         labels = np.concatenate([t.labels for t in traces])
         assert s["probe_correct_fraction"] == pytest.approx(labels.mean())
         # oracle by hand: earliest correct probe; else full run if final correct; else first probe
