@@ -273,4 +273,3 @@ def test_within_target_on_the_mean_needs_every_family():
     assert not R.within_target(summary, "a", "mean", ["f1", "f2"], 0.01)
     assert R.within_target(summary, "b", "mean", ["f1", "f2"], 0.01)
     assert not R.within_target(summary, "c", "f1", ["f1", "f2"], 0.01)  # not evaluated: not within
-
