@@ -7,8 +7,10 @@
 The harvest walks the families round-robin, one shard (``shard_size`` traces of one family) at a time,
 so an interrupted harvest has some traces of every family. Each shard is written atomically; on restart
 the traces already stored are skipped (by trace id), so nothing is duplicated or lost. Re-running with
-settings that differ from the stored ``meta.json`` (model weights, prompt, schedule, features) is an
-error rather than a silently mixed corpus.
+settings that differ from the stored ``meta.json`` (model weights and dtype, prompt, schedule, features,
+generation, question order, a stored family's settings) is an error rather than a silently mixed corpus.
+Shards are numbered past the highest index present, and the harvest checks on exit that every trace it
+wrote reads back exactly once.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ log = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 # metadata keys that must agree between a stored corpus and a resumed harvest
-_MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation")
+_MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation", "order")
 
 
 def trace_row(family, question, result: TraceResult, tokenizer, model_name: str) -> dict[str, Any]:
     text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
     final = family.extract_answer(text)
+    cap_probe = result.probes[-1] if result.hit_cap and result.probes else None
+    if cap_probe is not None and cap_probe.reason == "cap":
+        # a capped run returns the answer forced at the cap (what a deployment with that cap returns),
+        # not a number picked out of a truncated text (issue 10)
+        final = cap_probe.answer
     width = len(result.features[0]) if result.features else 0
     return {
         "trace_id": f"{question.id}#0",
@@ -83,14 +90,27 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
         store.write_meta(out, meta)
         return
     old = store.read_meta(out)
-    for key in _MUST_MATCH:
-        if old.get(key) != meta.get(key):
-            raise store.CorpusError(
-                f"corpus {out} was harvested with a different {key!r}:\n  stored: {old.get(key)}\n  now:    "
-                f"{meta.get(key)}\nUse a new --out folder, or the stored settings to resume."
-            )
     stored = {p.parent.name for p in store.shard_paths(out)}  # families with traces, plus this run's
-    merged = {**old, **{k: v for k, v in meta.items() if k not in _MUST_MATCH}}
+
+    def refuse(key: str, was: Any, now: Any) -> None:
+        raise store.CorpusError(
+            f"corpus {out} was harvested with a different {key!r}:\n  stored: {was}\n  now:    {now}\n"
+            "Use a new --out folder, or the stored settings to resume (a resumed harvest must not mix recipes)."
+        )
+
+    for key in _MUST_MATCH:
+        if key not in old and key == "order":  # written before the key was recorded: record it now
+            log.warning("corpus %s does not record its question order; recording %s", out, meta[key])
+            continue
+        if old.get(key) != meta.get(key):
+            refuse(key, old.get(key), meta.get(key))
+    if old.get("model", {}).get("dtype") != meta["model"]["dtype"]:
+        refuse("model.dtype", old.get("model", {}).get("dtype"), meta["model"]["dtype"])
+    for name, settings in meta.get("family_settings", {}).items():
+        was = old.get("family_settings", {}).get(name)
+        if name in stored and was is not None and was != settings:
+            refuse(f"family_settings.{name}", was, settings)
+    merged = {**old, **{k: v for k, v in meta.items() if k not in _MUST_MATCH or k not in old}}
     merged["families"] = sorted(stored | set(meta["families"]))
     merged["family_settings"] = {**old.get("family_settings", {}), **meta.get("family_settings", {})}
     store.write_meta(out, merged)
@@ -128,6 +148,9 @@ def harvest(
     hidden_summary: str = "mean",
     proj_dim: int = 32,
     proj_seed: int = 0,
+    mid_layer: int | None = None,
+    probe_at_start: bool = False,
+    probe_at_cap: bool = False,
     do_sample: bool = False,
     temperature: float = 1.0,
     family_args: dict[str, dict[str, Any]] | None = None,
@@ -147,6 +170,18 @@ def harvest(
         max_per_family: harvest only the first this many of each family's ``n_per_family`` questions, in
             the harvest's seeded order: a prefix of the ``n_per_family`` recipe, so that raising it later
             extends the corpus without changing what is already stored.
+        mid_layer: also store a projected summary of the hidden state after this decoder layer (an
+            index into ``output_hidden_states``, 0 = embeddings) as features ``m0..``.
+        probe_at_start: also force an answer at position 0, before any reasoning.
+        probe_at_cap: also force an answer at the token cap of a trace that reaches it; that answer is
+            then the trace's ``final_answer`` (``meta.json``: ``generation.cap_answer = "forced"``).
+        hash_weights: record the sha256 of the weight files (about 1 s a GB). With ``false`` only the
+            paths are recorded, so weights replaced in place under the same path are NOT detected on
+            resume and a corpus could mix two models: keep it on for any corpus that matters.
+
+    A resumed harvest (same ``out``) must use the stored recipe: model weights and dtype, prompt,
+    schedule, features, generation settings, question order (``n_per_family``, ``seed``) and the
+    settings of every family already stored (``family_args``); any difference is refused, naming it.
     """
     from tasks import get_family
 
@@ -155,16 +190,31 @@ def harvest(
         raise ValueError("no task families given")
     if max_per_family is not None and max_per_family < 1:
         raise ValueError(f"max_per_family must be >= 1 (or None for all n_per_family questions); got {max_per_family}")
+    for arg, value in (("n_per_family", n_per_family), ("batch_size", batch_size), ("shard_size", shard_size),
+                       ("max_new_tokens", max_new_tokens), ("answer_max_tokens", answer_max_tokens),
+                       ("num_threads", num_threads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+    if max_shards is not None and max_shards < 1:
+        raise ValueError(f"max_shards must be >= 1 (or None: no limit), got {max_shards}")
+    if len(set(families)) != len(families):
+        raise ValueError(f"families lists a family twice: {families}")
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise ValueError(f"--out {out} is a file, not a corpus folder")
     family_args = family_args or {}
+    unknown = sorted(set(family_args) - set(families))
+    if unknown:
+        raise ValueError(f"family_args names {unknown}, which this harvest does not harvest; "
+                         f"its families: {', '.join(families)}")
     fams = {name: get_family(name, **family_args.get(name, {})) for name in families}
     for name, fam in fams.items():
         if getattr(fam, "answer_trigger", answer_trigger) != answer_trigger:
             raise ValueError(f"family {name!r} expects the answer trigger {fam.answer_trigger!r}, the harvest uses "
                              f"{answer_trigger!r}: harvest it separately with --answer_trigger")
     schedule = ProbeSchedule(every_n=every_n, boundary=boundary, cues=tuple(cues or ()), min_gap=min_gap,
-                             max_probes=max_probes, align=align)
+                             max_probes=max_probes, align=align, at_start=probe_at_start, at_cap=probe_at_cap)
     schedule.check_fires_within(max_new_tokens)
-    out_path = Path(out)
 
     # questions first: a bad family or too few questions fails before the model loads
     todo: dict[str, list] = {}
@@ -175,7 +225,8 @@ def harvest(
         todo[name] = qs if max_per_family is None else qs[:max_per_family]
 
     lm, tok = load_model(model, dtype=dtype)
-    featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary)
+    featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary,
+                                 mid_layer=mid_layer)
     gen = ProbingGenerator(lm, tok, schedule, answer_trigger=answer_trigger, featurizer=featurizer,
                            max_new_tokens=max_new_tokens, answer_max_tokens=answer_max_tokens,
                            do_sample=do_sample, temperature=temperature, seed=seed)
@@ -189,10 +240,13 @@ def harvest(
         "schedule": schedule.to_dict(),
         "features": featurizer.config(),
         "feature_names": featurizer.feature_names,
+        "feature_costs": featurizer.feature_costs,
         "prompt": {"instruction": first.instruction, "system": first.system_prompt, "answer_trigger": answer_trigger,
                    "trigger_ids": gen.trigger_ids, "trigger_roundtrip": gen.trigger_roundtrip},
         "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
-                       "do_sample": do_sample, "temperature": temperature, "seed": seed},
+                       "do_sample": do_sample, "temperature": temperature, "seed": seed,
+                       **({"cap_answer": "forced"} if probe_at_cap else {})},
+        "order": {"n_per_family": n_per_family, "seed": seed, "split_fractions": SPLIT_FRACTIONS},
         "families": sorted(fams),
         "family_settings": {n: _family_settings(f) for n, f in fams.items()},
         "code_version": maml_stop.__version__,
@@ -210,6 +264,7 @@ def harvest(
     from tqdm.auto import tqdm
 
     stats = {n: [0, 0, 0] for n in fams}  # traces, final EM, hit cap
+    written: list[str] = []  # trace ids this run stored, verified readable at the end
     tokens, shards, t0 = 0, 0, time.time()
     bar = tqdm(total=total, desc="harvest", unit="trace", dynamic_ncols=True)
     try:
@@ -241,12 +296,14 @@ def harvest(
                     split_rows.setdefault(row["split"], []).append(row)
                 for split, srows in split_rows.items():
                     store.write_shard(out_path, name, split, srows)
+                    written += [r["trace_id"] for r in srows]
                 shards += 1
                 pending[name] = pending[name][len(chunk):]
                 s = stats[name]
                 log.info("%s: %d traces this run, final EM %.2f, hit cap %d", name, s[0], s[1] / max(s[0], 1), s[2])
     finally:
         bar.close()
+    store.verify_stored(out_path, written)
     dt = time.time() - t0
     return {
         "traces": int(bar.n),

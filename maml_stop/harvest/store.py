@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -119,10 +120,19 @@ def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, 
         raise CorpusError(f"trace rows lack columns {missing}")
     folder = Path(root) / SHARD_DIR / family
     folder.mkdir(parents=True, exist_ok=True)
-    index = len(list(folder.glob(f"{split}-*.parquet")))
-    path = folder / f"{split}-{index:05d}.parquet"
+    path = folder / f"{split}-{next_shard_index(folder, split):05d}.parquet"
     rewrite_shard(path, rows)
     return path
+
+
+def next_shard_index(folder: str | Path, split: str) -> int:
+    """One past the highest shard index of ``split`` in ``folder`` (0 when there is none).
+
+    Not the number of shards: after a corrupt shard was deleted, counting would hand out the index of
+    the highest shard still there and overwrite it on every write (issue 16)."""
+    found = [int(m.group(1)) for p in Path(folder).glob(f"{split}-*.parquet")
+             if (m := re.fullmatch(rf"{re.escape(split)}-(\d+)\.parquet", p.name))]
+    return max(found, default=-1) + 1
 
 
 def rewrite_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -168,11 +178,28 @@ def load_dataset(root: str | Path, families: Iterable[str] | None = None):
 
 
 def stored_trace_ids(root: str | Path) -> set[str]:
-    """trace ids already stored (for resuming a harvest)."""
+    """trace ids already stored (for resuming a harvest). A trace id stored twice is an error: the
+    corpus would count that trace twice."""
     ids: set[str] = set()
     for p in shard_paths(root):
         try:
-            ids.update(pq.read_table(p, columns=["trace_id"]).column("trace_id").to_pylist())
+            found = pq.read_table(p, columns=["trace_id"]).column("trace_id").to_pylist()
         except Exception as err:
             raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
+        seen: set[str] = set()
+        twice = {i for i in found if i in ids or i in seen or seen.add(i)}
+        if twice:
+            raise CorpusError(f"trace shard {p} repeats {len(twice)} trace id(s) stored before, e.g. "
+                              f"{sorted(twice)[:3]}: the corpus holds them twice")
+        ids.update(found)
     return ids
+
+
+def verify_stored(root: str | Path, trace_ids: Iterable[str]) -> None:
+    """Raise CorpusError unless every one of ``trace_ids`` is stored, readable, exactly once (a harvest
+    checks what it wrote before it reports success)."""
+    stored = stored_trace_ids(root)
+    missing = sorted(set(trace_ids) - stored)
+    if missing:
+        raise CorpusError(f"corpus {root} lacks {len(missing)} trace(s) this harvest wrote, e.g. {missing[:3]}; "
+                          "resume the harvest to write them again")
