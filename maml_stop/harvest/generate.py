@@ -134,6 +134,10 @@ class ProbingGenerator:
         self.pad_id = pad if pad is not None else min(self.eos)
         self._text_cache: dict[int, str] = {}
         self.device = next(model.parameters()).device
+        n_states = model.config.num_hidden_layers + 1  # output_hidden_states: embeddings + every layer
+        if self.featurizer.mid_layer is not None and self.featurizer.mid_layer >= n_states:
+            raise ValueError(f"mid_layer={self.featurizer.mid_layer} but the model has hidden states 0..{n_states - 1}")
+        self._mid: torch.Tensor | None = None  # (b, H) mid-layer hidden state of the last forward
 
     # -- small helpers ---------------------------------------------------------------------------
     def _tok_text(self, token: int) -> str:
@@ -153,6 +157,7 @@ class ProbingGenerator:
             logits_to_keep=1,
         )
         # (b, V) next-token logits, (b, H) last-layer hidden state of the last input token
+        self._mid = None if self.featurizer.mid_layer is None else out.hidden_states[self.featurizer.mid_layer][:, -1, :].float()
         return out.logits[:, -1, :].float(), out.hidden_states[-1][:, -1, :].float()
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -239,18 +244,26 @@ class ProbingGenerator:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits, hidden = self._forward(input_ids, mask, position_ids, cache)
+        mid = self._mid
         next_pos = mask.sum(-1)  # (b,) position id of the next token
 
         n = 0  # tokens generated so far by every active row
         while True:
-            self.featurizer.observe(state, rows.cpu(), hidden.cpu(), entropy_from_logits(logits).cpu())
-            if n > 0 and self.probe_mode != "none":
+            self.featurizer.observe(state, rows.cpu(), hidden.cpu(), entropy_from_logits(logits).cpu(),
+                                    None if mid is None else mid.cpu())
+            if self.probe_mode != "none" and (n > 0 or self.schedule.at_start):
                 due, reasons = [], []
                 for j, r in enumerate(rows.tolist()):
-                    gen = results[r].generated_ids
-                    event = self.schedule.event(self._tok_text(gen[-1]), "".join(self._tok_text(t) for t in gen[-4:]))
-                    pending[r] = event or pending[r]
-                    reason = self.schedule.due(n, pending[r], last_probe[r], len(results[r].probes))
+                    if n == 0:  # the start probe: an answer with no reasoning
+                        reason = "start"
+                    else:
+                        gen = results[r].generated_ids
+                        event = self.schedule.event(self._tok_text(gen[-1]), "".join(self._tok_text(t) for t in gen[-4:]))
+                        pending[r] = event or pending[r]
+                        scheduled = sum(p.reason != "start" for p in results[r].probes)  # start/cap probes: outside the cap
+                        reason = self.schedule.due(n, pending[r], last_probe[r], scheduled)
+                        if reason is None and n == self.max_new_tokens and self.schedule.at_cap:
+                            reason = "cap"  # the row is still running at the cap: its answer is forced here
                     if reason:
                         pending[r] = None
                         due.append(j)
@@ -289,5 +302,6 @@ class ProbingGenerator:
                 rows, mask, next_pos, nxt = rows[keep], mask[keep], next_pos[keep], nxt[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits, hidden = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
+            mid = self._mid
             next_pos = next_pos + 1
         return results

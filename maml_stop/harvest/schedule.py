@@ -10,7 +10,10 @@ fires on any combination of:
   there is no look-ahead).
 
 ``min_gap`` keeps probes at least that many tokens apart (the every-N probes too), and ``max_probes``
-caps probes per trace. A schedule only sees what is known at that moment (tokens so far).
+caps probes per trace. Two probes stand outside gap and cap: ``at_start`` forces an answer before any
+reasoning (position 0: the answer with no chain of thought; its hidden-state summary is the prompt's
+last token, a free summary of the question), and ``at_cap`` forces one at the token cap of a trace that
+reaches it (what a deployment with that cap returns: the full run's answer of a capped trace). A schedule only sees what is known at that moment (tokens so far).
 
 ``align`` makes probes batch-friendly: a boundary or cue seen since the row's last probe makes the row
 due at the next multiple of ``align`` generated tokens, so the rows of a batch probe together instead of
@@ -42,6 +45,8 @@ class ProbeSchedule:
     max_probes: int = 16  # cap on probes per trace
     first_at: int = 1  # no probe before this many generated tokens
     align: int = 1  # boundary/cue probes wait for the next multiple of this many tokens (see above)
+    at_start: bool = False  # also probe at position 0, before any reasoning (reason "start")
+    at_cap: bool = False  # also probe a trace that reaches the token cap, at the cap (reason "cap")
 
     def __post_init__(self) -> None:
         if self.every_n is not None and self.every_n < 1:
@@ -103,4 +108,7 @@ class ProbeSchedule:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cues"] = list(self.cues)
+        for key in ("at_start", "at_cap"):  # absent = off: corpora written before these existed still match
+            if not d[key]:
+                del d[key]
         return d
