@@ -7,7 +7,7 @@ the (adapted) stopping predictor for P(stopping here keeps the answer correct), 
 first probe whose probability reaches the threshold. The forced answer of that probe is the row's answer
 (``criteria.answers``); rows that never stop end as usual and their own final answer counts.
 
-    >>> criteria = LiveStopping(model, tok, predictor, threshold=0.8, prompt_length=enc.input_ids.shape[1],
+    >>> criteria = LiveStopping(model, tok, predictor, threshold=0.8, prompt_length=None,
     ...                         feature_names=names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
     >>> out = model.generate(**enc, stopping_criteria=StoppingCriteriaList([criteria]))     # doctest: +SKIP
     >>> criteria.answers                                                                    # doctest: +SKIP
@@ -18,11 +18,20 @@ last-layer hidden state. When ``generate`` calls the criterion, the newest token
 yet run through the model; a probe therefore feeds that token and then the trigger to its cache copy.
 The generation's own cache and tokens are never touched (tested: a run whose threshold is never reached
 gives exactly the tokens of a plain ``generate``, and its probe features equal the harvester's).
+
+One criterion serves any number of ``generate`` calls, of any batch size (issue 16): a forward that
+starts on an empty cache, or on a cache object other than the one of the previous forward, is the
+prefill of a new generation, and all per-generation state (featurizer state, probes, answers, stops)
+is reset there. The prompt length is read from that prefill (the cache length after it; with left
+padding, the padded prompt length); a ``prompt_length`` given to the constructor is checked against it.
+The results of the latest generation are in ``answers``, ``stopped_at``, ``features`` and so on.
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import logging
 
 import numpy as np
 import torch
@@ -33,6 +42,8 @@ from maml_stop.data import ProbeBatch
 from maml_stop.harvest.features import ProbeFeaturizer, entropy_from_logits
 from maml_stop.harvest.generate import _sub_cache, encode_trigger, eos_ids
 from maml_stop.harvest.schedule import ProbeSchedule
+
+log = logging.getLogger(__name__)
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
@@ -52,7 +63,7 @@ class LiveStopping(StoppingCriteria):
         tokenizer,
         predictor: nn.Module,
         threshold: float,
-        prompt_length: int,
+        prompt_length: int | None,
         feature_names: list[str],
         featurizer: ProbeFeaturizer,
         schedule: ProbeSchedule,
@@ -70,7 +81,11 @@ class LiveStopping(StoppingCriteria):
             raise ValueError(f"threshold must lie in [0, 1] (or inf: never stop), got {threshold}")
         self.model, self.tokenizer, self.predictor = model, tokenizer, predictor.eval()
         self.threshold = threshold
-        self.prompt_length = prompt_length
+        if prompt_length is not None and prompt_length < 1:
+            raise ValueError(f"prompt_length must be a positive token count or None (read from each prefill), "
+                             f"got {prompt_length}")
+        self.expected_prompt_length = prompt_length  # checked against each prefill; None: not checked
+        self.prompt_length: int | None = None  # of the current generation, read from its prefill
         self.featurizer, self.schedule = featurizer, schedule
         self.answer_fn = answer_fn
         self.answer_max_tokens = answer_max_tokens
@@ -78,7 +93,9 @@ class LiveStopping(StoppingCriteria):
         self.eos = eos_ids(model, tokenizer)
         self._texts: dict[int, str] = {}
         self._probing = False
+        self._warned_no_cache = False
         self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._on_forward, with_kwargs=True),
             _final_norm(model).register_forward_hook(self._on_norm),
         ]
@@ -86,7 +103,9 @@ class LiveStopping(StoppingCriteria):
 
     # -- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
+        """Forget the current generation (the forward hooks call this at each new generation's prefill)."""
         self.state = None
+        self.prompt_length = None
         self.cache = None
         self.mask = None
         self._hidden = None
@@ -109,14 +128,40 @@ class LiveStopping(StoppingCriteria):
         if not self._probing:
             self._hidden = output[:, -1, :].detach().float()  # (b, H)
 
+    def _before_forward(self, module, args, kwargs) -> None:
+        """A forward on an empty cache, or on another cache object than the last one, is the prefill
+        of a new generation: reset everything recorded about the previous one."""
+        if self._probing:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            if not self._warned_no_cache:
+                log.warning("LiveStopping saw a forward without a KV cache (use_cache=False?): it probes only "
+                            "inside generate() with a cache; such a generation gets no probes")
+                self._warned_no_cache = True
+            self.reset()
+            return
+        if cache is not self.cache or cache.get_seq_length() == 0:
+            self.reset()
+
     def _on_forward(self, module, args, kwargs, output) -> None:
         if self._probing:
             return
-        self.cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return
+        self.cache = cache
         self.mask = kwargs.get("attention_mask")
         logits = output.logits[:, -1, :].detach().float()  # (b, V)
         b = logits.shape[0]
-        if self.state is None:
+        if self.state is None:  # the prefill: the prompt is what the cache holds now
+            self.prompt_length = cache.get_seq_length()
+            if self.expected_prompt_length is not None and self.expected_prompt_length != self.prompt_length:
+                raise ValueError(
+                    f"LiveStopping was given prompt_length={self.expected_prompt_length}, but this generation's "
+                    f"prompt is {self.prompt_length} tokens (padded); pass prompt_length=None to read it from "
+                    "each generation"
+                )
             self.state = self.featurizer.new_state(b)
             self.last_probe, self.pending = [None] * b, [None] * b
             self.features = [[] for _ in range(b)]
