@@ -5,7 +5,7 @@ stored parquet schema) and K, it adapts the predictor on K support questions wit
 :class:`~maml_stop.adapter.InnerLoopAdapter`, chooses the threshold on those K traces alone, and saves
 what live generation needs: the adapted predictor, the threshold and the feature names::
 
-    maml-stop adapt --checkpoint runs/quickstart/checkpoints/last.ckpt \\
+    maml-stop adapt --checkpoint runs/quickstart/checkpoints/best.ckpt \\
         --corpus experiments/corpus/qwen05 --family gcd --k 16 --threshold_method em_target \\
         --out runs/adapted/gcd.pt
 
@@ -226,12 +226,16 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
 def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -> AdaptedPredictor:
     """Read what :func:`save_adapted` wrote; with ``feature_names``, check they match (live generation
     passes the names its feature code computes)."""
+    from maml_stop.checkpoint_io import CheckpointLoadError, safe_load
     from maml_stop.predictor import StoppingPredictor
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapted predictor at {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights-only, checked first: an adapted artifact can be a pickle that runs code
+        blob = safe_load(path, what="adapted predictor")
+    except CheckpointLoadError as err:
+        raise AdaptError(str(err)) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise AdaptError(f"{path} is not an adapted predictor written by `maml-stop adapt` (format {FORMAT}); found {keys}")

@@ -16,7 +16,7 @@ the held-out families and log, on the query sets:
 Validation and test need ``Trainer(inference_mode=False)`` (set in every YAML and enforced by the CLI):
 the inner loop takes gradients.
 
->>> predictor, adapter, meta = load_predictor("runs/quickstart/checkpoints/last.ckpt")   # doctest: +SKIP
+>>> predictor, adapter, meta = load_predictor("runs/quickstart/checkpoints/best.ckpt")   # doctest: +SKIP
 >>> adapted = adapter.adapt(support_batch)                                              # doctest: +SKIP
 """
 
@@ -226,10 +226,15 @@ def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, Inne
 
     Check the corpus you adapt on with ``check_feature_names(meta["feature_names"], corpus.feature_names)``.
     """
+    from maml_stop.checkpoint_io import CheckpointLoadError, safe_load
+
     path = str(checkpoint_path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights-only, checked first: a checkpoint can be a pickle that runs code
+        ckpt = safe_load(path, what="checkpoint")
+    except CheckpointLoadError as err:
+        raise CheckpointError(str(err)) from None
     info = _section(ckpt, path)
     predictor = StoppingPredictor(**info["predictor"])
     adapter = InnerLoopAdapter(predictor, **info["adapter"])
