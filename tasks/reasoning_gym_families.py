@@ -67,6 +67,29 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     # logic
     "syllogism": ("syllogism", {}, "yesno"),
     "family_relationships": ("family_relationships", {}, "text"),
+    # corpus v2 candidates (issue 11): short exact answers, difficulty set for a 0.5B instruct model.
+    # Left out: fraction_simplification, complex_arithmetic, calendar_arithmetic, number_format,
+    # sentence_reordering, letter_jumble and bitwise_arithmetic, whose reasoning-gym scorers need entry
+    # metadata that a stored trace does not carry (a stored question would score differently)
+    "decimal_chain_sum": ("decimal_chain_sum", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2,
+                                                "min_decimal_places": 1, "max_decimal_places": 2}, "number"),
+    "count_primes": ("count_primes", {"min_n": 1, "max_n": 200}, "number"),
+    "number_sequence": ("number_sequence", {"max_terms": 6, "min_value": -20, "max_value": 20, "max_complexity": 2}, "number"),
+    "simple_geometry": ("simple_geometry", {}, "number"),
+    "dice": ("dice", {"num_dice": 3, "max_dice_size": 12}, "text"),
+    "isomorphic_strings": ("isomorphic_strings", {"max_string_length": 6}, "text"),
+    "ransom_note": ("ransom_note", {"max_note_length": 5, "max_magazine_length": 12}, "text"),
+    "course_schedule": ("course_schedule", {"max_num_courses": 6}, "text"),
+    "circuit_logic": ("circuit_logic", {}, "number"),
+    "binary_alternation": ("binary_alternation", {"min_n": 4, "max_n": 10}, "number"),
+    "largest_island": ("largest_island", {"min_rows": 4, "max_rows": 6, "min_cols": 4, "max_cols": 6,
+                                          "max_num_islands": 3, "max_island_size": 6}, "number"),
+    "rotten_oranges": ("rotten_oranges", {"min_n": 3, "max_n": 5}, "number"),
+    "maze": ("maze", {"min_dist": 2, "max_dist": 5, "min_grid_size": 5, "max_grid_size": 7}, "number"),
+    "color_cube_rotation": ("color_cube_rotation", {"max_rotations": 2}, "text"),
+    "needle_haystack": ("needle_haystack", {"max_num_statements": 20}, "text"),
+    "zebra_puzzles": ("zebra_puzzles", {"num_people": 2, "num_characteristics": 2}, "text"),
+    "string_insertion": ("string_insertion", {"max_string_length": 8}, "text"),
 }
 
 
