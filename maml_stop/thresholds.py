@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,10 @@ class SupportSweep:
 
 
 def binom_cdf(s: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= s), summed in log space (no SciPy needed)."""
+    """P(Binomial(n, p) <= s) (``scipy.stats.binom``)."""
     if s < 0:
         return 0.0
-    if s >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    log_terms = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-        for i in range(int(s) + 1)
-    ]
-    top = max(log_terms)
-    return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms)))
+    return float(stats.binom.cdf(int(s), int(n), float(p)))
 
 
 def min_certifiable_k(delta: float, alpha: float) -> int:
