@@ -15,6 +15,10 @@ support and query sets from the same pool of traces, so the interval shows how m
 from one K-shot draw to the next; it is not a confidence interval for the family's population.
 The mean row averages the family means; its half-width combines the families' half-widths
 (sqrt(sum h_f^2) / n_families, families being independent).
+
+The risk section (:func:`risk_tables`, after the analysis) counts, per method, family and threshold rule,
+the episodes whose query EM drop exceeds the rule's target, with a one-sided 95% Clopper-Pearson upper
+bound (:func:`violation_rates`), and states what each rule promises.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
+
+from maml_stop.thresholds import min_certifiable_k
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ __all__ = [
     "summarise",
     "markdown_tables",
     "analysis",
+    "risk_tables",
+    "violation_rates",
+    "clopper_pearson_upper",
     "plot_curves",
     "plot_savings_vs_k",
     "plot_calibration",
@@ -65,51 +75,12 @@ METHOD_LABELS = {
 ORACLES = ("oracle", "oracle_equal_em")
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
 @functools.lru_cache(maxsize=None)
 def t_quantile_975(df: int) -> float:
-    """97.5% quantile of Student's t with ``df`` degrees of freedom (bisection on the two-sided tail
-    P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2); no SciPy needed)."""
+    """97.5% quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t``)."""
     if df <= 0:
         return float("nan")
-    lo, hi = 0.0, 1000.0
-    for _ in range(64):  # 1000 / 2**64: below float resolution
-        mid = 0.5 * (lo + hi)
-        if _betainc(df / 2.0, 0.5, df / (df + mid * mid)) > 0.05:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return float(stats.t.ppf(0.975, df))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -471,6 +442,194 @@ def analysis(results: dict, method: str = "maml") -> str:
     return "\n".join(lines)
 
 
+def clopper_pearson_upper(violations: int, n: int, level: float = 0.95) -> float:
+    """One-sided ``level`` Clopper-Pearson upper bound on a binomial rate from ``violations`` of ``n``
+    (1.0 when every trial violates; NaN for ``n = 0``).
+
+    >>> round(clopper_pearson_upper(0, 50), 4), clopper_pearson_upper(3, 3)
+    (0.0582, 1.0)
+    """
+    if n <= 0:
+        return float("nan")
+    if violations >= n:
+        return 1.0
+    return float(stats.beta.ppf(level, violations + 1, n - violations))
+
+
+def selector_target(results: dict, selector: str) -> float:
+    """The EM-drop target a threshold selector answers to: ``ltt_delta`` for Learn-then-Test, ``delta``
+    for the others (``fixed`` promises nothing; it is held to the headline target)."""
+    if selector == "ltt":
+        return float(results.get("ltt_delta", results["delta"]))
+    return float(results["delta"])
+
+
+def _thresholded(results: dict, k: int, method: str) -> bool:
+    """Whether ``method`` chose a threshold in any episode at K (full generation, the first probe and the
+    oracles have none: every selector gives them the same figures)."""
+    for family in results["families"]:
+        cell = _cell(results, family, k, method)
+        for chosen in (cell or {}).get("thresholds", {}).values():
+            if any(p is not None for p in chosen.get("param", [])):
+                return True
+    return False
+
+
+def violation_rates(results: dict) -> dict[str, dict[str, dict[str, dict[str, dict[str, float]]]]]:
+    """Per K, thresholded method, family (plus ``"all"``: every family's episodes pooled) and threshold
+    selector: how often the query EM drop of an episode exceeds the selector's target
+    (:func:`selector_target`).
+
+    Each entry holds ``violations`` and ``episodes`` (episodes with a finite EM drop), ``rate`` and
+    ``upper`` (one-sided 95% Clopper-Pearson bound). The em_target rate is 1 - ``within_delta`` of
+    :func:`summarise`.
+    """
+    out: dict = {}
+    for k in results["shots"]:
+        out[str(k)] = {}
+        for method in results["methods"]:
+            if not _thresholded(results, k, method):
+                continue
+            rows: dict[str, dict[str, dict[str, float]]] = {}
+            for family in results["families"]:
+                cell = _cell(results, family, k, method)
+                if cell is None:
+                    continue
+                rows[family] = {}
+                for selector in results["threshold_methods"]:
+                    drop = np.asarray(cell["thresholds"][selector]["em_drop"], dtype=np.float64)
+                    drop = drop[np.isfinite(drop)]
+                    x = int((drop > selector_target(results, selector) + 1e-9).sum())
+                    rows[family][selector] = {"violations": x, "episodes": int(drop.size)}
+            if not rows:
+                continue
+            rows["all"] = {
+                selector: {
+                    "violations": sum(r[selector]["violations"] for r in rows.values()),
+                    "episodes": sum(r[selector]["episodes"] for r in rows.values()),
+                }
+                for selector in results["threshold_methods"]
+            }
+            for r in rows.values():
+                for v in r.values():
+                    v["rate"] = v["violations"] / v["episodes"] if v["episodes"] else float("nan")
+                    v["upper"] = clopper_pearson_upper(v["violations"], v["episodes"])
+            out[str(k)][method] = rows
+    return out
+
+
+def _rate(v: Mapping[str, float]) -> str:
+    if not v["episodes"]:
+        return "n/a"
+    return f"{100 * v['rate']:.1f}% (≤ {100 * v['upper']:.1f}%)"
+
+
+def risk_tables(results: dict) -> str:
+    """How often each threshold rule misses its EM-drop target on the query set, with what the rule
+    promises: a table over K (every family's episodes pooled) and one per K by held-out family."""
+    rates = violation_rates(results)
+    if not any(rates.values()):
+        return ""
+    selectors = results["threshold_methods"]
+    delta = results["delta"]
+    alpha = results.get("ltt_alpha")
+    targets = {s: f"{100 * selector_target(results, s):g} pt" for s in selectors}
+    lines = ["## Risk of the threshold rules: how often the query EM drop exceeds the target", ""]
+    promise = {
+        "em_target": (
+            f"`em_target` (the headline rule) takes the most aggressive threshold whose EM drop on the K "
+            f"support traces is within {100 * delta:g} point(s). It promises nothing for an episode's query "
+            "set: when the support questions happen to be easy, it picks a threshold that drops more on the "
+            "query questions, and the table below measures how often."
+        ),
+        "ltt": (
+            f"`ltt` (Learn-then-Test) keeps a threshold only when a binomial tail bound rejects 'EM drop > "
+            f"{targets.get('ltt', '')}' at alpha = {alpha if alpha is not None else 'n/a'}: with probability at least "
+            "1 - alpha over the draw of the support set, the chosen threshold's expected EM drop is within its "
+            "target (a heuristic for probes adapted on the same support traces). Where K is too small to "
+            "certify anything"
+            + (f" (K < {min_certifiable_k(selector_target(results, 'ltt'), alpha)})" if alpha is not None else "")
+            + " it never stops early, which keeps the target trivially."
+        ),
+        "fixed": "`fixed` uses a preset threshold whatever the support says and promises nothing.",
+    }
+    lines += [f"- {promise[s]}" for s in selectors if s in promise]
+    lines += [
+        "",
+        "Violation rate: the share of episodes whose query EM drop exceeds the rule's target ("
+        + ", ".join(f"`{s}` {targets[s]}" for s in selectors)
+        + "), with a one-sided 95% Clopper-Pearson upper bound in brackets. Episodes are treated as "
+        "independent draws; they redraw support and query sets from one family's traces, so the bound is "
+        "about that redrawing, not about the family's population. Only methods that choose a threshold are "
+        "listed; `all` pools every held-out family's episodes.",
+        "",
+    ]
+    shots = results["shots"]
+    for k in shots:
+        em_rows = [
+            (m, f, r["em_target"]["rate"]) for m, fam in rates[str(k)].items() for f, r in fam.items()
+            if f != "all" and "em_target" in r and r["em_target"]["episodes"]
+        ]
+        if not em_rows:
+            continue
+        worst = max(em_rows, key=lambda row: row[2])
+        text = (
+            f"- K={k}: `em_target` misses its {100 * delta:g}-point target on the query set in "
+            f"{100 * np.mean([row[2] for row in em_rows]):.1f}% of episodes on average over (method, family) "
+            f"cells, up to {100 * worst[2]:.1f}% ({worst[1]}, {worst[0]})"
+        )
+        ltt_rows = [
+            (m, f, r["ltt"]["rate"]) for m, fam in rates[str(k)].items() for f, r in fam.items()
+            if f != "all" and "ltt" in r and r["ltt"]["episodes"]
+        ]
+        if ltt_rows:
+            worst = max(ltt_rows, key=lambda row: row[2])
+            stopped = [
+                x for m in rates[str(k)] for f in results["families"]
+                if (c := _cell(results, f, k, m)) is not None for x in c["thresholds"]["ltt"].get("stopped", [])
+            ]
+            if worst[2] > 0:
+                text += (f"; `ltt` misses its {targets['ltt']} target in at most {100 * worst[2]:.1f}% of episodes "
+                         f"({worst[1]}, {worst[0]})")
+            elif stopped and max(stopped) == 0:
+                text += f"; `ltt` certifies nothing at this K (it never stops early), so it never misses"
+            else:
+                text += f"; `ltt` never misses its {targets['ltt']} target"
+        lines.append(text + ".")
+    lines += [
+        "",
+        "### Violation rate per method and rule over K, every held-out family's episodes pooled",
+        "",
+        "| method | rule (target) | " + " | ".join(f"K={k}" for k in shots) + " |",
+        "|---|---|" + "---|" * len(shots),
+    ]
+    methods = [m for m in results["methods"] if any(m in rates[str(k)] for k in shots)]
+    for method in methods:
+        for s in selectors:
+            cells = [
+                _rate(rates[str(k)][method]["all"][s]) if method in rates[str(k)] else "n/a" for k in shots
+            ]
+            lines.append(f"| {method} | {s} ({targets[s]}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for k in shots:
+        if not rates[str(k)]:
+            continue
+        lines += [
+            f"### K = {k}: violation rate of each threshold rule per held-out family, {results['episodes']} "
+            "episodes per family",
+            "",
+            "| family | method | " + " | ".join(f"{s}: drop > {targets[s]}" for s in selectors) + " |",
+            "|---|---|" + "---|" * len(selectors),
+        ]
+        for family in [*results["families"], "all"]:
+            for method, fam in rates[str(k)].items():
+                if family in fam:
+                    name = f"**{family}**" if family == "all" else family
+                    lines.append(f"| {name} | {method} | " + " | ".join(_rate(fam[family][s]) for s in selectors) + " |")
+        lines.append("")
+    return "\n".join(lines[:-1]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # plots (matplotlib, Agg backend: no display needed)
 
@@ -683,6 +842,7 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         markdown_tables(results),
         *[versus_best_table(results, k) for k in results["shots"]],
         analysis(results),
+        *([risk] if (risk := risk_tables(results)) else []),
     ]
     paths["table"] = out / "results.md"
     paths["table"].write_text("\n".join(text))
