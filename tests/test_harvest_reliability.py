@@ -209,3 +209,13 @@ def test_chaos_kills_and_a_corrupt_shard_end_with_exactly_the_uninterrupted_trac
     got = {r["trace_id"]: r["generated_text"] for r in store.load_dataset(out)}
     assert len(store.load_dataset(out)) == 90
     assert got == expected
+
+
+def test_rescore_keeps_the_forced_cap_answer(tmp_path, model_dir):
+    from maml_stop.harvest.rescore import rescore
+
+    out = tmp_path / "c"
+    _harvest(out, model_dir, families=["basic_arithmetic"], n_per_family=6, max_new_tokens=10, probe_at_cap=True)
+    before = {r["trace_id"]: (r["final_answer"], r["final_em"]) for r in store.load_dataset(out)}
+    assert rescore(out)["final_em"] == 0
+    assert {r["trace_id"]: (r["final_answer"], r["final_em"]) for r in store.load_dataset(out)} == before

@@ -28,6 +28,7 @@ import maml_stop
 from maml_stop.harvest import store
 from maml_stop.harvest.features import ProbeFeaturizer
 from maml_stop.harvest.generate import ProbingGenerator, TraceResult
+from maml_stop.harvest.labels import final_answer
 from maml_stop.harvest.model import load_model, model_identity
 from maml_stop.harvest.schedule import ProbeSchedule
 
@@ -38,14 +39,11 @@ SPLIT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 _MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation", "order")
 
 
-def trace_row(family, question, result: TraceResult, tokenizer, model_name: str) -> dict[str, Any]:
+def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
+              cap_answer: str = "text") -> dict[str, Any]:
     text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
-    final = family.extract_answer(text)
-    cap_probe = result.probes[-1] if result.hit_cap and result.probes else None
-    if cap_probe is not None and cap_probe.reason == "cap":
-        # a capped run returns the answer forced at the cap (what a deployment with that cap returns),
-        # not a number picked out of a truncated text (issue 10)
-        final = cap_probe.answer
+    final = final_answer(family, text, result.hit_cap, [p.reason for p in result.probes],
+                         [p.answer for p in result.probes], cap_answer)
     width = len(result.features[0]) if result.features else 0
     return {
         "trace_id": f"{question.id}#0",
@@ -281,7 +279,7 @@ def harvest(
                     batch = order[b : b + batch_size]
                     results = gen.run([prompts[q.id] for q in batch], fam.extract_probe_answer)
                     for q, r in zip(batch, results):
-                        row = trace_row(fam, q, r, tok, model)
+                        row = trace_row(fam, q, r, tok, model, "forced" if probe_at_cap else "text")
                         rows.append(row)
                         tokens += row["reasoning_tokens"] + sum(row["probe_tokens"])
                         s = stats[name]

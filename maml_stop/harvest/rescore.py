@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from maml_stop.harvest import store
 from maml_stop.harvest.features import answer_key, answer_stability
+from maml_stop.harvest.labels import final_answer
 from tasks import get_family
 from tasks.base import Question
 
@@ -37,6 +38,7 @@ def stability_features(answers: list[str | None]) -> list[dict[str, float]]:
 
 def rescore(root: str | Path) -> dict[str, int]:
     meta = store.read_meta(root)
+    cap_answer = meta["generation"].get("cap_answer", "text")
     names = meta["feature_names"]
     cols = {k: names.index(k) for k in _STABILITY if k in names}
     changed = {"final_em": 0, "probe_em": 0, "traces": 0}
@@ -46,11 +48,11 @@ def rescore(root: str | Path) -> dict[str, int]:
         for r in rows:
             fam = families.setdefault(r["family"], get_family(r["family"]))
             q = Question(r["question_id"], r["family"], r["split"], r["question"], r["gold"])
-            final = fam.extract_answer(r["generated_text"])
+            answers = [fam.extract_probe_answer(t) for t in r["probe_texts"]]
+            final = final_answer(fam, r["generated_text"], r["hit_cap"], r["probe_reasons"], answers, cap_answer)
             em = bool(fam.score(final, q))
             changed["final_em"] += em != r["final_em"]
             r["final_answer"], r["final_em"] = final, em
-            answers = [fam.extract_probe_answer(t) for t in r["probe_texts"]]
             probe_em = [bool(fam.score(a, q)) for a in answers]
             changed["probe_em"] += sum(a != b for a, b in zip(probe_em, r["probe_em"]))
             r["probe_answers"], r["probe_em"] = [a or "" for a in answers], probe_em
