@@ -21,6 +21,7 @@ import sys
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from maml_stop.checkpoint_io import secure_ckpt_path
 from maml_stop.datamodule import TraceDataModule
 from maml_stop.module import MetaStoppingModule
 
@@ -35,6 +36,13 @@ class MetaStoppingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_features", "model.n_features", apply_on="instantiate")
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then make ``--ckpt_path`` loading safe before Lightning reads the file (it would
+        show torch's advice to pass ``weights_only=False``, and honour TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            secure_ckpt_path(self.config[self.config.subcommand])
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
