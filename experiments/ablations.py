@@ -48,11 +48,11 @@ def main() -> int:
             continue
         run = out / f"v{i}"
         shutil.rmtree(run, ignore_errors=True)
+        # the output root carries the logs and checkpoints: run/checkpoints/best.ckpt (lowest val/loss)
         subprocess.run([exe, "fit", "--config", "experiments/main.yaml", f"--trainer.default_root_dir={run}",
-                        f"--trainer.logger.init_args.save_dir={run}", "--trainer.callbacks.init_args.dirpath="
-                        f"{run}/checkpoints", *extra, *args.fit_args], check=True, stdout=subprocess.DEVNULL)
+                        *extra, *args.fit_args], check=True, stdout=subprocess.DEVNULL)
         ckpt = run / "checkpoints" / "best.ckpt"
-        ckpt = ckpt if ckpt.is_file() else run / "checkpoints" / "last.ckpt"
+        ckpt = ckpt if ckpt.is_file() else run / "checkpoints" / "last.ckpt"  # no validation ran: the final step
         subprocess.run([exe, "evaluate", "--config", "experiments/main_evaluate.yaml", f"--out={run}/evaluate",
                         f"--checkpoint={ckpt}", f"--shots=[{args.shots}]",
                         f"--episodes={args.episodes}", "--threshold_methods=[em_target]", "--progress=false"],

@@ -139,10 +139,11 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
 def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path) -> str:
     """Meta-train one checkpoint with ``family`` held out, in process (``maml-stop fit`` with
     ``train_config``): test = [family], validation = the config's validation families other than it (or
-    the next family), checkpoints and CSV/TensorBoard logs under ``out/folds/<family>``. Returns the best (else last) checkpoint."""
-    import yaml
+    the next family), checkpoints and CSV/TensorBoard logs under ``out/folds/<family>`` (its output root,
+    whatever paths the config names; a rerun replaces the folder). Returns the best (else last) checkpoint."""
+    import shutil
 
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    import yaml
 
     from maml_stop.lightning_cli import cli_main
 
@@ -152,21 +153,17 @@ def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path
         others = [f for f in corpus.families if f != family]
         val = [others[corpus.families.index(family) % len(others)]]
     folder = out / "folds" / family
-    args = [  # run=False: no subcommand; we call trainer.fit ourselves after pointing the checkpoints
+    shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier evaluation survives in the fold
+    args = [  # run=False: no subcommand; we call trainer.fit ourselves
         "--config", str(cfg.train_config), f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null",
         "--data.train_families=null", f"--data.val_families=[{','.join(val)}]", f"--data.test_families=[{family}]",
         f"--trainer.default_root_dir={folder}",
     ]
     log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
-    cli = cli_main(args, run=False)
-    callback = cli.trainer.checkpoint_callback
-    if callback is not None:
-        callback.dirpath = str(folder / "checkpoints")  # one folder per fold, whatever the YAML says
-    # file loggers too (the YAML's save_dir would mix every fold's logs with the main job's)
-    cli.trainer.loggers = [
-        type(lg)(save_dir=str(folder), name="logs") if isinstance(lg, (CSVLogger, TensorBoardLogger)) else lg
-        for lg in cli.trainer.loggers
-    ]
+    # follow_root: the config's logger save_dir / checkpoint dirpath move under the fold's folder too
+    # (they would mix every fold's files with the main job's)
+    cli = cli_main(args, run=False, follow_root=True)
+    callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt in our YAMLs
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
     if not path:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-rm -rf runs/main
+rm -rf runs/main  # a fresh output root (fit refuses to write over an earlier run's files)
 .venv/bin/maml-stop fit --config experiments/main.yaml
 .venv/bin/maml-stop evaluate --config experiments/main_evaluate.yaml
 echo "results: runs/main/evaluate/results.md"
