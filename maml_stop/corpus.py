@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from maml_stop.harvest import store
 
@@ -61,6 +62,30 @@ class Trace:
         return int(self.reasoning_tokens)
 
 
+# per-probe list columns of the stored schema: one entry per probe point, like the rows of ``features``
+PER_PROBE_COLUMNS = tuple(
+    f.name for f in store.TRACE_SCHEMA if pa.types.is_list(f.type) and f.name != "features"
+)
+
+
+def find_shard(root: str | Path, family: str, trace_id: str) -> Path | None:
+    """The shard of ``root`` that stores ``trace_id`` (searched among ``family``'s shards; only called
+    to name the file in an error, so loading stays one read per shard)."""
+    import pyarrow.parquet as pq
+
+    for path in store.shard_paths(root, family):
+        if trace_id in pq.read_table(path, columns=["trace_id"]).column(0).to_pylist():
+            return path
+    return None
+
+
+def _where(root: str | Path, cols: dict, i: int) -> str:
+    """``"shard <path>, trace <id>"`` for row ``i`` of a corpus table (the shard found by its trace id)."""
+    tid, family = cols["trace_id"][i], cols["family"][i]
+    path = find_shard(root, family, tid)
+    return f"shard {path if path is not None else Path(root, store.SHARD_DIR, family, '*.parquet')}, trace {tid}"
+
+
 class TraceCorpus:
     """Traces of a stored corpus grouped by family, with the corpus metadata."""
 
@@ -81,13 +106,31 @@ class TraceCorpus:
         width = len(meta["feature_names"])
         cols = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("features",)}
         feats = table.column("features").to_pylist()
+        per_probe = [c for c in PER_PROBE_COLUMNS if c in cols]
         traces = []
         for i in range(table.num_rows):
+            lengths = {c: len(cols[c][i] or ()) for c in per_probe}
+            lengths["features"] = len(feats[i] or ())
+            if len(set(lengths.values())) > 1:
+                raise store.CorpusError(
+                    f"{_where(root, cols, i)}: per-probe columns of different lengths ("
+                    + ", ".join(f"{c} {n}" for c, n in lengths.items())
+                    + "); every per-probe list must have one entry per probe. Delete the shard and resume the harvest."
+                )
+            widths = sorted({len(v) for v in feats[i] or ()} - {width})
+            if widths:
+                raise store.CorpusError(
+                    f"{_where(root, cols, i)}: feature vectors of width {widths}; meta.json names {width} features"
+                )
             f = np.asarray(feats[i], dtype=np.float32).reshape(-1, width) if feats[i] else np.zeros((0, width), np.float32)
             if f.shape[0] < min_probes:
                 continue
             if not np.isfinite(f).all():
-                raise store.CorpusError(f"trace {cols['trace_id'][i]} has non-finite features")
+                bad = np.flatnonzero(~np.isfinite(f).all(axis=1))[:5].tolist()
+                names = [meta["feature_names"][j] for j in np.flatnonzero(~np.isfinite(f).all(axis=0))[:5]]
+                raise store.CorpusError(
+                    f"{_where(root, cols, i)}: non-finite (NaN/inf) features at probes {bad} (features {names})"
+                )
             traces.append(
                 Trace(
                     trace_id=cols["trace_id"][i],

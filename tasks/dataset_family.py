@@ -25,6 +25,7 @@ test questions), and every question read is then assigned a split by its hash.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -106,6 +107,31 @@ def choice_gold(gold: Any, texts: Sequence[str], labels: Sequence[str] | None, i
     raise DatasetFormatError(f"gold {gold!r} is none of the letters {letters}, an index, or a choice text {texts}")
 
 
+def _malformed_json_line(path: str) -> tuple[int, str, str] | None:
+    """(line number from 1, the parser's message, the line's start) of the first line of a JSON Lines file
+    that is not a JSON value; for a whole-file ``.json`` document, the line of its first error. None when
+    the file parses (``datasets`` then failed for another reason)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.lower().endswith(".json"):
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            if not text.lstrip().startswith("{") or err.msg != "Extra data":  # not JSON Lines in a .json file
+                lines = text.splitlines()
+                line = lines[err.lineno - 1] if 0 < err.lineno <= len(lines) else ""
+                return err.lineno, f"{err.msg}, column {err.colno}", line[:80]
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            return number, f"{err.msg}, column {err.colno}", line[:80]
+    return None
+
+
 def load_source(path: str, subset: str | None = None, source_split: str | None = None) -> Any:
     """A ``datasets.Dataset`` from a local file or folder, or a hub id; ``source_split`` picks one of
     its splits (default: every split, concatenated in the source's order)."""
@@ -133,6 +159,9 @@ def load_source(path: str, subset: str | None = None, source_split: str | None =
     except Exception as err:  # noqa: BLE001  datasets raises many types (offline hub, bad file)
         if os.path.isfile(path) and "corresponds to no data" in str(err):  # datasets' word for an empty file
             raise TaskError(f"dataset {path!r} has no rows") from err
+        bad = _malformed_json_line(path) if os.path.isfile(path) and ext in (".jsonl", ".json") else None
+        if bad is not None:
+            raise TaskError(f"dataset {path!r}: line {bad[0]} is not valid JSON ({bad[1]}): {bad[2]!r}") from err
         raise TaskError(f"cannot load dataset {path!r} (subset {subset!r}): {type(err).__name__}: {err}") from err
     if isinstance(source, datasets.Dataset):
         source = datasets.DatasetDict({"train": source})
