@@ -41,7 +41,7 @@ def main() -> int:
     exe = str(Path(sys.executable).parent / "maml-stop")
     out = Path(args.out)
     rows = []
-    from maml_stop.report import summarise
+    from maml_stop.evaluate.report import summarise
 
     for i, (name, extra) in enumerate(VARIANTS.items()):
         if args.only and name not in args.only:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maml_stop.harvest import store
+from maml_stop.data import store
 
 N_FEATURES = 45
 N_FAMILIES_IN_RECIPE = 14
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from maml_stop.evaluate import EvaluateConfig, run
-    from maml_stop.module import MetaStoppingModule
+    from maml_stop.evaluate.protocol import EvaluateConfig, run
+    from maml_stop.learn.module import MetaStoppingModule
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "corpus"

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from maml_stop.harvest.features import ProbeFeaturizer
-from maml_stop.harvest.generate import ProbingGenerator
+from maml_stop.probe.features import ProbeFeaturizer
+from maml_stop.probe.engine import ProbingGenerator
 from maml_stop.harvest.model import load_model
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.probe.schedule import ProbeSchedule
 from tasks import get_family
 
 

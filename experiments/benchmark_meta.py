@@ -23,11 +23,11 @@ import time
 import numpy as np
 import torch
 
-from maml_stop.corpus import Trace, TraceCorpus
-from maml_stop.data import TraceTensors
-from maml_stop.datamodule import EpisodeBatch
-from maml_stop.module import MetaStoppingModule
-from tasks.samplers import EpisodeSampler
+from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data.batches import TraceTensors
+from maml_stop.data.datamodule import EpisodeBatch
+from maml_stop.learn.module import MetaStoppingModule
+from maml_stop.data.episodes import EpisodeSampler
 
 
 def synthetic_traces(n_families: int = 6, per_family: int = 400, n_features: int = 45, seed: int = 0) -> dict:

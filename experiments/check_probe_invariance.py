@@ -17,10 +17,10 @@ import argparse
 import pyarrow.parquet as pq
 import torch
 
-from maml_stop.harvest import store
-from maml_stop.harvest.generate import ProbingGenerator
+from maml_stop.data import store
+from maml_stop.probe.engine import ProbingGenerator
 from maml_stop.harvest.model import load_model
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.probe.schedule import ProbeSchedule
 from tasks import get_family
 from tasks.base import Question
 

@@ -14,12 +14,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("maml_stop.commands.tasks_cmd", "list the task families with a sample question and gold answer"),
     "harvest": ("maml_stop.harvest.cli", "harvest traces (probes, features, token costs) from a causal LM"),
-    "datasheet": ("maml_stop.datasheet", "write the datasheet (per-family figures) of a trace corpus"),
-    "fit": ("maml_stop.lightning_cli", "meta-train a stopping predictor (LightningCLI)"),
-    "validate": ("maml_stop.lightning_cli", "validate a checkpoint (LightningCLI)"),
-    "test": ("maml_stop.lightning_cli", "test a checkpoint (LightningCLI)"),
-    "evaluate": ("maml_stop.evaluate", "leave-one-family-out EM/token evaluation with every baseline"),
-    "adapt": ("maml_stop.adapt_cmd", "adapt a meta-trained predictor to a new family from K labelled traces"),
+    "datasheet": ("maml_stop.evaluate.datasheet", "write the datasheet (per-family figures) of a trace corpus"),
+    "fit": ("maml_stop.learn.cli", "meta-train a stopping predictor (LightningCLI)"),
+    "validate": ("maml_stop.learn.cli", "validate a checkpoint (LightningCLI)"),
+    "test": ("maml_stop.learn.cli", "test a checkpoint (LightningCLI)"),
+    "evaluate": ("maml_stop.evaluate.protocol", "leave-one-family-out EM/token evaluation with every baseline"),
+    "adapt": ("maml_stop.live.adapt", "adapt a meta-trained predictor to a new family from K labelled traces"),
 }
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maml-stop: unknown command {name!r}; valid commands: {', '.join(available)}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    if SUBCOMMANDS[name][0] == "maml_stop.lightning_cli":
+    if SUBCOMMANDS[name][0] == "maml_stop.learn.cli":
         rest = [name, *rest]
     code = module.main(rest)
     return int(code or 0)

@@ -191,19 +191,12 @@ def register_family(name: str, factory: Callable[..., TaskFamily]) -> None:
     _REGISTRY[name] = factory
 
 
-def _ensure_loaded() -> None:
-    # importing the modules registers their families
-    from tasks import dataset_family, reasoning_gym_families  # noqa: F401
-
-
 def list_families() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def get_family(name: str, /, **kwargs: Any) -> TaskFamily:
     """A family by registry name; keyword arguments go to its constructor."""
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise TaskError(f"unknown task family {name!r}; valid families: {', '.join(sorted(_REGISTRY))}")
     factory = _REGISTRY[name]
@@ -217,7 +210,3 @@ def get_family(name: str, /, **kwargs: Any) -> TaskFamily:
             f"accepted: {', '.join(params)}"
         ) from None
     return factory(**kwargs)
-
-
-def get_families(names: Sequence[str]) -> list[TaskFamily]:
-    return [get_family(n) for n in names]

@@ -15,7 +15,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from maml_stop.harvest import store  # noqa: E402
+from maml_stop.data import store  # noqa: E402
 
 TINY_FEATURES = ["f0", "f1", "f2", "f3", "logprob_mean", "same_as_prev", "tokens_so_far", "probe_index"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maml_stop.adapt_cmd import AdaptError, adapt, load_adapted, main, save_adapted
-from maml_stop.corpus import TraceCorpus
-from maml_stop.data import collate_traces
-from maml_stop.harvest import store
-from maml_stop.policies import DEFAULT_TAUS, ProbePolicy
-from maml_stop.thresholds import EMTargetThreshold
+from maml_stop.live.adapt import AdaptError, adapt, load_adapted, main, save_adapted
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.batches import collate_traces
+from maml_stop.data import store
+from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy
+from maml_stop.evaluate.thresholds import EMTargetThreshold
 from trace_helpers import write_tiny_checkpoint
 
 
@@ -30,7 +30,7 @@ def test_main_saves_a_loadable_adapted_predictor(tiny_corpus, ckpt, tmp_path, ca
     assert adapted.meta["family"] == "fam_c" and len(adapted.meta["support_trace_ids"]) == 8
 
     # the saved predictor is the adapter's adaptation of the same K traces, with the same threshold
-    from maml_stop.module import load_predictor
+    from maml_stop.learn.module import load_predictor
 
     _, adapter, _ = load_predictor(ckpt)
     support = [t for t in corpus.traces("fam_c") if t.trace_id in set(adapted.meta["support_trace_ids"])]

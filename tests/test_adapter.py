@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from maml_stop.adapter import ALGORITHMS, LOSSES, InnerLoopAdapter, inner_loss, loss_weights
-from maml_stop.data import DataError, ProbeBatch
-from maml_stop.predictor import KINDS, StoppingPredictor
+from maml_stop.learn.adapter import ALGORITHMS, LOSSES, InnerLoopAdapter, inner_loss, loss_weights
+from maml_stop.data.batches import DataError, ProbeBatch
+from maml_stop.learn.predictor import KINDS, StoppingPredictor
 
 N_FEATURES = 8
 

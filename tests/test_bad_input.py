@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_trace_rows
-from maml_stop.corpus import TraceCorpus
-from maml_stop.datasheet import write_datasheet
-from maml_stop.harvest import store
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.evaluate.datasheet import write_datasheet
+from maml_stop.data import store
 from tasks.base import TaskError
 from tasks.dataset_family import DatasetFamily
 

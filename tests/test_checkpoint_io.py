@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maml_stop.adapt_cmd import AdaptError, adapt, load_adapted, save_adapted
-from maml_stop.checkpoint_io import SAFE_GLOBALS, CheckpointLoadError, CheckpointNotFoundError, safe_load
-from maml_stop.module import CheckpointError, load_predictor
+from maml_stop.live.adapt import AdaptError, adapt, load_adapted, save_adapted
+from maml_stop.learn.checkpoint_io import SAFE_GLOBALS, CheckpointLoadError, CheckpointNotFoundError, safe_load
+from maml_stop.learn.module import CheckpointError, load_predictor
 from trace_helpers import write_tiny_checkpoint
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -103,7 +103,7 @@ def test_real_checkpoint_and_adapted_artifact_still_load(ckpt, tiny_corpus, tmp_
 
 
 def _cli_test(tiny_corpus, tmp_path, *extra: str) -> None:
-    from maml_stop.lightning_cli import cli_main
+    from maml_stop.learn.cli import cli_main
 
     cli_main(["test", "--config", str(QUICKSTART), f"--data.corpus={tiny_corpus}", "--data.fold=null",
               "--data.train_families=null", "--data.val_families=[fam_b]", "--data.test_families=[fam_c]",

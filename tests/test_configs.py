@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from maml_stop.lightning_cli import cli_main
+from maml_stop.learn.cli import cli_main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

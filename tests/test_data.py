@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from maml_stop.corpus import Trace, TraceCorpus
-from maml_stop.data import COST_FLOOR, DataError, ProbeBatch, TraceTensors, collate_traces, trace_weights
+from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data.batches import COST_FLOOR, DataError, ProbeBatch, TraceTensors, collate_traces, trace_weights
 
 
 def make_trace(i: int, p: int, f: int = 3, family: str = "fam", final_em: bool = True) -> Trace:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maml_stop.corpus import TraceCorpus
-from maml_stop.datasheet import corpus_stats, write_datasheet
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.evaluate.datasheet import corpus_stats, write_datasheet
 
 BUNDLED = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maml_stop import report as R
-from maml_stop.evaluate import EvaluateConfig, main, run
-from maml_stop.module import CheckpointError
+from maml_stop.evaluate import report as R
+from maml_stop.evaluate.protocol import EvaluateConfig, main, run
+from maml_stop.learn.module import CheckpointError
 from trace_helpers import write_tiny_checkpoint
 
 ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml", "oracle", "oracle_equal_em"]
@@ -133,13 +133,13 @@ def test_feature_mismatch_is_refused(tiny_corpus, tmp_path):
 
 
 def test_config_yaml_parses(tiny_corpus):
-    from maml_stop.evaluate import _parser
+    from maml_stop.evaluate.protocol import _parser
 
     root = Path(__file__).resolve().parents[1]
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
     assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
-    from maml_stop.evaluate import _selectors, build_policies
+    from maml_stop.evaluate.protocol import _selectors, build_policies
 
     cfg = EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
     assert list(_selectors(cfg)) == cfg.threshold_methods
@@ -151,10 +151,10 @@ def test_config_yaml_parses(tiny_corpus):
 
 
 def test_callback_evaluate_figures(tiny_corpus, tiny_checkpoint):
-    from maml_stop.callbacks import EMTokenEvaluation
-    from maml_stop.corpus import TraceCorpus
-    from maml_stop.module import load_predictor
-    from tasks.samplers import EpisodeSampler
+    from maml_stop.evaluate.callbacks import EMTokenEvaluation
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.learn.module import load_predictor
+    from maml_stop.data.episodes import EpisodeSampler
 
     corpus = TraceCorpus.load(tiny_corpus)
     _, adapter, _ = load_predictor(tiny_checkpoint)
@@ -171,9 +171,9 @@ def test_callback_evaluate_figures(tiny_corpus, tiny_checkpoint):
 def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
     from lightning.pytorch import Trainer
 
-    from maml_stop.callbacks import EMTokenEvaluation
-    from maml_stop.datamodule import TraceDataModule
-    from maml_stop.module import MetaStoppingModule
+    from maml_stop.evaluate.callbacks import EMTokenEvaluation
+    from maml_stop.data.datamodule import TraceDataModule
+    from maml_stop.learn.module import MetaStoppingModule
 
     dm = TraceDataModule(corpus=tiny_corpus, val_families=["fam_b"], test_families=["fam_c"], k=4, q=8,
                          meta_batch_size=2, steps_per_epoch=2, val_episodes=2)

@@ -22,7 +22,7 @@ def _kind(path: Path) -> str:
         return "evaluate"
     from dataclasses import fields
 
-    from maml_stop.evaluate import EvaluateConfig
+    from maml_stop.evaluate.protocol import EvaluateConfig
 
     if cfg and set(cfg) <= {f.name for f in fields(EvaluateConfig)}:
         return "evaluate override"  # read after experiments/main_evaluate.yaml (a second --config)
@@ -36,12 +36,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
     kind = _kind(path)
     assert kind != "unknown", f"{path.name}: no maml-stop command reads this YAML"
     if kind == "evaluate":
-        from maml_stop.evaluate import _parser
+        from maml_stop.evaluate.protocol import _parser
 
         ns = _parser().parse_args(["--config", str(path), "--corpus", tiny_corpus])
         assert ns.episodes >= 50 and ns.delta == 0.01
     elif kind == "evaluate override":
-        from maml_stop.evaluate import _parser
+        from maml_stop.evaluate.protocol import _parser
 
         assert f"--config experiments/main_evaluate.yaml --config experiments/{path.name}" in path.read_text()
         ns = _parser().parse_args(["--config", str(EXPERIMENTS / "main_evaluate.yaml"), "--config", str(path)])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maml_stop.lightning_cli import OutputExistsError, cli_main
+from maml_stop.learn.cli import OutputExistsError, cli_main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 
@@ -86,7 +86,7 @@ def test_explicit_paths_are_followed_with_a_warning_or_moved_under_the_root(tiny
     args = fit_args(tiny_corpus, tmp_path / "run")[1:] + [
         f"--trainer.logger.init_args.save_dir={elsewhere}", f"--trainer.callbacks.init_args.dirpath={elsewhere}/ck",
     ]
-    with caplog.at_level(logging.WARNING, logger="maml_stop.lightning_cli"):
+    with caplog.at_level(logging.WARNING, logger="maml_stop.learn.cli"):
         cli = cli_main(args, run=False)
     assert cli.trainer.log_dir == str(elsewhere / "logs" / "version_0")
     assert [cb.dirpath for cb in cli.trainer.checkpoint_callbacks] == [str(tmp_path / "run" / "checkpoints"),

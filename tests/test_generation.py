@@ -10,10 +10,10 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import tiny_lm
-from maml_stop.generation import LiveStopping
-from maml_stop.harvest.features import ProbeFeaturizer
-from maml_stop.harvest.generate import ProbingGenerator
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.live.stopping import LiveStopping
+from maml_stop.probe.features import ProbeFeaturizer
+from maml_stop.probe.engine import ProbingGenerator
+from maml_stop.probe.schedule import ProbeSchedule
 
 PROMPTS = ["Question: What is 3 + 4?\nAnswer:", "Calculate 7 * 6 please now."]
 PROMPTS3 = ["Think step by step. First add 12 + 30, then subtract 4.", *PROMPTS]  # longer: another prompt length

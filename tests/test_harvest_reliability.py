@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny_lm
-from maml_stop.harvest import store
+from maml_stop.data import store
 from maml_stop.harvest.cli import harvest
-from maml_stop.harvest.features import PAID_FEATURES, ProbeFeaturizer, feature_cost
+from maml_stop.probe.features import PAID_FEATURES, ProbeFeaturizer, feature_cost
 
 FAMILIES = ["basic_arithmetic", "count_bits", "gcd"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maml_stop import metrics as M
+from maml_stop.evaluate import metrics as M
 
 
 def _np_auc(cost: np.ndarray, em: np.ndarray) -> float:

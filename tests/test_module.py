@@ -10,12 +10,12 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from maml_stop.corpus import TraceCorpus
-from maml_stop.data import DataError
-from maml_stop.datamodule import TraceDataModule
-from maml_stop.harvest import store
-from maml_stop.module import CheckpointError, MetaStoppingModule, load_predictor
-from tasks.samplers import SamplerError
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.batches import DataError
+from maml_stop.data.datamodule import TraceDataModule
+from maml_stop.data import store
+from maml_stop.learn.module import CheckpointError, MetaStoppingModule, load_predictor
+from maml_stop.data.episodes import SamplerError
 
 FAMS = dict(val_families=["fam_b"], test_families=["fam_c"])
 
@@ -137,7 +137,7 @@ def test_nan_features_rejected(tmp_path):
     rows[3]["features"][1][2] = float("nan")
     store.write_meta(tmp_path, {"feature_names": [f"f{i}" for i in range(8)]})
     store.write_shard(tmp_path, "fam_a", "all", rows)
-    with pytest.raises(ValueError, match="fam_a/00003#0 has non-finite features"):
+    with pytest.raises(ValueError, match=r"shard .*fam_a/all-00000.parquet, trace fam_a/00003#0: non-finite"):
         TraceDataModule(str(tmp_path), k=2, q=2).setup("fit")
 
 

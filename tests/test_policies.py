@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from maml_stop import policies as P
-from maml_stop.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
+from maml_stop.evaluate import policies as P
+from maml_stop.evaluate.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
 from trace_helpers import make_trace
 
 
@@ -200,7 +200,7 @@ def _auc(p, y):
 
 
 def test_train_predictor_learns_the_synthetic_signal(tiny_corpus):
-    from maml_stop.corpus import TraceCorpus
+    from maml_stop.data.corpus import TraceCorpus
 
     corpus = TraceCorpus.load(tiny_corpus)
     pooled = P.train_predictor(corpus.traces("fam_a") + corpus.traces("fam_b"), {"n_features": 8, "hidden": 16, "depth": 1},
@@ -215,9 +215,9 @@ def test_train_predictor_learns_the_synthetic_signal(tiny_corpus):
 
 
 def test_maml_policy_adapts_a_clone_with_the_real_adapter(tiny_corpus):
-    from maml_stop.adapter import InnerLoopAdapter
-    from maml_stop.corpus import TraceCorpus
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.adapter import InnerLoopAdapter
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.learn.predictor import StoppingPredictor
 
     traces = TraceCorpus.load(tiny_corpus).traces("fam_b")
     torch.manual_seed(0)
@@ -260,9 +260,9 @@ def test_crossfit_scores_support_out_of_sample():
 
 
 def test_crossfit_changes_selection_with_the_real_adapter(tiny_corpus):
-    from maml_stop.adapter import InnerLoopAdapter
-    from maml_stop.corpus import TraceCorpus
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.adapter import InnerLoopAdapter
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.learn.predictor import StoppingPredictor
 
     traces = TraceCorpus.load(tiny_corpus).traces("fam_a")[:16]
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maml_stop.data import ProbeBatch
-from maml_stop.predictor import KINDS, StoppingPredictor
+from maml_stop.data.batches import ProbeBatch
+from maml_stop.learn.predictor import KINDS, StoppingPredictor
 
 
 def batch_of(lengths: list[int], f: int = 4, seed: int = 0) -> ProbeBatch:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from maml_stop.readme_tables import ReadmeTableError, blocks, sync, table_under
+from maml_stop.commands.readme_tables import ReadmeTableError, blocks, sync, table_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,5 +58,5 @@ def test_readme_tables_match_the_committed_reports():
     for match, table in found:
         assert match["body"] == table, (
             f"README table from {match['source']} ({match['heading']}) is stale: run "
-            "`python -m maml_stop.readme_tables README.md`"
+            "`python -m maml_stop.commands.readme_tables README.md`"
         )

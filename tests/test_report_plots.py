@@ -1,12 +1,12 @@
-"""The corpus and meta-training plots of maml_stop.report that the notebooks use."""
+"""The corpus and meta-training plots of maml_stop.evaluate.report that the notebooks use."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from maml_stop.corpus import TraceCorpus
-from maml_stop.report import plot_probe_accuracy, plot_training_curves, probe_accuracy_by_position
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.evaluate.report import plot_probe_accuracy, plot_training_curves, probe_accuracy_by_position
 
 
 def test_probe_accuracy_matches_a_loop_over_probe_points(tiny_corpus):

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from maml_stop.corpus import TraceCorpus
-from tasks.samplers import EpisodeSampler, FamilySplit, SamplerError, split_support_query
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.episodes import EpisodeSampler, FamilySplit, SamplerError, split_support_query
 
 
 def traces(family: str, n: int, samples: int = 1) -> list:

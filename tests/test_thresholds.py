@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from torch import nn
 
-from maml_stop import policies as P
-from maml_stop import thresholds as T
-from maml_stop.corpus import TraceCorpus
+from maml_stop.evaluate import policies as P
+from maml_stop.evaluate import thresholds as T
+from maml_stop.data.corpus import TraceCorpus
 
 REAL_CORPUS = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
 

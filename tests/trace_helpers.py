@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from conftest import TINY_FEATURES
-from maml_stop.corpus import Trace
+from maml_stop.data.corpus import Trace
 
 
 def make_trace(
@@ -46,7 +46,7 @@ def make_trace(
 
 def write_tiny_checkpoint(path: Path, feature_names=TINY_FEATURES, test=("fam_c",), val=("fam_b",)) -> str:
     """A MetaStoppingModule checkpoint in Lightning's layout, without a Trainer (fast)."""
-    from maml_stop.module import MetaStoppingModule
+    from maml_stop.learn.module import MetaStoppingModule
 
     module = MetaStoppingModule(n_features=len(feature_names), feature_names=list(feature_names), hidden=8, depth=1,
                                 inner_lr=0.3, inner_steps=2, first_order=True)

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 import maml_stop
-from maml_stop.harvest import store
-from maml_stop.harvest.features import ProbeFeaturizer
-from maml_stop.harvest.generate import ProbingGenerator, TraceResult
-from maml_stop.harvest.labels import final_answer
+from maml_stop.data import store
+from maml_stop.probe.features import ProbeFeaturizer
+from maml_stop.probe.engine import ProbingGenerator, TraceResult
+from maml_stop.probe.labels import final_answer
 from maml_stop.harvest.model import load_model, model_identity
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.probe.schedule import ProbeSchedule
 
 log = logging.getLogger(__name__)
 

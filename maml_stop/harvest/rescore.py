@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from maml_stop.harvest import store
-from maml_stop.harvest.features import answer_key, answer_stability
-from maml_stop.harvest.labels import final_answer
+from maml_stop.data import store
+from maml_stop.probe.features import answer_key, answer_stability
+from maml_stop.probe.labels import final_answer
 from tasks import get_family
 from tasks.base import Question
 

@@ -9,10 +9,10 @@ budget pays the one forced answer at its cut-off); the oracle needs no probe whe
 Thresholded policies (:class:`ThresholdedPolicy`) are families indexed by one parameter (the token
 budget, the consistency window k, the confidence level, the probe threshold tau), with candidates
 ordered from conservative (stops latest) to aggressive; ``fit`` lets a
-:class:`~maml_stop.thresholds.ThresholdSelector` choose the parameter on support, and ``None`` means
+:class:`~maml_stop.evaluate.thresholds.ThresholdSelector` choose the parameter on support, and ``None`` means
 "never stop early" (plain full generation, no probes).
 
->>> from maml_stop.thresholds import FixedThreshold
+>>> from maml_stop.evaluate.thresholds import FixedThreshold
 >>> policy = AnswerConsistency(selector=FixedThreshold(2))          # stop once 2 probe answers agree
 >>> policy.fit(support).stop_index(trace)                           # doctest: +SKIP
 """
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from maml_stop.corpus import Trace
-from maml_stop.thresholds import FixedThreshold, SupportSweep, ThresholdSelector
+from maml_stop.data.corpus import Trace
+from maml_stop.evaluate.thresholds import FixedThreshold, SupportSweep, ThresholdSelector
 
 if TYPE_CHECKING:  # pragma: no cover
-    from maml_stop.adapter import InnerLoopAdapter
+    from maml_stop.learn.adapter import InnerLoopAdapter
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ class ProbePolicy(FirstHitPolicy):
 
     ``adapter=None`` uses ``predictor`` as it is (the pooled probe without adaptation); otherwise
     ``fit`` calls ``adapter.adapt`` on the support probes (MAML-adapted, fine-tuned, or trained from
-    scratch: each is an :class:`~maml_stop.adapter.InnerLoopAdapter` around the right initial predictor).
+    scratch: each is an :class:`~maml_stop.learn.adapter.InnerLoopAdapter` around the right initial predictor).
     ``renormalise=True`` first sets the predictor's normalisation from the support features (for a
     predictor trained from scratch, which has no source statistics).
 
@@ -452,7 +452,7 @@ class ProbePolicy(FirstHitPolicy):
         return self.default_tau
 
     def _adapt(self, traces: Sequence[Trace]) -> nn.Module:
-        from maml_stop.data import collate_traces
+        from maml_stop.data.batches import collate_traces
 
         batch = collate_traces(traces, weighting=_adapter_weighting(self.adapter))
         if self.renormalise:
@@ -469,7 +469,7 @@ class ProbePolicy(FirstHitPolicy):
             return
         questions = {t.trace_id.split("#", 1)[0] for t in support}
         if self.crossfit and len(questions) >= 2:
-            from tasks.samplers import split_support_query
+            from maml_stop.data.episodes import split_support_query
 
             half_a, half_b = split_support_query(support, len(questions) // 2, None, np.random.default_rng(self.seed))
             for fit_on, score in ((half_a, half_b), (half_b, half_a)):
@@ -502,7 +502,7 @@ class ProbePolicy(FirstHitPolicy):
 
 def _score(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
     """Probabilities of ``model`` at every probe of each trace (eval mode, no gradients): list of (P_i,)."""
-    from maml_stop.data import collate_traces
+    from maml_stop.data.batches import collate_traces
 
     batch = collate_traces(traces)
     was_training = model.training
@@ -558,7 +558,7 @@ def sweep_policy(
 def fresh_copy(predictor: nn.Module) -> nn.Module:
     """A new StoppingPredictor with ``predictor``'s weights and normalisation as real parameters (an
     adapted clone holds plain tensors, which cannot be adapted again)."""
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.predictor import StoppingPredictor
 
     new = StoppingPredictor(**predictor.config())
     new.load_state_dict({k: v.detach().clone() for k, v in predictor.state_dict().items()})
@@ -576,9 +576,9 @@ def train_predictor(
     """A stopping predictor trained on every probe of ``traces`` (the pooled probe of the protocol):
     normalisation from those features, a seeded random init, then ``steps`` full-batch gradient steps
     through :meth:`InnerLoopAdapter.adapt` (the one adaptation function, used here as plain training)."""
-    from maml_stop.adapter import InnerLoopAdapter
-    from maml_stop.data import collate_traces
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.adapter import InnerLoopAdapter
+    from maml_stop.data.batches import collate_traces
+    from maml_stop.learn.predictor import StoppingPredictor
 
     if not traces:
         raise ValueError("train_predictor needs at least one trace")

@@ -8,7 +8,7 @@ and optionally the first-column values of the rows to keep::
     ...
     <!-- /table -->
 
-``python -m maml_stop.readme_tables README.md`` rewrites every block from its source;
+``python -m maml_stop.commands.readme_tables README.md`` rewrites every block from its source;
 ``tests/test_readme_tables.py`` fails when a block differs from its source.
 """
 
@@ -80,7 +80,7 @@ def sync(readme_path: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m maml_stop.readme_tables", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m maml_stop.commands.readme_tables", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("readme", nargs="?", default="README.md")
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 
 Given a checkpoint, labelled traces of the new family (a corpus folder, or one trace file in the
 stored parquet schema) and K, it adapts the predictor on K support questions with the checkpoint's own
-:class:`~maml_stop.adapter.InnerLoopAdapter`, chooses the threshold on those K traces alone, and saves
+:class:`~maml_stop.learn.adapter.InnerLoopAdapter`, chooses the threshold on those K traces alone, and saves
 what live generation needs: the adapted predictor, the threshold and the feature names::
 
     maml-stop adapt --checkpoint runs/quickstart/checkpoints/best.ckpt \\
@@ -15,7 +15,7 @@ what live generation needs: the adapted predictor, the threshold and the feature
 ...              feature_names=adapted.feature_names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
 
 When the family has more than K questions, K are drawn with the one support/query split
-(:func:`tasks.samplers.split_support_query`, seeded) and the rest are scored as a held-out check; the
+(:func:`maml_stop.data.episodes.split_support_query`, seeded) and the rest are scored as a held-out check; the
 figures are printed and stored in the file.
 """
 
@@ -36,10 +36,10 @@ from torch import nn
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
-from maml_stop.corpus import Trace, TraceCorpus
-from maml_stop.harvest import store
-from maml_stop.policies import DEFAULT_TAUS, ProbePolicy, evaluate_policy, fresh_copy
-from maml_stop.thresholds import SELECTORS, make_selector
+from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data import store
+from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy, evaluate_policy, fresh_copy
+from maml_stop.evaluate.thresholds import SELECTORS, make_selector
 
 __all__ = ["AdaptedPredictor", "AdaptError", "adapt", "load_adapted", "save_adapted", "main", "FORMAT"]
 
@@ -78,7 +78,7 @@ class AdaptedPredictor:
 
     @property
     def live_threshold(self) -> float:
-        """The threshold as :class:`maml_stop.generation.LiveStopping` takes it (inf = never stop)."""
+        """The threshold as :class:`maml_stop.live.stopping.LiveStopping` takes it (inf = never stop)."""
         return float("inf") if self.threshold is None else float(self.threshold)
 
 
@@ -148,8 +148,8 @@ def adapt(
     crossfit: bool = False,
 ) -> AdaptedPredictor:
     """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold."""
-    from maml_stop.module import load_predictor
-    from tasks.samplers import split_support_query
+    from maml_stop.learn.module import load_predictor
+    from maml_stop.data.episodes import split_support_query
 
     if threshold_method not in SELECTORS:
         raise AdaptError(f"unknown threshold method {threshold_method!r}; valid methods: {', '.join(SELECTORS)}")
@@ -226,8 +226,8 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
 def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -> AdaptedPredictor:
     """Read what :func:`save_adapted` wrote; with ``feature_names``, check they match (live generation
     passes the names its feature code computes)."""
-    from maml_stop.checkpoint_io import CheckpointLoadError, safe_load
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
+    from maml_stop.learn.predictor import StoppingPredictor
 
     path = Path(path)
     if not path.is_file():
@@ -277,7 +277,7 @@ def _parser():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    from maml_stop.module import CheckpointError
+    from maml_stop.learn.module import CheckpointError
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

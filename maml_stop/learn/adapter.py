@@ -1,7 +1,7 @@
 """The one inner-loop adaptation function: adapt a stopping predictor on a support set.
 
-Meta-training (:class:`maml_stop.module.MetaStoppingModule`), evaluation and the adaptation script all
-call :meth:`InnerLoopAdapter.adapt`; it wraps learn2learn (imported through :mod:`maml_stop.l2l`):
+Meta-training (:class:`maml_stop.learn.module.MetaStoppingModule`), evaluation and the adaptation script all
+call :meth:`InnerLoopAdapter.adapt`; it wraps learn2learn (imported through :mod:`maml_stop.learn.l2l`):
 
 * ``maml``: ``MAML`` on the whole predictor (``first_order=True`` is FOMAML), Finn et al. 2017;
 * ``anil``: the body is shared and only the head is adapted (``MAML`` on ``predictor.head``), so the
@@ -10,8 +10,8 @@ call :meth:`InnerLoopAdapter.adapt`; it wraps learn2learn (imported through :mod
   optimiser), Li et al. 2017.
 
 >>> import torch
->>> from maml_stop.predictor import StoppingPredictor, apply_linear
->>> from maml_stop.data import ProbeBatch
+>>> from maml_stop.learn.predictor import StoppingPredictor, apply_linear
+>>> from maml_stop.data.batches import ProbeBatch
 >>> support = ProbeBatch(torch.randn(6, 4), torch.tensor([0., 1, 1, 0, 1, 0]),
 ...                      torch.zeros(6, dtype=torch.long), torch.arange(6), torch.ones(6))
 >>> adapter = InnerLoopAdapter(StoppingPredictor(4, hidden=8, depth=1), inner_steps=3)
@@ -29,7 +29,7 @@ impossible and raises: use ``Trainer(inference_mode=False)``.
 
 Inner losses (``loss``): ``bce`` (mean over probe points), ``balanced`` (each class present in the
 batch weighs half, so a support set with few correct probes still teaches both sides), ``cost`` (each
-probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, see :mod:`maml_stop.data`).
+probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, see :mod:`maml_stop.data.batches`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from maml_stop.data import DataError, ProbeBatch
-from maml_stop.l2l import MAML, MetaSGD
-from maml_stop.predictor import StoppingPredictor, apply_linear
+from maml_stop.data.batches import DataError, ProbeBatch
+from maml_stop.learn.l2l import MAML, MetaSGD
+from maml_stop.learn.predictor import StoppingPredictor, apply_linear
 
 __all__ = ["InnerLoopAdapter", "ALGORITHMS", "LOSSES", "inner_loss", "loss_weights"]
 

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from maml_stop.harvest import store
+from maml_stop.data import store
 
 
 @dataclass

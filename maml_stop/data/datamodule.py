@@ -2,14 +2,14 @@
 
 * training: ``steps_per_epoch`` meta-batches per epoch, each ``meta_batch_size`` random episodes from
   the meta-training families (K support + Q query traces each), drawn by a seeded
-  :class:`tasks.samplers.EpisodeSampler` (same seed, same episodes);
+  :class:`maml_stop.data.episodes.EpisodeSampler` (same seed, same episodes);
 * validation / test: ``val_episodes`` / ``test_episodes`` fixed episodes per validation / test family
   (seeded, identical on every epoch and every run), query = ``eval_q`` traces (None: all the others).
 
-Every trace is collated to tensors once (:class:`maml_stop.data.TraceTensors`); an episode is then a few
+Every trace is collated to tensors once (:class:`maml_stop.data.batches.TraceTensors`); an episode is then a few
 tensor gathers. A batch is a list of :class:`EpisodeBatch`.
 
-What the model learns from the data (wired in :mod:`maml_stop.lightning_cli`):
+What the model learns from the data (wired in :mod:`maml_stop.learn.cli`):
 
 * ``n_features`` and ``feature_names`` (read from the corpus ``meta.json``) are linked to the model with
   ``LightningCLI.link_arguments(..., apply_on="instantiate")``;
@@ -32,10 +32,10 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from maml_stop.corpus import TraceCorpus
-from maml_stop.data import WEIGHTINGS, DataError, ProbeBatch, TraceTensors
-from maml_stop.harvest import store
-from tasks.samplers import Episode, EpisodeSampler, FamilySplit
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTensors
+from maml_stop.data import store
+from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit
 
 __all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS"]
 

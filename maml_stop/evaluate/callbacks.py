@@ -1,7 +1,7 @@
 """EM/token evaluation during meta-training (a Lightning callback).
 
 At the end of a validation epoch, :class:`EMTokenEvaluation` adapts the module's predictor (through its
-own :class:`~maml_stop.adapter.InnerLoopAdapter`) on the support sets of fixed episodes of the
+own :class:`~maml_stop.learn.adapter.InnerLoopAdapter`) on the support sets of fixed episodes of the
 validation families, chooses the threshold on each support set, scores the query sets against full
 generation, and logs::
 
@@ -16,7 +16,7 @@ and saves the EM-vs-tokens curve as ``<log dir>/em_tokens/epoch=NNN.png`` (rank 
 
 YAML (``trainer.callbacks``)::
 
-    - class_path: maml_stop.callbacks.EMTokenEvaluation
+    - class_path: maml_stop.evaluate.callbacks.EMTokenEvaluation
       init_args: {n_episodes: 10, delta: 0.01, threshold_method: em_target}
 """
 
@@ -31,9 +31,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from maml_stop import metrics as M
-from maml_stop.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
-from maml_stop.thresholds import SELECTORS, make_selector
+from maml_stop.evaluate import metrics as M
+from maml_stop.evaluate.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
+from maml_stop.evaluate.thresholds import SELECTORS, make_selector
 
 __all__ = ["EMTokenEvaluation"]
 
@@ -59,8 +59,8 @@ class EMTokenEvaluation(Callback):
         crossfit: bool = False,
     ) -> None:
         """``k`` defaults to the datamodule's K, ``families`` to its validation families; ``query``
-        None = every question not in support; ``taus`` default :data:`maml_stop.policies.DEFAULT_TAUS`;
-        ``crossfit`` chooses tau on out-of-sample support scores (see :class:`~maml_stop.policies.ProbePolicy`)."""
+        None = every question not in support; ``taus`` default :data:`maml_stop.evaluate.policies.DEFAULT_TAUS`;
+        ``crossfit`` chooses tau on out-of-sample support scores (see :class:`~maml_stop.evaluate.policies.ProbePolicy`)."""
         super().__init__()
         if n_episodes < 1 or every_n_epochs < 1:
             raise ValueError(f"n_episodes and every_n_epochs must be >= 1; got {n_episodes}, {every_n_epochs}")
@@ -120,7 +120,7 @@ class EMTokenEvaluation(Callback):
 
     def _fixed_episodes(self, trainer: Trainer) -> list:
         if self._episodes is None:
-            from tasks.samplers import EpisodeSampler
+            from maml_stop.data.episodes import EpisodeSampler
 
             dm = trainer.datamodule
             if dm is None or getattr(dm, "corpus", None) is None:
@@ -151,7 +151,7 @@ class EMTokenEvaluation(Callback):
 
     @rank_zero_only
     def _save_curve(self, trainer: Trainer, curve: Mapping[str, list], figures: Mapping[str, float]) -> None:
-        from maml_stop.report import _pyplot
+        from maml_stop.evaluate.report import _pyplot
 
         plt = _pyplot()
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "em_tokens"

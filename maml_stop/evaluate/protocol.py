@@ -27,9 +27,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from maml_stop import metrics as M
-from maml_stop.corpus import Trace, TraceCorpus
-from maml_stop.policies import (
+from maml_stop.evaluate import metrics as M
+from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.evaluate.policies import (
     DEFAULT_TAUS,
     AnswerConfidence,
     AnswerConsistency,
@@ -46,7 +46,7 @@ from maml_stop.policies import (
     sweep_policy,
     train_predictor,
 )
-from maml_stop.thresholds import SELECTORS, SupportSweep, ThresholdSelector, make_selector
+from maml_stop.evaluate.thresholds import SELECTORS, SupportSweep, ThresholdSelector, make_selector
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
     """The meta-trained adapter of a checkpoint, its metadata, and the family split it was trained with
     (``train``/``val``/``test`` resolved against the corpus families; empty when not recorded).
     Raises when the checkpoint's feature names differ from the corpus's."""
-    from maml_stop.module import check_feature_names, load_predictor
-    from tasks.samplers import FamilySplit
+    from maml_stop.learn.module import check_feature_names, load_predictor
+    from maml_stop.data.episodes import FamilySplit
 
     _, adapter, meta = load_predictor(path)
     check_feature_names(meta.get("feature_names"), corpus.feature_names)
@@ -145,7 +145,7 @@ def _train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path
 
     import yaml
 
-    from maml_stop.lightning_cli import cli_main
+    from maml_stop.learn.cli import cli_main
 
     data = (yaml.safe_load(Path(cfg.train_config).read_text()) or {}).get("data", {}) or {}
     val = [f for f in data.get("val_families") or [] if f != family]
@@ -186,8 +186,8 @@ def build_policies(
     maml_steps: int | None = None,
 ) -> dict[str, StoppingPolicy]:
     """Every requested method as a policy; learned probes share the selector-free threshold grid."""
-    from maml_stop.adapter import InnerLoopAdapter
-    from maml_stop.predictor import StoppingPredictor
+    from maml_stop.learn.adapter import InnerLoopAdapter
+    from maml_stop.learn.predictor import StoppingPredictor
 
     probe = dict(taus=cfg.taus, default_tau=cfg.fixed_tau)
     adapted = dict(crossfit=cfg.crossfit, seed=cfg.seed)
@@ -308,7 +308,7 @@ def evaluate_family(
     """
     from tqdm.auto import tqdm
 
-    from tasks.samplers import EpisodeSampler
+    from maml_stop.data.episodes import EpisodeSampler
 
     sampler = EpisodeSampler({family: list(traces)}, k=min(shots), q=query, seed=seed)
     out: dict[str, dict[str, Any]] = {}
@@ -510,7 +510,7 @@ def _json_safe(x: Any) -> Any:
 
 def write_results(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """results.json plus the report (tables, analysis, plots) in ``out``."""
-    from maml_stop.report import write_report
+    from maml_stop.evaluate.report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

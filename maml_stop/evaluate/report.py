@@ -1,7 +1,7 @@
 """Tables, plots and the written analysis of a ``maml-stop evaluate`` results file.
 
-Everything here is a pure function of the results dictionary that :mod:`maml_stop.evaluate` writes to
-``results.json`` (layout in :func:`maml_stop.evaluate.evaluate_family`), so a report can be rebuilt
+Everything here is a pure function of the results dictionary that :mod:`maml_stop.evaluate.protocol` writes to
+``results.json`` (layout in :func:`maml_stop.evaluate.protocol.evaluate_family`), so a report can be rebuilt
 from the JSON alone::
 
     maml-stop evaluate --report-only runs/evaluate/results.json
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from maml_stop.thresholds import min_certifiable_k
+from maml_stop.evaluate.thresholds import min_certifiable_k
 
 log = logging.getLogger(__name__)
 

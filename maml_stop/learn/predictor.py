@@ -1,7 +1,7 @@
 """The stopping predictor: a probe point's features -> logit of P(stopping here keeps the answer correct).
 
 >>> import torch
->>> from maml_stop.data import ProbeBatch
+>>> from maml_stop.data.batches import ProbeBatch
 >>> net = StoppingPredictor(n_features=8, hidden=16, depth=1)
 >>> batch = ProbeBatch(torch.randn(5, 8), torch.ones(5), torch.zeros(5, dtype=torch.long),
 ...                    torch.arange(5), torch.ones(5))
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maml_stop.data import ProbeBatch
+from maml_stop.data.batches import ProbeBatch
 
 __all__ = ["StoppingPredictor", "CausalGRU", "KINDS"]
 

@@ -33,10 +33,10 @@ from torch import Tensor
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
-from maml_stop.adapter import InnerLoopAdapter
-from maml_stop.data import DataError
-from maml_stop.datamodule import EpisodeBatch
-from maml_stop.predictor import StoppingPredictor
+from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.data.batches import DataError
+from maml_stop.data.datamodule import EpisodeBatch
+from maml_stop.learn.predictor import StoppingPredictor
 
 __all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "CheckpointError", "CKPT_KEY"]
 
@@ -226,7 +226,7 @@ def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, Inne
 
     Check the corpus you adapt on with ``check_feature_names(meta["feature_names"], corpus.feature_names)``.
     """
-    from maml_stop.checkpoint_io import CheckpointLoadError, safe_load
+    from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 
     path = str(checkpoint_path)
     if not Path(path).is_file():

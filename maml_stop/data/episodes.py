@@ -1,6 +1,6 @@
 """Task samplers: episodes (support + query traces of one family) and the leave-families-out split.
 
->>> from maml_stop.corpus import TraceCorpus                                    # doctest: +SKIP
+>>> from maml_stop.data.corpus import TraceCorpus                                    # doctest: +SKIP
 >>> corpus = TraceCorpus.load("experiments/corpus/qwen05")
 >>> sampler = EpisodeSampler({f: corpus.traces(f) for f in corpus.families}, k=16, q=64, seed=0)
 >>> ep = sampler.sample()                              # random (training)

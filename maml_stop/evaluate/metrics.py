@@ -4,7 +4,7 @@ Every metric follows the torchmetrics template: class flags, states added with `
 ``update`` returns nothing, ``compute`` is pure, and the math lives in private ``_update``/``_compute``
 functions shared with the functional API at the bottom of each section.
 
-Inputs are per-trace tensors (the accounting is :meth:`maml_stop.corpus.Trace.stop_cost`):
+Inputs are per-trace tensors (the accounting is :meth:`maml_stop.data.corpus.Trace.stop_cost`):
 
 * ``em``: (B,) EM of the answer the policy returns (1.0 correct);
 * ``tokens``: (B,) tokens the policy spent (total with probes, or reasoning only);

@@ -7,7 +7,7 @@
 Links (data -> model, after the datamodule is instantiated): ``data.n_features -> model.n_features``
 and ``data.feature_names -> model.feature_names`` (both read from the corpus ``meta.json``); do not set
 them in YAML. The normalisation statistics follow by hook (``MetaStoppingModule.setup``, see
-:mod:`maml_stop.datamodule`).
+:mod:`maml_stop.data.datamodule`).
 
 ``trainer.inference_mode`` defaults to false and setting it to true is refused: validation and test
 adapt the predictor with gradient steps, which inference mode forbids.
@@ -51,9 +51,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from maml_stop.checkpoint_io import secure_ckpt_path
-from maml_stop.datamodule import TraceDataModule
-from maml_stop.module import MetaStoppingModule
+from maml_stop.learn.checkpoint_io import secure_ckpt_path
+from maml_stop.data.datamodule import TraceDataModule
+from maml_stop.learn.module import MetaStoppingModule
 
 __all__ = ["MetaStoppingCLI", "OutputExistsError", "ROOT", "main", "cli_main", "place_outputs", "previous_outputs"]
 

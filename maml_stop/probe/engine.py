@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from maml_stop.harvest.features import ProbeFeaturizer, entropy_from_logits
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
+from maml_stop.probe.schedule import ProbeSchedule
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 At the probe points of a schedule, :class:`LiveStopping` forces an answer from the current prefix
 (answer trigger + short greedy answer) on a *copy* of the generation's KV cache, computes the probe's
-features with the same :class:`~maml_stop.harvest.features.ProbeFeaturizer` the harvester used, asks
+features with the same :class:`~maml_stop.probe.features.ProbeFeaturizer` the harvester used, asks
 the (adapted) stopping predictor for P(stopping here keeps the answer correct), and stops a row at the
 first probe whose probability reaches the threshold. The forced answer of that probe is the row's answer
 (``criteria.answers``); rows that never stop end as usual and their own final answer counts.
@@ -38,10 +38,10 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from maml_stop.data import ProbeBatch
-from maml_stop.harvest.features import ProbeFeaturizer, entropy_from_logits
-from maml_stop.harvest.generate import _sub_cache, encode_trigger, eos_ids
-from maml_stop.harvest.schedule import ProbeSchedule
+from maml_stop.data.batches import ProbeBatch
+from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
+from maml_stop.probe.engine import _sub_cache, encode_trigger, eos_ids
+from maml_stop.probe.schedule import ProbeSchedule
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A :class:`ProbeBatch` holds every probe point of a list of traces, flattened: ro
 contiguous and in probe order (``probe_index`` 0, 1, 2, ...), which the sequence variants of the
 predictor rely on (see :meth:`ProbeBatch.check`).
 
->>> from maml_stop.corpus import TraceCorpus                        # doctest: +SKIP
+>>> from maml_stop.data.corpus import TraceCorpus                        # doctest: +SKIP
 >>> traces = TraceCorpus.load("experiments/corpus/qwen05").traces("basic_arithmetic")[:16]
 >>> batch = collate_traces(traces)
 >>> batch.features.shape, batch.n_traces                             # (N, F), 16
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maml_stop.corpus import Trace
+from maml_stop.data.corpus import Trace
 
 __all__ = ["ProbeBatch", "collate_traces", "trace_weights", "TraceTensors", "DataError", "WEIGHTINGS"]
 

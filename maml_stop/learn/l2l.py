@@ -7,7 +7,7 @@ none of which imports anything beyond torch. So we register *namespace stand-ins
 packages (``learn2learn`` and ``learn2learn.algorithms``) whose ``__path__`` points at the installed
 files, without executing their ``__init__``; Python then imports the submodules from the real files.
 
->>> from maml_stop.l2l import MAML
+>>> from maml_stop.learn.l2l import MAML
 >>> import torch
 >>> learner = MAML(torch.nn.Linear(2, 1), lr=0.1).clone()
 """
