@@ -211,6 +211,17 @@ def test_chaos_kills_and_a_corrupt_shard_end_with_exactly_the_uninterrupted_trac
     assert got == expected
 
 
+def test_cap_probe_is_the_cap_even_where_every_n_divides_the_cap(tmp_path, model_dir):
+    out = tmp_path / "c"
+    _harvest(out, model_dir, families=["basic_arithmetic"], n_per_family=6, max_new_tokens=12, every_n=4,
+             probe_at_cap=True)
+    capped = [r for r in store.load_dataset(out) if r["hit_cap"]]
+    assert capped
+    for r in capped:
+        assert r["probe_positions"][-1] == 12 and r["probe_reasons"][-1] == "cap"
+        assert r["probe_positions"].count(12) == 1
+
+
 def test_rescore_keeps_the_forced_cap_answer(tmp_path, model_dir):
     from maml_stop.harvest.rescore import rescore
 

@@ -262,8 +262,10 @@ class ProbingGenerator:
                         pending[r] = event or pending[r]
                         scheduled = sum(p.reason != "start" for p in results[r].probes)  # start/cap probes: outside the cap
                         reason = self.schedule.due(n, pending[r], last_probe[r], scheduled)
-                        if reason is None and n == self.max_new_tokens and self.schedule.at_cap:
-                            reason = "cap"  # the row is still running at the cap: its answer is forced here
+                        if n == self.max_new_tokens and self.schedule.at_cap:
+                            # the row is still running at the cap: its answer is forced here, whatever
+                            # else would have fired at this token (every_n often divides the cap)
+                            reason = "cap"
                     if reason:
                         pending[r] = None
                         due.append(j)
