@@ -1,4 +1,4 @@
-"""The corpus and meta-training plots of maml_stop.evaluate.report that the notebooks use."""
+"""The corpus and meta-training plots of maml_stop.evaluate.report.plots that the datasheet and the notebooks use."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from maml_stop.data.corpus import TraceCorpus
-from maml_stop.evaluate.report import plot_probe_accuracy, plot_training_curves, probe_accuracy_by_position
+from maml_stop.evaluate.report.plots import plot_probe_accuracy, plot_training_curves, probe_accuracy_by_position
 
 
 def test_probe_accuracy_matches_a_loop_over_probe_points(tiny_corpus):

@@ -151,9 +151,9 @@ class EMTokenEvaluation(Callback):
 
     @rank_zero_only
     def _save_curve(self, trainer: Trainer, curve: Mapping[str, list], figures: Mapping[str, float]) -> None:
-        from maml_stop.evaluate.report import _pyplot
+        from maml_stop.evaluate.report.plots import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "em_tokens"
         folder.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(4.5, 3.6))

@@ -118,7 +118,7 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
 
 
 def write_datasheet(root: str | Path) -> dict[str, Any]:
-    from maml_stop.evaluate.report import plot_probe_accuracy
+    from maml_stop.evaluate.report.plots import plot_probe_accuracy
 
     corpus = TraceCorpus.load(root, min_probes=0)
     stats = corpus_stats(root, corpus)
