@@ -31,6 +31,12 @@ import re
 
 ANSWER_KINDS = ("text", "number", "number_list", "word_list", "factors", "yesno", "duration", "choice")
 
+# The EM tolerances: the one home of "equal" for numbers and durations (issue 14). A family may widen the
+# relative tolerance of its numbers (coin_flip: 5e-3, answers to 3 significant digits) but not redefine it.
+NUMBER_REL_TOL = 1e-6  # relative tolerance of numbers (number and number_list kinds)
+NUMBER_ABS_TOL = 1e-9  # absolute tolerance beside it, so that a gold of 0 can be matched at all
+DURATION_TOL_S = 5e-4  # durations agree to the millisecond
+
 
 class AnswerFormatError(ValueError):
     """A gold answer, answer field or answer kind that cannot be read."""
@@ -134,6 +140,15 @@ def pick_number(text: str) -> str | None:
     return m.group(0).replace(",", "") if m else None
 
 
+def numbers_equal(a: float, b: float, rel_tol: float = NUMBER_REL_TOL) -> bool:
+    """Whether two numbers count as the same answer (within ``rel_tol``, or :data:`NUMBER_ABS_TOL`).
+
+    >>> numbers_equal(1234.5, 1234.5000001), numbers_equal(12, -12)
+    (True, False)
+    """
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=NUMBER_ABS_TOL)
+
+
 def parse_number(text: str) -> float | None:
     """The number a short answer states ("$1,234.50" -> 1234.5, "7 apples" -> 7, "3/8" -> 0.375)."""
     token = pick_number(text)
@@ -235,10 +250,12 @@ def canonical(text: str, kind: str = "text") -> object | None:
 
 
 def exact_match(
-    answer: str | None, gold: str, numeric: bool = False, kind: str | None = None, rel_tol: float = 1e-6
+    answer: str | None, gold: str, numeric: bool = False, kind: str | None = None,
+    rel_tol: float = NUMBER_REL_TOL,
 ) -> bool:
     """Whether ``answer`` matches ``gold``: normalised string match, or equal canonical forms of ``kind``
-    (numbers within ``rel_tol``; ``numeric=True`` is shorthand for ``kind="number"``)."""
+    (numbers by :func:`numbers_equal` within ``rel_tol``, durations within :data:`DURATION_TOL_S`;
+    ``numeric=True`` is shorthand for ``kind="number"``)."""
     if answer is None:
         return False
     kind = _kind(kind, numeric)
@@ -248,12 +265,41 @@ def exact_match(
     if a is None or g is None:
         return False
     if kind == "number":
-        return math.isclose(a, g, rel_tol=rel_tol, abs_tol=1e-9)  # type: ignore[arg-type]
+        return numbers_equal(a, g, rel_tol)  # type: ignore[arg-type]
     if kind == "number_list":
-        return len(a) == len(g) and all(math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-9) for x, y in zip(a, g))  # type: ignore[arg-type]
+        return len(a) == len(g) and all(numbers_equal(x, y, rel_tol) for x, y in zip(a, g))  # type: ignore[arg-type]
     if kind == "duration":
-        return abs(a - g) < 5e-4  # type: ignore[operator]  (to the millisecond)
+        return abs(a - g) < DURATION_TOL_S  # type: ignore[operator]
     return a == g
+
+
+def _signed_values(text: str, kind: str) -> tuple[float, ...] | None:
+    """The numbers an answer of a number kind states, with their signs (None when it states none)."""
+    if kind == "number_list":
+        return canonical(text, kind)  # type: ignore[return-value]
+    value = parse_number(text)
+    if value is None:  # an expression not worked out ("-16 - (-46) ="): its first number, as another scorer reads it
+        first = _NUMBER_RE.search(_prepare_numeric(text))
+        value = _to_float(first.group(0)) if first else None
+    return None if value is None else (value,)
+
+
+def signs_differ(answer: str | None, gold: str, kind: str) -> bool:
+    """Whether an answer of a number kind (``number``, ``number_list``) states a number whose sign differs
+    from the gold's (False for other kinds and for answers that cannot be read as many numbers as the gold).
+
+    Such an answer is never right, whatever another scorer says: reasoning-gym's ``gsm_symbolic`` scorer
+    reads numbers with ``\\b-?\\d+``, which skips the minus sign of "-12" and credits it for 12 (issue 14).
+
+    >>> signs_differ("-12", "12", "number"), signs_differ("12 apples", "12", "number")
+    (True, False)
+    """
+    if answer is None or check_kind(kind) not in ("number", "number_list"):
+        return False
+    a, g = _signed_values(answer, kind), _signed_values(gold, kind)
+    if a is None or g is None or len(a) != len(g):
+        return False
+    return any((x < 0) != (y < 0) for x, y in zip(a, g))
 
 
 # -- extraction ------------------------------------------------------------------------------------
@@ -325,6 +371,9 @@ def extract_probe(text: str, numeric: bool = False, kind: str | None = None) -> 
 
 __all__ = [
     "ANSWER_KINDS",
+    "DURATION_TOL_S",
+    "NUMBER_ABS_TOL",
+    "NUMBER_REL_TOL",
     "AnswerFormatError",
     "canonical",
     "check_kind",
@@ -333,7 +382,9 @@ __all__ = [
     "extract_final",
     "extract_probe",
     "normalise",
+    "numbers_equal",
     "parse_number",
     "pick_number",
+    "signs_differ",
     "strip_boxed",
 ]

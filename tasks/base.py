@@ -58,6 +58,16 @@ def question_id(family: str, text: str) -> str:
     return f"{family}/{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
 
 
+def check_name(name: str) -> str:
+    """A family name, checked: it names the corpus folder ``shards/<name>/`` and opens every question id
+    ``"<name>/<hash>"`` (trace ids add ``"#<sample>"``), so it must be one path part without ``#``."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or name.startswith(".") \
+            or any(c in name for c in "/\\#"):
+        raise TaskError(f"family name {name!r} cannot name a shard folder and question ids: use a non-blank name "
+                        "without '/', '\\', '#', surrounding spaces or a leading '.' (e.g. 'gsm8k_test')")
+    return name
+
+
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -93,6 +103,7 @@ class TaskFamily(ABC):
             raise TaskError(f"instruction must contain the placeholder '{{question}}', got {instruction!r}")
         if not answer_trigger.strip():
             raise TaskError("answer_trigger must not be blank (e.g. '\\nFinal answer:')")
+        check_name(name)
         self.name = name
         self.instruction = instruction
         self.system_prompt = system_prompt

@@ -8,7 +8,10 @@ EM: our answer-kind match (:mod:`tasks.answers`) OR a reasoning-gym ``score_answ
 (its partial credits count as wrong; :data:`RG_OPTIONS` turns its scorer off where it gives 1.0 to
 wrong answers). Ours accepts formats reasoning-gym rejects ("$1,234", "\\boxed{12}",
 "7 legs", "52.2, 30.0" for a list, "YES"); reasoning-gym's accepts its own tolerances (decimal_arithmetic,
-coin_flip). The reasoning-gym entry is rebuilt from the question and gold alone when a question comes
+coin_flip). Reasoning-gym's credit is refused to a number whose sign differs from the gold's
+(:func:`tasks.answers.signs_differ`: its ``gsm_symbolic`` scorer reads "-12" as 12). A scorer that raises
+on odd answer text (:data:`ODD_TEXT_ERRORS`) scores it wrong and logs a warning once per family and
+exception type; any other exception is a bug and propagates. The reasoning-gym entry is rebuilt from the question and gold alone when a question comes
 back from a stored corpus without its metadata, so scoring a stored trace gives the same result.
 
 >>> fam = get_family("number_sorting")  # doctest: +SKIP
@@ -33,6 +36,14 @@ from tasks.base import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a reasoning-gym scorer raises on answer text it cannot read: the answer is wrong (issue 14).
+# ValueError: float("7 legs"), int("abc") (prime_factorization), json/sympy parse errors; ArithmeticError:
+# OverflowError (coin_flip on "1e999"), ZeroDivisionError, decimal.InvalidOperation; IndexError: too few
+# parts after splitting the text; SyntaxError: eval/ast of a malformed list. Any other type (KeyError on
+# entry metadata our rebuild lacks, TypeError, AttributeError, ...) is a bug here or in reasoning-gym,
+# and is raised rather than counted as a wrong answer.
+ODD_TEXT_ERRORS: tuple[type[BaseException], ...] = (ValueError, ArithmeticError, IndexError, SyntaxError)
 
 # registry name -> (reasoning-gym generator, its config, answer kind)
 # Configs keep the problems at a difficulty where a 0.5B instruct model is right sometimes, not always,
@@ -141,7 +152,7 @@ class ReasoningGymFamily(TaskFamily):
         answer_kind: str = "text",
         pool_size: int = 20000,
         use_rg_scorer: bool = True,
-        rel_tol: float = 1e-6,
+        rel_tol: float = answers.NUMBER_REL_TOL,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = DEFAULT_SYSTEM,
         answer_trigger: str = DEFAULT_TRIGGER,
@@ -158,6 +169,7 @@ class ReasoningGymFamily(TaskFamily):
         self.use_rg_scorer = use_rg_scorer
         self._datasets: dict[int, Any] = {}
         self._generated: dict[int, list[tuple[str, str, dict[str, Any]] | None]] = {}
+        self._warned: set[str] = set()  # exception types of the scorer already logged
         self._dataset(0)  # fail now, with reasoning-gym's message, on a bad generator or config
 
     def _dataset(self, seed: int) -> Any:
@@ -200,20 +212,30 @@ class ReasoningGymFamily(TaskFamily):
         return {"question": question.question, "answer": question.gold, "metadata": meta}
 
     def rg_score(self, answer: str, question: Question) -> float:
-        """reasoning-gym's own score of an extracted answer (0.0 when its scorer cannot read it)."""
+        """reasoning-gym's own score of an extracted answer (0.0 when its scorer raises one of
+        :data:`ODD_TEXT_ERRORS` on the text; other exceptions propagate)."""
         ds = self._dataset(question.metadata.get("rg_seed", 0))
         try:
             return float(ds.score_answer(answers.clean(answer), self._entry(question)))
-        except Exception as err:  # noqa: BLE001  reasoning-gym scorers raise on odd text
-            log.debug("reasoning-gym scorer of %s failed on %r: %r", self.name, answer, err)
+        except ODD_TEXT_ERRORS as err:
+            kind = type(err).__name__
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning("reasoning-gym scorer of %s raised %s on the answer %r (scored wrong; further %s "
+                            "of this family are not logged): %s", self.name, kind, answer, kind, err)
             return 0.0
+        except Exception as err:
+            err.add_note(f"in reasoning-gym's scorer of family {self.name!r} on the answer {answer!r}")
+            raise
 
     def score(self, answer: str | None, question: Question) -> bool:
         if answer is None:
             return False
         if answers.exact_match(answer, question.gold, kind=self.answer_kind, rel_tol=self.rel_tol):
             return True
-        return self.use_rg_scorer and self.rg_score(answer, question) >= 1.0
+        if not self.use_rg_scorer or answers.signs_differ(answer, question.gold, self.answer_kind):
+            return False
+        return self.rg_score(answer, question) >= 1.0
 
 
 def _factory(name: str, generator: str, config: dict[str, Any], kind: str) -> Callable[..., ReasoningGymFamily]:
@@ -223,7 +245,7 @@ def _factory(name: str, generator: str, config: dict[str, Any], kind: str) -> Ca
         config: dict[str, Any] | None = None,
         pool_size: int = 20000,
         use_rg_scorer: bool = options.get("use_rg_scorer", True),
-        rel_tol: float = options.get("rel_tol", 1e-6),
+        rel_tol: float = options.get("rel_tol", answers.NUMBER_REL_TOL),
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = DEFAULT_SYSTEM,
         answer_trigger: str = DEFAULT_TRIGGER,

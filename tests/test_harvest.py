@@ -56,9 +56,9 @@ def test_schedule_boundary_cue_gap_and_cap():
     assert s.reason(5, "ait", tail=" so. Wait") == "cue"
     assert s.reason(5, ",", tail=" Wait,") is None  # punctuation after the cue: already probed at the cue
     assert s.reason(5, " the") is None
-    assert s.fires(6, "\n", last_probe=5, n_probes=1) is None  # gap
-    assert s.fires(8, "\n", last_probe=5, n_probes=1) == "boundary"
-    assert s.fires(20, "\n", last_probe=5, n_probes=2) is None  # cap
+    assert s.due(6, s.event("\n"), last_probe=5, n_probes=1) is None  # gap
+    assert s.due(8, s.event("\n"), last_probe=5, n_probes=1) == "boundary"
+    assert s.due(20, s.event("\n"), last_probe=5, n_probes=2) is None  # cap
 
 
 def test_schedule_that_never_fires_is_an_error():

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from maml_stop.data.store import question_id_of
+
 __all__ = ["Episode", "EpisodeSampler", "FamilySplit", "QuestionGroups", "split_support_query", "SamplerError", "FAMILY_WEIGHTINGS"]
 
 T = TypeVar("T")
@@ -41,7 +43,7 @@ class Episode:
 
 def _question_of(item: Any) -> Any:
     trace_id = getattr(item, "trace_id", None)
-    return item if trace_id is None else trace_id.split("#", 1)[0]
+    return item if trace_id is None else question_id_of(trace_id)
 
 
 class QuestionGroups:

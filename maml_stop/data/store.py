@@ -59,6 +59,27 @@ TRACE_SCHEMA = pa.schema(
     ]
 )
 TRACE_COLUMNS = TRACE_SCHEMA.names
+_TRACE_ID = re.compile(r"(?P<question>.+)#(?P<sample>\d+)")
+
+
+def make_trace_id(question_id: str, sample: int = 0) -> str:
+    """The id of a question's ``sample``-th trace: ``"<question id>#<sample>"``.
+
+    >>> make_trace_id("gcd/0123456789ab")
+    'gcd/0123456789ab#0'
+    """
+    return f"{question_id}#{sample}"
+
+
+def question_id_of(trace_id: str) -> str:
+    """The question id of a trace id ``"<question id>#<sample>"`` (the one parser of trace ids: support and
+    query sets never split a question). An id without a ``#<sample>`` tail is its own question.
+
+    >>> question_id_of("gcd/0123456789ab#3"), question_id_of("t7")
+    ('gcd/0123456789ab', 't7')
+    """
+    m = _TRACE_ID.fullmatch(trace_id)
+    return m.group("question") if m else trace_id
 
 
 class CorpusError(ValueError):

@@ -206,6 +206,15 @@ def harvest(
         raise ValueError(f"family_args names {unknown}, which this harvest does not harvest; "
                          f"its families: {', '.join(families)}")
     fams = {name: get_family(name, **family_args.get(name, {})) for name in families}
+    # traces, shards and meta.json go under the family's own name (a ``dataset`` family's ``name``), not its
+    # registry name: two dataset families in one corpus would otherwise share shards/dataset/ (issue 14)
+    by_name: dict[str, list[str]] = {}
+    for name, fam in fams.items():
+        by_name.setdefault(fam.name, []).append(name)
+    clash = {n: regs for n, regs in by_name.items() if len(regs) > 1}
+    if clash:
+        raise ValueError(f"families {clash} would store their traces under one family name; give each its own "
+                         "name (family_args: {<family>: {name: ...}})")
     for name, fam in fams.items():
         if getattr(fam, "answer_trigger", answer_trigger) != answer_trigger:
             raise ValueError(f"family {name!r} expects the answer trigger {fam.answer_trigger!r}, the harvest uses "
@@ -245,8 +254,8 @@ def harvest(
                        "do_sample": do_sample, "temperature": temperature, "seed": seed,
                        **({"cap_answer": "forced"} if probe_at_cap else {})},
         "order": {"n_per_family": n_per_family, "seed": seed, "split_fractions": SPLIT_FRACTIONS},
-        "families": sorted(fams),
-        "family_settings": {n: _family_settings(f) for n, f in fams.items()},
+        "families": sorted(f.name for f in fams.values()),
+        "family_settings": {f.name: _family_settings(f) for f in fams.values()},
         "code_version": maml_stop.__version__,
         "split_fractions": SPLIT_FRACTIONS,
     }
@@ -293,7 +302,7 @@ def harvest(
                 for row in rows:
                     split_rows.setdefault(row["split"], []).append(row)
                 for split, srows in split_rows.items():
-                    store.write_shard(out_path, name, split, srows)
+                    store.write_shard(out_path, fam.name, split, srows)
                     written += [r["trace_id"] for r in srows]
                 shards += 1
                 pending[name] = pending[name][len(chunk):]

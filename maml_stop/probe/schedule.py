@@ -100,11 +100,6 @@ class ProbeSchedule:
         """:meth:`due` for a row whose only event is the one its last token completes (no gap or cap)."""
         return self.due(n_generated, self.event(last_token, tail))
 
-    def fires(self, n_generated: int, last_token: str, tail: str = "", last_probe: int | None = None,
-              n_probes: int = 0) -> str | None:
-        """:meth:`due` with gap and cap, for a row whose only event is the one its last token completes."""
-        return self.due(n_generated, self.event(last_token, tail), last_probe, n_probes)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cues"] = list(self.cues)
