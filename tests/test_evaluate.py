@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from maml_stop.evaluate import report as R
-from maml_stop.evaluate.protocol import EvaluateConfig, main, run
+from maml_stop.evaluate.config import EvaluateConfig, main
+from maml_stop.evaluate.protocol import run
 from maml_stop.learn.module import CheckpointError
 from trace_helpers import write_tiny_checkpoint
 
@@ -133,13 +134,14 @@ def test_feature_mismatch_is_refused(tiny_corpus, tmp_path):
 
 
 def test_config_yaml_parses(tiny_corpus):
-    from maml_stop.evaluate.protocol import _parser
+    from maml_stop.evaluate.config import _parser
 
     root = Path(__file__).resolve().parents[1]
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
     assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
-    from maml_stop.evaluate.protocol import _selectors, build_policies
+    from maml_stop.evaluate.methods import build_policies
+    from maml_stop.evaluate.protocol import _selectors
 
     cfg = EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
     assert list(_selectors(cfg)) == cfg.threshold_methods
@@ -159,7 +161,7 @@ def test_callback_evaluate_figures(tiny_corpus, tiny_checkpoint):
     corpus = TraceCorpus.load(tiny_corpus)
     _, adapter, _ = load_predictor(tiny_checkpoint)
     episodes = EpisodeSampler({"fam_b": corpus.traces("fam_b")}, k=4, q=None).fixed_episodes("fam_b", 3, seed=0)
-    callback = EMTokenEvaluation(n_episodes=3, k=4, taus=[0.9, 0.5, 0.1])
+    callback = EMTokenEvaluation(taus=[0.9, 0.5, 0.1])
     figures, curve = callback.evaluate(adapter, episodes)
     assert set(figures) == {"savings_at_delta", "em_drop", "curve_savings_at_delta", "curve_auc", "oracle_savings", "brier", "ece"}
     assert figures["curve_savings_at_delta"] <= figures["oracle_savings"] + 1e-9
@@ -179,7 +181,7 @@ def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
                          meta_batch_size=2, steps_per_epoch=2, val_episodes=2)
     model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, hidden=8, depth=1,
                                inner_steps=1, first_order=True, compare_random_init=False)
-    callback = EMTokenEvaluation(n_episodes=2, taus=[0.9, 0.5, 0.1])
+    callback = EMTokenEvaluation(taus=[0.9, 0.5, 0.1])
     trainer = Trainer(max_steps=2, inference_mode=False, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       default_root_dir=tmp_path, callbacks=[callback])

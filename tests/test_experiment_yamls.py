@@ -3,6 +3,7 @@ instantiated, in tests/test_configs.py); a YAML no command claims fails here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,17 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 ALL = sorted(EXPERIMENTS.glob("*.yaml"))
 
 
+def config_chain(path: Path, command: str) -> list[str]:
+    """The config files (names in experiments/) that ``path``'s usage comment reads, in order, ending with
+    ``path`` itself: ``maml-stop <command> --config experiments/a.yaml --config experiments/<path>``."""
+    text = " ".join(line.lstrip("# ").rstrip("\\ ") for line in path.read_text().splitlines() if line.startswith("#"))
+    for match in re.finditer(rf"maml-stop {command}((?: --config experiments/\S+)+)", text):
+        names = re.findall(r"--config experiments/(\S+)", match.group(1))
+        if names[-1] == path.name:
+            return names
+    raise AssertionError(f"{path.name}: no usage line `maml-stop {command} --config ... --config experiments/{path.name}`")
+
+
 def _kind(path: Path) -> str:
     cfg = yaml.safe_load(path.read_text()) or {}
     if path in CONFIGS:
@@ -22,10 +34,10 @@ def _kind(path: Path) -> str:
         return "evaluate"
     from dataclasses import fields
 
-    from maml_stop.evaluate.protocol import EvaluateConfig
+    from maml_stop.evaluate.config import EvaluateConfig
 
     if cfg and set(cfg) <= {f.name for f in fields(EvaluateConfig)}:
-        return "evaluate override"  # read after experiments/main_evaluate.yaml (a second --config)
+        return "evaluate override"  # read after experiments/evaluate.yaml (and others: repeated --config)
     if "families" in cfg and isinstance(cfg.get("model"), str):
         return "harvest"
     return "unknown"
@@ -36,16 +48,20 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
     kind = _kind(path)
     assert kind != "unknown", f"{path.name}: no maml-stop command reads this YAML"
     if kind == "evaluate":
-        from maml_stop.evaluate.protocol import _parser
+        from maml_stop.evaluate.config import _parser
 
         ns = _parser().parse_args(["--config", str(path), "--corpus", tiny_corpus])
         assert ns.episodes >= 50 and ns.delta == 0.01
     elif kind == "evaluate override":
-        from maml_stop.evaluate.protocol import _parser
+        from maml_stop.evaluate.config import _parser
 
-        assert f"--config experiments/main_evaluate.yaml --config experiments/{path.name}" in path.read_text()
-        ns = _parser().parse_args(["--config", str(EXPERIMENTS / "main_evaluate.yaml"), "--config", str(path)])
-        assert ns.episodes >= 50 and ns.out != "runs/main/evaluate"
+        chain = config_chain(path, "evaluate")
+        assert chain[0] == "evaluate.yaml", f"{path.name}: overrides are read after experiments/evaluate.yaml"
+        args = [a for name in chain for a in ("--config", str(EXPERIMENTS / name))]
+        ns = _parser().parse_args(args)
+        assert ns.episodes >= 50 and ns.delta == 0.01
+        base = _parser().parse_args(args[:-2])
+        assert ns.out != base.out, f"{path.name} writes into the folder of the configs it overrides"
     elif kind == "harvest":
         from jsonargparse import ArgumentParser
 
@@ -59,3 +75,31 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         assert set(ns.families) <= set(list_families())
         # the bundled corpus: >= 300 traces per family (issue 4); the cross-model corpora are small by design
         assert ns.n_per_family >= (300 if path.name == "corpus_qwen05.yaml" else 32) and ns.max_new_tokens >= 128
+
+
+def test_main_fit_config_is_the_quickstart_plus_overrides(tiny_corpus, tmp_path):
+    """experiments/main.yaml holds only what differs from experiments/quickstart.yaml (read first)."""
+    from maml_stop.learn.cli import cli_main
+
+    from test_configs import tiny_args
+
+    chain = config_chain(EXPERIMENTS / "main.yaml", "fit")
+    assert chain == ["quickstart.yaml", "main.yaml"]
+    assert "quickstart.yaml --config experiments/main.yaml" in (Path(__file__).resolve().parents[1] / "scripts" / "main.sh").read_text()
+    main = yaml.safe_load((EXPERIMENTS / "main.yaml").read_text())
+    assert set(main) <= {"trainer", "data"} and "model" not in main  # the model is the quickstart's
+    # the tiny corpus and its families, K and Q given after both files, as in tests/test_configs.py
+    args = ["--config", str(EXPERIMENTS / "quickstart.yaml")] + tiny_args(EXPERIMENTS / "main.yaml", tiny_corpus, tmp_path)
+    cli = cli_main(args + ["--data.k=4", "--data.q=8"], run=False)
+    quick = yaml.safe_load((EXPERIMENTS / "quickstart.yaml").read_text())
+    assert {k: cli.model.hparams[k] for k in quick["model"] if k != "optimizer"} == {
+        k: v for k, v in quick["model"].items() if k != "optimizer"}
+    assert cli.trainer.max_steps == quick["trainer"]["max_steps"]
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "EMTokenEvaluation" in names and "EarlyStopping" in names
+
+
+def test_lofo_evaluate_trains_folds_with_the_composed_main_config():
+    cfg = yaml.safe_load((EXPERIMENTS / "lofo_evaluate.yaml").read_text())
+    assert cfg["train_config"] == ["experiments/quickstart.yaml", "experiments/main.yaml"]
+    assert all((EXPERIMENTS.parent / p).is_file() for p in cfg["train_config"])

@@ -5,6 +5,7 @@
   :class:`maml_stop.data.episodes.EpisodeSampler` (same seed, same episodes);
 * validation / test: ``val_episodes`` / ``test_episodes`` fixed episodes per validation / test family
   (seeded, identical on every epoch and every run), query = ``eval_q`` traces (None: all the others).
+  :meth:`TraceDataModule.eval_episodes` is their one source (the EM/token callback reads them too).
 
 Every trace is collated to tensors once (:class:`maml_stop.data.batches.TraceTensors`); an episode is then a few
 tensor gathers. A batch is a list of :class:`EpisodeBatch`.
@@ -126,6 +127,7 @@ class TraceDataModule(LightningDataModule):
         self._train_sampler: EpisodeSampler | None = None
         self._resumed_rng: dict | None = None  # sampler RNG state from a checkpoint, applied once set up
         self._eval: dict[str, list[list[EpisodeBatch]]] = {}
+        self._eval_traces: dict[str, list[Episode]] = {}  # stage -> its fixed episodes (eval_episodes)
 
     # ---- what the model needs to know (linked in the CLI) -------------------------------------------
     @property
@@ -208,29 +210,43 @@ class TraceDataModule(LightningDataModule):
 
     def fixed_episodes(self, families: list[str], n: int, seed: int) -> list[EpisodeBatch]:
         """``n`` seeded fixed episodes per family, as tensors (query: ``eval_q`` traces)."""
+        return [_to_tensors(ep, self._tensors) for ep in self._fixed_trace_episodes(families, n, seed)]
+
+    def _fixed_trace_episodes(self, families: list[str], n: int, seed: int) -> list[Episode]:
         self.setup()
         if self._eval_sampler is None:
             raise DataError("no validation or test families in the split")
-        out = []
-        for fam in families:
-            for ep in self._eval_sampler.fixed_episodes(fam, n, seed):
-                out.append(_to_tensors(ep, self._tensors))
-        return out
+        return [ep for fam in families for ep in self._eval_sampler.fixed_episodes(fam, n, seed)]
 
-    def _eval_batches(self, stage: str) -> list[list[EpisodeBatch]]:
-        if stage not in self._eval:
+    def eval_episodes(self, stage: str) -> list[Episode]:
+        """The fixed episodes (of traces) of stage ``"val"`` or ``"test"``: ``val_episodes`` /
+        ``test_episodes`` per validation / test family, seed ``seed + 1`` / ``seed + 2``, K = ``k``,
+        query = ``eval_q``. The one source of evaluation episodes during meta-training: the val/test
+        loaders collate these (``val/loss``), and :class:`maml_stop.evaluate.callbacks.EMTokenEvaluation`
+        adapts on these (``val/savings_at_delta``). Empty (with a warning) without validation families."""
+        if stage not in ("val", "test"):
+            raise ValueError(f"unknown stage {stage!r}; valid stages: val, test")
+        self.setup()
+        if stage not in self._eval_traces:
             families = self.split.val if stage == "val" else self.split.test
             if not families and stage == "val":
                 log.warning("no validation families: validation is skipped")
-                self._eval[stage] = []
-                return []
-            if not families:
+                self._eval_traces[stage] = []
+            elif not families:
                 raise DataError(
                     f"no {stage} families: set data.{stage}_families (or data.fold) to "
                     f"families of the corpus {self.corpus.families}"
                 )
-            n = self.val_episodes if stage == "val" else self.test_episodes
-            eps = self.fixed_episodes(families, n, seed=self.seed + (1 if stage == "val" else 2))
+            else:
+                n = self.val_episodes if stage == "val" else self.test_episodes
+                self._eval_traces[stage] = self._fixed_trace_episodes(
+                    families, n, seed=self.seed + (1 if stage == "val" else 2)
+                )
+        return self._eval_traces[stage]
+
+    def _eval_batches(self, stage: str) -> list[list[EpisodeBatch]]:
+        if stage not in self._eval:
+            eps = [_to_tensors(ep, self._tensors) for ep in self.eval_episodes(stage)]
             self._eval[stage] = [eps[i : i + self.meta_batch_size] for i in range(0, len(eps), self.meta_batch_size)]
         return self._eval[stage]
 

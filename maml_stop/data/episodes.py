@@ -139,6 +139,23 @@ class FamilySplit:
             raise SamplerError(f"no meta-training families left (val={val}, test={test}, available={available})")
         return cls(train=train, val=val, test=test)
 
+    @classmethod
+    def holding_out(
+        cls, available: Sequence[str], family: str, val: Sequence[str] | None = None, n_val: int = 1
+    ) -> "FamilySplit":
+        """The split of one leave-one-family-out fold, ``family`` held out (test = [family]): validation =
+        the families of ``val`` other than ``family``, or, when none is left, the ``n_val`` families after
+        it in sorted order (cyclically, the ``fold`` rule of :meth:`resolve`); train = every other family.
+
+        >>> FamilySplit.holding_out(["a", "b", "c", "d"], "b", val=["b"])
+        FamilySplit(train=['a', 'd'], val=['c'], test=['b'])
+        """
+        ordered = sorted(available)
+        if family not in ordered:
+            raise SamplerError(f"unknown held-out family {family!r}; families in the corpus: {ordered}")
+        kept = [f for f in val or [] if f != family]
+        return cls.resolve(ordered, val=kept or None, test=[family], fold=ordered.index(family), n_val=n_val)
+
 
 class EpisodeSampler:
     """Draws episodes from families: random ones for training, seeded fixed ones for evaluation.

@@ -1,8 +1,10 @@
 """EM/token evaluation during meta-training (a Lightning callback).
 
 At the end of a validation epoch, :class:`EMTokenEvaluation` adapts the module's predictor (through its
-own :class:`~maml_stop.learn.adapter.InnerLoopAdapter`) on the support sets of fixed episodes of the
-validation families, chooses the threshold on each support set, scores the query sets against full
+own :class:`~maml_stop.learn.adapter.InnerLoopAdapter`) on the support sets of the datamodule's fixed
+validation episodes (:meth:`maml_stop.data.datamodule.TraceDataModule.eval_episodes`, the very episodes
+``val/loss`` is measured on: ``data.val_episodes`` per validation family, K = ``data.k``, query =
+``data.eval_q``), chooses the threshold on each support set, scores the query sets against full
 generation, and logs::
 
     val/savings_at_delta        % of tokens saved with the support-chosen threshold (the headline)
@@ -17,7 +19,7 @@ and saves the EM-vs-tokens curve as ``<log dir>/em_tokens/epoch=NNN.png`` (rank 
 YAML (``trainer.callbacks``)::
 
     - class_path: maml_stop.evaluate.callbacks.EMTokenEvaluation
-      init_args: {n_episodes: 10, delta: 0.01, threshold_method: em_target}
+      init_args: {delta: 0.01, threshold_method: em_target}
 """
 
 from __future__ import annotations
@@ -45,38 +47,31 @@ class EMTokenEvaluation(Callback):
 
     def __init__(
         self,
-        n_episodes: int = 10,
-        k: int | None = None,
-        query: int | None = None,
         delta: float = 0.01,
         threshold_method: str = "em_target",
         ltt_alpha: float = 0.1,
         taus: list[float] | None = None,
-        families: list[str] | None = None,
         every_n_epochs: int = 1,
         seed: int = 0,
         save_plot: bool = True,
         crossfit: bool = False,
     ) -> None:
-        """``k`` defaults to the datamodule's K, ``families`` to its validation families; ``query``
-        None = every question not in support; ``taus`` default :data:`maml_stop.evaluate.policies.DEFAULT_TAUS`;
-        ``crossfit`` chooses tau on out-of-sample support scores (see :class:`~maml_stop.evaluate.policies.ProbePolicy`)."""
+        """Episodes: the datamodule's validation episodes (module docstring); ``taus`` default
+        :data:`maml_stop.evaluate.policies.DEFAULT_TAUS`; ``crossfit`` chooses tau on out-of-sample support
+        scores (see :class:`~maml_stop.evaluate.policies.ProbePolicy`), its halves drawn with ``seed``."""
         super().__init__()
-        if n_episodes < 1 or every_n_epochs < 1:
-            raise ValueError(f"n_episodes and every_n_epochs must be >= 1; got {n_episodes}, {every_n_epochs}")
-        if k is not None and k < 1:
-            raise ValueError(f"k must be >= 1; got {k}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1; got {every_n_epochs}")
         if not 0.0 <= delta < 1.0:
             raise ValueError(f"delta is an EM drop as a fraction in [0, 1) (0.01 = 1 point); got {delta}")
         if threshold_method not in SELECTORS:
             raise ValueError(f"unknown threshold_method {threshold_method!r}; valid: {', '.join(SELECTORS)}")
-        self.n_episodes, self.k, self.query, self.delta = n_episodes, k, query, delta
+        self.delta = delta
         self.selector = make_selector(threshold_method, delta=delta, alpha=ltt_alpha)
         self.taus = list(taus) if taus is not None else list(DEFAULT_TAUS)
-        self.families, self.every_n_epochs, self.seed, self.save_plot = families, every_n_epochs, seed, save_plot
+        self.every_n_epochs, self.seed, self.save_plot = every_n_epochs, seed, save_plot
         self.crossfit = crossfit
         self.history: list[dict[str, float]] = []
-        self._episodes: list | None = None
 
     # ---- the decision part: pure given the adapter and the episodes -----------------------------------
     def evaluate(self, adapter: Any, episodes: Sequence[Any], eval_steps: int | None = None) -> tuple[dict[str, float], dict]:
@@ -118,27 +113,22 @@ class EMTokenEvaluation(Callback):
         c = curve.compute()
         return figures, {k: torch.atleast_1d(v).tolist() for k, v in c.items()}
 
-    def _fixed_episodes(self, trainer: Trainer) -> list:
-        if self._episodes is None:
-            from maml_stop.data.episodes import EpisodeSampler
-
-            dm = trainer.datamodule
-            if dm is None or getattr(dm, "corpus", None) is None:
-                raise RuntimeError("EMTokenEvaluation needs a TraceDataModule (trainer.datamodule with a loaded corpus)")
-            families = self.families if self.families is not None else list(dm.split.val)
-            unknown = [f for f in families if f not in dm.corpus.families]
-            if unknown:
-                raise ValueError(f"EMTokenEvaluation: unknown families {unknown}; families in the corpus: {dm.corpus.families}")
-            k = self.k if self.k is not None else dm.k
-            sampler = EpisodeSampler({f: dm.corpus.traces(f) for f in families}, k=k, q=self.query, seed=self.seed)
-            self._episodes = [ep for f in families for ep in sampler.fixed_episodes(f, self.n_episodes, self.seed)]
-        return self._episodes
+    @staticmethod
+    def episodes(trainer: Trainer) -> list:
+        """The episodes evaluated on: the datamodule's validation episodes (``eval_episodes("val")``)."""
+        dm = trainer.datamodule
+        if dm is None or not callable(getattr(dm, "eval_episodes", None)):
+            raise RuntimeError(
+                "EMTokenEvaluation needs a TraceDataModule (trainer.datamodule with eval_episodes); "
+                f"got {type(dm).__name__}"
+            )
+        return dm.eval_episodes("val")
 
     # ---- hooks: the only side effects ----------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        episodes = self._fixed_episodes(trainer)
+        episodes = self.episodes(trainer)
         if not episodes:
             return
         steps = getattr(pl_module, "eval_inner_steps", None)

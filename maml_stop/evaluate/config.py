@@ -1,0 +1,143 @@
+"""The settings of ``maml-stop evaluate`` (:class:`EvaluateConfig`) and its command line.
+
+Tuned values (the K grid, the episode count, every threshold grid) live in ``experiments/evaluate.yaml``;
+experiment files add overrides on top of it (several ``--config`` files are read in order, the last
+wins)::
+
+    maml-stop evaluate --config experiments/evaluate.yaml --config experiments/main_evaluate.yaml
+    maml-stop evaluate --config experiments/evaluate.yaml --checkpoint runs/quickstart/checkpoints/best.ckpt
+    maml-stop evaluate --report_only runs/evaluate/results.json      # rebuild the report from the JSON
+
+The defaults here are small and safe (short grids, for a quick look); the protocol itself is
+:mod:`maml_stop.evaluate.protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maml_stop.evaluate.methods import METHODS, NEEDS_CHECKPOINT
+
+__all__ = ["EvaluateConfig", "check_config", "main"]
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``maml-stop evaluate`` (tuned values live in ``experiments/evaluate.yaml``)."""
+
+    corpus: str  # trace corpus folder (the held-out families' traces)
+    # corpus of the meta-training and pooled-probe families (default: ``corpus``). A corpus of another
+    # model with the same feature names gives a cross-model check: meta-train on one model's traces,
+    # adapt and test on the other's.
+    source_corpus: str | None = None
+    out: str = "runs/evaluate"  # output folder
+    checkpoint: str | None = None  # one meta-trained checkpoint, used for every held-out family
+    checkpoints: dict[str, str] | None = None  # held-out family -> checkpoint of that fold
+    # LightningCLI fit config(s), read in order as repeated ``--config`` files: meta-train one checkpoint
+    # per held-out family
+    train_config: str | list[str] | None = None
+    families: list[str] | None = None  # held-out families (default: the checkpoint's test families)
+    source_families: list[str] | None = None  # pooled-probe families (default: the checkpoint's, else all others)
+    splits: list[str] | None = None  # question splits of the held-out family to use (default: all)
+    shots: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # K (support questions)
+    episodes: int = 50  # fixed episodes per family and K
+    query: int | None = None  # query questions per episode (None: every question not in support)
+    seed: int = 0  # seed of the fixed episodes
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])  # first = headline
+    delta: float = 0.01  # EM-drop target as a fraction (0.01 = 1 point)
+    ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
+    ltt_alpha: float = 0.1  # LTT risk level
+    fixed_tau: float = 0.5  # probe threshold of the 'fixed' method
+    crossfit: bool = False  # adapted probes: choose tau on out-of-sample support scores (two halves)
+    # candidate grids (tuned grids: experiments/evaluate.yaml; these short ones only keep a bare run cheap)
+    taus: list[float] = field(default_factory=lambda: [0.9, 0.5, 0.1])  # probe thresholds swept
+    consistency_windows: list[int] = field(default_factory=lambda: [4, 2])  # agreeing probe answers
+    confidence_levels: list[float] = field(default_factory=lambda: [0.99, 0.9])  # forced-answer probability
+    budget_quantiles: list[float] = field(default_factory=lambda: [1.0, 0.5])  # of the support's full costs
+    predictor: dict[str, Any] = field(default_factory=lambda: {"hidden": 64, "depth": 2, "kind": "mlp"})  # without a checkpoint
+    pooled_steps: int = 300  # full-batch steps training the pooled probe
+    pooled_lr: float = 0.5
+    finetune_steps: int = 20  # steps fine-tuning the pooled probe on the K support traces
+    finetune_lr: float = 0.1
+    scratch_steps: int = 100  # steps training a probe from scratch on the K support traces
+    scratch_lr: float = 0.5
+    calibration_bins: int = 10
+    min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
+    progress: bool = True  # tqdm progress bars
+
+    @property
+    def train_configs(self) -> list[str]:
+        """``train_config`` as a list of files (empty without one)."""
+        if not self.train_config:
+            return []
+        return [self.train_config] if isinstance(self.train_config, str) else list(self.train_config)
+
+
+def check_config(cfg: EvaluateConfig) -> None:
+    """Raise a ``ValueError`` naming the valid choices when a setting cannot be run."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    if not cfg.shots or any(k < 1 for k in cfg.shots):
+        raise ValueError(f"shots must be a non-empty list of K >= 1; got {cfg.shots}")
+    if cfg.episodes < 1:
+        raise ValueError(f"episodes must be >= 1; got {cfg.episodes}")
+    given = [x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]
+    if len(given) > 1:
+        raise ValueError("give at most one of checkpoint, checkpoints and train_config")
+    if not given and any(m in NEEDS_CHECKPOINT for m in cfg.methods):
+        raise ValueError(
+            "method 'maml' needs a meta-trained checkpoint: pass --checkpoint, --checkpoints or --train_config, "
+            f"or leave 'maml' out of --methods (valid methods: {', '.join(METHODS)})"
+        )
+
+
+def _parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="maml-stop evaluate",
+        description="Leave-one-family-out EM/token evaluation of every stopping method on fixed episodes.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML settings, repeatable (experiments/evaluate.yaml, then overrides)")
+    parser.add_argument("--report_only", type=str | None, default=None,
+                        help="rebuild results.md and the plots from this results.json and exit")
+    parser.add_class_arguments(EvaluateConfig)
+    return parser
+
+
+def parse_config(argv: list[str]) -> EvaluateConfig:
+    """The :class:`EvaluateConfig` of a command line (``--config`` files and flags)."""
+    ns = _parser().parse_args(argv)
+    return EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from maml_stop.evaluate.protocol import run, write_results
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report_only", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.report_only:  # no evaluation: the corpus and the rest of the settings are not needed
+        path = Path(known.report_only)
+        paths = write_results(json.loads(path.read_text()), path.parent)
+        print(f"report written: {paths['table']}")
+        return 0
+    cfg = parse_config(argv)
+    results = run(cfg)
+    print(f"results: {Path(cfg.out) / 'results.json'}; report: {Path(cfg.out) / 'results.md'} ({results['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

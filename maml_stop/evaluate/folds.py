@@ -1,0 +1,139 @@
+"""Folds of ``maml-stop evaluate``: which families are held out, and the meta-trained adapter of each.
+
+Three ways to get them (:func:`resolve_folds`): one checkpoint (its test families are held out), one
+checkpoint per held-out family (``checkpoints``), or one fold meta-trained here per held-out family
+(``train_config``: ``maml-stop fit`` in process, through :func:`maml_stop.learn.cli.cli_main`, with the
+fold's split from :meth:`maml_stop.data.episodes.FamilySplit.holding_out`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.episodes import FamilySplit
+from maml_stop.evaluate.config import EvaluateConfig
+
+__all__ = ["Fold", "load_checkpoint", "train_fold", "resolve_folds"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fold:
+    """One held-out family with what its methods need."""
+
+    family: str
+    adapter: Any | None  # meta-trained InnerLoopAdapter (None without a checkpoint)
+    sources: list[str]  # families the pooled probe trains on
+    checkpoint: str | None = None
+    eval_steps: int | None = None  # inner steps at evaluation (the checkpoint's eval_inner_steps)
+
+
+def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
+    """The meta-trained adapter of a checkpoint, its metadata, and the family split it was trained with
+    (``train``/``val``/``test`` resolved against the corpus families; empty when not recorded).
+    Raises when the checkpoint's feature names differ from the corpus's."""
+    from maml_stop.learn.module import check_feature_names, load_predictor
+
+    _, adapter, meta = load_predictor(path)
+    check_feature_names(meta.get("feature_names"), corpus.feature_names)
+    hp = meta["data"]
+    split: dict[str, list[str]] = {}
+    if any(hp.get(key) is not None for key in ("train_families", "val_families", "test_families", "fold")):
+        resolved = FamilySplit.resolve(
+            corpus.families, hp.get("train_families"), hp.get("val_families"), hp.get("test_families"),
+            hp.get("fold"), hp.get("n_val_families", 1),
+        )
+        split = {"train": resolved.train, "val": resolved.val, "test": resolved.test}
+    return adapter, meta, split
+
+
+def _data_settings(configs: Sequence[str]) -> dict[str, Any]:
+    """The ``data`` section of LightningCLI config files read in order (a later file's key wins, as
+    with repeated ``--config``)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    for path in configs:
+        data.update((yaml.safe_load(Path(path).read_text()) or {}).get("data", {}) or {})
+    return data
+
+
+def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path) -> str:
+    """Meta-train one checkpoint with ``family`` held out, in process (``maml-stop fit`` with the
+    ``train_config`` files): the split is :meth:`FamilySplit.holding_out` of the config's validation
+    families; checkpoints and CSV/TensorBoard logs go under ``out/folds/<family>`` (its output root,
+    whatever paths the config names; a rerun replaces the folder). Returns the best (else last) checkpoint."""
+    import shutil
+
+    from maml_stop.learn.cli import cli_main
+
+    data = _data_settings(cfg.train_configs)
+    split = FamilySplit.holding_out(corpus.families, family, data.get("val_families"), data.get("n_val_families", 1))
+    folder = out / "folds" / family
+    shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier evaluation survives in the fold
+    args = [a for path in cfg.train_configs for a in ("--config", str(path))] + [  # run=False: we call fit
+        f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null", "--data.train_families=null",
+        f"--data.val_families=[{','.join(split.val)}]", f"--data.test_families=[{','.join(split.test)}]",
+        f"--trainer.default_root_dir={folder}",
+    ]
+    log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
+    # follow_root: the config's logger save_dir / checkpoint dirpath move under the fold's folder too
+    # (they would mix every fold's files with the main job's)
+    cli = cli_main(args, run=False, follow_root=True)
+    callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt in our YAMLs
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
+    if not path:
+        path = str(folder / "final.ckpt")
+        cli.trainer.save_checkpoint(path)
+    return path
+
+
+def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: TraceCorpus | None = None) -> list[Fold]:
+    """Every held-out family (from ``corpus``) with its meta-trained adapter and pooled-probe source
+    families (from ``source``, by default the same corpus)."""
+    source = corpus if source is None else source
+    available = corpus.families
+
+    def check_families(names: Sequence[str], what: str, where: TraceCorpus = corpus) -> None:
+        bad = [f for f in names if f not in where.families]
+        if bad:
+            raise ValueError(f"{what} {bad} are not in the corpus; families in the corpus: {where.families}")
+
+    def fold(family: str, path: str | None, held_out: Sequence[str]) -> Fold:
+        adapter, meta, split = load_checkpoint(path, source) if path else (None, {}, {})
+        seen = set(split.get("train", [])) | set(split.get("val", []))
+        if family in seen:
+            raise ValueError(f"family {family!r} was seen in meta-training by {path}; it cannot be held out")
+        sources = list(cfg.source_families or split.get("train") or [g for g in source.families if g not in held_out])
+        if family in sources:
+            raise ValueError(f"held-out family {family!r} is among the pooled-probe source families {sources}")
+        check_families(sources, "source families", source)
+        steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
+        return Fold(family, adapter, sources, path, steps)
+
+    if cfg.checkpoints:
+        families = list(cfg.families or cfg.checkpoints)
+        missing = [f for f in families if f not in cfg.checkpoints]
+        if missing:
+            raise ValueError(f"no checkpoint for held-out families {missing}; checkpoints given for {sorted(cfg.checkpoints)}")
+        check_families(families, "held-out families")
+        return [fold(f, cfg.checkpoints[f], [f]) for f in families]
+    if cfg.train_config:
+        families = list(cfg.families or available)
+        check_families(families, "held-out families")
+        return [fold(f, train_fold(cfg, f, source, out), [f]) for f in families]
+    split = load_checkpoint(cfg.checkpoint, source)[2] if cfg.checkpoint else {}
+    families = list(cfg.families or split.get("test") or [])
+    if not families:
+        raise ValueError(
+            f"no held-out families: pass --families (families in the corpus: {available}); "
+            + ("the checkpoint records no test families" if cfg.checkpoint else "no checkpoint was given")
+        )
+    check_families(families, "held-out families")
+    return [fold(f, cfg.checkpoint, families) for f in families]
