@@ -177,14 +177,27 @@ def test_state_dict_keys_are_single():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("algorithm,first_order", [("maml", True), ("maml", False), ("anil", False), ("metasgd", False)])
 def test_episode_losses_equal_the_per_episode_loop(algorithm, first_order, kind):
-    """The meta-batch-vectorised path gives the per-episode adapt() results: losses and meta-gradients."""
+    """The meta-batch-vectorised path gives the per-episode fit_support() results: losses and meta-gradients."""
     episodes = [(episode_batch(s, n_traces=3 + s), episode_batch(10 + s, n_traces=2 + 2 * s, shift=0.3 * s)) for s in range(3)]
     adapter = make_adapter(algorithm, kind, inner_lr=0.3, inner_steps=3, first_order=first_order)
     params = list(adapter.parameters())
     batched = adapter.episode_losses(episodes)
-    looped = torch.stack([adapter.loss(adapter.adapt(s), q) for s, q in episodes])
+    looped = torch.stack([adapter.loss(adapter.fit_support(s), q) for s, q in episodes])  # the one road
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(batched.mean(), params), torch.autograd.grad(looped.mean(), params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(adapter.episode_losses(episodes), looped.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_adapt_episodes_slices_are_the_per_episode_adaptations(algorithm):
+    supports = [episode_batch(s, n_traces=2 + s) for s in range(3)]
+    adapter = make_adapter(algorithm, inner_lr=0.3, inner_steps=3)
+    with torch.no_grad():
+        batched = dict(adapter.adapt_episodes(supports).named_parameters())
+        for e, s in enumerate(supports):
+            one = adapter.fit_support(s)
+            one = one.head if algorithm == "anil" else one
+            for name, p in one.named_parameters():
+                torch.testing.assert_close(batched[name][e], p, rtol=1e-5, atol=1e-6)

@@ -190,3 +190,38 @@ def test_resumed_fit_draws_the_same_episodes(tiny_corpus, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     # the second epoch moved the weights, so the equality above says something
     assert not torch.equal(next(first.adapter.parameters()), next(whole.adapter.parameters()))
+
+
+def test_one_road_policy_adapt_command_and_module_give_the_same_weights(tiny_corpus, tmp_path):
+    """The learned policy, ``maml-stop adapt`` and the module's episode path all adapt through
+    ``InnerLoopAdapter.fit_support``: on the same support set they give the same adapted weights."""
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.data.datamodule import EpisodeBatch
+    from maml_stop.evaluate.policies import ProbePolicy
+    from maml_stop.live.adapt import adapt
+    from trace_helpers import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    adapted = adapt(ckpt, "fam_c", k=8, corpus=tiny_corpus, threshold_method="fixed")  # maml-stop adapt
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_c")
+    by_id = {t.trace_id: t for t in traces}
+    support = [by_id[i] for i in adapted.meta["support_trace_ids"]]  # in the order adapt drew them
+    query = [t for t in traces if t.trace_id not in set(adapted.meta["support_trace_ids"])][:8]
+    _, adapter, meta = load_predictor(ckpt)
+    steps = meta["hyper_parameters"].get("eval_inner_steps")
+    with torch.no_grad():
+        road = {k: v.detach().clone() for k, v in adapter.fit_support(support, steps=steps).state_dict().items()}
+    policy = ProbePolicy(adapter=adapter, adapt_steps=steps, name="maml").fit(support)  # the evaluation's probe
+    module = MetaStoppingModule(**meta["hyper_parameters"])  # meta-training's episode path
+    module.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    dm = make_dm(tiny_corpus)
+    episode = EpisodeBatch("fam_c", dm.collate(support), dm.collate(query))
+    with torch.no_grad():
+        via_module = module.adapt_episode(episode, "val").state_dict()
+        batched = dict(module.adapter.adapt_episodes([episode.support], module.inner_steps_at("val")).named_parameters())
+    for name, want in road.items():
+        assert torch.equal(policy.model.state_dict()[name], want), name
+        assert torch.equal(adapted.predictor.state_dict()[name], want), name
+        assert torch.equal(via_module[name], want), name
+        if name in batched:  # the episode-batched fast path: equal up to float rounding
+            torch.testing.assert_close(batched[name][0], want, rtol=1e-5, atol=1e-6)

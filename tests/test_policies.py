@@ -9,6 +9,7 @@ from torch import nn
 
 from maml_stop.evaluate import policies as P
 from maml_stop.evaluate.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
+from maml_stop.learn.adapter import InnerLoopAdapter
 from trace_helpers import make_trace
 
 
@@ -141,7 +142,11 @@ class FirstFeature(nn.Module):
 
 
 class RecordingAdapter:
-    """Stands in for InnerLoopAdapter: records the support batch and returns a fixed model."""
+    """Stands in for InnerLoopAdapter: records the support batch and returns a fixed model (the road,
+    ``fit_support``, is the real one: it collates and calls ``adapt``)."""
+
+    fit_support = InnerLoopAdapter.fit_support
+    weighting = "uniform"
 
     def __init__(self, model: nn.Module) -> None:
         self.predictor = model

@@ -87,4 +87,5 @@ def test_bad_arguments():
         StoppingPredictor(4, dropout=1.0)
     net = StoppingPredictor(4, hidden=8, depth=0)
     assert net(batch_of([3])).shape == (3,) and len(net.body) == 0
-    assert StoppingPredictor(**net.config()).config() == net.config()
+    assert StoppingPredictor.from_config(net.config()).config() == net.config()
+    assert StoppingPredictor(**net.config().to_dict()).config() == net.config()  # what checkpoints store

@@ -18,6 +18,8 @@ imports run one way, from the later stages of the pipeline to the earlier ones.
 >>> t = T(positions=np.array([10, 20]), probe_tokens=np.array([5, 6]), reasoning_tokens=40)
 >>> stop_cost(t, 1), stop_cost(t, 1, ran=[1]), stop_cost(t, None), full_cost(t)
 ((31, 20), (26, 20), (51, 40), 40)
+>>> stop_costs(t)[0].tolist()                  # stop_cost(t, i)[0] for every probe i
+[15, 31]
 >>> round(savings(31, 40), 4)
 0.225
 """
@@ -40,6 +42,13 @@ def stop_cost(trace, index: int | None, ran: Sequence[int] | None = None) -> tup
     if index is None:
         return int(trace.reasoning_tokens) + paid, int(trace.reasoning_tokens)
     return int(trace.positions[index]) + paid, int(trace.positions[index])
+
+
+def stop_costs(trace) -> tuple[np.ndarray, np.ndarray]:
+    """(total (P,), reasoning (P,)) tokens of stopping at each probe having run every probe up to it:
+    ``stop_cost(trace, i)`` for every ``i`` at once (int64)."""
+    positions = np.asarray(trace.positions, dtype=np.int64)
+    return positions + np.cumsum(np.asarray(trace.probe_tokens, dtype=np.int64)), positions
 
 
 def full_cost(trace) -> int:

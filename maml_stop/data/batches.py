@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maml_stop.data.accounting import savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 
 __all__ = ["ProbeBatch", "collate_traces", "trace_weights", "TraceTensors", "DataError", "WEIGHTINGS"]
@@ -104,9 +105,9 @@ def trace_weights(trace: Trace, weighting: str = "uniform") -> np.ndarray:
         return np.ones(trace.n_probes, dtype=np.float32)
     if weighting != "cost":
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-    full = max(trace.stop_cost(None)[0], 1)
-    stop_total = trace.positions + np.cumsum(trace.probe_tokens)  # (P,) tokens when stopping at each probe
-    saved = np.clip(1.0 - stop_total / full, 0.0, 1.0)
+    full = max(stop_cost(trace, None)[0], 1)  # never stopping early, every probe run
+    stop_total, _ = stop_costs(trace)  # (P,) tokens when stopping at each probe
+    saved = np.clip(savings(stop_total, full), 0.0, 1.0)
     neg = 1.0 if trace.final_em else COST_FLOOR
     w = np.where(trace.labels > 0.5, saved, neg)
     return np.maximum(w, COST_FLOOR).astype(np.float32)

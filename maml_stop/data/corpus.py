@@ -5,7 +5,8 @@
 >>> t.features.shape, t.labels.shape                                # (n_probes, F), (n_probes,)
 
 A :class:`Trace` holds, per probe point ``i``: the feature vector, the label (the probe's forced answer
-is correct: stopping there keeps the answer correct), and the token accounting of ``DESIGN.md``:
+is correct: stopping there keeps the answer correct), and the token accounting of ``DESIGN.md``
+(the formulas live in :mod:`maml_stop.data.accounting`; ``Trace.stop_cost`` and ``Trace.full_cost`` call it):
 
 * ``positions[i]``: reasoning tokens generated before probe ``i``;
 * ``probe_tokens[i]``: what probe ``i`` costs (answer trigger + forced answer tokens);
@@ -24,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from maml_stop.data import store
+from maml_stop.data import accounting, store
 
 
 @dataclass
@@ -48,18 +49,17 @@ class Trace:
 
     def stop_cost(self, index: int | None) -> tuple[int, int]:
         """(total tokens, reasoning tokens) when stopping at probe ``index``; None = run to the end
-        having run every probe (what a probing policy that never fires pays)."""
-        if index is None:
-            return int(self.reasoning_tokens + self.probe_tokens.sum()), int(self.reasoning_tokens)
-        return int(self.positions[index] + self.probe_tokens[: index + 1].sum()), int(self.positions[index])
+        having run every probe (what a probing policy that never fires pays). See
+        :func:`maml_stop.data.accounting.stop_cost`, the one home of the formula."""
+        return accounting.stop_cost(self, index)
 
     def stop_em(self, index: int | None) -> bool:
         return self.final_em if index is None else bool(self.labels[index] > 0.5)
 
     @property
     def full_cost(self) -> int:
-        """Cost of plain full generation (no probes): every generated token."""
-        return int(self.reasoning_tokens)
+        """Cost of plain full generation (no probes): :func:`maml_stop.data.accounting.full_cost`."""
+        return accounting.full_cost(self)
 
 
 # per-probe list columns of the stored schema: one entry per probe point, like the rows of ``features``
@@ -86,6 +86,21 @@ def _where(root: str | Path, cols: dict, i: int) -> str:
     return f"shard {path if path is not None else Path(root, store.SHARD_DIR, family, '*.parquet')}, trace {tid}"
 
 
+def _read_trace_file(path: Path) -> pa.Table:
+    """One parquet file in the stored schema, checked as ``store.read_table`` checks each shard."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise store.CorpusError(f"no trace file at {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise store.CorpusError(f"corrupt trace file {path}: {err}") from err
+    if table.schema.names != store.TRACE_COLUMNS:
+        raise store.CorpusError(f"{path} has columns {table.schema.names}, expected {store.TRACE_COLUMNS}")
+    return table.cast(store.TRACE_SCHEMA)
+
+
 class TraceCorpus:
     """Traces of a stored corpus grouped by family, with the corpus metadata."""
 
@@ -103,6 +118,20 @@ class TraceCorpus:
     def load(cls, root: str | Path, families: Iterable[str] | None = None, min_probes: int = 1) -> "TraceCorpus":
         meta = store.read_meta(root)
         table = store.read_table(root, families)
+        return cls._from_table(table, meta, str(root), min_probes, lambda cols, i: _where(root, cols, i))
+
+    @classmethod
+    def load_file(cls, path: str | Path, meta: dict, min_probes: int = 1) -> "TraceCorpus":
+        """The traces of one parquet file in the stored schema (a shard, or traces labelled elsewhere),
+        described by ``meta`` (a corpus ``meta.json``'s content; ``feature_names`` is what is read)."""
+        if "feature_names" not in meta:
+            raise store.CorpusError(f"the metadata for {path} lacks 'feature_names'; keys present: {sorted(meta)}")
+        table = _read_trace_file(Path(path))
+        return cls._from_table(table, meta, None, min_probes, lambda cols, i: f"file {path}, trace {cols['trace_id'][i]}")
+
+    @classmethod
+    def _from_table(cls, table: pa.Table, meta: dict, root: str | None, min_probes: int, where) -> "TraceCorpus":
+        """Traces from rows in the stored schema; ``where(cols, i)`` names row ``i`` in errors."""
         width = len(meta["feature_names"])
         cols = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("features",)}
         feats = table.column("features").to_pylist()
@@ -113,14 +142,14 @@ class TraceCorpus:
             lengths["features"] = len(feats[i] or ())
             if len(set(lengths.values())) > 1:
                 raise store.CorpusError(
-                    f"{_where(root, cols, i)}: per-probe columns of different lengths ("
+                    f"{where(cols, i)}: per-probe columns of different lengths ("
                     + ", ".join(f"{c} {n}" for c, n in lengths.items())
                     + "); every per-probe list must have one entry per probe. Delete the shard and resume the harvest."
                 )
             widths = sorted({len(v) for v in feats[i] or ()} - {width})
             if widths:
                 raise store.CorpusError(
-                    f"{_where(root, cols, i)}: feature vectors of width {widths}; meta.json names {width} features"
+                    f"{where(cols, i)}: feature vectors of width {widths}; meta.json names {width} features"
                 )
             f = np.asarray(feats[i], dtype=np.float32).reshape(-1, width) if feats[i] else np.zeros((0, width), np.float32)
             if f.shape[0] < min_probes:
@@ -129,7 +158,7 @@ class TraceCorpus:
                 bad = np.flatnonzero(~np.isfinite(f).all(axis=1))[:5].tolist()
                 names = [meta["feature_names"][j] for j in np.flatnonzero(~np.isfinite(f).all(axis=0))[:5]]
                 raise store.CorpusError(
-                    f"{_where(root, cols, i)}: non-finite (NaN/inf) features at probes {bad} (features {names})"
+                    f"{where(cols, i)}: non-finite (NaN/inf) features at probes {bad} (features {names})"
                 )
             traces.append(
                 Trace(
@@ -147,7 +176,7 @@ class TraceCorpus:
                     hit_cap=bool(cols["hit_cap"][i]),
                 )
             )
-        return cls(traces, meta, str(root))
+        return cls(traces, meta, root)
 
     @property
     def families(self) -> list[str]:

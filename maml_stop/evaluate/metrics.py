@@ -4,7 +4,7 @@ Every metric follows the torchmetrics template: class flags, states added with `
 ``update`` returns nothing, ``compute`` is pure, and the math lives in private ``_update``/``_compute``
 functions shared with the functional API at the bottom of each section.
 
-Inputs are per-trace tensors (the accounting is :meth:`maml_stop.data.corpus.Trace.stop_cost`):
+Inputs are per-trace tensors (the accounting and the savings formula are :mod:`maml_stop.data.accounting`):
 
 * ``em``: (B,) EM of the answer the policy returns (1.0 correct);
 * ``tokens``: (B,) tokens the policy spent (total with probes, or reasoning only);
@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from maml_stop.data import accounting
 
 __all__ = [
     "EMAtStop",
@@ -80,8 +82,9 @@ def _savings_update(tokens: Tensor, full_tokens: Tensor) -> tuple[Tensor, Tensor
 
 
 def _savings_compute(tokens_sum: Tensor, full_sum: Tensor) -> Tensor:
-    """1 - spent / full: the fraction of full-generation tokens saved (negative when probes cost more)."""
-    return 1.0 - tokens_sum / full_sum if full_sum > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+    """1 - spent / full: the fraction of full-generation tokens saved (negative when probes cost more);
+    NaN when there is nothing to save (:func:`maml_stop.data.accounting.savings`, the one formula)."""
+    return accounting.savings(tokens_sum, full_sum)
 
 
 class _MeanMetric(Metric):
@@ -174,7 +177,7 @@ def _curve_compute(
     """EM (T,), savings (T,), relative cost (T,) per threshold, and EM of full generation ()."""
     em = em_sum / count
     cost = tokens_sum / full_sum
-    return {"em": em, "savings": 1.0 - cost, "cost": cost, "full_em": full_em_sum / count}
+    return {"em": em, "savings": accounting.savings(tokens_sum, full_sum), "cost": cost, "full_em": full_em_sum / count}
 
 
 def _auc_from_curve(cost: Tensor, em: Tensor) -> Tensor:

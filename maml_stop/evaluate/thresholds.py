@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from maml_stop.data import accounting
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -78,7 +80,7 @@ class SupportSweep:
 
     def savings(self) -> np.ndarray:
         """(J,) support token savings of each candidate against full generation."""
-        return 1.0 - self.tokens.sum(0) / max(self.full_tokens.sum(), 1e-12)
+        return accounting.savings(self.tokens.sum(0), self.full_tokens.sum())
 
     def losses(self) -> np.ndarray:
         """(K, J) 1 where full generation is right and candidate j is wrong: its mean bounds the EM drop."""

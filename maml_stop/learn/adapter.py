@@ -27,6 +27,12 @@ script) nobody can back-propagate anyway, so the inner steps are first-order (sa
 cheaper) and the returned clone is detached. Under ``torch.inference_mode()`` adaptation is
 impossible and raises: use ``Trainer(inference_mode=False)``.
 
+The one road from labelled support traces to an adapted predictor is :meth:`InnerLoopAdapter.fit_support`
+(collate with the adapter's weighting, optionally take the normalisation from the support features,
+adapt): the learned policies of the evaluation, ``maml-stop adapt`` and the meta-training callback all
+go through it, and :meth:`InnerLoopAdapter.episode_losses` (meta-training's episode-batched fast path)
+is tested equal to it. :func:`crossfit_probabilities` scores support traces out of sample with it.
+
 Inner losses (``loss``): ``bce`` (mean over probe points), ``balanced`` (each class present in the
 batch weighs half, so a support set with few correct probes still teaches both sides), ``cost`` (each
 probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, see :mod:`maml_stop.data.batches`).
@@ -35,23 +41,51 @@ probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, s
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from maml_stop.data.batches import DataError, ProbeBatch
+from maml_stop.data.batches import DataError, ProbeBatch, collate_traces
+from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.learn.l2l import MAML, MetaSGD
 from maml_stop.learn.predictor import StoppingPredictor, apply_linear
 
-__all__ = ["InnerLoopAdapter", "ALGORITHMS", "LOSSES", "inner_loss", "loss_weights"]
+if TYPE_CHECKING:  # pragma: no cover
+    from maml_stop.data.corpus import Trace
+
+__all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "inner_loss", "loss_weights",
+           "trace_probabilities", "crossfit_probabilities"]
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("maml", "anil", "metasgd")
 LOSSES = ("bce", "balanced", "cost")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The inner loop of an :class:`InnerLoopAdapter` (stored in checkpoints as a dict, :meth:`to_dict`).
+    Tuned values live in ``experiments/*.yaml`` (``model.algorithm``, ``model.inner_lr``, ...)."""
+
+    algorithm: str = "maml"  # maml | anil (adapt the head only) | metasgd (learned per-parameter rates)
+    inner_lr: float = 0.1  # inner-loop step size (Meta-SGD: the initial value of every learned rate)
+    inner_steps: int = 5  # gradient steps on the support set (a call's ``steps`` overrides it)
+    first_order: bool = False  # FOMAML: no gradient through the inner steps (always so under no_grad)
+    loss: str = "balanced"  # bce | balanced (each class weighs half) | cost (ProbeBatch.weights)
+
+    def to_dict(self) -> dict:
+        """Plain types, for files (``torch.save`` weights-only, JSON)."""
+        return asdict(self)
+
+    @property
+    def weighting(self) -> str:
+        """The probe weighting its loss reads: ``cost`` weights for ``loss="cost"``, else uniform."""
+        return "cost" if self.loss == "cost" else "uniform"
 
 
 def loss_weights(batch: ProbeBatch, kind: str = "balanced") -> Tensor:
@@ -101,11 +135,11 @@ class InnerLoopAdapter(nn.Module):
     def __init__(
         self,
         predictor: StoppingPredictor,
-        algorithm: str = "maml",
-        inner_lr: float = 0.1,
-        inner_steps: int = 5,
-        first_order: bool = False,
-        loss: str = "balanced",
+        algorithm: str = AdapterConfig.algorithm,
+        inner_lr: float = AdapterConfig.inner_lr,
+        inner_steps: int = AdapterConfig.inner_steps,
+        first_order: bool = AdapterConfig.first_order,
+        loss: str = AdapterConfig.loss,
     ) -> None:
         super().__init__()
         if algorithm not in ALGORITHMS:
@@ -128,13 +162,21 @@ class InnerLoopAdapter(nn.Module):
         # the submodules keeps state_dict keys single (``predictor.*``, ``lrs.*``).
         object.__setattr__(self, "_learner", learner)
 
-    def config(self) -> dict:
-        """Constructor arguments besides the predictor (stored in checkpoints)."""
-        return {"algorithm": self.algorithm, "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
-                "first_order": self.first_order, "loss": self.loss_kind}
+    @classmethod
+    def from_config(cls, predictor: StoppingPredictor, config: AdapterConfig) -> "InnerLoopAdapter":
+        return cls(predictor, config.algorithm, config.inner_lr, config.inner_steps, config.first_order, config.loss)
+
+    def config(self) -> AdapterConfig:
+        """Constructor arguments besides the predictor (``config().to_dict()`` is what checkpoints store)."""
+        return AdapterConfig(self.algorithm, self.inner_lr, self.inner_steps, self.first_order, self.loss_kind)
+
+    @property
+    def weighting(self) -> str:
+        """The probe weighting :meth:`fit_support` collates with (what the inner loss reads)."""
+        return self.config().weighting
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().to_dict().items())
 
     def forward(self, batch: ProbeBatch) -> Tensor:
         """The unadapted predictor's logits. (N,)"""
@@ -173,30 +215,57 @@ class InnerLoopAdapter(nn.Module):
                 adapted = learner.module
         return adapted if outer else _detach_(adapted)
 
+    def fit_support(
+        self, support: "Sequence[Trace] | ProbeBatch", steps: int | None = None, renormalise: bool = False
+    ) -> StoppingPredictor:
+        """The one road from labelled support traces to an adapted predictor: collate them (with the
+        weighting the inner loss reads; a :class:`ProbeBatch` is taken as it is), with ``renormalise``
+        first set the predictor's own normalisation from the support features (a predictor trained from
+        scratch has no source statistics; this changes ``self.predictor``'s buffers), then :meth:`adapt`.
+        Gradients as in :meth:`adapt`: call it under ``torch.no_grad()`` for a detached clone."""
+        batch = support if isinstance(support, ProbeBatch) else collate_traces(support, weighting=self.weighting)
+        if renormalise:
+            mean = batch.features.mean(0)  # (F,)
+            std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
+            self.predictor.set_normalisation(mean, std)
+        return self.adapt(batch, steps=steps)
+
     def episode_losses(self, episodes: Sequence[tuple[ProbeBatch, ProbeBatch]], steps: int | None = None) -> Tensor:
         """Query loss after adapting on the support set, for each ``(support, query)`` pair. (E,)
 
-        The same computation as ``[self.loss(self.adapt(s, steps), q) for s, q in episodes]`` (tested
-        equal, values and meta-gradients), vectorised over the episodes of a meta-batch: one clone whose
-        parameters carry a leading episode axis, support/query sets zero-padded to (E, N, in) with
-        zero loss weight on padding, one learn2learn ``adapt`` per inner step for all episodes (the
-        inner loss is the sum of per-episode losses, so each episode's slice gets its own gradient).
-        ``kind="gru"`` has no batched form and loops over :meth:`adapt`.
+        The same computation as ``[self.loss(self.fit_support(s, steps), q) for s, q in episodes]`` (tested
+        equal, values and meta-gradients), vectorised over the episodes of a meta-batch with
+        :meth:`adapt_episodes`; ``kind="gru"`` has no batched form and loops over :meth:`fit_support`.
         """
         if self.predictor.kind == "gru":
-            return torch.stack([self.loss(self.adapt(s, steps), q) for s, q in episodes])
-        self._check_can_adapt([s for s, _ in episodes])
+            return torch.stack([self.loss(self.fit_support(s, steps), q) for s, q in episodes])
+        adapted = self.adapt_episodes([s for s, _ in episodes], steps)
+        xq, yq, wq = self._padded([q for _, q in episodes])  # (E, Nq, ...)
+        if self.algorithm == "anil":
+            logits = apply_linear(self.predictor.embed_inputs(xq), adapted).squeeze(-1)  # (E, Nq)
+        else:
+            logits = adapted.logits_from_inputs(xq)  # (E, Nq)
+        return (F.binary_cross_entropy_with_logits(logits, yq, reduction="none") * wq).sum(dim=1)  # (E,)
+
+    def adapt_episodes(self, supports: Sequence[ProbeBatch], steps: int | None = None) -> nn.Module:
+        """:meth:`adapt` on E support sets at once: one clone (the predictor; its head for ANIL) whose
+        parameters carry a leading episode axis E, slice ``e`` being the adaptation on ``supports[e]``.
+        Support sets are zero-padded to (E, N, in) with zero loss weight on padding, one learn2learn
+        ``adapt`` per inner step for all episodes (the inner loss is the sum of per-episode losses, so
+        each episode's slice gets its own gradient). Not for ``kind="gru"``."""
+        if self.predictor.kind == "gru":
+            raise ValueError("kind='gru' has no episode-batched form: adapt each support set with fit_support")
+        self._check_can_adapt(supports)
         steps = self.inner_steps if steps is None else steps
         outer = torch.is_grad_enabled()
         first_order = self.first_order or not outer
-        xs, ys, ws = self._padded([s for s, _ in episodes])  # (E, Ns, in), (E, Ns), (E, Ns)
-        n = len(episodes)
+        xs, ys, ws = self._padded(supports)  # (E, Ns, in), (E, Ns), (E, Ns)
         with torch.enable_grad():
             if self.algorithm == "metasgd":
                 learner = self._learner.clone()
             else:
                 learner = self._learner.clone(first_order=first_order)
-            _expand_(learner.module, n)
+            _expand_(learner.module, len(supports))
             if self.algorithm == "anil":
                 emb = self.predictor.embed_inputs(xs)  # (E, Ns, H) shared body, computed once
                 if not outer:
@@ -210,12 +279,7 @@ class InnerLoopAdapter(nn.Module):
                     logits = learner.module.logits_from_inputs(xs)  # (E, Ns)
                     learner.adapt(F.binary_cross_entropy_with_logits(logits, ys, weight=ws, reduction="sum"),
                                   first_order=first_order)
-        xq, yq, wq = self._padded([q for _, q in episodes])  # (E, Nq, ...)
-        if self.algorithm == "anil":
-            logits = apply_linear(self.predictor.embed_inputs(xq), learner.module).squeeze(-1)  # (E, Nq)
-        else:
-            logits = learner.module.logits_from_inputs(xq)  # (E, Nq)
-        return (F.binary_cross_entropy_with_logits(logits, yq, reduction="none") * wq).sum(dim=1)  # (E,)
+        return learner.module
 
     def _padded(self, batches: Sequence[ProbeBatch]) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs, labels and loss weights of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
@@ -241,3 +305,39 @@ class InnerLoopAdapter(nn.Module):
         clone._modules = p._modules.copy()
         clone._modules["head"] = head
         return clone
+
+
+def trace_probabilities(model: nn.Module, traces: "Sequence[Trace]") -> list[np.ndarray]:
+    """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
+    no gradients): list of (P_i,) float64."""
+    batch = collate_traces(traces)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
+    model.train(was_training)
+    index = batch.trace_index.numpy()
+    return [probs[index == i] for i in range(len(traces))]
+
+
+def crossfit_probabilities(
+    adapter: InnerLoopAdapter,
+    support: "Sequence[Trace]",
+    steps: int | None = None,
+    renormalise: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Out-of-sample probabilities of the support traces, by trace id: the support questions are split
+    in two halves (the one split function, seeded by ``seed``), and each half is scored by the predictor
+    adapted (:meth:`InnerLoopAdapter.fit_support`) on the other half. Empty with fewer than 2 questions.
+    With ``renormalise`` the predictor's normalisation is left at the second half's statistics."""
+    n_questions = len(QuestionGroups(support))
+    if n_questions < 2:
+        return {}
+    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
+    out: dict[str, np.ndarray] = {}
+    for fit_on, score in ((half_a, half_b), (half_b, half_a)):
+        with torch.no_grad():  # first-order inner steps, a detached clone
+            model = adapter.fit_support(fit_on, steps=steps, renormalise=renormalise)
+        out.update(zip([t.trace_id for t in score], trace_probabilities(model, score)))
+    return out

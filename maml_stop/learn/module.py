@@ -33,10 +33,10 @@ from torch import Tensor
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
-from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.data.batches import DataError
 from maml_stop.data.datamodule import EpisodeBatch
-from maml_stop.learn.predictor import StoppingPredictor
+from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
+from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 
 __all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "CheckpointError", "CKPT_KEY"]
 
@@ -68,15 +68,15 @@ class MetaStoppingModule(LightningModule):
         self,
         n_features: int,
         feature_names: list[str] | None = None,
-        hidden: int = 64,
-        depth: int = 2,
-        kind: str = "mlp",
-        dropout: float = 0.0,
-        algorithm: str = "maml",
-        inner_lr: float = 0.1,
-        inner_steps: int = 5,
-        first_order: bool = False,
-        loss: str = "balanced",
+        hidden: int = PredictorConfig.hidden,
+        depth: int = PredictorConfig.depth,
+        kind: str = PredictorConfig.kind,
+        dropout: float = PredictorConfig.dropout,
+        algorithm: str = AdapterConfig.algorithm,
+        inner_lr: float = AdapterConfig.inner_lr,
+        inner_steps: int = AdapterConfig.inner_steps,
+        first_order: bool = AdapterConfig.first_order,
+        loss: str = AdapterConfig.loss,
         eval_inner_steps: int | None = None,
         compare_random_init: bool = True,
         init_seed: int = 0,
@@ -86,7 +86,10 @@ class MetaStoppingModule(LightningModule):
         """``n_features`` and ``feature_names`` come from the data (linked by the CLI); ``init_seed``
         fixes the predictor's initialisation (and so the random-init comparison); ``eval_inner_steps``
         (default ``inner_steps``) is the number of inner steps at validation/test; ``lr_scheduler`` is
-        stepped every optimiser step."""
+        stepped every optimiser step. The predictor and adapter arguments are the fields of
+        :class:`PredictorConfig` and :class:`AdapterConfig` (defaults and meanings there), flat so that
+        the YAML keys stay ``model.hidden``, ``model.inner_lr``, ...; ``predictor_config`` and
+        ``adapter_config`` hold them typed."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if feature_names is not None and len(feature_names) != n_features:
@@ -95,13 +98,12 @@ class MetaStoppingModule(LightningModule):
         self.eval_inner_steps = eval_inner_steps
         self.compare_random_init = compare_random_init
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.predictor_config = PredictorConfig(n_features, hidden, depth, kind, dropout)
+        self.adapter_config = AdapterConfig(algorithm, inner_lr, inner_steps, first_order, loss)
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
-            predictor = StoppingPredictor(n_features, hidden=hidden, depth=depth, kind=kind, dropout=dropout)
-        self.adapter = InnerLoopAdapter(
-            predictor, algorithm=algorithm, inner_lr=inner_lr, inner_steps=inner_steps,
-            first_order=first_order, loss=loss,
-        )
+            predictor = StoppingPredictor.from_config(self.predictor_config)
+        self.adapter = InnerLoopAdapter.from_config(predictor, self.adapter_config)
         # the initialisation meta-training starts from (not a parameter, not in the state_dict)
         self._init_state = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
         self._random_init: InnerLoopAdapter | None = None
@@ -131,8 +133,18 @@ class MetaStoppingModule(LightningModule):
         self.predictor.set_normalisation(*dm.normalisation_stats())
 
     # ---- steps -------------------------------------------------------------------------------------
+    def inner_steps_at(self, stage: str) -> int | None:
+        """Inner steps of a ``stage`` step (None: the adapter's ``inner_steps``)."""
+        return None if stage == "train" else self.eval_inner_steps
+
+    def adapt_episode(self, episode: EpisodeBatch, stage: str = "val") -> StoppingPredictor:
+        """The predictor adapted on one episode's support set as a ``stage`` step adapts it, through
+        the one road (:meth:`InnerLoopAdapter.fit_support`); :meth:`_shared_step` adapts a whole
+        meta-batch at once with :meth:`InnerLoopAdapter.episode_losses`, tested equal to it."""
+        return self.adapter.fit_support(episode.support, steps=self.inner_steps_at(stage))
+
     def _shared_step(self, batch: list[EpisodeBatch], stage: str) -> Tensor:
-        steps = None if stage == "train" else self.eval_inner_steps
+        steps = self.inner_steps_at(stage)
         pairs = [(ep.support, ep.query) for ep in batch]
         loss = self.adapter.episode_losses(pairs, steps).mean()  # = mean of loss(adapt(support), query)
         n = len(batch)
@@ -158,8 +170,8 @@ class MetaStoppingModule(LightningModule):
     def _random_init_adapter(self) -> InnerLoopAdapter:
         """The adapter at the initialisation meta-training started from, with the current statistics."""
         if self._random_init is None:
-            pred = StoppingPredictor(**self.predictor.config())
-            ref = InnerLoopAdapter(pred, **self.adapter.config())
+            pred = StoppingPredictor.from_config(self.predictor.config())
+            ref = InnerLoopAdapter.from_config(pred, self.adapter.config())
             ref.load_state_dict(self._init_state)
             # kept out of the submodules: never optimised, never checkpointed
             object.__setattr__(self, "_random_init", ref.to(self.device))
@@ -196,8 +208,8 @@ class MetaStoppingModule(LightningModule):
             "schema_version": SCHEMA_VERSION,
             "code_version": maml_stop.__version__,
             "feature_names": self.feature_names,
-            "predictor": self.predictor.config(),
-            "adapter": self.adapter.config(),
+            "predictor": self.predictor.config().to_dict(),
+            "adapter": self.adapter.config().to_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -220,7 +232,8 @@ def _section(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
 def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, InnerLoopAdapter, dict[str, Any]]:
     """The meta-trained predictor (in eval mode), its adapter (same algorithm and inner-loop settings
     as in training) and the checkpoint's metadata: ``feature_names``, ``schema_version``,
-    ``predictor``/``adapter`` configs, ``hyper_parameters``, ``data`` (the datamodule's
+    ``predictor``/``adapter`` configs (as stored: dicts; the loaded ones typed are
+    ``predictor.config()``, ``adapter.config()``), ``hyper_parameters``, ``data`` (the datamodule's
     hyper-parameters: corpus and family split, empty when it was fitted without one), ``epoch``,
     ``global_step``.
 
@@ -236,8 +249,8 @@ def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, Inne
     except CheckpointLoadError as err:
         raise CheckpointError(str(err)) from None
     info = _section(ckpt, path)
-    predictor = StoppingPredictor(**info["predictor"])
-    adapter = InnerLoopAdapter(predictor, **info["adapter"])
+    predictor = StoppingPredictor.from_config(PredictorConfig(**info["predictor"]))
+    adapter = InnerLoopAdapter.from_config(predictor, AdapterConfig(**info["adapter"]))
     prefix = "adapter."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     adapter.load_state_dict(state)

@@ -27,16 +27,47 @@ and saved in every checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_stop.data.batches import ProbeBatch
 
-__all__ = ["StoppingPredictor", "CausalGRU", "KINDS"]
+__all__ = ["StoppingPredictor", "PredictorConfig", "CausalGRU", "KINDS"]
 
 KINDS = ("mlp", "delta", "gru")
 MIN_STD = 1e-6  # features with a smaller spread on the training families are only centred
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """What builds a :class:`StoppingPredictor` (stored in checkpoints and adapted artifacts as a dict,
+    :meth:`to_dict`). Tuned values live in ``experiments/*.yaml`` (``model.hidden``, ...)."""
+
+    n_features: int  # width of a probe point's feature vector (from the corpus meta.json)
+    hidden: int = 64  # width of every hidden layer (and of the GRU state for kind="gru")
+    depth: int = 2  # hidden layers of the body; 0 = a logistic regression on the inputs
+    kind: str = "mlp"  # mlp | delta (+ change since the previous probe, running mean) | gru
+    dropout: float = 0.0  # dropout after each hidden layer (training only)
+
+    def to_dict(self) -> dict:
+        """Plain types, for files (``torch.save`` weights-only, JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def coerce(cls, config: "PredictorConfig | Mapping[str, Any]") -> "PredictorConfig":
+        """``config`` itself, or a config from a mapping with its field names (a checkpoint's entry)."""
+        return config if isinstance(config, cls) else cls(**config)
+
+    # ``StoppingPredictor(**config)`` keeps working while callers move to ``from_config`` (issue 14)
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
 
 
 def apply_linear(x: Tensor, layer: nn.Linear) -> Tensor:
@@ -81,7 +112,12 @@ class StoppingPredictor(nn.Module):
     """Normalisation buffers + an MLP (or a sequence variant) giving one logit per probe point."""
 
     def __init__(
-        self, n_features: int, hidden: int = 64, depth: int = 2, kind: str = "mlp", dropout: float = 0.0
+        self,
+        n_features: int,
+        hidden: int = PredictorConfig.hidden,
+        depth: int = PredictorConfig.depth,
+        kind: str = PredictorConfig.kind,
+        dropout: float = PredictorConfig.dropout,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -107,10 +143,14 @@ class StoppingPredictor(nn.Module):
         self.body = nn.ModuleList(layers)
         self.head = nn.Linear(width, 1)
 
-    def config(self) -> dict:
-        """Constructor arguments (stored in checkpoints)."""
-        return {"n_features": self.n_features, "hidden": self.hidden, "depth": self.depth,
-                "kind": self.kind, "dropout": self.dropout}
+    @classmethod
+    def from_config(cls, config: PredictorConfig) -> "StoppingPredictor":
+        """A fresh predictor (random init from the global torch seed) built from ``config``."""
+        return cls(config.n_features, config.hidden, config.depth, config.kind, config.dropout)
+
+    def config(self) -> PredictorConfig:
+        """What built this predictor (``config().to_dict()`` is what checkpoints store)."""
+        return PredictorConfig(self.n_features, self.hidden, self.depth, self.kind, self.dropout)
 
     @torch.no_grad()
     def set_normalisation(self, mean: Tensor, std: Tensor) -> None:

@@ -9,10 +9,9 @@ what live generation needs: the adapted predictor, the threshold and the feature
         --corpus experiments/corpus/qwen05 --family gcd --k 16 --threshold_method em_target \\
         --out runs/adapted/gcd.pt
 
->>> adapted = load_adapted("runs/adapted/gcd.pt", feature_names=corpus.feature_names)   # doctest: +SKIP
->>> adapted.predict_proba(batch), adapted.threshold                                     # doctest: +SKIP
->>> LiveStopping(model, tok, adapted.predictor, adapted.live_threshold, prompt_length=n,
-...              feature_names=adapted.feature_names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
+The file format (``save_adapted``, ``load_adapted``, ``AdaptedPredictor``) is :mod:`maml_stop.live.artifact`;
+the adaptation itself is the one road, :meth:`~maml_stop.learn.adapter.InnerLoopAdapter.fit_support`,
+through the learned policy that also chooses the threshold.
 
 When the family has more than K questions, K are drawn with the one support/query split
 (:func:`maml_stop.data.episodes.split_support_query`, seeded) and the rest are scored as a held-out check; the
@@ -21,77 +20,25 @@ figures are printed and stored in the file.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-import maml_stop
-from maml_stop import SCHEMA_VERSION
-from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data import store
+from maml_stop.data.accounting import savings
+from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data.episodes import QuestionGroups
 from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy, evaluate_policy, fresh_copy
 from maml_stop.evaluate.thresholds import SELECTORS, make_selector
+from maml_stop.live.artifact import FORMAT, AdaptedPredictor, AdaptError, check_names, load_adapted, save_adapted
 
 __all__ = ["AdaptedPredictor", "AdaptError", "adapt", "load_adapted", "save_adapted", "main", "FORMAT"]
 
 log = logging.getLogger(__name__)
-
-FORMAT = "maml_stop.adapted/1"
-
-
-class AdaptError(ValueError):
-    """Inputs the adaptation script cannot use (empty support, other features, bad file)."""
-
-
-@dataclass
-class AdaptedPredictor:
-    """An adapted stopping predictor and its threshold, ready for live generation.
-
-    ``threshold`` None means "never stop early" (the threshold method could not certify any).
-    """
-
-    predictor: nn.Module
-    threshold: float | None
-    feature_names: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def check_features(self, feature_names: Sequence[str]) -> None:
-        """Raise :class:`AdaptError` unless ``feature_names`` are the ones the predictor was adapted on."""
-        _check_names(self.feature_names, list(feature_names), "the adapted predictor", "the given features")
-
-    def predict_proba(self, batch: Any) -> torch.Tensor:
-        """P(stopping here keeps the answer correct) at every probe point of a ProbeBatch. (N,)"""
-        with torch.no_grad():
-            return torch.sigmoid(self.predictor(batch))
-
-    def should_stop(self, probability: float) -> bool:
-        return self.threshold is not None and probability >= self.threshold
-
-    @property
-    def live_threshold(self) -> float:
-        """The threshold as :class:`maml_stop.live.stopping.LiveStopping` takes it (inf = never stop)."""
-        return float("inf") if self.threshold is None else float(self.threshold)
-
-
-def _check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what: str, other: str) -> None:
-    if expected is None or got is None or list(expected) == list(got):
-        return
-    missing = [n for n in expected if n not in got]
-    extra = [n for n in got if n not in expected]
-    detail = f"missing {missing}, unexpected {extra}" if (missing or extra) else "same names in another order"
-    raise AdaptError(
-        f"feature-name mismatch between {what} ({len(expected)} features) and {other} ({len(got)} features): "
-        f"{detail}.\n  expected: {list(expected)}\n  got:      {list(got)}"
-    )
 
 
 def _load_traces(corpus: str | None, traces: str | None, meta_path: str | None, family: str,
@@ -116,16 +63,10 @@ def _load_traces(corpus: str | None, traces: str | None, meta_path: str | None, 
         meta = {"feature_names": checkpoint_names}
     else:
         raise AdaptError(f"no meta.json found for {path}; pass --meta with the corpus meta.json")
-    # read it with the one corpus loader: a one-shard corpus in a temporary folder
-    with tempfile.TemporaryDirectory() as tmp:
-        store.write_meta(tmp, {k: v for k, v in meta.items() if k != "schema_version"})
-        shard = Path(tmp) / store.SHARD_DIR / family
-        shard.mkdir(parents=True)
-        os.symlink(path.resolve(), shard / "all-00000.parquet")
-        try:
-            loaded = TraceCorpus.load(tmp)
-        except ValueError as err:
-            raise AdaptError(f"{path}: cannot read its traces with feature names {meta['feature_names']}: {err}") from err
+    try:  # the one corpus loader, on this one file
+        loaded = TraceCorpus.load_file(path, meta)
+    except ValueError as err:
+        raise AdaptError(f"{path}: cannot read its traces with feature names {meta['feature_names']}: {err}") from err
     if family not in loaded.families:
         raise AdaptError(f"{path} holds no traces of family {family!r}; families in it: {loaded.families}")
     return list(loaded.traces(family)), loaded.feature_names
@@ -158,7 +99,7 @@ def adapt(
     _, adapter, ckpt_meta = load_predictor(checkpoint)
     names = ckpt_meta.get("feature_names")
     pool, corpus_names = _load_traces(corpus, traces, meta, family, names)
-    _check_names(names, corpus_names, f"the checkpoint {checkpoint}", f"the traces of {family!r}")
+    check_names(names, corpus_names, f"the checkpoint {checkpoint}", f"the traces of {family!r}")
     if not pool:
         raise AdaptError(f"no labelled traces of family {family!r}: the support set would be empty")
     if pool[0].features.shape[1] != adapter.predictor.n_features:
@@ -166,10 +107,10 @@ def adapt(
             f"the traces have {pool[0].features.shape[1]} features; the checkpoint's predictor expects "
             f"{adapter.predictor.n_features}"
         )
-    questions = {t.trace_id.split("#", 1)[0] for t in pool}
-    if len(questions) < k:
-        raise AdaptError(f"family {family!r} has {len(questions)} labelled questions; K={k} asked")
-    if len(questions) == k:
+    n_questions = len(QuestionGroups(pool))
+    if n_questions < k:
+        raise AdaptError(f"family {family!r} has {n_questions} labelled questions; K={k} asked")
+    if n_questions == k:
         support, heldout = list(pool), []
     else:
         support, heldout = split_support_query(pool, k, None, np.random.default_rng(seed), family=family)
@@ -181,7 +122,7 @@ def adapt(
     predictor = fresh_copy(policy.model).eval()
     info: dict[str, Any] = {
         "family": family, "k": k, "seed": seed, "threshold_method": threshold_method, "delta": delta,
-        "alpha": alpha, "crossfit": crossfit, "checkpoint": str(checkpoint), "adapter": adapter.config(), "inner_steps": steps,
+        "alpha": alpha, "crossfit": crossfit, "checkpoint": str(checkpoint), "adapter": adapter.config().to_dict(), "inner_steps": steps,
         "support_trace_ids": [t.trace_id for t in support],
         "support": _figures(policy, support),
     }
@@ -199,55 +140,8 @@ def _figures(policy: ProbePolicy, traces: Sequence[Trace]) -> dict[str, float]:
         "n_traces": len(traces),
         "em": float(out.em.mean()),
         "full_em": float(out.full_em.mean()),
-        "savings": float(1.0 - out.total_tokens.sum() / max(out.full_tokens.sum(), 1.0)),
+        "savings": float(savings(out.total_tokens.sum(), out.full_tokens.sum())),
     }
-
-
-def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
-    """Write an adapted predictor, its threshold and feature names to ``path`` (torch.save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "code_version": maml_stop.__version__,
-            "predictor_config": adapted.predictor.config(),
-            "state_dict": {k: v.detach().clone() for k, v in adapted.predictor.state_dict().items()},
-            "threshold": adapted.threshold,
-            "feature_names": list(adapted.feature_names),
-            "meta": json.loads(json.dumps(adapted.meta)),
-        },
-        path,
-    )
-    return path
-
-
-def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -> AdaptedPredictor:
-    """Read what :func:`save_adapted` wrote; with ``feature_names``, check they match (live generation
-    passes the names its feature code computes)."""
-    from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
-    from maml_stop.learn.predictor import StoppingPredictor
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapted predictor at {path}")
-    try:  # weights-only, checked first: an adapted artifact can be a pickle that runs code
-        blob = safe_load(path, what="adapted predictor")
-    except CheckpointLoadError as err:
-        raise AdaptError(str(err)) from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
-        raise AdaptError(f"{path} is not an adapted predictor written by `maml-stop adapt` (format {FORMAT}); found {keys}")
-    if blob.get("schema_version") != SCHEMA_VERSION:
-        raise AdaptError(f"{path} was written for trace schema {blob.get('schema_version')}; this code reads {SCHEMA_VERSION}")
-    predictor = StoppingPredictor(**blob["predictor_config"])
-    predictor.load_state_dict(blob["state_dict"])
-    predictor.eval()
-    adapted = AdaptedPredictor(predictor, blob["threshold"], list(blob["feature_names"]), dict(blob.get("meta", {})))
-    if feature_names is not None:
-        adapted.check_features(feature_names)
-    return adapted
 
 
 def _parser():

@@ -1,0 +1,63 @@
+"""Stopping policies (the baselines and the learned probes) behind one interface.
+
+* :mod:`.base`: :class:`StoppingPolicy`, :class:`ThresholdedPolicy`, :class:`StopOutcome`,
+  :func:`evaluate_policy`, :func:`sweep_policy` (the accounting: :mod:`maml_stop.data.accounting`);
+* :mod:`.baselines`: full generation, first probe, token budget, consistency, confidence, the oracles;
+* :mod:`.learned`: :class:`ProbePolicy`, a stopping predictor thresholded at tau (adaptation through
+  :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`);
+* :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`.
+
+>>> from maml_stop.evaluate import policies as P
+>>> from maml_stop.evaluate.thresholds import FixedThreshold
+>>> policy = P.AnswerConsistency(selector=FixedThreshold(2))        # stop once 2 probe answers agree
+>>> policy.fit(support).stop_index(trace)                           # doctest: +SKIP
+"""
+
+from maml_stop.evaluate.policies.base import (
+    FirstHitPolicy,
+    Outcomes,
+    StopOutcome,
+    StoppingPolicy,
+    ThresholdedPolicy,
+    _probe_outcome,
+    evaluate_policy,
+    full_generation_outcome,
+    probe_outcome,
+    sweep_policy,
+)
+from maml_stop.evaluate.policies.baselines import (
+    AnswerConfidence,
+    AnswerConsistency,
+    EqualEMOracle,
+    FirstProbe,
+    FullGeneration,
+    OraclePolicy,
+    TokenBudget,
+    oracle_at_equal_em,
+)
+from maml_stop.evaluate.policies.learned import DEFAULT_TAUS, ProbePolicy
+from maml_stop.evaluate.policies.training import fresh_copy, train_predictor
+
+__all__ = [
+    "StopOutcome",
+    "Outcomes",
+    "StoppingPolicy",
+    "FullGeneration",
+    "FirstProbe",
+    "OraclePolicy",
+    "oracle_at_equal_em",
+    "EqualEMOracle",
+    "ThresholdedPolicy",
+    "FirstHitPolicy",
+    "TokenBudget",
+    "AnswerConsistency",
+    "AnswerConfidence",
+    "ProbePolicy",
+    "full_generation_outcome",
+    "probe_outcome",
+    "evaluate_policy",
+    "sweep_policy",
+    "train_predictor",
+    "fresh_copy",
+    "DEFAULT_TAUS",
+]

@@ -1,0 +1,118 @@
+"""The learned probe: a stopping predictor thresholded at tau.
+
+:class:`ProbePolicy` only thresholds. The road from support traces to an adapted predictor (collate,
+normalise, adapt) is :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`, and out-of-sample
+support scores come from :func:`maml_stop.learn.adapter.crossfit_probabilities`: the policy calls them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from maml_stop.data.corpus import Trace
+from maml_stop.evaluate.policies.base import FirstHitPolicy
+from maml_stop.evaluate.thresholds import ThresholdSelector
+
+if TYPE_CHECKING:  # pragma: no cover
+    from maml_stop.learn.adapter import InnerLoopAdapter
+
+__all__ = ["ProbePolicy", "DEFAULT_TAUS"]
+
+# probe thresholds from conservative to aggressive (tuned grids go in experiments/evaluate.yaml)
+DEFAULT_TAUS: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+class ProbePolicy(FirstHitPolicy):
+    """A stopping predictor: stop at the first probe whose P(stop keeps the answer) >= tau.
+
+    ``adapter=None`` uses ``predictor`` as it is (the pooled probe without adaptation); otherwise
+    ``fit`` adapts with ``adapter.fit_support(support, adapt_steps, renormalise)`` (MAML-adapted,
+    fine-tuned, or trained from scratch: each is an :class:`~maml_stop.learn.adapter.InnerLoopAdapter`
+    around the right initial predictor). ``renormalise=True`` first sets the predictor's normalisation
+    from the support features (for a predictor trained from scratch, which has no source statistics).
+
+    ``crossfit=True`` chooses the threshold on out-of-sample support scores
+    (:func:`~maml_stop.learn.adapter.crossfit_probabilities`, seeded by ``seed``: each half of the
+    support questions scored by the predictor adapted on the other half); the policy then uses the
+    predictor adapted on all K. Without it, the threshold is chosen on the very traces the predictor
+    was adapted on, whose scores are optimistic (see the report).
+    """
+
+    def __init__(
+        self,
+        predictor: nn.Module | None = None,
+        adapter: "InnerLoopAdapter | None" = None,
+        selector: ThresholdSelector | None = None,
+        taus: Sequence[float] = DEFAULT_TAUS,
+        default_tau: float = 0.5,
+        renormalise: bool = False,
+        adapt_steps: int | None = None,
+        crossfit: bool = False,
+        seed: int = 0,
+        name: str = "probe",
+    ) -> None:
+        if predictor is None and adapter is None:
+            raise ValueError("ProbePolicy needs a predictor or an adapter")
+        if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
+            raise ValueError(f"taus must be probabilities in [0, 1]; got {list(taus)}")
+        self.predictor = predictor if predictor is not None else adapter.predictor  # type: ignore[union-attr]
+        self.adapter = adapter
+        self.taus = sorted(taus, reverse=True)  # high tau = conservative
+        self.default_tau = default_tau
+        self.renormalise = renormalise
+        self.adapt_steps = adapt_steps
+        self.crossfit = crossfit
+        self.seed = seed
+        self.name = name
+        self.model: nn.Module | None = None if adapter is not None else self.predictor
+        self._probs: dict[str, np.ndarray] = {}
+        super().__init__(selector)
+
+    @property
+    def candidates(self) -> list[float]:
+        return list(self.taus)
+
+    @property
+    def default_param(self) -> float | None:
+        return self.default_tau
+
+    def _fit_scores(self, support: Sequence[Trace]) -> None:
+        from maml_stop.learn.adapter import crossfit_probabilities
+
+        self._probs = {}
+        if self.adapter is None:
+            self.model = self.predictor
+            return
+        if self.crossfit:  # support scores for threshold selection, out of sample
+            self._probs = crossfit_probabilities(self.adapter, support, self.adapt_steps, self.renormalise, self.seed)
+        with torch.no_grad():  # first-order inner steps, a detached clone
+            self.model = self.adapter.fit_support(support, steps=self.adapt_steps, renormalise=self.renormalise)
+
+    def fit(self, support: Sequence[Trace]) -> "ProbePolicy":
+        super().fit(support)
+        if self.crossfit:  # the out-of-sample support scores served threshold selection only
+            for t in support:
+                self._probs.pop(t.trace_id, None)
+        return self
+
+    def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
+        from maml_stop.learn.adapter import trace_probabilities
+
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
+        missing = [t for t in traces if t.trace_id not in self._probs]
+        if missing:
+            self._probs.update(zip([t.trace_id for t in missing], trace_probabilities(self.model, missing)))
+        return [self._probs[t.trace_id] for t in traces]
+
+    def prepare(self, traces: Sequence[Trace]) -> None:
+        if traces:
+            self.probabilities(traces)
+
+    def scores(self, trace: Trace) -> np.ndarray:
+        return self.probabilities([trace])[0]
