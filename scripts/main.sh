@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 rm -rf runs/main  # a fresh output root (fit refuses to write over an earlier run's files)
-.venv/bin/maml-stop fit --config experiments/main.yaml
-.venv/bin/maml-stop evaluate --config experiments/main_evaluate.yaml
+.venv/bin/maml-stop fit --config experiments/quickstart.yaml --config experiments/main.yaml
+.venv/bin/maml-stop evaluate --config experiments/evaluate.yaml --config experiments/main_evaluate.yaml
 echo "results: runs/main/evaluate/results.md"
