@@ -1,7 +1,8 @@
 """Ablations of the main job: which parts of the MAML-adapted stopping policy carry its savings.
 
-Each variant meta-trains with ``experiments/main.yaml`` plus its overrides, evaluates on the same held-out
-families, K and fixed episodes (``experiments/main_evaluate.yaml``), and contributes one row per method of
+Each variant meta-trains with ``experiments/main.yaml`` (read after ``quickstart.yaml``) plus its overrides,
+evaluates on the same held-out families, K and fixed episodes (``experiments/main_evaluate.yaml``, after
+``evaluate.yaml``), and contributes one row per method of
 interest to ``runs/ablations/ablations.md``: mean over held-out families of tokens saved with the
 support-chosen threshold (em_target, 1 point), its EM drop, the share of episodes within 1 point, the
 curve figure (best threshold in hindsight) and the fractions of the oracles' savings (EM-first, and at
@@ -49,11 +50,11 @@ def main() -> int:
         run = out / f"v{i}"
         shutil.rmtree(run, ignore_errors=True)
         # the output root carries the logs and checkpoints: run/checkpoints/best.ckpt (lowest val/loss)
-        subprocess.run([exe, "fit", "--config", "experiments/main.yaml", f"--trainer.default_root_dir={run}",
+        subprocess.run([exe, "fit", "--config", "experiments/quickstart.yaml", "--config", "experiments/main.yaml", f"--trainer.default_root_dir={run}",
                         *extra, *args.fit_args], check=True, stdout=subprocess.DEVNULL)
         ckpt = run / "checkpoints" / "best.ckpt"
         ckpt = ckpt if ckpt.is_file() else run / "checkpoints" / "last.ckpt"  # no validation ran: the final step
-        subprocess.run([exe, "evaluate", "--config", "experiments/main_evaluate.yaml", f"--out={run}/evaluate",
+        subprocess.run([exe, "evaluate", "--config", "experiments/evaluate.yaml", "--config", "experiments/main_evaluate.yaml", f"--out={run}/evaluate",
                         f"--checkpoint={ckpt}", f"--shots=[{args.shots}]",
                         f"--episodes={args.episodes}", "--threshold_methods=[em_target]", "--progress=false"],
                        check=True, stdout=subprocess.DEVNULL)
