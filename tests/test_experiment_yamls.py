@@ -4,6 +4,7 @@ instantiated, in tests/test_configs.py); a YAML no command claims fails here."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,8 @@ def _kind(path: Path) -> str:
         return "evaluate override"  # read after experiments/evaluate.yaml (and others: repeated --config)
     if "families" in cfg and isinstance(cfg.get("model"), str):
         return "harvest"
+    if "max_cap_share" in cfg:
+        return "pilot"  # experiments/corpus_v2_pilot.py (the family choice of corpus v2)
     return "unknown"
 
 
@@ -62,6 +65,15 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         assert ns.episodes >= 50 and ns.delta == 0.01
         base = _parser().parse_args(args[:-2])
         assert ns.out != base.out, f"{path.name} writes into the folder of the configs it overrides"
+    elif kind == "pilot":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("corpus_v2_pilot", EXPERIMENTS / "corpus_v2_pilot.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        cfg = module.PilotConfig.load(path)
+        assert cfg.min_families >= 30 and cfg.max_cap_share <= 0.2  # issue 11
     elif kind == "harvest":
         from jsonargparse import ArgumentParser
 
