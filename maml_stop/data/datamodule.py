@@ -155,15 +155,8 @@ class TraceDataModule(LightningDataModule):
         if self.corpus is not None:
             return
         self.meta  # noqa: B018  (clear error first when the path holds no corpus)
-        try:
-            self.corpus = TraceCorpus.load(self.corpus_path, min_probes=self.min_probes)
-        except store.CorpusError:
-            raise
-        except ValueError as err:  # numpy's reshape error when stored vectors are not F wide
-            raise DataError(
-                f"corpus {self.corpus_path!r}: stored feature vectors do not have the width of the "
-                f"{self.n_features} feature names in {store.META_FILE} ({err})"
-            ) from err
+        # TraceCorpus.load checks the stored feature width itself (a CorpusError naming the shard)
+        self.corpus = TraceCorpus.load(self.corpus_path, min_probes=self.min_probes)
         self.split = FamilySplit.resolve(self.corpus.families, **self._split_args)
         log.info("families: train %s, val %s, test %s", self.split.train, self.split.val, self.split.test)
         by_family = {f: self.corpus.traces(f) for f in self.corpus.families}

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from maml_stop.data.corpus import Trace, TraceCorpus
-from maml_stop.data import store
+from maml_stop.data import accounting, store
 
 
 def family_stats(traces: list[Trace]) -> dict[str, Any]:
@@ -46,8 +46,8 @@ def family_stats(traces: list[Trace]) -> dict[str, Any]:
         "probe_correct_fraction": float(labels.mean()) if labels.size else 0.0,
         "any_probe_correct": float(np.mean([t.labels.max() > 0.5 if t.n_probes else False for t in traces])),
         "oracle_em": float(oracle.em.mean()),
-        "oracle_savings": 1.0 - float(oracle.total_tokens.sum()) / full_tokens if full_tokens else 0.0,
-        "oracle_equal_em_savings": 1.0 - equal_em_tokens / full_tokens if full_tokens else 0.0,
+        "oracle_savings": accounting.savings(float(oracle.total_tokens.sum()), full_tokens),
+        "oracle_equal_em_savings": accounting.savings(equal_em_tokens, full_tokens),
         "hit_cap": int(sum(t.hit_cap for t in traces)),
     }
 

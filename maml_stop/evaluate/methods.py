@@ -29,8 +29,11 @@ from maml_stop.evaluate.policies import (
     fresh_copy,
 )
 
+from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
+
 if TYPE_CHECKING:
     from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.learn.predictor import PredictorConfig
 
 __all__ = ["METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
 
@@ -42,7 +45,7 @@ class MethodContext:
     cfg: "EvaluateConfig"
     adapter: Any | None  # meta-trained InnerLoopAdapter (None without a checkpoint)
     pooled: torch.nn.Module | None  # probe trained on the pooled source families
-    predictor_config: dict[str, Any]  # StoppingPredictor(**predictor_config) for a probe from scratch
+    predictor_config: "PredictorConfig"  # the architecture of a probe from scratch
     inner_loss: str = "balanced"  # the adapter's inner loss, used by every adapted probe
     maml_steps: int | None = None  # inner steps of the meta-trained adapter at evaluation
 
@@ -69,7 +72,7 @@ def _scratch(c: MethodContext) -> StoppingPolicy:
 
     with torch.random.fork_rng():
         torch.manual_seed(c.cfg.seed)
-        fresh = StoppingPredictor(**c.predictor_config)
+        fresh = StoppingPredictor.from_config(c.predictor_config)
     trainer = InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.scratch_lr,
                                inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss)
     return ProbePolicy(adapter=trainer, renormalise=True, name="scratch", **c.probe, **c.adapted)
@@ -97,7 +100,6 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
 }
 METHODS: tuple[str, ...] = tuple(BUILDERS)
 NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
-PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")  # learned probes (calibration is reported)
 
 
 def build_policies(
@@ -105,7 +107,7 @@ def build_policies(
     methods: Sequence[str],
     adapter: Any | None,
     pooled: torch.nn.Module | None,
-    predictor_config: dict[str, Any],
+    predictor_config: "PredictorConfig",
     inner_loss: str = "balanced",
     maml_steps: int | None = None,
 ) -> dict[str, StoppingPolicy]:

@@ -44,6 +44,7 @@ from maml_stop.evaluate.policies import (
     train_predictor,
 )
 from maml_stop.evaluate.thresholds import SELECTORS, SupportSweep, ThresholdSelector, make_selector
+from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ __all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_
 # episodes
 
 
-def _figures(out, delta: float) -> dict[str, float]:
+def _figures(out) -> dict[str, float]:
     return {
         "savings": float(M.token_savings(torch.from_numpy(out.total_tokens), torch.from_numpy(out.full_tokens))),
         "savings_reasoning": float(M.token_savings(torch.from_numpy(out.reasoning_tokens), torch.from_numpy(out.full_tokens))),
@@ -89,10 +90,10 @@ def evaluate_episode(
         sweep = sweep_policy(policy, query)
         for name, selector in selectors.items():
             param = policy.choose(selector)  # scored at each selector's choice; the policy is not changed
-            record["thresholds"][name] = {"param": param, **_figures(evaluate_policy(policy, query, param=param), delta)}
+            record["thresholds"][name] = {"param": param, **_figures(evaluate_policy(policy, query, param=param))}
     else:
         out = evaluate_policy(policy, query)
-        figures = _figures(out, delta)
+        figures = _figures(out)
         for name in selectors:
             record["thresholds"][name] = {"param": None, **figures}
         sweep = SupportSweep(out.em[:, None], out.total_tokens[:, None], out.full_em, out.full_tokens)
@@ -227,7 +228,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     for fold in folds:
         family, adapter = fold.family, fold.adapter
         traces = [t for t in corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
-        config = adapter.predictor.config() if adapter is not None else {"n_features": len(corpus.feature_names), **cfg.predictor}
+        config = (adapter.predictor.config() if adapter is not None
+                  else PredictorConfig(n_features=len(corpus.feature_names), **cfg.predictor))
         loss = getattr(adapter, "loss_kind", "balanced")
         pooled = None
         if any(m in cfg.methods for m in ("pooled", "finetuned")):

@@ -46,7 +46,7 @@ def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
                          [p.answer for p in result.probes], cap_answer)
     width = len(result.features[0]) if result.features else 0
     return {
-        "trace_id": f"{question.id}#0",
+        "trace_id": store.make_trace_id(question.id),
         "question_id": question.id,
         "family": family.name,
         "split": question.split,
@@ -262,7 +262,7 @@ def harvest(
     _check_meta(out_path, meta)
 
     done = store.stored_trace_ids(out_path)
-    pending = {n: [q for q in qs if f"{q.id}#0" not in done] for n, qs in todo.items()}
+    pending = {n: [q for q in qs if store.make_trace_id(q.id) not in done] for n, qs in todo.items()}
     # resume with the families that have the fewest traces, so restarts do not starve the last ones
     fams = dict(sorted(fams.items(), key=lambda kv: len(todo[kv[0]]) - len(pending[kv[0]])))
     total = sum(len(v) for v in pending.values())

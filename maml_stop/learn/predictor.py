@@ -27,7 +27,7 @@ and saved in every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
@@ -61,13 +61,6 @@ class PredictorConfig:
     def coerce(cls, config: "PredictorConfig | Mapping[str, Any]") -> "PredictorConfig":
         """``config`` itself, or a config from a mapping with its field names (a checkpoint's entry)."""
         return config if isinstance(config, cls) else cls(**config)
-
-    # ``StoppingPredictor(**config)`` keeps working while callers move to ``from_config`` (issue 14)
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 def apply_linear(x: Tensor, layer: nn.Linear) -> Tensor:
