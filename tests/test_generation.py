@@ -19,6 +19,11 @@ PROMPTS = ["Question: What is 3 + 4?\nAnswer:", "Calculate 7 * 6 please now."]
 PROMPTS3 = ["Think step by step. First add 12 + 30, then subtract 4.", *PROMPTS]  # longer: another prompt length
 
 
+def first_line(text: str) -> str | None:
+    """The answer extraction of these tests (LiveStopping has no default: it takes the harvest's)."""
+    return text.strip().split("\n")[0] or None
+
+
 class ConstantPredictor(nn.Module):
     """P(correct) = sigmoid(logit) with a fixed logit per probe (a stand-in predictor of known output)."""
 
@@ -72,7 +77,7 @@ def _encode(setup, prompts):
 def _criterion(setup, predictor, threshold, prompt_length=None) -> LiveStopping:
     tok, model, feat, sched = setup
     return LiveStopping(model, tok, predictor, threshold, prompt_length, feat.feature_names,
-                        ProbeFeaturizer(model.config.hidden_size, proj_dim=8), sched)
+                        ProbeFeaturizer(model.config.hidden_size, proj_dim=8), sched, answer_fn=first_line)
 
 
 def _run(setup, crit, enc, max_new_tokens=20, criteria=None):
@@ -109,7 +114,6 @@ def test_never_stopping_leaves_generation_unchanged_and_matches_harvest_features
     enc, out, crit = _generate(setup, ConstantPredictor(-10.0), 0.5)
     plain = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(out, plain)
-    first_line = lambda s: s.strip().split("\n")[0] or None  # noqa: E731  (LiveStopping's default answer_fn)
     harvested = ProbingGenerator(model, tok, sched, featurizer=feat, max_new_tokens=20).run(PROMPTS, first_line)
     n_probes = 0
     for r, h in enumerate(harvested):
@@ -175,4 +179,11 @@ def test_given_prompt_length_is_checked(setup):
 def test_feature_mismatch_is_an_error(setup):
     tok, model, feat, sched = setup
     with pytest.raises(ValueError, match="features differ"):
-        LiveStopping(model, tok, ConstantPredictor(0.0), 0.5, 3, ["a", "b"], feat, sched)
+        LiveStopping(model, tok, ConstantPredictor(0.0), 0.5, 3, ["a", "b"], feat, sched, answer_fn=first_line)
+
+
+def test_answer_extraction_is_required(setup):
+    """No silent default that could differ from the harvest's extraction (issue 10)."""
+    tok, model, feat, sched = setup
+    with pytest.raises(ValueError, match="exactly one of family="):
+        LiveStopping(model, tok, ConstantPredictor(0.0), 0.5, None, feat.feature_names, feat, sched)

@@ -1,23 +1,56 @@
-"""Live stopping inside ``model.generate()``: a transformers ``StoppingCriteria``.
+"""Live stopping inside ``model.generate()``: a transformers ``StoppingCriteria``, and its offline replay.
 
-At the probe points of a schedule, :class:`LiveStopping` forces an answer from the current prefix
-(answer trigger + short greedy answer) on a *copy* of the generation's KV cache, computes the probe's
-features with the same :class:`~maml_stop.probe.features.ProbeFeaturizer` the harvester used, asks
-the (adapted) stopping predictor for P(stopping here keeps the answer correct), and stops a row at the
-first probe whose probability reaches the threshold. The forced answer of that probe is the row's answer
-(``criteria.answers``); rows that never stop end as usual and their own final answer counts.
+At the probe points of a schedule, :class:`LiveStopping` computes the probe's features with the same
+:class:`~maml_stop.probe.features.ProbeFeaturizer` the harvester used, forces an answer from the current
+prefix (answer trigger + short greedy answer) on a *copy* of the generation's KV cache where its mode
+asks for one, asks the (adapted) stopping predictor for P(stopping here keeps the answer correct), and
+stops a row at the first probe whose probability reaches the threshold. The forced answer of that probe
+is the row's answer (``criteria.answers``); rows that never stop end as usual and their own final answer
+counts. The forced-answer loop, the schedule decision and the answer extraction are the harvester's own
+(:func:`maml_stop.probe.engine.force_answers`, :func:`~maml_stop.probe.engine.probe_reason`, the
+family's ``extract_probe_answer``; issue 10), so live features are the features the predictor was
+trained on.
 
     >>> criteria = LiveStopping(model, tok, predictor, threshold=0.8, prompt_length=None,
-    ...                         feature_names=names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
+    ...                         feature_names=names, featurizer=featurizer, schedule=schedule,
+    ...                         family=get_family("gsm_symbolic"), mode="every")              # doctest: +SKIP
     >>> out = model.generate(**enc, stopping_criteria=StoppingCriteriaList([criteria]))     # doctest: +SKIP
-    >>> criteria.answers                                                                    # doctest: +SKIP
+    >>> criteria.answers, criteria.stopped_at                                               # doctest: +SKIP
+
+Modes (:data:`MODES`; the same rule runs offline in :func:`replay`):
+
+* ``"every"``: force an answer at every probe point; the predictor reads any of the features. Every
+  feature equals the harvester's.
+* ``"free"``: decide at every probe point on **free** features only (``feature_cost``); force an answer
+  only where the row stops: that answer is the output, and the only one paid. A predictor that reads a
+  paid feature is refused.
+* ``"gated"``: a *gate* predictor on free features decides at every probe point whether to force an
+  answer; where it does, the stop predictor (free and paid features) decides whether to stop. Every
+  forced answer is paid, also the ones that do not stop.
+
+Features where not every probe forces an answer (free, gated): the window features (hidden-state
+summary, entropies) restart at every probe point, forced or not, and ``probe_index`` counts every probe
+point, so all **free** features equal the harvester's. Of the **paid** features, the answer confidence
+(``logprob_*``, ``answer_tokens``) is that probe's own; answer **stability** (``answer_empty``,
+``same_as_prev``, ``run_length``, ``n_distinct``) is computed over the row's **forced answers only**, as
+if the unforced probe points had not existed; at a probe point whose answer is not forced the paid
+features are NaN (``criteria.features``). The predictors see sequences: in ``every`` and ``free`` mode
+the features of every probe point of the row so far; in ``gated`` mode the gate sees every probe
+point's features, the stop predictor the forced probe points' only. In ``every`` mode stability over
+forced answers is stability over all answers: the harvester's.
+
+Start and cap probes: with ``schedule.at_start``, the start probe (position 0) runs at the first call,
+on the cache of the prompt alone. With ``schedule.at_cap`` and ``max_new_tokens`` given, a row still
+running at the cap is decided there like at any probe point, and its answer is forced there in every
+mode (the answer of a capped run, DESIGN.md), stored in ``answers`` even when the row did not stop.
 
 How it sees the generation without changing it: a forward hook on the model records, at every step,
-the cache object, the attention mask, the next-token logits and (via a hook on the final norm) the
-last-layer hidden state. When ``generate`` calls the criterion, the newest token has been chosen but not
-yet run through the model; a probe therefore feeds that token and then the trigger to its cache copy.
-The generation's own cache and tokens are never touched (tested: a run whose threshold is never reached
-gives exactly the tokens of a plain ``generate``, and its probe features equal the harvester's).
+the cache object, the attention mask, the next-token logits and (via a hook on the final norm, and on
+decoder layer ``mid_layer`` when the featurizer has one) the hidden states. When ``generate`` calls the
+criterion, the newest token has been chosen but not yet run through the model; a probe therefore feeds
+that token to its cache copy (observing its hidden state and entropy, as the harvester does), then the
+trigger. The generation's own cache and tokens are never touched (tested: a run whose threshold is never
+reached gives exactly the tokens of a plain ``generate``, in every mode).
 
 One criterion serves any number of ``generate`` calls, of any batch size (issue 16): a forward that
 starts on an empty cache, or on a cache object other than the one of the previous forward, is the
@@ -29,9 +62,9 @@ The results of the latest generation are in ``answers``, ``stopped_at``, ``featu
 
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,23 +72,204 @@ from torch import nn
 from transformers import StoppingCriteria
 
 from maml_stop.data.batches import ProbeBatch
-from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
-from maml_stop.probe.engine import _sub_cache, encode_trigger, eos_ids
+from maml_stop.probe.engine import (RowSchedule, answer_end_test, encode_trigger, eos_ids, force_answers,
+                                    forced_features, probe_reason, sub_cache, unforced_features)
+from maml_stop.probe.features import ProbeFeaturizer, answer_key, answer_stability, entropy_from_logits, feature_cost
 from maml_stop.probe.schedule import ProbeSchedule
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LiveStopping", "StopRule", "replay", "Replay", "MODES"]
+
+MODES = ("every", "free", "gated")
+STABILITY = ("answer_empty", "same_as_prev", "run_length", "n_distinct")  # the keys of answer_stability
+
+
+def _check_threshold(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0 and value != float("inf"):
+        raise ValueError(f"{name} must lie in [0, 1] (or inf: never), got {value}")
+
+
+def _columns(all_names: Sequence[str], names: Sequence[str], who: str) -> np.ndarray:
+    unknown = [n for n in names if n not in all_names]
+    if unknown or not names:
+        raise ValueError(f"the {who}'s features differ from the featurizer's: {unknown or 'none given'} are not among "
+                         f"its {len(all_names)} features ({list(all_names)[:3]}...)")
+    index = {n: i for i, n in enumerate(all_names)}
+    return np.asarray([index[n] for n in names])
+
+
+def _probability(predictor: nn.Module, feats: np.ndarray) -> float:
+    """P(correct) of the latest of a row's probes. feats: (P, F) the row's probes so far, in order."""
+    x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+    p = x.shape[0]
+    batch = ProbeBatch(features=x, labels=torch.zeros(p), trace_index=torch.zeros(p, dtype=torch.long),
+                       probe_index=torch.arange(p), weights=torch.ones(p))
+    with torch.no_grad():
+        return float(torch.sigmoid(predictor(batch)[-1]))
+
+
+@dataclass
+class _Row:
+    """What :class:`StopRule` keeps per row: feature vectors so far and the probabilities it computed."""
+
+    every: list[np.ndarray] = field(default_factory=list)  # every probe point (paid features NaN where unforced)
+    forced: list[np.ndarray] = field(default_factory=list)  # forced probe points only (full vectors)
+    stop_p: list[float | None] = field(default_factory=list)  # per probe point: stop predictor's P (None: not asked)
+    gate_p: list[float | None] = field(default_factory=list)  # per probe point: gate's P (gated mode only)
+
+
+class StopRule:
+    """The decision of a row at its probe points in one of :data:`MODES` (module docstring), used by
+    :class:`LiveStopping` and by :func:`replay` alike.
+
+    ``feature_names``: the featurizer's (trace's) names; ``predictor_features`` / ``gate_features``:
+    the names each predictor reads, in its input order (default: all of them). Per probe point call
+    :meth:`before_answer` with the vector whose paid features may be NaN, then, where an answer was
+    forced, :meth:`after_answer` with the full vector."""
+
+    def __init__(self, feature_names: Sequence[str], predictor: nn.Module, threshold: float, mode: str = "every",
+                 predictor_features: Sequence[str] | None = None, gate: nn.Module | None = None,
+                 gate_threshold: float = 0.5, gate_features: Sequence[str] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown live mode {mode!r}; valid: {', '.join(MODES)}")
+        _check_threshold("threshold", threshold)
+        names = list(feature_names)
+        self.mode, self.threshold, self.gate_threshold = mode, threshold, gate_threshold
+        self.predictor = predictor.eval()
+        self.predictor_features = list(predictor_features) if predictor_features is not None else names
+        self.columns = _columns(names, self.predictor_features, "predictor")
+        self.gate = None
+        if mode == "free":
+            self._check_free(self.predictor_features, "predictor")
+        if mode == "gated":
+            if gate is None:
+                raise ValueError("mode='gated' needs a gate predictor (gate=...) on free features")
+            _check_threshold("gate_threshold", gate_threshold)
+            self.gate = gate.eval()
+            self.gate_features = list(gate_features) if gate_features is not None else \
+                [n for n in names if feature_cost(n) == "free"]
+            self._check_free(self.gate_features, "gate")
+            self.gate_columns = _columns(names, self.gate_features, "gate")
+        elif gate is not None:
+            raise ValueError(f"a gate predictor is used in mode='gated' only, not in mode={mode!r}")
+
+    def _check_free(self, names: list[str], who: str) -> None:
+        paid = [n for n in names if feature_cost(n) == "paid"]
+        if paid:
+            raise ValueError(f"mode={self.mode!r}: the {who} must read free features only "
+                             f"(maml_stop.probe.features.feature_cost), but it reads the paid features {paid}")
+
+    def new_row(self) -> _Row:
+        return _Row()
+
+    def before_answer(self, row: _Row, vec: np.ndarray) -> tuple[bool, bool]:
+        """A new probe point whose free features are ``vec``'s: (force its answer?, stop here?)."""
+        row.every.append(vec)
+        row.stop_p.append(None)
+        row.gate_p.append(None)
+        if self.mode == "every":
+            return True, False
+        if self.mode == "free":
+            p = row.stop_p[-1] = _probability(self.predictor, np.stack(row.every)[:, self.columns])
+            return p >= self.threshold, p >= self.threshold
+        g = row.gate_p[-1] = _probability(self.gate, np.stack(row.every)[:, self.gate_columns])
+        return g >= self.gate_threshold, False
+
+    def after_answer(self, row: _Row, vec: np.ndarray) -> bool:
+        """The latest probe point's answer was forced; ``vec`` is its full vector: stop here?"""
+        row.every[-1] = vec
+        row.forced.append(vec)
+        if self.mode == "free":  # decided on the free features before the answer
+            return False
+        seq = row.every if self.mode == "every" else row.forced
+        p = row.stop_p[-1] = _probability(self.predictor, np.stack(seq)[:, self.columns])
+        return p >= self.threshold
+
+
+@dataclass
+class Replay:
+    """What :func:`replay` finds for one trace."""
+
+    stop: int | None  # index of the probe where the rule stops (None: the trace runs to its end)
+    forced: list[int]  # probes whose answer the rule forced (paid), up to the stop
+    stop_probabilities: list[float | None]  # per probe up to the stop: the stop predictor's P (None: not asked)
+    gate_probabilities: list[float | None]  # per probe up to the stop: the gate's P (gated mode only)
+
+
+def replay(trace_features: np.ndarray, feature_names: Sequence[str], probe_answers: Sequence[str | None],
+           predictor: nn.Module, threshold: float, mode: str = "every", *,
+           predictor_features: Sequence[str] | None = None, gate: nn.Module | None = None,
+           gate_threshold: float = 0.5, gate_features: Sequence[str] | None = None) -> Replay:
+    """The live decision rule of ``mode`` replayed over a harvested trace (its probes' stored features
+    ``(P, F)`` with names ``feature_names``, and their extracted answers): where :class:`LiveStopping`
+    with the same predictors, schedule, featurizer and answer extraction stops on that prompt.
+
+    The harvester forces every probe; the replay reads a probe's paid features only where the rule
+    forces its answer, with the stability features recomputed over the forced answers (module
+    docstring). A trace that hit the token cap also pays its cap probe's answer (its output) when the
+    rule did not force it. Tested against live runs in ``tests/test_live_engine.py``."""
+    rule = StopRule(feature_names, predictor, threshold, mode, predictor_features, gate, gate_threshold, gate_features)
+    names = list(feature_names)
+    feats = np.asarray(trace_features, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[1] != len(names) or feats.shape[0] != len(probe_answers):
+        raise ValueError(f"trace_features must be (P, {len(names)}) with one answer per probe; got "
+                         f"{feats.shape} and {len(probe_answers)} answers")
+    paid = [i for i, n in enumerate(names) if feature_cost(n) == "paid"]
+    stab = [names.index(k) for k in STABILITY]
+    row, keys, forced = rule.new_row(), [], []
+    for i, stored in enumerate(feats):
+        vec = stored.copy()
+        vec[paid] = np.nan
+        force, stop = rule.before_answer(row, vec)
+        if force:
+            key = answer_key(probe_answers[i])
+            full = stored.copy()
+            full[stab] = [answer_stability(keys, key)[k] for k in STABILITY]
+            keys.append(key)
+            forced.append(i)
+            stop = rule.after_answer(row, full) or stop
+        if stop:
+            return Replay(i, forced, row.stop_p, row.gate_p)
+    return Replay(None, forced, row.stop_p, row.gate_p)
+
+
+# -- the criterion ----------------------------------------------------------------------------------
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "model", None) or getattr(model, "base_model", None)
+
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", None) or getattr(model, "base_model", None)
-    norm = getattr(base, "norm", None)
+    norm = getattr(_base(model), "norm", None)
     if norm is None:
         raise ValueError(f"cannot find the final norm of {type(model).__name__} (expected model.model.norm)")
     return norm
 
 
+def _mid_module(model: nn.Module, k: int) -> nn.Module | None:
+    """The module whose output is ``output_hidden_states[k]`` (HF Llama/Qwen2: 0 = the embeddings,
+    k = decoder layer k-1; the last one is the final norm's output: None, read from the norm hook)."""
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= k <= n_layers:
+        raise ValueError(f"mid_layer={k} but the model has hidden states 0..{n_layers}")
+    if k == n_layers:
+        return None
+    base = _base(model)
+    if k == 0:
+        return base.embed_tokens
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return layers[k - 1]
+
+
 class LiveStopping(StoppingCriteria):
-    """Stop each row at the first probe whose predicted P(correct) >= ``threshold`` (see module doc)."""
+    """Stop each row at the first probe where its mode's rule fires (see module doc).
+
+    ``feature_names``: the predictor's features in its input order (a subset of the featurizer's);
+    answers are extracted by ``family.extract_probe_answer`` or a given ``answer_fn`` (the harvest's:
+    there is no default); ``gate``/``gate_threshold``/``gate_feature_names`` serve ``mode="gated"``;
+    ``max_new_tokens`` (the one given to ``generate``) lets a ``schedule.at_cap`` probe run at the cap."""
 
     def __init__(
         self,
@@ -68,29 +282,39 @@ class LiveStopping(StoppingCriteria):
         featurizer: ProbeFeaturizer,
         schedule: ProbeSchedule,
         answer_trigger: str = "\nFinal answer:",
-        answer_fn: Callable[[str], str | None] = lambda s: s.strip().split("\n")[0] or None,
+        answer_fn: Callable[[str], str | None] | None = None,
         answer_max_tokens: int = 12,
+        *,
+        family=None,
+        mode: str = "every",
+        gate: nn.Module | None = None,
+        gate_threshold: float = 0.5,
+        gate_feature_names: list[str] | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
-        if featurizer.feature_names != list(feature_names):
-            raise ValueError(
-                "the featurizer's features differ from the predictor's: "
-                f"{featurizer.feature_names[:3]}... ({len(featurizer.feature_names)}) vs "
-                f"{list(feature_names)[:3]}... ({len(feature_names)})"
-            )
-        if not 0.0 <= threshold <= 1.0 and threshold != float("inf"):
-            raise ValueError(f"threshold must lie in [0, 1] (or inf: never stop), got {threshold}")
-        self.model, self.tokenizer, self.predictor = model, tokenizer, predictor.eval()
-        self.threshold = threshold
+        if (answer_fn is None) == (family is None):
+            raise ValueError("give exactly one of family= (its extract_probe_answer, what the harvest used) and "
+                             "answer_fn=; live answers must be extracted as the predictor's training traces were")
+        self.answer_fn = answer_fn if answer_fn is not None else family.extract_probe_answer
+        self.rule = StopRule(featurizer.feature_names, predictor, threshold, mode, feature_names, gate,
+                             gate_threshold, gate_feature_names)
+        self.mode, self.threshold = mode, threshold
+        self.model, self.tokenizer, self.predictor = model, tokenizer, self.rule.predictor
         if prompt_length is not None and prompt_length < 1:
             raise ValueError(f"prompt_length must be a positive token count or None (read from each prefill), "
                              f"got {prompt_length}")
+        if answer_max_tokens < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+            raise ValueError("answer_max_tokens and max_new_tokens must be >= 1")
+        if schedule.at_cap and max_new_tokens is None:
+            log.warning("the schedule probes at the cap (at_cap), but LiveStopping was not given max_new_tokens: "
+                        "no cap probe will run")
         self.expected_prompt_length = prompt_length  # checked against each prefill; None: not checked
         self.prompt_length: int | None = None  # of the current generation, read from its prefill
         self.featurizer, self.schedule = featurizer, schedule
-        self.answer_fn = answer_fn
-        self.answer_max_tokens = answer_max_tokens
+        self.answer_max_tokens, self.max_new_tokens = answer_max_tokens, max_new_tokens
         self.trigger_ids, _ = encode_trigger(tokenizer, answer_trigger)
         self.eos = eos_ids(model, tokenizer)
+        self._is_answer_end = answer_end_test(tokenizer, self.eos)
         self._texts: dict[int, str] = {}
         self._probing = False
         self._warned_no_cache = False
@@ -99,6 +323,14 @@ class LiveStopping(StoppingCriteria):
             model.register_forward_hook(self._on_forward, with_kwargs=True),
             _final_norm(model).register_forward_hook(self._on_norm),
         ]
+        k = featurizer.mid_layer
+        self._mid_from_norm = False
+        if k is not None:
+            mid = _mid_module(model, k)
+            if mid is None:
+                self._mid_from_norm = True
+            else:
+                self._hooks.append(mid.register_forward_hook(self._on_mid))
         self.reset()
 
     # -- state -----------------------------------------------------------------------------------
@@ -109,15 +341,20 @@ class LiveStopping(StoppingCriteria):
         self.cache = None
         self.mask = None
         self._hidden = None
+        self._mid = None
         self._steps = 0  # generation forwards seen (prefill = 1)
         self._observed: torch.Tensor | None = None  # (b,) per row: forwards already in its features
-        self.last_probe: list[int | None] = []
-        self.pending: list[str | None] = []
-        self.features: list[list[np.ndarray]] = []  # per row, features of its probes
-        self.probabilities: list[list[float]] = []
-        self.probe_answers: list[list[str | None]] = []
-        self.answers: list[str | None] = []  # per row: the forced answer it stopped with (None: did not stop)
-        self.stopped_at: list[int | None] = []
+        self._clock: list[RowSchedule] = []
+        self._rows: list[_Row] = []
+        self._done: list[bool] = []  # ended by EOS
+        self.features: list[list[np.ndarray]] = []  # per row, features of its probes (NaN: paid, not forced)
+        self.forced: list[list[bool]] = []  # per row and probe: was its answer forced (paid)?
+        self.reasons: list[list[str]] = []  # per row and probe: why it fired (every_n, boundary, cue, start, cap)
+        self.probabilities: list[list[float | None]] = []  # stop predictor's P per probe (None: not asked)
+        self.gate_probabilities: list[list[float | None]] = []  # gated mode: the gate's P per probe
+        self.probe_answers: list[list[str | None]] = []  # per probe: the extracted answer (None: none, or not forced)
+        self.answers: list[str | None] = []  # per row: the forced answer it stopped with, or its cap answer
+        self.stopped_at: list[int | None] = []  # per row: tokens generated when it stopped (None: did not stop)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -127,6 +364,13 @@ class LiveStopping(StoppingCriteria):
     def _on_norm(self, module, args, output) -> None:
         if not self._probing:
             self._hidden = output[:, -1, :].detach().float()  # (b, H)
+            if self._mid_from_norm:
+                self._mid = self._hidden
+
+    def _on_mid(self, module, args, output) -> None:
+        if not self._probing:
+            out = output[0] if isinstance(output, tuple) else output
+            self._mid = out[:, -1, :].detach().float()  # (b, H)
 
     def _before_forward(self, module, args, kwargs) -> None:
         """A forward on an empty cache, or on another cache object than the last one, is the prefill
@@ -163,16 +407,20 @@ class LiveStopping(StoppingCriteria):
                     "each generation"
                 )
             self.state = self.featurizer.new_state(b)
-            self.last_probe, self.pending = [None] * b, [None] * b
-            self.features = [[] for _ in range(b)]
-            self.probabilities = [[] for _ in range(b)]
-            self.probe_answers = [[] for _ in range(b)]
+            self._clock = [RowSchedule() for _ in range(b)]
+            self._rows = [self.rule.new_row() for _ in range(b)]
+            self._done = [False] * b
+            for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers"):
+                setattr(self, name, [[] for _ in range(b)])
             self.answers, self.stopped_at = [None] * b, [None] * b
             self._observed = torch.zeros(b, dtype=torch.long)
         self._steps += 1
         rows = (self._observed < self._steps).nonzero().squeeze(-1)  # not already observed by a probe
         if rows.numel():
-            self.featurizer.observe(self.state, rows, self._hidden[rows], entropy_from_logits(logits[rows]))
+            mid = None if self.featurizer.mid_layer is None else self._mid[rows.to(self._mid.device)].cpu()
+            dev = rows.to(logits.device)
+            self.featurizer.observe(self.state, rows, self._hidden[dev].cpu(), entropy_from_logits(logits[dev]).cpu(),
+                                    mid)
             self._observed[rows] = self._steps
 
     def _text(self, token: int) -> str:
@@ -181,59 +429,80 @@ class LiveStopping(StoppingCriteria):
         return self._texts[token]
 
     # -- probes ----------------------------------------------------------------------------------
-    def _forward(self, ids, mask, pos, cache):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.hidden_states[-1][:, -1, :].float()
-
     @torch.no_grad()
-    def _probe(self, rows: list[int], last_tokens: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
-        """Feed each row's newest token, observe it, then trigger + greedy answer, on a cache copy."""
-        index = torch.tensor(rows)
-        cache = _sub_cache(self.cache, index)
+    def _probe(self, rows: list[int], reasons: list[str], n: int, newest: torch.Tensor | None) -> None:
+        """Probe ``rows`` after ``n`` generated tokens on a cache copy: feed each row's ``newest`` token
+        (not yet run by generate; None for the start probe) and observe it, decide by the mode's rule,
+        force the answers it asks for, and record features, answers and stops."""
+        index = torch.tensor(rows)  # on the CPU, for the featurizer state
+        device = self.cache.layers[0].keys.device
+        dindex = index.to(device)
+        cache = sub_cache(self.cache, dindex)
         if self.mask is not None:
-            mask = self.mask[index]
+            mask = self.mask[dindex]
         else:  # generate passes no mask when nothing is padded
-            mask = torch.ones(len(rows), self.cache.get_seq_length(), dtype=torch.long)
+            mask = torch.ones(len(rows), self.cache.get_seq_length(), dtype=torch.long, device=device)
         pos = mask.sum(-1)  # next position id per row (mask covers the cached tokens)
         self._probing = True
         try:
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            logits, hidden = self._forward(last_tokens[index][:, None], mask, pos[:, None], cache)
-            self.featurizer.observe(self.state, index, hidden, entropy_from_logits(logits))
-            T = len(self.trigger_ids)
-            trig = torch.tensor(self.trigger_ids).expand(len(rows), T)
-            mask = torch.cat([mask, mask.new_ones(len(rows), T)], dim=1)
-            logits, _ = self._forward(trig, mask, pos[:, None] + 1 + torch.arange(T), cache)
-            nxt = pos + 1 + T
-            ids: list[list[int]] = [[] for _ in rows]
-            lps: list[list[float]] = [[] for _ in rows]
-            open_rows = [True] * len(rows)
-            for step in range(self.answer_max_tokens):
-                logp = torch.log_softmax(logits, -1)
-                tok = logp.argmax(-1)
-                for j in range(len(rows)):
-                    if open_rows[j]:
-                        t = int(tok[j])
-                        ids[j].append(t)
-                        lps[j].append(float(logp[j, t]))
-                        open_rows[j] = not (t in self.eos or "\n" in self._text(t))
-                if not any(open_rows) or step == self.answer_max_tokens - 1:
-                    break
+            if newest is not None:
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                logits, _ = self._forward(tok[:, None], mask, nxt[:, None], cache)
-                nxt = nxt + 1
+                out = self.model(input_ids=newest[dindex][:, None], attention_mask=mask, position_ids=pos[:, None],
+                                 past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+                k = self.featurizer.mid_layer
+                mid = None if k is None else out.hidden_states[k][:, -1, :].float()
+                self.featurizer.observe(self.state, index, out.hidden_states[-1][:, -1, :].float().cpu(),
+                                        entropy_from_logits(out.logits[:, -1, :]).cpu(),
+                                        None if mid is None else mid.cpu())
+                self._observed[index] = self._steps + 1  # newest token observed: skip it when generate runs it
+                pos = pos + 1
+            # the rule's decision before any answer (free features), then the answers it asks for
+            vecs, windows, force, wanted, stop = {}, {}, [], set(), set()
+            for j, (r, reason) in enumerate(zip(rows, reasons)):
+                if self.mode == "every":
+                    force.append(j)
+                    wanted.add(r)
+                    continue
+                vecs[r], windows[r] = unforced_features(self.featurizer, self.state, r, n, len(self.features[r]))
+                wants, stops = self.rule.before_answer(self._rows[r], vecs[r])
+                if wants:
+                    wanted.add(r)
+                if wants or reason == "cap":  # a capped run's answer is forced at the cap (DESIGN.md)
+                    force.append(j)
+                if stops:
+                    stop.add(r)
+            answers: dict[int, tuple[list[int], list[float]]] = {}
+            if force:
+                fi = torch.tensor(force, device=device)
+                fcache = cache if len(force) == len(rows) else sub_cache(cache, fi)
+                ids, lps = force_answers(self.model, fcache, mask[fi], pos[fi], self.trigger_ids,
+                                         self.answer_max_tokens, self._is_answer_end)
+                answers = {rows[j]: (a, lp) for j, a, lp in zip(force, ids, lps)}
         finally:
             self._probing = False
-        return ids, lps
-
-    def _score(self, row: int) -> float:
-        feats = torch.from_numpy(np.stack(self.features[row]))  # (P, F)
-        p = feats.shape[0]
-        batch = ProbeBatch(features=feats, labels=torch.zeros(p), trace_index=torch.zeros(p, dtype=torch.long),
-                           probe_index=torch.arange(p), weights=torch.ones(p))
-        with torch.no_grad():
-            return float(torch.sigmoid(self.predictor(batch)[-1]))
+        for r, reason in zip(rows, reasons):
+            answer = None
+            if r in answers:
+                a_ids, a_lps = answers[r]
+                answer = self.answer_fn(self.tokenizer.decode(a_ids, skip_special_tokens=True))
+                if self.mode == "every":
+                    vecs[r] = self.featurizer.probe_features(self.state, r, answer, a_lps, n)
+                    self.rule.before_answer(self._rows[r], vecs[r])
+                else:
+                    vecs[r] = forced_features(self.featurizer, self.state, r, windows[r], answer, a_lps, n,
+                                              len(self.features[r]))
+                if r in wanted and self.rule.after_answer(self._rows[r], vecs[r]):  # not for a cap-only answer
+                    stop.add(r)
+            self.features[r].append(vecs[r])
+            self.forced[r].append(r in answers)
+            self.reasons[r].append(reason)
+            self.probe_answers[r].append(answer)
+            self.probabilities[r].append(self._rows[r].stop_p[-1])
+            self.gate_probabilities[r].append(self._rows[r].gate_p[-1])
+            if r in stop:
+                self.stopped_at[r] = n
+            if r in stop or reason == "cap":
+                self.answers[r] = answer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         b = input_ids.shape[0]
@@ -241,34 +510,27 @@ class LiveStopping(StoppingCriteria):
         if self.state is None:
             return stop
         n = input_ids.shape[1] - self.prompt_length  # tokens generated so far
+        if n == 1 and self.schedule.at_start:  # the start probe: on the prompt's cache, before token 1 runs
+            self._probe(list(range(b)), ["start"] * b, 0, None)
+            for r in range(b):
+                probe_reason(self.schedule, self._clock[r], 0, [])  # the start probe in the row's schedule
         generated = input_ids[:, self.prompt_length:]
         due, reasons = [], []
+        at_cap = self.max_new_tokens is not None and n == self.max_new_tokens
         for r in range(b):
             if self.stopped_at[r] is not None:
                 stop[r] = True
                 continue
-            if any(int(t) in self.eos for t in generated[r].tolist()):
-                continue  # ended by EOS: generate handles it
-            toks = generated[r].tolist()
-            event = self.schedule.event(self._text(toks[-1]), "".join(self._text(t) for t in toks[-4:]))
-            self.pending[r] = event or self.pending[r]
-            reason = self.schedule.due(n, self.pending[r], self.last_probe[r], len(self.features[r]))
+            if self._done[r] or int(generated[r, -1]) in self.eos:
+                self._done[r] = True  # ended by EOS: generate handles it
+                continue
+            recent = [self._text(int(t)) for t in generated[r, -4:]]
+            reason = probe_reason(self.schedule, self._clock[r], n, recent, at_cap=at_cap)
             if reason:
                 due.append(r)
                 reasons.append(reason)
-        if not due:
-            return stop
-        ids, lps = self._probe(due, input_ids[:, -1])
-        self._observed[torch.tensor(due)] = self._steps + 1  # newest token observed: skip it when generate runs it
-        for r, a_ids, a_lps in zip(due, ids, lps):
-            answer = self.answer_fn(self.tokenizer.decode(a_ids, skip_special_tokens=True))
-            self.features[r].append(self.featurizer.probe_features(self.state, r, answer, a_lps, n))
-            self.probe_answers[r].append(answer)
-            self.last_probe[r], self.pending[r] = n, None
-            prob = self._score(r)
-            self.probabilities[r].append(prob)
-            if prob >= self.threshold:
-                self.stopped_at[r] = n
-                self.answers[r] = answer
-                stop[r] = True
+        if due:
+            self._probe(due, reasons, n, input_ids[:, -1])
+            for r in due:
+                stop[r] = self.stopped_at[r] is not None
         return stop

@@ -13,19 +13,25 @@ without probes.
 Rows that reach EOS leave the batch (their cache rows are dropped), so a long trace does not make the
 short ones in its batch pay for it. Greedy by default; ``do_sample=True`` samples with a seeded
 ``torch.Generator``.
+
+The probe engine is shared with live stopping (``maml_stop.live.stopping.LiveStopping``, issue 10):
+:func:`force_answers` is the one forced-answer loop, :func:`probe_reason` (with a :class:`RowSchedule`
+per row) the one schedule decision, and :func:`unforced_features` / :func:`forced_features` compute a
+probe point's features when only some probe points force an answer (the live ``free`` and ``gated``
+modes). The harvester forces every probe, so it calls the featurizer directly.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
+from maml_stop.probe.features import FeatureState, ProbeFeaturizer, answer_key, entropy_from_logits, feature_cost
 from maml_stop.probe.schedule import ProbeSchedule
 
 log = logging.getLogger(__name__)
@@ -89,9 +95,148 @@ def encode_trigger(tokenizer, trigger: str) -> tuple[list[int], bool]:
     return ids, roundtrip
 
 
-def _sub_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+def sub_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
     """A copy of the cache rows ``index`` (the main cache is untouched)."""
     return DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
+
+
+_sub_cache = sub_cache  # the old private name
+
+
+def answer_end_test(tokenizer, eos: set[int]) -> Callable[[int], bool]:
+    """``is_answer_end(token)`` for :func:`force_answers`: the token is an EOS token or its text holds a
+    newline (decoded texts are cached)."""
+    texts: dict[int, bool] = {}
+
+    def is_answer_end(token: int) -> bool:
+        done = texts.get(token)
+        if done is None:
+            done = texts[token] = token in eos or "\n" in tokenizer.decode([token])
+        return done
+
+    return is_answer_end
+
+
+def _next_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float()  # (b, V)
+
+
+def force_answers(
+    model,
+    cache: DynamicCache,
+    mask: torch.Tensor,
+    next_pos: torch.Tensor,
+    trigger_ids: Sequence[int],
+    answer_max_tokens: int,
+    is_answer_end: Callable[[int], bool],
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The one forced-answer loop (harvester and live stopping): feed ``trigger_ids`` to every row of
+    ``cache`` (a copy: it is extended in place), then decode greedily until a row's token ends its
+    answer (``is_answer_end``: EOS or a newline) or ``answer_max_tokens`` tokens.
+
+    cache: b rows; mask: (b, L) attention mask of the cached tokens (L may be 0 for an empty cache);
+    next_pos: (b,) position id of the next token of each row. Returns per row the answer token ids
+    (including the token that ended it) and the log-prob of each."""
+    b, T = mask.shape[0], len(trigger_ids)
+    trig = torch.tensor(list(trigger_ids), device=mask.device).expand(b, T)
+    mask = torch.cat([mask, mask.new_ones(b, T)], dim=1)
+    logits = _next_logits(model, trig, mask, next_pos[:, None] + torch.arange(T, device=mask.device), cache)
+    next_pos = next_pos + T
+    ids: list[list[int]] = [[] for _ in range(b)]
+    lps: list[list[float]] = [[] for _ in range(b)]
+    open_rows = [True] * b
+    for step in range(answer_max_tokens):
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logp.argmax(-1)  # (b,)
+        chosen = logp.gather(1, tok[:, None]).squeeze(1)
+        for r in range(b):
+            if open_rows[r]:
+                t = int(tok[r])
+                ids[r].append(t)
+                lps[r].append(float(chosen[r]))
+                if is_answer_end(t):
+                    open_rows[r] = False
+        if not any(open_rows) or step == answer_max_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        logits = _next_logits(model, tok[:, None], mask, next_pos[:, None], cache)
+        next_pos = next_pos + 1
+    return ids, lps
+
+
+@dataclass
+class RowSchedule:
+    """What :func:`probe_reason` keeps per row between its calls."""
+
+    pending: str | None = None  # boundary/cue seen since the row's last probe
+    last_probe: int | None = None  # position of the row's last probe
+    scheduled: int = 0  # probes that count towards ``max_probes`` (all but the start probe)
+
+
+def probe_reason(schedule: ProbeSchedule, row: RowSchedule, n_generated: int, recent: Sequence[str],
+                 at_cap: bool = False) -> str | None:
+    """The one schedule decision (harvester and live stopping): the reason the row probes after
+    ``n_generated`` tokens, or None; a probe updates ``row``.
+
+    ``recent``: texts of the row's last (up to 4) generated tokens (the newest last; a cue may span
+    tokens); ``at_cap``: the row is still running at the token cap. Position 0 is the start probe
+    (``schedule.at_start``: an answer with no reasoning); at the cap, a ``schedule.at_cap`` probe
+    replaces whatever else would have fired there (every_n often divides the cap). Start and cap
+    probes stand outside ``min_gap`` and ``max_probes``."""
+    if n_generated == 0:
+        reason = "start" if schedule.at_start else None
+    else:
+        row.pending = schedule.event(recent[-1], "".join(recent)) or row.pending
+        reason = schedule.due(n_generated, row.pending, row.last_probe, row.scheduled)
+        if at_cap and schedule.at_cap:
+            reason = "cap"
+    if reason:
+        row.pending, row.last_probe = None, n_generated
+        row.scheduled += reason != "start"
+    return reason
+
+
+# -- features of probe points that may not force an answer (live free/gated modes) -----------------
+def _row_window(state: FeatureState, row: int) -> FeatureState:
+    """A one-row copy of ``state`` (its window since the last probe and its answers so far)."""
+    out = {}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, torch.Tensor):
+            out[f.name] = value[row:row + 1].clone()
+        elif isinstance(value, list):
+            out[f.name] = [list(value[row])]
+        else:
+            out[f.name] = value
+    return FeatureState(**out)
+
+
+def unforced_features(featurizer: ProbeFeaturizer, state: FeatureState, row: int, n_generated: int,
+                      probe_index: int) -> tuple[np.ndarray, FeatureState]:
+    """Features of a probe point before (or without) its forced answer: the free features as the
+    harvester computes them, the paid ones NaN (unknown); ``probe_index`` counts every probe point of
+    the row. The row's window restarts, as at any probe. Returns the vector and a one-row copy of the
+    window for :func:`forced_features`, should the answer be forced after all."""
+    window = _row_window(state, row)
+    vec = featurizer.probe_features(state, row, None, [], n_generated)
+    state.answers[row].pop()  # no answer was forced here: the stability features skip this probe point
+    paid = [i for i, name in enumerate(featurizer.feature_names) if feature_cost(name) == "paid"]
+    vec[paid] = np.nan
+    vec[featurizer.feature_names.index("probe_index")] = probe_index
+    return vec, window
+
+
+def forced_features(featurizer: ProbeFeaturizer, state: FeatureState, row: int, window: FeatureState,
+                    answer: str | None, logprobs: list[float], n_generated: int, probe_index: int) -> np.ndarray:
+    """The full features of a probe point whose answer was forced after :func:`unforced_features`
+    (``window`` is what that returned): the free features as before, the answer's confidence, and
+    answer stability over the row's **forced answers only** (the answer is added to them)."""
+    vec = featurizer.probe_features(window, 0, answer, logprobs, n_generated)
+    vec[featurizer.feature_names.index("probe_index")] = probe_index
+    state.answers[row].append(answer_key(answer))
+    return vec
 
 
 class ProbingGenerator:
@@ -133,6 +278,7 @@ class ProbingGenerator:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos)
         self._text_cache: dict[int, str] = {}
+        self._is_answer_end = answer_end_test(tokenizer, self.eos)
         self.device = next(model.parameters()).device
         n_states = model.config.num_hidden_layers + 1  # output_hidden_states: embeddings + every layer
         if self.featurizer.mid_layer is not None and self.featurizer.mid_layer >= n_states:
@@ -166,53 +312,19 @@ class ProbingGenerator:
         probs = torch.softmax(logits / max(self.temperature, 1e-5), dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
-    def _answer_done(self, token: int) -> bool:
-        return token in self.eos or "\n" in self._tok_text(token)
-
     # -- probes ----------------------------------------------------------------------------------
-    def _decode_answers(self, logits: torch.Tensor, cache, mask, next_pos) -> tuple[list[list[int]], list[list[float]]]:
-        """Greedy short answers for a sub-batch whose trigger has just been processed."""
-        b = logits.shape[0]
-        ids: list[list[int]] = [[] for _ in range(b)]
-        lps: list[list[float]] = [[] for _ in range(b)]
-        open_rows = [True] * b
-        for step in range(self.answer_max_tokens):
-            logp = torch.log_softmax(logits, dim=-1)
-            tok = logp.argmax(-1)  # (b,)
-            chosen = logp.gather(1, tok[:, None]).squeeze(1)
-            for r in range(b):
-                if open_rows[r]:
-                    t = int(tok[r])
-                    ids[r].append(t)
-                    lps[r].append(float(chosen[r]))
-                    if self._answer_done(t):
-                        open_rows[r] = False
-            if not any(open_rows) or step == self.answer_max_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            logits, _ = self._forward(tok[:, None], mask, next_pos[:, None], cache)
-            next_pos = next_pos + 1
-        return ids, lps
-
     def _probe_cached(self, cache, mask, next_pos, index: torch.Tensor):
-        sub = _sub_cache(cache, index)
-        b, T = index.shape[0], len(self.trigger_ids)
-        trig = torch.tensor(self.trigger_ids, device=self.device).expand(b, T)
-        sub_mask = torch.cat([mask[index], mask.new_ones(b, T)], dim=1)
-        pos = next_pos[index][:, None] + torch.arange(T, device=self.device)
-        logits, _ = self._forward(trig, sub_mask, pos, sub)
-        return self._decode_answers(logits, sub, sub_mask, next_pos[index] + T)
+        return force_answers(self.model, sub_cache(cache, index), mask[index], next_pos[index], self.trigger_ids,
+                             self.answer_max_tokens, self._is_answer_end)
 
     def _probe_naive(self, sequences: list[list[int]]):
         """Re-encode each prefix + trigger from scratch (one row at a time, no padding)."""
         all_ids, all_lps = [], []
+        empty = torch.ones(1, 0, dtype=torch.long, device=self.device)  # no cached tokens
+        start = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the first token
         for seq in sequences:
-            full = torch.tensor([seq + self.trigger_ids], device=self.device)
-            cache = DynamicCache()
-            mask = torch.ones_like(full)
-            pos = torch.arange(full.shape[1], device=self.device)[None]
-            logits, _ = self._forward(full, mask, pos, cache)
-            ids, lps = self._decode_answers(logits, cache, mask, torch.tensor([full.shape[1]], device=self.device))
+            ids, lps = force_answers(self.model, DynamicCache(), empty, start, seq + self.trigger_ids,
+                                     self.answer_max_tokens, self._is_answer_end)
             all_ids += ids
             all_lps += lps
         return all_ids, all_lps
@@ -237,8 +349,7 @@ class ProbingGenerator:
         prompt_ids = [input_ids[i][mask[i].bool()].tolist() for i in range(B)]
         results = [TraceResult(prompt_tokens=len(p)) for p in prompt_ids]
         state = self.featurizer.new_state(B)
-        last_probe: list[int | None] = [None] * B
-        pending: list[str | None] = [None] * B  # boundary/cue seen since the row's last probe
+        clock = [RowSchedule() for _ in range(B)]
 
         rows = torch.arange(B, device=self.device)  # original row id of each active batch entry
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -254,20 +365,9 @@ class ProbingGenerator:
             if self.probe_mode != "none" and (n > 0 or self.schedule.at_start):
                 due, reasons = [], []
                 for j, r in enumerate(rows.tolist()):
-                    if n == 0:  # the start probe: an answer with no reasoning
-                        reason = "start"
-                    else:
-                        gen = results[r].generated_ids
-                        event = self.schedule.event(self._tok_text(gen[-1]), "".join(self._tok_text(t) for t in gen[-4:]))
-                        pending[r] = event or pending[r]
-                        scheduled = sum(p.reason != "start" for p in results[r].probes)  # start/cap probes: outside the cap
-                        reason = self.schedule.due(n, pending[r], last_probe[r], scheduled)
-                        if n == self.max_new_tokens and self.schedule.at_cap:
-                            # the row is still running at the cap: its answer is forced here, whatever
-                            # else would have fired at this token (every_n often divides the cap)
-                            reason = "cap"
+                    recent = [self._tok_text(t) for t in results[r].generated_ids[-4:]]
+                    reason = probe_reason(self.schedule, clock[r], n, recent, at_cap=n == self.max_new_tokens)
                     if reason:
-                        pending[r] = None
                         due.append(j)
                         reasons.append(reason)
                 if due:
@@ -284,7 +384,6 @@ class ProbingGenerator:
                             ProbeRecord(n, reason, text, answer, a_ids, a_lps, len(self.trigger_ids))
                         )
                         results[r].features.append(self.featurizer.probe_features(state, r, answer, a_lps, n))
-                        last_probe[r] = n
             if n >= self.max_new_tokens:
                 break
             nxt = self._choose(logits)  # (b,)
