@@ -108,3 +108,12 @@ def test_method_registry():
         build_policies(cfg, ["magic"], None, None, {"n_features": 8})
     with pytest.raises(ValueError, match="needs a checkpoint"):
         build_policies(cfg, ["maml"], None, None, {"n_features": 8})
+
+
+def test_episode_figures_take_only_the_outcomes():
+    """Issue 14: ``_figures`` had a ``delta`` parameter it never used."""
+    import inspect
+
+    from maml_stop.evaluate import protocol
+
+    assert list(inspect.signature(protocol._figures).parameters) == ["out"]
