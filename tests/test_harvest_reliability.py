@@ -230,3 +230,33 @@ def test_rescore_keeps_the_forced_cap_answer(tmp_path, model_dir):
     before = {r["trace_id"]: (r["final_answer"], r["final_em"]) for r in store.load_dataset(out)}
     assert rescore(out)["final_em"] == 0
     assert {r["trace_id"]: (r["final_answer"], r["final_em"]) for r in store.load_dataset(out)} == before
+
+
+def test_two_workers_into_one_folder_store_exactly_the_traces_of_one_run(tmp_path, model_dir):
+    """Issue 15: ``--worker i --num_workers n`` split each family's order into disjoint parts; two
+    workers started together on one folder store exactly the traces (ids and texts) of a single run."""
+    single = tmp_path / "single"
+    _harvest(single, model_dir, families=["gcd", "lcm"], n_per_family=10)
+    expected = {r["trace_id"]: r["generated_text"] for r in store.load_dataset(single)}
+    out = tmp_path / "shared"
+    args = ["--model", model_dir, "--families", "[gcd, lcm]", "--n_per_family", "10", "--dtype", "float32",
+            "--batch_size", "3", "--shard_size", "3", "--max_new_tokens", "12", "--every_n", "4",
+            "--hash_weights", "false", "--out", str(out), "--num_workers", "2"]
+    code = "import sys; from maml_stop.harvest.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args, "--worker", str(i)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    got = {r["trace_id"]: r["generated_text"] for r in store.load_dataset(out)}
+    assert len(store.load_dataset(out)) == len(expected) and got == expected
+    names = {p.name for p in store.shard_paths(out)}
+    assert any("-w0of2" in n for n in names) and any("-w1of2" in n for n in names)
+    assert sorted(store.read_meta(out)["family_settings"]) == ["gcd", "lcm"]
+
+
+def test_bad_worker_arguments(tmp_path):
+    for kw in (dict(worker=2, num_workers=2), dict(worker=-1), dict(num_workers=0)):
+        with pytest.raises(ValueError, match="worker must be in"):
+            _harvest(tmp_path / "c", "/nonexistent/model", **kw)

@@ -132,8 +132,11 @@ def shard_paths(root: str | Path, family: str | None = None) -> list[Path]:
     return sorted(base.glob(pattern))
 
 
-def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` as the next shard of (family, split), atomically. Returns its path."""
+def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, Any]], worker: str = "") -> Path:
+    """Write ``rows`` as the next shard of (family, split), atomically. Returns its path.
+
+    ``worker`` (e.g. ``"w1of2"``) tags the shards of one of several harvest workers writing into one
+    folder: each worker numbers its own shards, so two workers never pick the same file name."""
     if not rows:
         raise ValueError("refusing to write an empty shard")
     missing = [c for c in TRACE_COLUMNS if c not in rows[0]]
@@ -141,18 +144,21 @@ def write_shard(root: str | Path, family: str, split: str, rows: list[dict[str, 
         raise CorpusError(f"trace rows lack columns {missing}")
     folder = Path(root) / SHARD_DIR / family
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{split}-{next_shard_index(folder, split):05d}.parquet"
+    tag = f"-{worker}" if worker else ""
+    path = folder / f"{split}-{next_shard_index(folder, split, worker):05d}{tag}.parquet"
     rewrite_shard(path, rows)
     return path
 
 
-def next_shard_index(folder: str | Path, split: str) -> int:
-    """One past the highest shard index of ``split`` in ``folder`` (0 when there is none).
+def next_shard_index(folder: str | Path, split: str, worker: str = "") -> int:
+    """One past the highest shard index of ``split`` (of ``worker``'s shards) in ``folder`` (0 when
+    there is none).
 
     Not the number of shards: after a corrupt shard was deleted, counting would hand out the index of
     the highest shard still there and overwrite it on every write (issue 16)."""
+    tag = re.escape(f"-{worker}") if worker else ""
     found = [int(m.group(1)) for p in Path(folder).glob(f"{split}-*.parquet")
-             if (m := re.fullmatch(rf"{re.escape(split)}-(\d+)\.parquet", p.name))]
+             if (m := re.fullmatch(rf"{re.escape(split)}-(\d+){tag}\.parquet", p.name))]
     return max(found, default=-1) + 1
 
 

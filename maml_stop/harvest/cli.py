@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 import time
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,21 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
     store.write_meta(out, merged)
 
 
+@contextmanager
+def _meta_lock(out: Path):
+    """An exclusive lock on ``out/.meta.lock`` (POSIX ``flock``) around the read-check-write of
+    ``meta.json``, so that workers starting together neither lose nor mix each other's metadata."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".meta.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def harvest_order(family, name: str, n_per_family: int, seed: int) -> list:
     """A family's questions in the order the harvest takes them: ``n_per_family`` split 70/10/20 over
     its train/validation/test pools, interleaved by a seeded shuffle (so that a harvest stopped early
@@ -153,6 +169,8 @@ def harvest(
     temperature: float = 1.0,
     family_args: dict[str, dict[str, Any]] | None = None,
     max_shards: int | None = None,
+    worker: int = 0,
+    num_workers: int = 1,
     max_per_family: int | None = None,
     hash_weights: bool = True,
     num_threads: int = 1,
@@ -173,6 +191,11 @@ def harvest(
         probe_at_start: also force an answer at position 0, before any reasoning.
         probe_at_cap: also force an answer at the token cap of a trace that reaches it; that answer is
             then the trace's ``final_answer`` (``meta.json``: ``generation.cap_answer = "forced"``).
+        worker, num_workers: harvest only part ``worker`` of ``num_workers`` disjoint parts of every
+            family's question order (every ``num_workers``-th question, from the ``worker``-th), so that
+            several processes or machines harvest one corpus into one folder: each worker tags its
+            shards (``-w<i>of<n>``) and skips traces already stored by any of them; together they store
+            exactly the traces of a single run.
         hash_weights: record the sha256 of the weight files (about 1 s a GB). With ``false`` only the
             paths are recorded, so weights replaced in place under the same path are NOT detected on
             resume and a corpus could mix two models: keep it on for any corpus that matters.
@@ -193,6 +216,9 @@ def harvest(
                        ("num_threads", num_threads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+    if not (isinstance(num_workers, int) and num_workers >= 1 and isinstance(worker, int) and 0 <= worker < num_workers):
+        raise ValueError(f"worker must be in 0..num_workers-1 and num_workers >= 1; got worker={worker!r}, "
+                         f"num_workers={num_workers!r}")
     if max_shards is not None and max_shards < 1:
         raise ValueError(f"max_shards must be >= 1 (or None: no limit), got {max_shards}")
     if len(set(families)) != len(families):
@@ -229,7 +255,8 @@ def harvest(
         qs = harvest_order(fam, name, n_per_family, seed)
         if not qs:
             raise ValueError(f"family {name!r} yields no questions (n_per_family={n_per_family})")
-        todo[name] = qs if max_per_family is None else qs[:max_per_family]
+        qs = qs if max_per_family is None else qs[:max_per_family]
+        todo[name] = qs[worker::num_workers]  # worker i of n: every n-th question of the order, from i
 
     lm, tok = load_model(model, dtype=dtype)
     featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary,
@@ -259,7 +286,8 @@ def harvest(
         "code_version": maml_stop.__version__,
         "split_fractions": SPLIT_FRACTIONS,
     }
-    _check_meta(out_path, meta)
+    with _meta_lock(out_path):  # several workers may start at once on one folder
+        _check_meta(out_path, meta)
 
     done = store.stored_trace_ids(out_path)
     pending = {n: [q for q in qs if store.make_trace_id(q.id) not in done] for n, qs in todo.items()}
@@ -271,6 +299,7 @@ def harvest(
     from tqdm.auto import tqdm
 
     stats = {n: [0, 0, 0] for n in fams}  # traces, final EM, hit cap
+    shard_tag = f"w{worker}of{num_workers}" if num_workers > 1 else ""
     written: list[str] = []  # trace ids this run stored, verified readable at the end
     tokens, shards, t0 = 0, 0, time.time()
     bar = tqdm(total=total, desc="harvest", unit="trace", dynamic_ncols=True)
@@ -302,7 +331,7 @@ def harvest(
                 for row in rows:
                     split_rows.setdefault(row["split"], []).append(row)
                 for split, srows in split_rows.items():
-                    store.write_shard(out_path, fam.name, split, srows)
+                    store.write_shard(out_path, fam.name, split, srows, worker=shard_tag)
                     written += [r["trace_id"] for r in srows]
                 shards += 1
                 pending[name] = pending[name][len(chunk):]
