@@ -118,8 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     by_family: dict[str, list[dict]] = {}
     for r in table:
         by_family.setdefault(r["family"], []).append(r)
-    # the pilot is the first pilot_traces of each family's harvest order: its first shard(s)
-    figs = {fam: family_figures(rows[: cfg["pilot_traces"]], budget) for fam, rows in sorted(by_family.items())}
+    # the pilot is the first pilot_traces questions of each family's harvest order (its first shard)
+    from maml_stop.harvest.cli import harvest_order
+    from tasks import get_family
+
+    order = meta["order"]
+    figs = {}
+    for fam, rows in sorted(by_family.items()):
+        first = {store.make_trace_id(q.id) for q in
+                 harvest_order(get_family(fam), fam, order["n_per_family"], order["seed"])[: cfg["pilot_traces"]]}
+        pilot = [r for r in rows if r["trace_id"] in first]
+        if len(pilot) == cfg["pilot_traces"]:  # a candidate whose pilot shard is complete
+            figs[fam] = family_figures(pilot, budget)
     decision = choose(figs, cfg)
     kept = [f for f, d in decision.items() if d == "keep"]
     helps = [f for f in kept if figs[f]["final_em"] - figs[f]["start_em"] >= cfg["reasoning_helps_gap"]]
