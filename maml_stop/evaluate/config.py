@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maml_stop.evaluate.methods import METHODS, NEEDS_CHECKPOINT
+from maml_stop.evaluate.methods import DEFAULT_METHODS, METHODS, NEEDS_CHECKPOINT
 
 __all__ = ["EvaluateConfig", "check_config", "main"]
 
@@ -49,7 +49,7 @@ class EvaluateConfig:
     episodes: int = 50  # fixed episodes per family and K
     query: int | None = None  # query questions per episode (None: every question not in support)
     seed: int = 0  # seed of the fixed episodes
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the cost-aware ones only when listed
     threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])  # first = headline
     delta: float = 0.01  # EM-drop target as a fraction (0.01 = 1 point)
     ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
@@ -68,6 +68,12 @@ class EvaluateConfig:
     finetune_lr: float = 0.1
     scratch_steps: int = 100  # steps training a probe from scratch on the K support traces
     scratch_lr: float = 0.5
+    # cost-aware methods (maml_stop.evaluate.policies.cost_aware; listed in ``methods`` to run them)
+    cost_aware_learner: str = "scratch"  # their learned parts: scratch (trained on support) | maml (the checkpoint)
+    gate_threshold: float = 0.5  # gated_probe: force an answer where the gate's P(answer correct) >= this
+    sparse_every: int = 2  # sparse: run the inner method on every m-th probe point
+    sparse_inner: str = "scratch"  # sparse: the method on the sparse schedule
+    give_up_below: float = 0.1  # *_give_up: stop where P(the full run will be right) < this
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars

@@ -11,7 +11,7 @@ the order asked. The candidate grids come from the settings (``experiments/evalu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -28,6 +28,14 @@ from maml_stop.evaluate.policies import (
     TokenBudget,
     fresh_copy,
 )
+from maml_stop.evaluate.policies.cost_aware import (
+    FeatureView,
+    GatedProbe,
+    GiveUp,
+    SparseSchedule,
+    ViewProbe,
+    free_features,
+)
 
 from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
 
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.learn.predictor import PredictorConfig
 
-__all__ = ["METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
 
 
 @dataclass
@@ -48,6 +56,16 @@ class MethodContext:
     predictor_config: "PredictorConfig"  # the architecture of a probe from scratch
     inner_loss: str = "balanced"  # the adapter's inner loss, used by every adapted probe
     maml_steps: int | None = None  # inner steps of the meta-trained adapter at evaluation
+    _feature_names: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The corpus's feature names (its ``meta.json``), which the cost-aware methods select from."""
+        if self._feature_names is None:
+            from maml_stop.data import store
+
+            self._feature_names = list(store.read_meta(self.cfg.corpus)["feature_names"])
+        return self._feature_names
 
     @property
     def probe(self) -> dict[str, Any]:  # the threshold grid every learned probe shares
@@ -66,15 +84,20 @@ def _finetuned(c: MethodContext) -> StoppingPolicy:
     return ProbePolicy(adapter=tuner, name="finetuned", **c.probe, **c.adapted)
 
 
-def _scratch(c: MethodContext) -> StoppingPolicy:
+def _scratch_adapter(c: MethodContext, config: "PredictorConfig") -> Any:
+    """An adapter that trains a seeded fresh predictor of ``config`` on the support set."""
     from maml_stop.learn.adapter import InnerLoopAdapter
     from maml_stop.learn.predictor import StoppingPredictor
 
     with torch.random.fork_rng():
         torch.manual_seed(c.cfg.seed)
-        fresh = StoppingPredictor.from_config(c.predictor_config)
-    trainer = InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.scratch_lr,
-                               inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss)
+        fresh = StoppingPredictor.from_config(config)
+    return InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.scratch_lr,
+                            inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss)
+
+
+def _scratch(c: MethodContext) -> StoppingPolicy:
+    trainer = _scratch_adapter(c, c.predictor_config)
     return ProbePolicy(adapter=trainer, renormalise=True, name="scratch", **c.probe, **c.adapted)
 
 
@@ -84,7 +107,64 @@ def _maml(c: MethodContext) -> StoppingPolicy:
     return ProbePolicy(adapter=c.adapter, adapt_steps=c.maml_steps, name="maml", **c.probe, **c.adapted)
 
 
-# name -> builder, in the order of the report's tables
+# -- the cost-aware methods (maml_stop.evaluate.policies.cost_aware): each learned part is a probe of
+# ``cfg.cost_aware_learner`` ("scratch": trained on the K support traces; "maml": the meta-trained
+# adapter, which reads every feature, the unread ones set to its source means) on a feature view.
+
+
+def _cost_probe(c: MethodContext, names: list[str], name: str, target: str = "probe") -> tuple[ProbePolicy, FeatureView]:
+    """A learned probe reading the features ``names`` (labels: ``target``) and the view it reads."""
+    learner = c.cfg.cost_aware_learner
+    if learner == "maml":
+        if c.adapter is None:
+            raise ValueError(f"method {name!r} with cost_aware_learner='maml' needs a checkpoint (--checkpoint, "
+                             "--checkpoints or --train_config), or cost_aware_learner='scratch'")
+        predictor = c.adapter.predictor
+        view = FeatureView.of(c.feature_names, names, predictor.n_features,
+                              predictor.feature_mean.detach().cpu().numpy(), target)
+        return ProbePolicy(adapter=c.adapter, adapt_steps=c.maml_steps, name=name, **c.probe, **c.adapted), view
+    if learner != "scratch":
+        raise ValueError(f"unknown cost_aware_learner {learner!r}; valid: scratch, maml")
+    trainer = _scratch_adapter(c, replace(c.predictor_config, n_features=len(names)))
+    probe = ProbePolicy(adapter=trainer, renormalise=True, name=name, **c.probe, **c.adapted)
+    return probe, FeatureView.of(c.feature_names, names, None, target=target)
+
+
+def _free_probe(c: MethodContext) -> StoppingPolicy:
+    probe, view = _cost_probe(c, free_features(c.feature_names), "free_probe")
+    return ViewProbe(probe, view, pays="stop", feature_names=c.feature_names, name="free_probe")
+
+
+def _gated_probe(c: MethodContext) -> StoppingPolicy:
+    gate, gate_view = _cost_probe(c, free_features(c.feature_names), "gated_probe/gate")
+    stop, stop_view = _cost_probe(c, c.feature_names, "gated_probe")
+    return GatedProbe(gate, gate_view, stop, stop_view, c.feature_names, c.cfg.gate_threshold, name="gated_probe")
+
+
+def _sparse(c: MethodContext) -> StoppingPolicy:
+    inner = c.cfg.sparse_inner
+    if inner not in BUILDERS or inner in ("sparse", "full", "first_probe", "oracle", "oracle_equal_em"):
+        raise ValueError(f"sparse_inner must name a thresholded probing method; got {inner!r} "
+                         "(e.g. consistency, confidence, pooled, finetuned, scratch, maml, free_probe, gated_probe)")
+    return SparseSchedule(BUILDERS[inner](c), c.cfg.sparse_every, c.feature_names, name="sparse")
+
+
+def _give_up(c: MethodContext, stop: ViewProbe, name: str) -> StoppingPolicy:
+    right, right_view = _cost_probe(c, free_features(c.feature_names), f"{name}/right", target="final")
+    return GiveUp(stop, right, right_view, below=c.cfg.give_up_below, name=name)
+
+
+def _free_give_up(c: MethodContext) -> StoppingPolicy:
+    return _give_up(c, _free_probe(c), "free_give_up")
+
+
+def _probe_give_up(c: MethodContext) -> StoppingPolicy:
+    probe, view = _cost_probe(c, c.feature_names, "probe_give_up/stop")
+    return _give_up(c, ViewProbe(probe, view, pays="every", name="probe_give_up/stop"), "probe_give_up")
+
+
+# name -> builder, in the order of the report's tables (the cost-aware methods last, so that tables
+# without them keep their order)
 BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "full": lambda c: FullGeneration(),
     "first_probe": lambda c: FirstProbe(),
@@ -97,8 +177,15 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "maml": _maml,
     "oracle": lambda c: OraclePolicy(),
     "oracle_equal_em": lambda c: EqualEMOracle(),
+    "free_probe": _free_probe,
+    "gated_probe": _gated_probe,
+    "sparse": _sparse,
+    "free_give_up": _free_give_up,
+    "probe_give_up": _probe_give_up,
 }
-METHODS: tuple[str, ...] = tuple(BUILDERS)
+COST_AWARE_METHODS = ("free_probe", "gated_probe", "sparse", "free_give_up", "probe_give_up")
+METHODS: tuple[str, ...] = tuple(BUILDERS)  # every valid method
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS)  # run when none are listed
 NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 

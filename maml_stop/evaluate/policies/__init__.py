@@ -5,7 +5,9 @@
 * :mod:`.baselines`: full generation, first probe, token budget, consistency, confidence, the oracles;
 * :mod:`.learned`: :class:`ProbePolicy`, a stopping predictor thresholded at tau (adaptation through
   :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`);
-* :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`.
+* :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`;
+* :mod:`.cost_aware`: policies that run fewer forced answers and say which (free probe, gated probe,
+  sparse schedule, give up early), over :class:`FeatureView` column selections of the traces.
 
 >>> from maml_stop.evaluate import policies as P
 >>> from maml_stop.evaluate.thresholds import FixedThreshold
@@ -36,6 +38,16 @@ from maml_stop.evaluate.policies.baselines import (
     oracle_at_equal_em,
 )
 from maml_stop.evaluate.policies.learned import DEFAULT_TAUS, ProbePolicy
+from maml_stop.evaluate.policies.cost_aware import (
+    FeatureView,
+    GatedProbe,
+    GiveUp,
+    SparseSchedule,
+    ViewProbe,
+    feature_columns,
+    free_features,
+    subtrace,
+)
 from maml_stop.evaluate.policies.training import fresh_copy, train_predictor
 
 __all__ = [
@@ -60,4 +72,12 @@ __all__ = [
     "train_predictor",
     "fresh_copy",
     "DEFAULT_TAUS",
+    "FeatureView",
+    "ViewProbe",
+    "GatedProbe",
+    "SparseSchedule",
+    "GiveUp",
+    "feature_columns",
+    "free_features",
+    "subtrace",
 ]

@@ -4,7 +4,8 @@ A :class:`StoppingPolicy` is fitted on the K support traces of a family, then pi
 probe at which to stop (``stop_index``; ``None`` = run to the end). :meth:`StoppingPolicy.outcome`
 turns that choice into EM and tokens with the accounting of ``DESIGN.md``
 (:mod:`maml_stop.data.accounting`, the one home of the formulas): probing policies pay every probe
-they ran; full generation and the token budget run no probes (a budget pays the one forced answer at
+they ran (by default every probe up to the stop; a policy that ran fewer says which, see
+:func:`probe_outcome`); full generation and the token budget run no probes (a budget pays the one forced answer at
 its cut-off); the oracle needs no probe when it runs to the end.
 
 Thresholded policies (:class:`ThresholdedPolicy`) are families indexed by one parameter (the token
@@ -19,7 +20,7 @@ policy; with ``param`` it scores a thresholded one at another parameter (another
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +42,16 @@ class StopOutcome:
     index: int | None  # probe stopped at; None = ran to the end
     em: bool
     total_tokens: int  # reasoning + probes + answer
-    reasoning_tokens: int
+    reasoning_tokens: int  # the same without the probes' tokens (how DEER and Dynasor-CoT count)
+    # probes whose forced answer the policy ran, when it says so (``probe_outcome(..., ran=R)``); None:
+    # not stated, the default accounting (every probe up to ``index``; none for plain full generation).
+    # Left out of ==: two outcomes with the same stop, EM and tokens are the same outcome.
+    ran: tuple[int, ...] | None = field(default=None, compare=False)
+
+    @property
+    def probe_tokens(self) -> int:
+        """Tokens of the forced answers the policy ran (``total_tokens - reasoning_tokens``)."""
+        return self.total_tokens - self.reasoning_tokens
 
 
 @dataclass
@@ -63,9 +73,12 @@ def full_generation_outcome(trace: Trace) -> StopOutcome:
 
 def probe_outcome(trace: Trace, index: int | None, ran: Sequence[int] | None = None) -> StopOutcome:
     """A probing policy's outcome: stop at probe ``index`` having run the probes ``ran`` (default: 0..index,
-    or all of them when it runs to the end)."""
+    or all of them when it runs to the end). A policy that runs fewer forced answers (the cost-aware
+    policies of :mod:`.cost_aware`) states them: the cost is ``stop_cost(trace, index, ran=ran)``, and
+    ``ran`` is kept on the outcome."""
     total, reasoning = stop_cost(trace, index, ran)
-    return StopOutcome(index, trace.stop_em(index), total, reasoning)
+    stated = None if ran is None else tuple(int(i) for i in ran)
+    return StopOutcome(index, trace.stop_em(index), total, reasoning, stated)
 
 
 _probe_outcome = probe_outcome  # the former private name (tests, older notebooks)
