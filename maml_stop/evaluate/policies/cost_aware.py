@@ -241,8 +241,8 @@ class GiveUp(ViewProbe):
         if not 0.0 <= below <= 1.0:
             raise ValueError(f"below must be a probability in [0, 1]; got {below}")
         self.stop, self.right, self.below = stop, _Learned(right, right_view), below
-        FirstHitPolicy.__init__(self, stop.selector)
         self.learned, self.pays, self.name = stop.learned, stop.pays, name
+        FirstHitPolicy.__init__(self, stop.selector)
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:
         self.stop.learned.fit(support)
