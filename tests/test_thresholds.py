@@ -96,6 +96,81 @@ def test_make_selector_errors():
         T.LTTThreshold(alpha=1.5)
 
 
+def _cost_sweep():
+    # candidate 0 keeps EM (80 tokens), 1 keeps EM (50 tokens), 2 loses 1 question of 4 (20 tokens)
+    em = [[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    return _sweep(em, [[80, 50, 20]] * 4, [1, 1, 1, 1], [100] * 4)
+
+
+def test_cost_picks_the_analytic_minimum():
+    # mean cost per question at price 1/token: full 100, c0 80, c1 50, c2 20 + W/4
+    cands, sweep = [0.9, 0.5, 0.1], _cost_sweep()
+    assert T.CostThreshold(1.0, 200.0).select(cands, sweep, None) == 0.5  # c2 = 70 > 50
+    assert T.CostThreshold(1.0, 100.0).select(cands, sweep, None) == 0.1  # c2 = 45 < 50
+    assert T.CostThreshold(1.0, 120.0).select(cands, sweep, None) == 0.5  # c2 = 50 = c1: the conservative one
+    assert T.CostThreshold(1.0, 0.0).select(cands, sweep, None) == 0.1  # wrong answers free: fewest tokens
+    np.testing.assert_allclose(T.CostThreshold(1.0, 100.0).costs(sweep), [100, 80, 50, 45])
+    # only the ratio matters
+    assert T.CostThreshold(0.001, 0.2).select(cands, sweep, None) == T.CostThreshold(1.0, 200.0).select(cands, sweep, None)
+
+
+def test_cost_full_generation_is_best():
+    cands = [0.9, 0.1]
+    # the probes make every candidate dearer at the same EM
+    assert T.CostThreshold(1.0, 10.0).select(cands, _sweep([[1, 1]], [[120, 110]], [1], [100]), None) is None
+    # cheaper candidates lose the answer, and a wrong answer is worth more than the tokens saved
+    lossy = _sweep([[0, 0], [1, 0]], [[50, 20], [50, 20]], [1, 1], [100, 100])
+    assert T.CostThreshold(1.0, 1000.0).select(cands, lossy, None) is None  # full 100, c0 550, c1 1020
+    assert T.CostThreshold(1.0, 60.0).select(cands, lossy, None) == 0.9  # c0 = 50 + 30 = 80 < 100
+    # tokens free: full generation ties with every candidate that keeps EM and wins the tie
+    assert T.CostThreshold(0.0, 1.0).select(cands, _sweep([[1, 1]], [[50, 20]], [1], [100]), None) is None
+
+
+def test_cost_prefers_a_stop_that_fixes_an_answer():
+    # question 0: full generation is wrong, stopping at candidate 0 is right (overthinking)
+    sweep = _sweep([[1, 0], [1, 1]], [[150, 20], [150, 20]], [0, 1], [100, 100])
+    assert T.CostThreshold(0.0, 1.0).select([0.9, 0.1], sweep, None) == 0.9  # EM alone counts
+    assert T.CostThreshold(1.0, 1.0).select([0.9, 0.1], sweep, None) == 0.1  # tokens dominate
+
+
+def test_cost_matches_brute_force_on_random_sweeps():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, j = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        em, full_em = rng.integers(0, 2, (n, j)), rng.integers(0, 2, n)
+        tokens, full_tokens = rng.integers(1, 6, (n, j)) * 10, rng.integers(1, 6, n) * 10  # ties are common
+        price, wrong = float(rng.choice([0.0, 0.5, 1.0])), float(rng.choice([0.0, 10.0, 40.0]))
+        cands = [float(x) for x in np.linspace(0.9, 0.1, j)]
+        options = [(None, full_tokens, full_em)] + [(cands[c], tokens[:, c], em[:, c]) for c in range(j)]
+        costs = [sum(price * t + wrong * (1 - e) for t, e in zip(tk, ems)) / n for _, tk, ems in options]
+        want = options[min(range(len(options)), key=lambda i: (round(costs[i], 9), i))][0]
+        got = T.CostThreshold(price, wrong).select(cands, _sweep(em, tokens, full_em, full_tokens), None)
+        assert got == want
+
+
+def test_cost_registered_beside_the_others():
+    assert list(T.SELECTORS) == ["fixed", "em_target", "ltt", "cost"]  # the existing order is kept
+    sel = T.make_selector("cost", token_price=0.002, wrong_answer_cost=3.0)
+    assert isinstance(sel, T.CostThreshold) and (sel.token_price, sel.wrong_answer_cost) == (0.002, 3.0)
+    with pytest.raises(ValueError, match="token_price"):
+        T.CostThreshold(token_price=-1.0)
+    with pytest.raises(ValueError, match="wrong_answer_cost"):
+        T.CostThreshold(wrong_answer_cost=float("nan"))
+    with pytest.raises(ValueError, match="columns"):
+        T.CostThreshold().select([0.9], _cost_sweep(), None)
+
+
+def test_cost_runs_in_evaluate(tiny_corpus, tmp_path):
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.protocol import run
+
+    results = run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency", "budget"],
+                                 families=["fam_c"], shots=[4], episodes=2, threshold_methods=["em_target", "cost"],
+                                 progress=False))
+    cell = results["results"]["fam_c"]["4"]["consistency"]["thresholds"]["cost"]
+    assert len(cell["savings"]) == 2 and (tmp_path / "results.md").exists()
+
+
 class FirstFeature(nn.Module):
     """A fixed scorer of the synthetic corpus: feature f0 carries the 'already solved' signal."""
 

@@ -50,11 +50,15 @@ class EvaluateConfig:
     query: int | None = None  # query questions per episode (None: every question not in support)
     seed: int = 0  # seed of the fixed episodes
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the cost-aware ones only when listed
-    threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])  # first = headline
+    # first = headline; valid: thresholds.SELECTORS (fixed, em_target, ltt, cost)
+    threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])
     delta: float = 0.01  # EM-drop target as a fraction (0.01 = 1 point)
     ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
     ltt_alpha: float = 0.1  # LTT risk level
     fixed_tau: float = 0.5  # probe threshold of the 'fixed' method
+    # the 'cost' method: mean token_price * tokens + wrong_answer_cost * (1 - EM) on support, lowest wins
+    token_price: float = 0.001  # price of one generated token (probes included)
+    wrong_answer_cost: float = 1.0  # cost of one wrong answer (here: worth 1000 tokens)
     crossfit: bool = False  # adapted probes: choose tau on out-of-sample support scores (two halves)
     # candidate grids (tuned grids: experiments/evaluate.yaml; these short ones only keep a bare run cheap)
     taus: list[float] = field(default_factory=lambda: [0.9, 0.5, 0.1])  # probe thresholds swept

@@ -1,4 +1,4 @@
-"""Threshold selection on the support set: fixed, EM target, and risk-controlled (Learn-then-Test).
+"""Threshold selection on the support set: fixed, EM target, risk-controlled (Learn-then-Test), and cost.
 
 A thresholded policy (a stopping predictor with threshold tau, answer-consistency with window k, ...)
 offers an ordered list of **candidates**, from the most conservative (stops latest) to the most
@@ -14,6 +14,8 @@ candidate, or ``None``: never stop early (plain full generation, no probes).
   above, so with probability >= 1 - alpha over the draw of the support set the chosen candidate's EM
   drop is at most ``delta``. Certifying anything needs ``K >= log(alpha) / log(1 - delta)`` support
   questions (230 for delta = 1 point, alpha = 0.1): with fewer, it never stops early.
+* :class:`CostThreshold`: a price per generated token and a cost per wrong answer; the candidate (full
+  generation included) with the lowest mean cost on the support set (issue 12 item 3).
 
 The guarantee assumes the policy's scores do not depend on the support set; a predictor adapted on the
 same K traces it is calibrated on sees optimistic support scores, so for adapted probes the bound is a
@@ -46,6 +48,7 @@ __all__ = [
     "FixedThreshold",
     "EMTargetThreshold",
     "LTTThreshold",
+    "CostThreshold",
     "binom_cdf",
     "min_certifiable_k",
     "make_selector",
@@ -191,19 +194,72 @@ class LTTThreshold(ThresholdSelector):
         return _best_by_savings(candidates, sweep, allowed)
 
 
+class CostThreshold(ThresholdSelector):
+    """Lowest expected cost on support: ``token_price * tokens + wrong_answer_cost * (1 - EM)`` per question.
+
+    The candidates are full generation (``None``: no probes, ``full_tokens``, ``full_em``) and every
+    threshold of the sweep (tokens with the probes it ran). Ties go to the most conservative: full
+    generation first, then the candidates in their order. Only the ratio of the two prices matters:
+    ``wrong_answer_cost / token_price`` is how many tokens one wrong answer is worth.
+
+    >>> import numpy as np
+    >>> sweep = SupportSweep(em=np.array([[1, 1, 0], [1, 1, 1]]), tokens=np.array([[90, 50, 10], [80, 60, 20]]),
+    ...                      full_em=np.array([1, 1]), full_tokens=np.array([100, 100]))
+    >>> CostThreshold(token_price=1.0, wrong_answer_cost=100.0).select([0.9, 0.5, 0.1], sweep, default=0.5)
+    0.5
+    >>> print(CostThreshold(token_price=0.0, wrong_answer_cost=1.0).select([0.9, 0.5, 0.1], sweep, default=0.5))
+    None
+    """
+
+    name = "cost"
+
+    def __init__(self, token_price: float = 0.001, wrong_answer_cost: float = 1.0) -> None:
+        for label, x in (("token_price", token_price), ("wrong_answer_cost", wrong_answer_cost)):
+            if not (math.isfinite(x) and x >= 0.0):
+                raise ValueError(f"{label} is a non-negative finite price; got {x}")
+        self.token_price = float(token_price)
+        self.wrong_answer_cost = float(wrong_answer_cost)
+
+    def costs(self, sweep: SupportSweep) -> np.ndarray:
+        """(1 + J,) mean cost per support question: full generation first, then each candidate."""
+        full = self.token_price * sweep.full_tokens + self.wrong_answer_cost * (1.0 - sweep.full_em)  # (K,)
+        each = self.token_price * sweep.tokens + self.wrong_answer_cost * (1.0 - sweep.em)  # (K, J)
+        return np.concatenate([[full.mean()], each.mean(0)])
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        _check_inputs(candidates, sweep)
+        if sweep.n == 0:
+            raise ValueError("cannot choose a threshold on an empty support set")
+        costs = self.costs(sweep)
+        best = costs.min()
+        j = int(np.flatnonzero(costs <= best + _TOL * max(1.0, abs(best)))[0])  # most conservative among ties
+        return None if j == 0 else float(candidates[j - 1])
+
+
 SELECTORS: dict[str, type[ThresholdSelector]] = {
     "fixed": FixedThreshold,
     "em_target": EMTargetThreshold,
     "ltt": LTTThreshold,
+    "cost": CostThreshold,
 }
 
 
-def make_selector(method: str, delta: float = 0.01, alpha: float = 0.1, value: float | None = None) -> ThresholdSelector:
-    """A selector by name: ``fixed`` (uses ``value``), ``em_target`` (``delta``), ``ltt`` (``delta``, ``alpha``)."""
+def make_selector(
+    method: str,
+    delta: float = 0.01,
+    alpha: float = 0.1,
+    value: float | None = None,
+    token_price: float = 0.001,
+    wrong_answer_cost: float = 1.0,
+) -> ThresholdSelector:
+    """A selector by name: ``fixed`` (uses ``value``), ``em_target`` (``delta``), ``ltt`` (``delta``,
+    ``alpha``), ``cost`` (``token_price``, ``wrong_answer_cost``)."""
     if method == "fixed":
         return FixedThreshold(value)
     if method == "em_target":
         return EMTargetThreshold(delta)
     if method == "ltt":
         return LTTThreshold(delta, alpha)
+    if method == "cost":
+        return CostThreshold(token_price, wrong_answer_cost)
     raise ValueError(f"unknown threshold method {method!r}; valid methods: {', '.join(SELECTORS)}")
