@@ -99,8 +99,11 @@ def test_method_registry():
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.evaluate.methods import METHODS, build_policies
 
-    assert METHODS == ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned",
-                       "scratch", "maml", "oracle", "oracle_equal_em")
+    from maml_stop.evaluate.config import DEFAULT_METHODS
+
+    old = ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned",
+           "scratch", "maml", "oracle", "oracle_equal_em")
+    assert METHODS[: len(old)] == old and tuple(DEFAULT_METHODS) == old  # new methods come after, only when listed
     cfg = EvaluateConfig(corpus="unused")
     policies = build_policies(cfg, ["oracle", "full"], None, None, {"n_features": 8})
     assert list(policies) == ["oracle", "full"]  # the order asked
@@ -117,3 +120,13 @@ def test_episode_figures_take_only_the_outcomes():
     from maml_stop.evaluate import protocol
 
     assert list(inspect.signature(protocol._figures).parameters) == ["out"]
+
+
+def test_cost_rule_reads_its_prices_from_the_config():
+    """Issue 12: the evaluation passes token_price and wrong_answer_cost to the cost threshold rule."""
+    from maml_stop.evaluate import protocol
+    from maml_stop.evaluate.config import EvaluateConfig
+
+    cfg = EvaluateConfig(corpus="unused", threshold_methods=["em_target", "cost"], token_price=0.5, wrong_answer_cost=7.0)
+    rule = protocol._selectors(cfg)["cost"]
+    assert vars(rule).get("token_price") == 0.5 and vars(rule).get("wrong_answer_cost") == 7.0

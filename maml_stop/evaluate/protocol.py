@@ -183,7 +183,8 @@ def _selectors(cfg: EvaluateConfig) -> dict[str, ThresholdSelector]:
         raise ValueError(f"unknown threshold methods {unknown}; valid methods: {', '.join(SELECTORS)}")
     ltt_delta = cfg.delta if cfg.ltt_delta is None else cfg.ltt_delta
     return {
-        m: make_selector(m, delta=ltt_delta if m == "ltt" else cfg.delta, alpha=cfg.ltt_alpha)
+        m: make_selector(m, delta=ltt_delta if m == "ltt" else cfg.delta, alpha=cfg.ltt_alpha,
+                         token_price=cfg.token_price, wrong_answer_cost=cfg.wrong_answer_cost)
         for m in cfg.threshold_methods
     }
 
