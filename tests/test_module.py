@@ -225,3 +225,43 @@ def test_one_road_policy_adapt_command_and_module_give_the_same_weights(tiny_cor
         assert torch.equal(via_module[name], want), name
         if name in batched:  # the episode-batched fast path: equal up to float rounding
             torch.testing.assert_close(batched[name][0], want, rtol=1e-5, atol=1e-6)
+
+
+# ---- feature subsets (issue 10): data.features narrows every trace; the checkpoint records the subset -----
+SUBSET = ["logprob_mean", "f1", "probe_index"]
+
+
+def test_feature_subset_selects_columns_and_is_recorded(tiny_corpus, tmp_path):
+    dm = make_dm(tiny_corpus, features=SUBSET)
+    assert dm.feature_names == SUBSET and dm.n_features == 3 and len(dm.corpus_feature_names) == 8
+    dm.setup("fit")
+    full = TraceCorpus.load(tiny_corpus)
+    cols = [full.feature_names.index(n) for n in SUBSET]
+    for mine, theirs in zip(dm.corpus.traces("fam_a"), full.traces("fam_a")):
+        np.testing.assert_array_equal(mine.features, theirs.features[:, cols])
+    mean, _ = dm.normalisation_stats()
+    feats = np.concatenate([t.features for t in full.traces("fam_a")])[:, cols]
+    np.testing.assert_allclose(mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-6)
+    model = make_model(dm)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "sub.ckpt")
+    predictor, _, meta = load_predictor(tmp_path / "sub.ckpt")
+    assert meta["feature_names"] == SUBSET and predictor.n_features == 3 and meta["data"]["features"] == SUBSET
+    # the same checkpoint against the data without the subset: a clear error naming both lists
+    full_dm = make_dm(tiny_corpus)
+    with pytest.raises(CheckpointError, match=r"(?s)checkpoint \(3\): \['logprob_mean'.*corpus     \(8\).*data.features"):
+        make_trainer(tmp_path).validate(make_model(full_dm), datamodule=full_dm, ckpt_path=tmp_path / "sub.ckpt")
+
+
+def test_feature_subset_errors(tiny_corpus):
+    with pytest.raises(DataError, match=r"unknown feature names \['h7'\]; the corpus has 8 features: \['f0'"):
+        make_dm(tiny_corpus, features=["f0", "h7"]).feature_names
+    with pytest.raises(DataError, match="more than once"):
+        make_dm(tiny_corpus, features=["f0", "f0"]).feature_names
+    with pytest.raises(DataError, match="unknown shorthand 'cheap'; give one of all, free, paid"):
+        make_dm(tiny_corpus, features="cheap").feature_names
+    # 'f0' has no cost class (the tiny corpus records no feature_costs): the shorthand cannot be resolved
+    with pytest.raises(DataError, match="cost class of every feature.*'f0'"):
+        make_dm(tiny_corpus, features="free").feature_names
+    assert make_dm(tiny_corpus, features="all").feature_names == make_dm(tiny_corpus).feature_names

@@ -7,13 +7,22 @@
   (seeded, identical on every epoch and every run), query = ``eval_q`` traces (None: all the others).
   :meth:`TraceDataModule.eval_episodes` is their one source (the EM/token callback reads them too).
 
+**Feature subsets** (issue 10): ``data.features`` names the columns the predictor reads: a list of
+feature names (in the predictor's input order), or a cost class, ``free`` (from the generation's own
+forward pass) or ``paid`` (needs a forced answer), or ``all`` / null (every column). The cost class of a
+name is the corpus ``meta.json``'s ``feature_costs`` where it has them, else
+:func:`maml_stop.probe.features.feature_cost`. Every trace's features are narrowed to those columns
+before anything else sees them (:func:`select_features`), so batches, normalisation statistics and the
+EM/token callback all read the subset.
+
 Every trace is collated to tensors once (:class:`maml_stop.data.batches.TraceTensors`); an episode is then a few
 tensor gathers. A batch is a list of :class:`EpisodeBatch`.
 
 What the model learns from the data (wired in :mod:`maml_stop.learn.cli`):
 
-* ``n_features`` and ``feature_names`` (read from the corpus ``meta.json``) are linked to the model with
-  ``LightningCLI.link_arguments(..., apply_on="instantiate")``;
+* ``n_features`` and ``feature_names`` (read from the corpus ``meta.json``, narrowed to ``features``) are
+  linked to the model with ``LightningCLI.link_arguments(..., apply_on="instantiate")``, so a checkpoint
+  records the feature subset it was trained on;
 * the normalisation statistics are computed on the **meta-training families only**
   (:meth:`normalisation_stats`) and copied into the predictor's buffers by
   ``MetaStoppingModule.setup`` (a hook, not a link: they need the corpus loaded, and a checkpoint's own
@@ -22,6 +31,7 @@ What the model learns from the data (wired in :mod:`maml_stop.learn.cli`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +48,8 @@ from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTenso
 from maml_stop.data import store
 from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit
 
-__all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS"]
+__all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS", "FEATURE_SHORTHANDS", "resolve_features",
+           "select_features"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,70 @@ class EpisodeBatch:
     family: str
     support: ProbeBatch
     query: ProbeBatch
+
+
+FEATURE_SHORTHANDS = ("all", "free", "paid")  # data.features as a word: every column, or one cost class
+
+
+def resolve_features(spec: str | list[str] | None, names: list[str], costs: dict[str, str] | None = None,
+                     what: str = "data.features") -> list[str]:
+    """The feature names that ``spec`` selects from a corpus whose columns are ``names``.
+
+    ``spec``: None or ``"all"`` (every name, in the corpus order), ``"free"`` / ``"paid"`` (the names of
+    that cost class, in the corpus order; ``costs`` is the corpus ``feature_costs``, a name it lacks is
+    classed by :func:`maml_stop.probe.features.feature_cost`), or a list of names (that order). Raises
+    :class:`DataError` naming an unknown name, a repeated one, or an empty selection (``what``: the
+    setting named in the message).
+
+    >>> resolve_features("paid", ["h0", "entropy_mean", "run_length"])
+    ['run_length']
+    """
+    from maml_stop.probe.features import feature_cost
+
+    names = list(names)
+    if spec is None or spec == "all":
+        return names
+    if isinstance(spec, str):
+        if spec not in FEATURE_SHORTHANDS:
+            raise DataError(f"{what}: unknown shorthand {spec!r}; give one of {', '.join(FEATURE_SHORTHANDS)} "
+                            f"or a list of feature names of the corpus: {names}")
+        costs = costs or {}
+
+        def cost(name: str) -> str:
+            try:
+                return costs.get(name) or feature_cost(name)
+            except ValueError as err:
+                raise DataError(f"{what}: {spec!r} needs the cost class of every feature, and the corpus "
+                                f"meta.json has no feature_costs for it: {err}") from None
+
+        chosen = [n for n in names if cost(n) == spec]
+    else:
+        chosen = list(spec)
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise DataError(f"{what}: unknown feature names {unknown}; the corpus has {len(names)} features: {names}")
+        repeated = sorted({n for n in chosen if chosen.count(n) > 1})
+        if repeated:
+            raise DataError(f"{what} names {repeated} more than once")
+    if not chosen:
+        raise DataError(f"{what}: {spec!r} selects no feature of the corpus {names}")
+    return chosen
+
+
+def select_features(corpus: TraceCorpus, subset: list[str] | None) -> TraceCorpus:
+    """``corpus`` with every trace's features narrowed to the columns ``subset`` (in that order); the
+    metadata's ``feature_names`` (and ``feature_costs``) become the subset's. The corpus itself when
+    ``subset`` is None or all its names in order (nothing copied)."""
+    if subset is None or list(subset) == corpus.feature_names:
+        return corpus
+    subset = resolve_features(list(subset), corpus.feature_names)
+    index = np.asarray([corpus.feature_names.index(n) for n in subset])
+    meta = {**corpus.meta, "feature_names": list(subset)}
+    if isinstance(corpus.meta.get("feature_costs"), dict):
+        meta["feature_costs"] = {n: corpus.meta["feature_costs"][n] for n in subset if n in corpus.meta["feature_costs"]}
+    traces = [dataclasses.replace(t, features=np.ascontiguousarray(t.features[:, index]))  # (P, F_subset)
+              for f in corpus.families for t in corpus.traces(f)]
+    return TraceCorpus(traces, meta, corpus.root)
 
 
 def _identity(batch):  # DataLoader collate: items are already meta-batches
@@ -82,7 +157,8 @@ class TraceDataModule(LightningDataModule):
 
     Family split: explicit ``train_families`` / ``val_families`` / ``test_families`` lists, or
     ``fold`` (leave-one-family-out over the sorted families: test = family ``fold``, validation = the
-    next ``n_val_families``); train defaults to every other family.
+    next ``n_val_families``); train defaults to every other family. ``features``: the feature subset
+    (:func:`resolve_features`; None = every column).
     """
 
     def __init__(
@@ -104,6 +180,7 @@ class TraceDataModule(LightningDataModule):
         weighting: str = "uniform",
         min_probes: int = 1,
         seed: int = 0,
+        features: list[str] | str | None = None,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
@@ -119,6 +196,7 @@ class TraceDataModule(LightningDataModule):
         self.meta_batch_size, self.steps_per_epoch = meta_batch_size, steps_per_epoch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.family_weighting, self.weighting, self.min_probes, self.seed = family_weighting, weighting, min_probes, seed
+        self.features = features
         self._split_args = dict(train=train_families, val=val_families, test=test_families, fold=fold, n_val=n_val_families)
         self._meta: dict | None = None
         self.corpus: TraceCorpus | None = None
@@ -143,8 +221,14 @@ class TraceDataModule(LightningDataModule):
         return self._meta
 
     @property
-    def feature_names(self) -> list[str]:
+    def corpus_feature_names(self) -> list[str]:
+        """Every feature column the corpus stores."""
         return list(self.meta["feature_names"])
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The columns the predictor reads: ``features`` resolved against the corpus (all by default)."""
+        return resolve_features(self.features, self.corpus_feature_names, self.meta.get("feature_costs"))
 
     @property
     def n_features(self) -> int:
@@ -156,7 +240,10 @@ class TraceDataModule(LightningDataModule):
             return
         self.meta  # noqa: B018  (clear error first when the path holds no corpus)
         # TraceCorpus.load checks the stored feature width itself (a CorpusError naming the shard)
-        self.corpus = TraceCorpus.load(self.corpus_path, min_probes=self.min_probes)
+        corpus = TraceCorpus.load(self.corpus_path, min_probes=self.min_probes)
+        self.corpus = select_features(corpus, self.feature_names)  # the subset's columns (itself: all)
+        if self.features is not None:
+            log.info("feature subset %r: %d of %d features", self.features, self.n_features, len(corpus.feature_names))
         self.split = FamilySplit.resolve(self.corpus.families, **self._split_args)
         log.info("families: train %s, val %s, test %s", self.split.train, self.split.val, self.split.test)
         by_family = {f: self.corpus.traces(f) for f in self.corpus.families}

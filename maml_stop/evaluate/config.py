@@ -45,6 +45,10 @@ class EvaluateConfig:
     families: list[str] | None = None  # held-out families (default: the checkpoint's test families)
     source_families: list[str] | None = None  # pooled-probe families (default: the checkpoint's, else all others)
     splits: list[str] | None = None  # question splits of the held-out family to use (default: all)
+    # feature subset the probes read (issue 10): feature names, or free / paid / all (None: all). A
+    # checkpoint's own subset (its feature_names) is what its folds read; given both, they must agree.
+    # With train_config, the folds are meta-trained on it (--data.features).
+    features: list[str] | str | None = None
     shots: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # K (support questions)
     episodes: int = 50  # fixed episodes per family and K
     query: int | None = None  # query questions per episode (None: every question not in support)

@@ -4,16 +4,22 @@ Three ways to get them (:func:`resolve_folds`): one checkpoint (its test familie
 checkpoint per held-out family (``checkpoints``), or one fold meta-trained here per held-out family
 (``train_config``: ``maml-stop fit`` in process, through :func:`maml_stop.learn.cli.cli_main`, with the
 fold's split from :meth:`maml_stop.data.episodes.FamilySplit.holding_out`).
+
+Feature subsets (issue 10): a fold reads the columns its checkpoint was trained on (the checkpoint's
+``feature_names``), else the config's ``features``; :attr:`Fold.feature_names` holds them (None: every
+column of the corpus).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.datamodule import resolve_features
 from maml_stop.data.episodes import FamilySplit
 from maml_stop.evaluate.config import EvaluateConfig
 
@@ -31,16 +37,25 @@ class Fold:
     sources: list[str]  # families the pooled probe trains on
     checkpoint: str | None = None
     eval_steps: int | None = None  # inner steps at evaluation (the checkpoint's eval_inner_steps)
+    feature_names: list[str] | None = None  # the columns its methods read (None: all of the corpus's)
 
 
 def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
     """The meta-trained adapter of a checkpoint, its metadata, and the family split it was trained with
     (``train``/``val``/``test`` resolved against the corpus families; empty when not recorded).
-    Raises when the checkpoint's feature names differ from the corpus's."""
-    from maml_stop.learn.module import check_feature_names, load_predictor
+    Raises when the corpus lacks a feature the checkpoint was trained on (its ``feature_names``: every
+    column of its corpus, or the ``data.features`` subset it was trained on)."""
+    from maml_stop.learn.module import CheckpointError, load_predictor
 
     _, adapter, meta = load_predictor(path)
-    check_feature_names(meta.get("feature_names"), corpus.feature_names)
+    names = meta.get("feature_names")
+    missing = [n for n in names or () if n not in corpus.feature_names]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint {path} was trained on other features than the corpus provides: the corpus lacks "
+            f"{missing}\n  checkpoint ({len(names)}): {list(names)}\n"
+            f"  corpus     ({len(corpus.feature_names)}): {corpus.feature_names}"
+        )
     hp = meta["data"]
     split: dict[str, list[str]] = {}
     if any(hp.get(key) is not None for key in ("train_families", "val_families", "test_families", "fold")):
@@ -80,7 +95,7 @@ def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path)
         f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null", "--data.train_families=null",
         f"--data.val_families=[{','.join(split.val)}]", f"--data.test_families=[{','.join(split.test)}]",
         f"--trainer.default_root_dir={folder}",
-    ]
+    ] + ([f"--data.features={json.dumps(cfg.features)}"] if cfg.features is not None else [])
     log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
     # follow_root: the config's logger save_dir / checkpoint dirpath move under the fold's folder too
     # (they would mix every fold's files with the main job's)
@@ -100,6 +115,10 @@ def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: T
     source = corpus if source is None else source
     available = corpus.families
 
+    # the config's subset (None: all), resolved against the corpus the pooled probe trains on
+    wanted = (None if cfg.features is None
+              else resolve_features(cfg.features, source.feature_names, source.meta.get("feature_costs"), "features"))
+
     def check_families(names: Sequence[str], what: str, where: TraceCorpus = corpus) -> None:
         bad = [f for f in names if f not in where.families]
         if bad:
@@ -115,7 +134,16 @@ def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: T
             raise ValueError(f"held-out family {family!r} is among the pooled-probe source families {sources}")
         check_families(sources, "source families", source)
         steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
-        return Fold(family, adapter, sources, path, steps)
+        names = meta.get("feature_names") if path else None
+        if wanted is not None and names is not None and list(names) != wanted:
+            raise ValueError(
+                f"features: {cfg.features!r} selects other features than the checkpoint {path} was trained on:\n"
+                f"  features   ({len(wanted)}): {wanted}\n  checkpoint ({len(names)}): {list(names)}\n"
+                "Leave features unset to evaluate the checkpoint on its own subset."
+            )
+        names = list(names) if names is not None else wanted
+        return Fold(family, adapter, sources, path, steps, names if names != source.feature_names else None)
+
 
     if cfg.checkpoints:
         families = list(cfg.families or cfg.checkpoints)

@@ -32,6 +32,7 @@ import torch
 
 from maml_stop.evaluate import metrics as M
 from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data.datamodule import select_features
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies
@@ -199,14 +200,11 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     source = corpus
     if cfg.source_corpus:
         source = TraceCorpus.load(cfg.source_corpus, min_probes=cfg.min_probes)
-        if source.feature_names != corpus.feature_names:
-            raise ValueError(
-                f"the source corpus {cfg.source_corpus} has other features than the corpus {cfg.corpus}:\n"
-                f"  source ({len(source.feature_names)}): {source.feature_names}\n"
-                f"  corpus ({len(corpus.feature_names)}): {corpus.feature_names}"
-            )
+        if not _may_read_subset(cfg):  # every fold reads every column: checked before any fold is trained
+            _check_columns(None, corpus, source, cfg)
     selectors = _selectors(cfg)
     folds = resolve_folds(cfg, corpus, out, source)
+    narrowed: dict[tuple[str, ...] | None, tuple[TraceCorpus, TraceCorpus]] = {}
     started = time.time()
     calibration: dict[str, list] = {m: [] for m in cfg.methods if m in PROBE_METHODS}
     results: dict[str, Any] = {
@@ -226,15 +224,23 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "checkpoints": {},
         "results": {},
     }
+    if any(f.feature_names is not None for f in folds):  # recorded only where a fold reads a subset (the files of full-feature runs unchanged)
+        results["feature_subsets"] = {f.family: f.feature_names or corpus.feature_names for f in folds}
+        if len({tuple(v) for v in results["feature_subsets"].values()}) == 1:
+            results["feature_names"] = next(iter(results["feature_subsets"].values()))
     for fold in folds:
         family, adapter = fold.family, fold.adapter
-        traces = [t for t in corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
+        key = None if fold.feature_names is None else tuple(fold.feature_names)
+        if key not in narrowed:  # the columns this fold's checkpoint was trained on (or features:)
+            narrowed[key] = _check_columns(fold, corpus, source, cfg)
+        fold_corpus, fold_source = narrowed[key]
+        traces = [t for t in fold_corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
         config = (adapter.predictor.config() if adapter is not None
-                  else PredictorConfig(n_features=len(corpus.feature_names), **cfg.predictor))
+                  else PredictorConfig(n_features=len(fold_corpus.feature_names), **cfg.predictor))
         loss = getattr(adapter, "loss_kind", "balanced")
         pooled = None
         if any(m in cfg.methods for m in ("pooled", "finetuned")):
-            source_traces = [t for s in fold.sources for t in source.traces(s)]
+            source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
             pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed)
         policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps)
         log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
@@ -248,6 +254,37 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = round(time.time() - started, 1)
     write_results(results, out)
     return results
+
+
+def _may_read_subset(cfg: EvaluateConfig) -> bool:
+    """Whether a fold may read a feature subset: ``features`` set, a checkpoint (its own subset), or a
+    fit config with ``data.features``."""
+    from maml_stop.evaluate.folds import _data_settings
+
+    return (cfg.features is not None or bool(cfg.checkpoint or cfg.checkpoints)
+            or _data_settings(cfg.train_configs).get("features") is not None)
+
+
+def _check_columns(fold, corpus: TraceCorpus, source: TraceCorpus, cfg: EvaluateConfig) -> tuple[TraceCorpus, TraceCorpus]:
+    """The held-out and source corpora narrowed to the columns ``fold`` reads (``fold`` None or its
+    ``feature_names`` None: every column, which must then be the same in both corpora). Raises a
+    ``ValueError`` naming the missing features."""
+    names = None if fold is None else fold.feature_names
+    reads = corpus.feature_names if names is None else names
+    for what, path, c in (("source corpus", cfg.source_corpus, source), ("corpus", cfg.corpus, corpus)):
+        missing = [n for n in reads if n not in c.feature_names]
+        if missing or (names is None and c.feature_names != reads):
+            whose = f"the corpus {cfg.corpus}" if names is None else f"the fold of {fold.family} (its checkpoint or features:)"
+            raise ValueError(
+                f"the {what} {path} has other features than {whose} reads"
+                + (f": it lacks {missing}" if missing else "") + ":\n"
+                f"  {what} ({len(c.feature_names)}): {c.feature_names}\n"
+                f"  read   ({len(reads)}): {list(reads)}"
+            )
+    if names is None:
+        return corpus, source
+    narrow = select_features(corpus, names)
+    return narrow, (narrow if source is corpus else select_features(source, names))
 
 
 def calibration_section(collected: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], n_bins: int) -> dict[str, Any]:

@@ -50,14 +50,16 @@ class CheckpointError(ValueError):
 
 
 def check_feature_names(checkpoint_names: list[str] | None, corpus_names: list[str] | None) -> None:
-    """Raise :class:`CheckpointError` when a checkpoint was trained on other features than a corpus has."""
+    """Raise :class:`CheckpointError` when a checkpoint was trained on other features than the data
+    provides (``corpus_names``: the datamodule's ``feature_names``, i.e. its ``data.features`` subset)."""
     if checkpoint_names is None or corpus_names is None or list(checkpoint_names) == list(corpus_names):
         return
     raise CheckpointError(
         "the checkpoint was trained on other features than the corpus provides:\n"
         f"  checkpoint ({len(checkpoint_names)}): {list(checkpoint_names)}\n"
         f"  corpus     ({len(corpus_names)}): {list(corpus_names)}\n"
-        "Use a corpus harvested with the same feature set, or meta-train on this one."
+        "Use a corpus harvested with the same feature set, or meta-train on this one; a checkpoint trained "
+        "on a feature subset needs the same data.features (it records the subset as its feature_names)."
     )
 
 
