@@ -92,3 +92,23 @@ def test_bad_threshold_method(tiny_corpus, ckpt):
         adapt(ckpt, "fam_c", k=4, corpus=tiny_corpus, threshold_method="best")
     with pytest.raises(AdaptError, match="exactly one of --corpus"):
         adapt(ckpt, "fam_c", k=4)
+
+
+def test_subset_checkpoint_adapts_on_its_columns(tiny_corpus, tmp_path):
+    """A checkpoint trained on a feature subset adapts on those columns of the traces; the artifact
+    records the subset and what the synthetic corpus's meta.json offers of the probe recipe (issue 10)."""
+    from maml_stop.data.datamodule import select_features
+    from maml_stop.live.artifact import missing_recipe_fields
+
+    subset = ["probe_index", "f0", "logprob_mean"]
+    ckpt = write_tiny_checkpoint(tmp_path / "sub.ckpt", feature_names=subset)
+    adapted = adapt(ckpt, "fam_c", k=8, corpus=tiny_corpus, threshold_method="fixed", tau=0.6)
+    path = save_adapted(adapted, tmp_path / "sub.pt")
+    loaded = load_adapted(path, feature_names=subset)
+    narrow = select_features(TraceCorpus.load(tiny_corpus), subset)
+    batch = collate_traces(narrow.traces("fam_c"))
+    torch.testing.assert_close(loaded.predict_proba(batch), adapted.predict_proba(batch))
+    assert loaded.recipe["extraction"] == {"family": "fam_c", "answer_kind": None}
+    assert loaded.recipe["mode"] == "every"  # f0 has no cost class: counted as paid
+    assert missing_recipe_fields(loaded.recipe) == ["schedule", "answer_trigger", "answer_max_tokens",
+                                                     "max_new_tokens", "featurizer"]

@@ -3,7 +3,10 @@
 Given a checkpoint, labelled traces of the new family (a corpus folder, or one trace file in the
 stored parquet schema) and K, it adapts the predictor on K support questions with the checkpoint's own
 :class:`~maml_stop.learn.adapter.InnerLoopAdapter`, chooses the threshold on those K traces alone, and saves
-what live generation needs: the adapted predictor, the threshold and the feature names::
+what live generation needs: the adapted predictor, the threshold, the feature names (the checkpoint's
+feature subset: the traces are narrowed to its columns) and the probe recipe copied from the corpus
+``meta.json`` (schedule, answer trigger and budget, token cap, featurizer, extraction, live mode; see
+:func:`maml_stop.live.artifact.probe_recipe`), from which ``LiveStopping.from_adapted`` builds live stopping::
 
     maml-stop adapt --checkpoint runs/quickstart/checkpoints/best.ckpt \\
         --corpus experiments/corpus/qwen05 --family gcd --k 16 --threshold_method em_target \\
@@ -34,7 +37,9 @@ from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import QuestionGroups
 from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy, evaluate_policy, fresh_copy
 from maml_stop.evaluate.thresholds import SELECTORS, make_selector
-from maml_stop.live.artifact import FORMAT, AdaptedPredictor, AdaptError, check_names, load_adapted, save_adapted
+from maml_stop.data.datamodule import select_features
+from maml_stop.live.artifact import (FORMAT, AdaptedPredictor, AdaptError, check_names, load_adapted, probe_recipe,
+                                     save_adapted)
 
 __all__ = ["AdaptedPredictor", "AdaptError", "adapt", "load_adapted", "save_adapted", "main", "FORMAT"]
 
@@ -42,13 +47,14 @@ log = logging.getLogger(__name__)
 
 
 def _load_traces(corpus: str | None, traces: str | None, meta_path: str | None, family: str,
-                 checkpoint_names: list[str] | None) -> tuple[list[Trace], list[str]]:
-    """Traces of ``family`` and the feature names that describe them."""
+                 checkpoint_names: list[str] | None) -> TraceCorpus:
+    """The traces of ``family`` (a corpus holding them, with the metadata that describes them)."""
     if (corpus is None) == (traces is None):
         raise AdaptError("give exactly one of --corpus (a corpus folder) and --traces (one trace file)")
     if corpus is not None:
         loaded = TraceCorpus.load(corpus)
-        return list(loaded.traces(family)), loaded.feature_names
+        loaded.traces(family)  # a CorpusError naming the families when it has none
+        return loaded
     path = Path(traces)
     if not path.is_file() or path.suffix != ".parquet":
         raise AdaptError(f"--traces must be a parquet trace file in the stored schema; got {traces}")
@@ -69,7 +75,7 @@ def _load_traces(corpus: str | None, traces: str | None, meta_path: str | None, 
         raise AdaptError(f"{path}: cannot read its traces with feature names {meta['feature_names']}: {err}") from err
     if family not in loaded.families:
         raise AdaptError(f"{path} holds no traces of family {family!r}; families in it: {loaded.families}")
-    return list(loaded.traces(family)), loaded.feature_names
+    return loaded
 
 
 def adapt(
@@ -98,8 +104,12 @@ def adapt(
         raise AdaptError(f"K must be >= 1: an empty support set cannot be adapted on (got K={k})")
     _, adapter, ckpt_meta = load_predictor(checkpoint)
     names = ckpt_meta.get("feature_names")
-    pool, corpus_names = _load_traces(corpus, traces, meta, family, names)
-    check_names(names, corpus_names, f"the checkpoint {checkpoint}", f"the traces of {family!r}")
+    loaded = _load_traces(corpus, traces, meta, family, names)
+    corpus_names = loaded.feature_names
+    if names is not None and any(n not in corpus_names for n in names):  # names the missing ones
+        check_names(names, corpus_names, f"the checkpoint {checkpoint}", f"the traces of {family!r}")
+    # the checkpoint's feature subset: the columns it was trained on (itself when it read them all)
+    pool = list(select_features(loaded, names).traces(family))
     if not pool:
         raise AdaptError(f"no labelled traces of family {family!r}: the support set would be empty")
     if pool[0].features.shape[1] != adapter.predictor.n_features:
@@ -131,7 +141,9 @@ def adapt(
     if policy.param is None:
         log.warning("%s found no threshold to certify on K=%d traces: the adapted predictor never stops early",
                     threshold_method, k)
-    return AdaptedPredictor(predictor, policy.param, list(names or corpus_names), info)
+    names = list(names or corpus_names)
+    recipe = probe_recipe(loaded.meta, family, names)
+    return AdaptedPredictor(predictor, policy.param, names, info, recipe)
 
 
 def _figures(policy: ProbePolicy, traces: Sequence[Trace]) -> dict[str, float]:

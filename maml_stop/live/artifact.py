@@ -4,12 +4,14 @@ Format ``maml_stop.adapted/1``: a ``torch.save`` dict (read back weights-only) w
 ``schema_version``, ``code_version``, ``predictor_config`` (:class:`~maml_stop.learn.predictor.PredictorConfig`
 as a dict), ``state_dict`` (a plain :class:`~maml_stop.learn.predictor.StoppingPredictor`), ``threshold``
 (float, or None = never stop early), ``feature_names`` and ``meta`` (family, K, support trace ids,
-threshold method, support and held-out figures).
+threshold method, support and held-out figures) and ``recipe`` (issue 10: how the probes that feed the
+predictor are made, copied from the ``meta.json`` of the corpus the support traces came from, see
+:func:`probe_recipe`; absent in older files: ``recipe`` None, which still loads but cannot build live
+stopping). ``feature_names`` is the predictor's input, the feature subset it was trained on.
 
 >>> adapted = load_adapted("runs/adapted/gcd.pt", feature_names=corpus.feature_names)   # doctest: +SKIP
 >>> adapted.predict_proba(batch), adapted.threshold                                     # doctest: +SKIP
->>> LiveStopping(model, tok, adapted.predictor, adapted.live_threshold, prompt_length=n,
-...              feature_names=adapted.feature_names, featurizer=featurizer, schedule=schedule)  # doctest: +SKIP
+>>> criteria = LiveStopping.from_adapted("runs/adapted/gcd.pt", model, tok)                 # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,9 +29,61 @@ from maml_stop import SCHEMA_VERSION
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 
-__all__ = ["AdaptedPredictor", "AdaptError", "load_adapted", "save_adapted", "check_names", "FORMAT"]
+__all__ = ["AdaptedPredictor", "AdaptError", "load_adapted", "save_adapted", "check_names", "probe_recipe",
+           "live_mode", "missing_recipe_fields", "FORMAT", "RECIPE_FIELDS", "FEATURIZER_FIELDS"]
 
 FORMAT = "maml_stop.adapted/1"
+# what live stopping needs to make the probes the predictor was trained on (recipe keys)
+RECIPE_FIELDS = ("schedule", "answer_trigger", "answer_max_tokens", "max_new_tokens", "featurizer", "extraction",
+                 "mode")
+FEATURIZER_FIELDS = ("hidden_size", "proj_dim", "proj_seed", "summary")  # + mid_layer (None: no mid-layer summary)
+
+
+def live_mode(feature_names: Sequence[str], costs: dict[str, str] | None = None) -> str:
+    """The live mode a predictor on ``feature_names`` runs in: ``"free"`` when every feature is free
+    (``costs``, the corpus ``feature_costs``, else :func:`~maml_stop.probe.features.feature_cost`; a
+    name of no known class counts as paid), else ``"every"``."""
+    from maml_stop.probe.features import feature_cost
+
+    def cost(name: str) -> str:
+        try:
+            return (costs or {}).get(name) or feature_cost(name)
+        except ValueError:
+            return "paid"
+
+    return "free" if all(cost(n) == "free" for n in feature_names) else "every"
+
+
+def probe_recipe(meta: dict[str, Any], family: str, feature_names: Sequence[str]) -> dict[str, Any]:
+    """The probe recipe of an adapted predictor on ``feature_names``, from the ``meta.json`` (``meta``)
+    of the corpus its support traces of ``family`` came from: ``schedule`` (``ProbeSchedule.to_dict``),
+    ``answer_trigger``, ``answer_max_tokens``, ``max_new_tokens``, ``featurizer`` (hidden_size, proj_dim,
+    proj_seed, summary, mid_layer), ``extraction`` (the family whose ``extract_probe_answer`` reads the
+    forced answers, and its answer kind), ``mode`` (:func:`live_mode`). A field the metadata lacks is
+    None (:func:`missing_recipe_fields` lists them)."""
+    prompt, generation = meta.get("prompt") or {}, meta.get("generation") or {}
+    features = meta.get("features") or {}
+    featurizer = None
+    if all(k in features for k in FEATURIZER_FIELDS):
+        featurizer = {k: features[k] for k in FEATURIZER_FIELDS}
+        featurizer["mid_layer"] = features.get("mid_layer")
+    settings = (meta.get("family_settings") or {}).get(family) or {}
+    return json.loads(json.dumps({
+        "schedule": meta.get("schedule"),
+        "answer_trigger": prompt.get("answer_trigger"),
+        "answer_max_tokens": generation.get("answer_max_tokens"),
+        "max_new_tokens": generation.get("max_new_tokens"),
+        "featurizer": featurizer,
+        "extraction": {"family": family, "answer_kind": settings.get("answer_kind")},
+        "mode": live_mode(feature_names, meta.get("feature_costs")),
+    }))
+
+
+def missing_recipe_fields(recipe: dict[str, Any] | None) -> list[str]:
+    """The :data:`RECIPE_FIELDS` a recipe lacks (all of them for None: a file written before recipes)."""
+    if recipe is None:
+        return list(RECIPE_FIELDS)
+    return [k for k in RECIPE_FIELDS if recipe.get(k) is None]
 
 
 class AdaptError(ValueError):
@@ -40,13 +94,16 @@ class AdaptError(ValueError):
 class AdaptedPredictor:
     """An adapted stopping predictor and its threshold, ready for live generation.
 
-    ``threshold`` None means "never stop early" (the threshold method could not certify any).
+    ``threshold`` None means "never stop early" (the threshold method could not certify any);
+    ``feature_names`` is the predictor's input (its feature subset); ``recipe`` how its probes are made
+    (:func:`probe_recipe`; None in files written before it).
     """
 
     predictor: nn.Module
     threshold: float | None
     feature_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
 
     def check_features(self, feature_names: Sequence[str]) -> None:
         """Raise :class:`AdaptError` unless ``feature_names`` are the ones the predictor was adapted on."""
@@ -79,7 +136,7 @@ def check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what:
 
 
 def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
-    """Write an adapted predictor, its threshold and feature names to ``path`` (torch.save)."""
+    """Write an adapted predictor, its threshold, feature names and probe recipe to ``path`` (torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -92,6 +149,7 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
             "threshold": adapted.threshold,
             "feature_names": list(adapted.feature_names),
             "meta": json.loads(json.dumps(adapted.meta)),
+            "recipe": None if adapted.recipe is None else json.loads(json.dumps(adapted.recipe)),
         },
         path,
     )
@@ -117,7 +175,9 @@ def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -
     predictor = StoppingPredictor.from_config(PredictorConfig(**blob["predictor_config"]))
     predictor.load_state_dict(blob["state_dict"])
     predictor.eval()
-    adapted = AdaptedPredictor(predictor, blob["threshold"], list(blob["feature_names"]), dict(blob.get("meta", {})))
+    recipe = blob.get("recipe")  # absent in files written before recipes: still usable offline
+    adapted = AdaptedPredictor(predictor, blob["threshold"], list(blob["feature_names"]), dict(blob.get("meta", {})),
+                               dict(recipe) if recipe is not None else None)
     if feature_names is not None:
         adapted.check_features(feature_names)
     return adapted
