@@ -194,59 +194,12 @@ class LiveStopping(StoppingCriteria):
         >>> model.generate(**enc, max_new_tokens=criteria.max_new_tokens,
         ...                stopping_criteria=StoppingCriteriaList([criteria]))                   # doctest: +SKIP
         """
-        from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
-        from tasks import get_family
-        from tasks.answers import extract_probe
-        from tasks.base import TaskError
+        from maml_stop.live.recipe import live_parts
 
-        adapted = load_adapted(path)
-        recipe = adapted.recipe
-        missing = missing_recipe_fields(recipe)
-        if missing:
-            raise AdaptError(
-                f"{path} carries no complete probe recipe: missing {missing} (written before recipes existed, or "
-                "adapted on traces whose meta.json lacks them). Adapt again with `maml-stop adapt --corpus <corpus>`, "
-                "or build LiveStopping(...) by hand with the featurizer and schedule of the harvest."
-            )
-        spec = recipe["featurizer"]
-        hidden = getattr(model.config, "hidden_size", None)
-        if hidden != spec["hidden_size"]:
-            raise AdaptError(
-                f"the model has hidden size {hidden}, but the predictor of {path} was adapted on features of a model "
-                f"with hidden size {spec['hidden_size']}: use the model its traces were harvested with"
-            )
-        featurizer = ProbeFeaturizer(hidden, proj_dim=spec["proj_dim"], proj_seed=spec["proj_seed"],
-                                     summary=spec["summary"], mid_layer=spec.get("mid_layer"))
-        names = list(adapted.feature_names)
-        unknown = [n for n in names if n not in featurizer.feature_names]
-        width = getattr(adapted.predictor, "n_features", len(names))
-        if unknown or width != len(names):
-            raise AdaptError(
-                f"the feature subset of {path} does not fit its recipe: "
-                + (f"{unknown} are not among the {len(featurizer.feature_names)} features its featurizer makes "
-                   f"({featurizer.feature_names[:3]}..., {featurizer.config()})" if unknown else
-                   f"the predictor reads {width} features, the artifact names {len(names)}")
-            )
-        sched = dict(recipe["schedule"])
-        schedule = ProbeSchedule(**{**sched, "cues": tuple(sched.get("cues") or ())})
-        extraction = recipe["extraction"]
-        family, answer_fn = None, None
-        kind = extraction.get("answer_kind")
-        try:  # the family's own extract_probe_answer, what the harvest used
-            family = get_family(extraction["family"])
-            if kind and family.answer_kind != kind:  # a registry family of that name, not the harvested one
-                raise TaskError(f"answer kind {family.answer_kind!r}, recorded {kind!r}")
-        except TaskError:
-            family = None
-            if not kind:
-                raise AdaptError(f"{path}: family {extraction['family']!r} is not in the registry and the recipe "
-                                 "records no answer_kind to extract its answers with") from None
-            # e.g. a `dataset` family stored under its own name: the same extraction by answer kind
-            answer_fn = lambda text: extract_probe(text, kind=kind)  # noqa: E731
-        return cls(model, tokenizer, adapted.predictor, adapted.live_threshold, None, names, featurizer, schedule,
-                   answer_trigger=recipe["answer_trigger"], answer_fn=answer_fn,
-                   answer_max_tokens=recipe["answer_max_tokens"], family=family, mode=mode or recipe["mode"],
-                   max_new_tokens=max_new_tokens or recipe["max_new_tokens"])
+        parts = live_parts(path, model)
+        return cls(model, tokenizer, parts.pop("predictor"), parts.pop("threshold"), None, parts.pop("feature_names"),
+                   parts.pop("featurizer"), parts.pop("schedule"), **{**parts, "mode": mode or parts["mode"],
+                   "max_new_tokens": max_new_tokens or parts["max_new_tokens"]})
 
     # -- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
