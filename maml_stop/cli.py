@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("maml_stop.evaluate.config", "leave-one-family-out EM/token evaluation with every baseline"),
     "compare": ("maml_stop.evaluate.compare", "A/B comparison of two methods on the same episodes (paired bootstrap)"),
     "adapt": ("maml_stop.live.adapt", "adapt a meta-trained predictor to a new family from K labelled traces"),
+    "generate": ("maml_stop.live.generate", "answer questions with live stopping from an adapted artifact (JSONL out)"),
 }
 
 
