@@ -82,6 +82,11 @@ class EvaluateConfig:
     sparse_every: int = 2  # sparse: run the inner method on every m-th probe point
     sparse_inner: str = "scratch"  # sparse: the method on the sparse schedule
     give_up_below: float = 0.1  # *_give_up: stop where P(the full run will be right) < this
+    # hybrid methods (maml_stop.evaluate.policies.hybrid; listed in ``methods`` to run them)
+    hybrid_inner: str = "maml"  # hybrid_budget, hybrid_floor: the thresholded method capped / floored
+    hybrid_max_tokens: int = 128  # hybrid_budget: stop by the last probe at or before this many reasoning tokens
+    hybrid_min_tokens: int = 64  # hybrid_floor: no stop before the first probe at or after this many
+    hybrid_confidence_level: float = 0.95  # either_/both_consistency_confidence: the confidence part's fixed level
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars

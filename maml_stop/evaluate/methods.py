@@ -36,6 +36,8 @@ from maml_stop.evaluate.policies.cost_aware import (
     ViewProbe,
     free_features,
 )
+from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored
+from maml_stop.evaluate.thresholds import FixedThreshold
 
 from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.learn.predictor import PredictorConfig
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
 
 
 @dataclass
@@ -163,6 +165,35 @@ def _probe_give_up(c: MethodContext) -> StoppingPolicy:
     return _give_up(c, ViewProbe(probe, view, pays="every", name="probe_give_up/stop"), "probe_give_up")
 
 
+# -- the hybrid methods (maml_stop.evaluate.policies.hybrid): the threshold selectors choose the first
+# part's parameter on the combination's support sweep; the cap, the floor and the second part's level are
+# fixed from the settings.
+
+
+def _hybrid_inner(c: MethodContext, name: str) -> StoppingPolicy:
+    inner = c.cfg.hybrid_inner
+    if inner not in BUILDERS or inner in ("full", "first_probe", "oracle", "oracle_equal_em", *HYBRID_METHODS):
+        raise ValueError(f"hybrid_inner must name a thresholded probing method; got {inner!r} "
+                         "(e.g. budget, consistency, confidence, pooled, finetuned, scratch, maml, free_probe)")
+    if inner in NEEDS_CHECKPOINT and c.adapter is None:
+        raise ValueError(f"method {name!r} with hybrid_inner={inner!r} needs a checkpoint (--checkpoint, "
+                         "--checkpoints or --train_config), or another hybrid_inner (e.g. scratch)")
+    return BUILDERS[inner](c)
+
+
+def _consistency_confidence(c: MethodContext) -> tuple[AnswerConsistency, AnswerConfidence]:
+    return (AnswerConsistency(windows=c.cfg.consistency_windows),
+            AnswerConfidence(selector=FixedThreshold(c.cfg.hybrid_confidence_level), levels=c.cfg.confidence_levels))
+
+
+def _either_consistency_confidence(c: MethodContext) -> StoppingPolicy:
+    return Either(*_consistency_confidence(c), name="either_consistency_confidence")
+
+
+def _both_consistency_confidence(c: MethodContext) -> StoppingPolicy:
+    return Both(*_consistency_confidence(c), name="both_consistency_confidence")
+
+
 # name -> builder, in the order of the report's tables (the cost-aware methods last, so that tables
 # without them keep their order)
 BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
@@ -182,10 +213,15 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "sparse": _sparse,
     "free_give_up": _free_give_up,
     "probe_give_up": _probe_give_up,
+    "hybrid_budget": lambda c: Capped(_hybrid_inner(c, "hybrid_budget"), c.cfg.hybrid_max_tokens, name="hybrid_budget"),
+    "hybrid_floor": lambda c: Floored(_hybrid_inner(c, "hybrid_floor"), c.cfg.hybrid_min_tokens, name="hybrid_floor"),
+    "either_consistency_confidence": _either_consistency_confidence,
+    "both_consistency_confidence": _both_consistency_confidence,
 }
 COST_AWARE_METHODS = ("free_probe", "gated_probe", "sparse", "free_give_up", "probe_give_up")
+HYBRID_METHODS = ("hybrid_budget", "hybrid_floor", "either_consistency_confidence", "both_consistency_confidence")
 METHODS: tuple[str, ...] = tuple(BUILDERS)  # every valid method
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS)  # run when none are listed
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS + HYBRID_METHODS)  # run when none are listed
 NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 

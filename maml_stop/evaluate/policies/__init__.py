@@ -7,7 +7,8 @@
   :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`);
 * :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`;
 * :mod:`.cost_aware`: policies that run fewer forced answers and say which (free probe, gated probe,
-  sparse schedule, give up early), over :class:`FeatureView` column selections of the traces.
+  sparse schedule, give up early), over :class:`FeatureView` column selections of the traces;
+* :mod:`.hybrid`: a policy under a token cap or floor, and either/both combinations of two policies.
 
 >>> from maml_stop.evaluate import policies as P
 >>> from maml_stop.evaluate.thresholds import FixedThreshold
@@ -48,6 +49,7 @@ from maml_stop.evaluate.policies.cost_aware import (
     free_features,
     subtrace,
 )
+from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored, TokenCap, TokenFloor
 from maml_stop.evaluate.policies.training import fresh_copy, train_predictor
 
 __all__ = [
@@ -80,4 +82,10 @@ __all__ = [
     "feature_columns",
     "free_features",
     "subtrace",
+    "TokenCap",
+    "TokenFloor",
+    "Either",
+    "Both",
+    "Capped",
+    "Floored",
 ]
