@@ -41,6 +41,8 @@ def _kind(path: Path) -> str:
         return "evaluate override"  # read after experiments/evaluate.yaml (and others: repeated --config)
     if "families" in cfg and isinstance(cfg.get("model"), str):
         return "harvest"
+    if "space" in cfg:
+        return "tune"  # maml-stop tune --space (the Optuna search space)
     if "max_cap_share" in cfg:
         return "pilot"  # experiments/corpus_v2_pilot.py (the family choice of corpus v2)
     return "unknown"
@@ -74,6 +76,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         spec.loader.exec_module(module)
         cfg = module.PilotConfig.load(path)
         assert cfg.min_families >= 30 and cfg.max_cap_share <= 0.2  # issue 11
+    elif kind == "tune":
+        from maml_stop.learn.tune import load_space
+
+        space = load_space(path)
+        assert {"model.inner_lr", "model.inner_steps", "model.hidden", "model.loss"} <= set(space)
+        assert f"maml-stop tune --config experiments/quickstart.yaml --space experiments/{path.name}" in path.read_text()
     elif kind == "harvest":
         from jsonargparse import ArgumentParser
 
