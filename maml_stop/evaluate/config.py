@@ -87,6 +87,12 @@ class EvaluateConfig:
     hybrid_max_tokens: int = 128  # hybrid_budget: stop by the last probe at or before this many reasoning tokens
     hybrid_min_tokens: int = 64  # hybrid_floor: no stop before the first probe at or after this many
     hybrid_confidence_level: float = 0.95  # either_/both_consistency_confidence: the confidence part's fixed level
+    # ensembles (maml_stop.evaluate.policies.ensemble; listed in ``methods`` to run them)
+    ensemble_learner: str = "maml"  # ensemble_*: the learned part, maml (the checkpoint) | scratch (trained on support)
+    ensemble_window: int = 3  # the consistency part's score: run of identical answers / this, capped at 1
+    ensemble_part_selector: str = "em_target"  # each part's own threshold (what ensemble_vote counts); thresholds.SELECTORS
+    ensemble_shares: list[float] = field(default_factory=lambda: [1.0, 0.5])  # ensemble_vote: required weight shares swept
+    ensemble_default_share: float = 0.5  # ensemble_vote: the share of the 'fixed' threshold method
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars

@@ -36,8 +36,9 @@ from maml_stop.evaluate.policies.cost_aware import (
     ViewProbe,
     free_features,
 )
+from maml_stop.evaluate.policies.ensemble import Ensemble
 from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored
-from maml_stop.evaluate.thresholds import FixedThreshold
+from maml_stop.evaluate.thresholds import FixedThreshold, make_selector
 
 from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.learn.predictor import PredictorConfig
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "ENSEMBLE_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
 
 
 @dataclass
@@ -194,6 +195,29 @@ def _both_consistency_confidence(c: MethodContext) -> StoppingPolicy:
     return Both(*_consistency_confidence(c), name="both_consistency_confidence")
 
 
+# -- the ensembles (maml_stop.evaluate.policies.ensemble): a learned probe (``cfg.ensemble_learner``),
+# answer consistency and answer confidence, weights fitted on support; the selectors choose the
+# average's tau or the vote's required weight share on the ensemble's support sweep.
+
+
+def _ensemble(c: MethodContext, combine: str) -> StoppingPolicy:
+    name, learner = f"ensemble_{combine}", c.cfg.ensemble_learner
+    if learner not in ("maml", "scratch"):
+        raise ValueError(f"unknown ensemble_learner {learner!r}; valid: maml, scratch")
+    if learner == "maml" and c.adapter is None:
+        raise ValueError(f"method {name!r} with ensemble_learner='maml' needs a checkpoint (--checkpoint, "
+                         "--checkpoints or --train_config), or ensemble_learner='scratch'")
+    parts = [BUILDERS[learner](c), AnswerConsistency(windows=c.cfg.consistency_windows),
+             AnswerConfidence(levels=c.cfg.confidence_levels)]
+    for part in parts:  # each part's own threshold (what the vote counts), chosen on support
+        part.selector = make_selector(c.cfg.ensemble_part_selector, delta=c.cfg.delta, alpha=c.cfg.ltt_alpha,
+                                      value=None, token_price=c.cfg.token_price,
+                                      wrong_answer_cost=c.cfg.wrong_answer_cost)
+    return Ensemble(parts, combine=combine, taus=c.cfg.taus, default_tau=c.cfg.fixed_tau,
+                    shares=c.cfg.ensemble_shares, default_share=c.cfg.ensemble_default_share,
+                    window=c.cfg.ensemble_window, name=name)
+
+
 # name -> builder, in the order of the report's tables (the cost-aware methods last, so that tables
 # without them keep their order)
 BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
@@ -217,11 +241,15 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "hybrid_floor": lambda c: Floored(_hybrid_inner(c, "hybrid_floor"), c.cfg.hybrid_min_tokens, name="hybrid_floor"),
     "either_consistency_confidence": _either_consistency_confidence,
     "both_consistency_confidence": _both_consistency_confidence,
+    "ensemble_average": lambda c: _ensemble(c, "average"),
+    "ensemble_vote": lambda c: _ensemble(c, "vote"),
 }
 COST_AWARE_METHODS = ("free_probe", "gated_probe", "sparse", "free_give_up", "probe_give_up")
 HYBRID_METHODS = ("hybrid_budget", "hybrid_floor", "either_consistency_confidence", "both_consistency_confidence")
+ENSEMBLE_METHODS = ("ensemble_average", "ensemble_vote")
 METHODS: tuple[str, ...] = tuple(BUILDERS)  # every valid method
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS + HYBRID_METHODS)  # run when none are listed
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS + HYBRID_METHODS
+                                         + ENSEMBLE_METHODS)  # run when none are listed
 NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 

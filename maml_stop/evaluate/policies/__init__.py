@@ -8,7 +8,8 @@
 * :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`;
 * :mod:`.cost_aware`: policies that run fewer forced answers and say which (free probe, gated probe,
   sparse schedule, give up early), over :class:`FeatureView` column selections of the traces;
-* :mod:`.hybrid`: a policy under a token cap or floor, and either/both combinations of two policies.
+* :mod:`.hybrid`: a policy under a token cap or floor, and either/both combinations of two policies;
+* :mod:`.ensemble`: :class:`Ensemble`, the weighted average or vote of several policies' per-probe scores.
 
 >>> from maml_stop.evaluate import policies as P
 >>> from maml_stop.evaluate.thresholds import FixedThreshold
@@ -49,6 +50,7 @@ from maml_stop.evaluate.policies.cost_aware import (
     free_features,
     subtrace,
 )
+from maml_stop.evaluate.policies.ensemble import Ensemble
 from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored, TokenCap, TokenFloor
 from maml_stop.evaluate.policies.training import fresh_copy, train_predictor
 
@@ -88,4 +90,5 @@ __all__ = [
     "Both",
     "Capped",
     "Floored",
+    "Ensemble",
 ]
