@@ -52,7 +52,7 @@ def test_datasheet_figures_by_hand(tiny_corpus, tmp_path):
     assert (Path(root) / "probe_accuracy.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["qwen05", "qwen15"])
+@pytest.mark.parametrize("name", ["qwen05", "qwen15", "qwen05_v2"])
 def test_bundled_datasheet_is_reproduced(name):
     root = BUNDLED.parent / name
     if not (root / "datasheet.json").is_file():

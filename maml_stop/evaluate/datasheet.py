@@ -60,9 +60,22 @@ def corpus_stats(root: str | Path, corpus: TraceCorpus | None = None) -> dict[st
     return {"families": fams, "all": family_stats(every)}
 
 
+def _recipe_of(root: str | Path) -> str:
+    """The harvest recipe that writes ``root``: the ``experiments/corpus*.yaml`` whose ``out`` is this
+    corpus folder (else the conventional name ``experiments/corpus_<name>.yaml``)."""
+    import yaml
+
+    name = Path(root).name
+    for path in sorted(Path(root).resolve().parent.parent.glob("corpus*.yaml")):
+        out = (yaml.safe_load(path.read_text()) or {}).get("out")
+        if isinstance(out, str) and Path(out).parts[-2:] == ("corpus", name):
+            return f"experiments/{path.name}"
+    return f"experiments/corpus_{name}.yaml"
+
+
 def render(root: str | Path, stats: dict[str, Any]) -> str:
     meta = store.read_meta(root)
-    recipe = f"experiments/corpus_{Path(root).name}.yaml"
+    recipe = _recipe_of(root)
     weights = meta.get("model_weights", {})
     prov = weights.get("provenance", {})
     lines = [
