@@ -17,7 +17,8 @@ from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data import store
 from maml_stop.harvest.cli import harvest
 from maml_stop.probe.features import SCALAR_FEATURES, ProbeFeaturizer
-from maml_stop.probe.engine import ProbingGenerator, encode_trigger
+from maml_stop.probe.engine import ProbingGenerator
+from maml_stop.probe.forcing import encode_trigger
 from maml_stop.probe.schedule import ProbeSchedule
 
 PROMPTS = ["Question: What is 3 + 4?\nAnswer:", "Calculate 7 * 6.", "Think step by step. Wait", "yes"]

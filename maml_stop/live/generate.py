@@ -132,7 +132,7 @@ def generate_answers(criteria, model, tokenizer, family, questions: Sequence[Inp
     import torch
     from transformers import StoppingCriteriaList
 
-    from maml_stop.probe.engine import eos_ids
+    from maml_stop.probe.forcing import eos_ids
     from tasks.base import Question, question_id, split_of
 
     qs = [Question(q.id or question_id(family.name, q.text), family.name, split_of(q.text), q.text, q.gold or "")

@@ -70,8 +70,8 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from maml_stop.probe.engine import (RowSchedule, answer_end_test, encode_trigger, eos_ids, force_answers,
-                                    forced_features, probe_reason, sub_cache, unforced_features)
+from maml_stop.probe.forcing import (RowSchedule, answer_end_test, encode_trigger, eos_ids, force_answers,
+                                     forced_features, probe_reason, sub_cache, unforced_features)
 from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
 from maml_stop.probe.schedule import ProbeSchedule
 

@@ -34,21 +34,17 @@ from transformers.cache_utils import DynamicCache
 from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
 from maml_stop.probe.schedule import ProbeSchedule
 
-from maml_stop.probe.forcing import (  # noqa: F401  (re-exported: the engine's public pieces)
+from maml_stop.probe.forcing import (
     RowSchedule,
-    _next_logits,
     answer_end_test,
     encode_trigger,
     eos_ids,
     force_answers,
-    forced_features,
     probe_reason,
     sub_cache,
-    unforced_features,
 )
 
 log = logging.getLogger(__name__)
-_sub_cache = sub_cache  # the old private name
 
 PROBE_MODES = ("cache", "naive", "none")
 
