@@ -101,6 +101,33 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "needle_haystack": ("needle_haystack", {"max_num_statements": 20}, "text"),
     "zebra_puzzles": ("zebra_puzzles", {"num_people": 2, "num_characteristics": 2}, "text"),
     "string_insertion": ("string_insertion", {"max_string_length": 8}, "text"),
+    # corpus v2, second pilot round: easier or shorter variants of generators whose default configs looped
+    # to the token cap or were too hard for the 0.5B model, and generators not tried yet. A variant is its
+    # own family (its own name, so a stored family's settings never change); the folds of the v2 study keep
+    # variants of one generator together (generator_of). Tried and left out: decimal_arithmetic with 1 decimal
+    # place, power_function and knights_knaves, whose reasoning-gym scorers accept wrong answers ("13" for 13.1,
+    # 25.66 for 25.6603, a right answer with extra text), and bf, whose generator prints to stdout
+    "basic_arithmetic_long": ("basic_arithmetic", {"min_terms": 4, "max_terms": 6, "min_digits": 1, "max_digits": 1}, "number"),
+    "chain_sum_long": ("chain_sum", {"min_terms": 6, "max_terms": 8, "min_digits": 1, "max_digits": 1}, "number"),
+    "chain_sum_3digit": ("chain_sum", {"min_terms": 2, "max_terms": 3, "min_digits": 3, "max_digits": 3}, "number"),
+    "products_1x2": ("products", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, "number"),
+    "products_3terms": ("products", {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 1}, "number"),
+    "simple_equations_small": ("simple_equations", {"min_terms": 2, "max_terms": 3, "min_value": 1, "max_value": 20}, "number"),
+    "polynomial_equations_linear": ("polynomial_equations", {"min_terms": 2, "max_terms": 3, "min_value": 1, "max_value": 20,
+                                                             "min_degree": 1, "max_degree": 1}, "number"),
+    "number_sequence_simple": ("number_sequence", {"max_terms": 6, "min_value": -20, "max_value": 20, "max_complexity": 1}, "number"),
+    "gcd_3": ("gcd", {"min_numbers": 3, "max_numbers": 3, "max_value": 100}, "number"),
+    "lcm_small": ("lcm", {"min_numbers": 2, "max_numbers": 2, "max_value": 40}, "number"),
+    "count_bits_small": ("count_bits", {"max_n": 1023}, "number"),
+    "count_primes_small": ("count_primes", {"min_n": 1, "max_n": 100}, "number"),
+    "prime_factorization_small": ("prime_factorization", {"min_value": 2, "max_value": 1000}, "factors"),
+    "base_conversion_small": ("base_conversion", {"min_base": 2, "max_base": 10, "min_value": 1, "max_value": 31}, "text"),
+    "time_intervals_time": ("time_intervals", {"task_types": ["time"]}, "duration"),
+    "letter_counting_short": ("letter_counting", {"min_words": 1, "max_words": 3}, "number"),
+    "aiw_small": ("aiw", {"max_entities": 3}, "number"),
+    "mahjong_puzzle": ("mahjong_puzzle", {"min_num_rounds": 3, "max_num_rounds": 8}, "text"),
+    "self_reference": ("self_reference", {"difficulty": 1}, "number"),
+    "rectangle_count": ("rectangle_count", {"max_rectangles": 3, "width": 20, "height": 20}, "number"),
 }
 
 
@@ -115,6 +142,13 @@ RG_OPTIONS: dict[str, dict[str, Any]] = {
     # word_sorting: gold words followed by extra words score 1.0
     "word_sorting": {"use_rg_scorer": False},
 }
+
+
+def generator_of(name: str) -> str:
+    """The reasoning-gym generator behind a registered family (variants of one generator share it)."""
+    if name not in RG_FAMILIES:
+        raise TaskError(f"{name!r} is not a reasoning-gym family; known: {sorted(RG_FAMILIES)}")
+    return RG_FAMILIES[name][0]
 
 
 def _time_task_type(gold: str) -> str:
