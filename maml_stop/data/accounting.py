@@ -6,7 +6,10 @@
   of which ``positions[i]`` are reasoning tokens; the forced answer of probe ``i`` is the output;
 * running to the end (``index=None``) costs ``reasoning_tokens`` (the model's own answer is part of
   what it generated) plus the probes it ran (by default all of them);
-* plain full generation, with no probes, costs ``reasoning_tokens``;
+* plain full generation, with no probes, costs ``reasoning_tokens``; a run that hits the token cap in a
+  corpus whose capped runs answer with the answer forced at the cap (``trace.cap_probe``, see
+  :mod:`maml_stop.probe.labels`) also pays that forced answer, and so does every policy that runs to the
+  end (it is the run's output);
 * savings against full generation are ``1 - spent / full`` (negative when probing costs more than it
   saves); with nothing to save (``full <= 0``) they are NaN.
 
@@ -22,6 +25,9 @@ imports run one way, from the later stages of the pipeline to the earlier ones.
 [15, 31]
 >>> round(savings(31, 40), 4)
 0.225
+>>> c = T(positions=np.array([10, 40]), probe_tokens=np.array([5, 6]), reasoning_tokens=40, cap_probe=1)
+>>> full_cost(c), stop_cost(c, None, ran=[]), stop_cost(c, None, ran=[0])   # capped: the cap answer is paid
+(46, (46, 40), (51, 40))
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ def stop_cost(trace, index: int | None, ran: Sequence[int] | None = None) -> tup
     else:
         paid = int(probes[np.asarray(list(ran), dtype=np.int64)].sum()) if len(ran) else 0
     if index is None:
+        cap = getattr(trace, "cap_probe", None)
+        if cap is not None and ran is not None and cap not in set(int(r) for r in ran):
+            paid += int(probes[cap])  # the capped run's answer is forced at the cap
         return int(trace.reasoning_tokens) + paid, int(trace.reasoning_tokens)
     return int(trace.positions[index]) + paid, int(trace.positions[index])
 
@@ -52,8 +61,10 @@ def stop_costs(trace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def full_cost(trace) -> int:
-    """Tokens of plain full generation (no probes): every token the model generated."""
-    return int(trace.reasoning_tokens)
+    """Tokens of plain full generation (no probes): every token the model generated, plus the forced
+    answer at the cap of a capped run whose answer is that forced answer (``trace.cap_probe``)."""
+    cap = getattr(trace, "cap_probe", None)
+    return int(trace.reasoning_tokens) + (int(np.asarray(trace.probe_tokens)[cap]) if cap is not None else 0)
 
 
 def savings(spent, full):

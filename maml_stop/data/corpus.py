@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from maml_stop.data import accounting, store
+from maml_stop.probe.labels import cap_probe_index
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Trace:
     final_em: bool
     reasoning_tokens: int
     hit_cap: bool
+    # the probe whose forced answer is this capped run's answer (corpus cap_answer "forced"), else None
+    cap_probe: int | None = None
 
     @property
     def n_probes(self) -> int:
@@ -133,6 +136,7 @@ class TraceCorpus:
     def _from_table(cls, table: pa.Table, meta: dict, root: str | None, min_probes: int, where) -> "TraceCorpus":
         """Traces from rows in the stored schema; ``where(cols, i)`` names row ``i`` in errors."""
         width = len(meta["feature_names"])
+        forced_cap = meta.get("generation", {}).get("cap_answer", "text") == "forced"
         cols = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("features",)}
         feats = table.column("features").to_pylist()
         per_probe = [c for c in PER_PROBE_COLUMNS if c in cols]
@@ -174,6 +178,9 @@ class TraceCorpus:
                     final_em=bool(cols["final_em"][i]),
                     reasoning_tokens=int(cols["reasoning_tokens"][i]),
                     hit_cap=bool(cols["hit_cap"][i]),
+                    cap_probe=(cap_probe_index(bool(cols["hit_cap"][i]), cols["probe_reasons"][i],
+                                               cols["probe_positions"][i], int(cols["reasoning_tokens"][i]))
+                               if forced_cap else None),
                 )
             )
         return cls(traces, meta, root)

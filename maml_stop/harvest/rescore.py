@@ -5,7 +5,7 @@ can be recomputed whenever a family's extraction or scoring improves, without to
 final answer and EM, probe answers and EM, and the four answer-stability features (which depend only on
 the sequence of probe answers). Shards are rewritten atomically; ``meta.json`` records the rescoring.
 
-    python -m maml_stop.harvest.rescore experiments/corpus/qwen05
+    python -m maml_stop.harvest.rescore experiments/corpus/qwen05 [forced]   # forced: switch the cap rule
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from maml_stop.data import store
 from maml_stop.probe.features import answer_key, answer_stability
-from maml_stop.probe.labels import final_answer
+from maml_stop.probe.labels import CAP_ANSWERS, final_answer
 from tasks import get_family
 from tasks.base import Question
 
@@ -36,8 +36,15 @@ def stability_features(answers: list[str | None]) -> list[dict[str, float]]:
     return out
 
 
-def rescore(root: str | Path) -> dict[str, int]:
+def rescore(root: str | Path, cap_answer: str | None = None) -> dict[str, int]:
+    """Rescore every shard of ``root``; ``cap_answer`` (``"text"`` | ``"forced"``) switches the corpus's
+    rule for the answer of a capped run (recorded in ``meta.json`` ``generation.cap_answer``); None keeps
+    the stored rule."""
     meta = store.read_meta(root)
+    if cap_answer is not None:
+        if cap_answer not in CAP_ANSWERS:
+            raise ValueError(f"unknown cap_answer {cap_answer!r}; valid: {', '.join(CAP_ANSWERS)}")
+        meta["generation"]["cap_answer"] = cap_answer
     cap_answer = meta["generation"].get("cap_answer", "text")
     names = meta["feature_names"]
     cols = {k: names.index(k) for k in _STABILITY if k in names}
@@ -49,7 +56,8 @@ def rescore(root: str | Path) -> dict[str, int]:
             fam = families.setdefault(r["family"], get_family(r["family"]))
             q = Question(r["question_id"], r["family"], r["split"], r["question"], r["gold"])
             answers = [fam.extract_probe_answer(t) for t in r["probe_texts"]]
-            final = final_answer(fam, r["generated_text"], r["hit_cap"], r["probe_reasons"], answers, cap_answer)
+            final = final_answer(fam, r["generated_text"], r["hit_cap"], r["probe_reasons"], answers, cap_answer,
+                                 r["probe_positions"], r["reasoning_tokens"])
             em = bool(fam.score(final, q))
             changed["final_em"] += em != r["final_em"]
             r["final_answer"], r["final_em"] = final, em
@@ -70,4 +78,6 @@ def rescore(root: str | Path) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    print(rescore(sys.argv[1] if len(sys.argv) > 1 else "experiments/corpus/qwen05"))
+    # python -m maml_stop.harvest.rescore ROOT [text|forced]
+    print(rescore(sys.argv[1] if len(sys.argv) > 1 else "experiments/corpus/qwen05",
+                  sys.argv[2] if len(sys.argv) > 2 else None))
