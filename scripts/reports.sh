@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Regenerate every committed report of the bundled corpus (experiments/results/) from scratch, in order:
+# the main job (scripts/main.sh), the full leave-one-family-out protocol, every stopping strategy on its
+# folds at K = 16, the cross-model check and the ablations; then copy each run's results.md and plots into
+# experiments/results/<name>/ and rewrite the README tables from them. About an hour on this 2-core machine
+# with harvests beside it.   usage: bash scripts/reports.sh [main lofo strategies cross_model ablations]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+E=".venv/bin/maml-stop evaluate --config experiments/evaluate.yaml"
+steps=${*:-main lofo strategies cross_model ablations}
+copy() {  # copy() RUN_DIR NAME: the report and its plots (results.json stays in runs/: 5 MB)
+  mkdir -p "experiments/results/$2"
+  rm -f "experiments/results/$2"/*.png
+  cp "$1"/results.md "$1"/*.png "experiments/results/$2/"
+}
+for step in $steps; do
+  echo "== $step ($(date +%H:%M:%S))"
+  case $step in
+    main) bash scripts/main.sh && copy runs/main/evaluate main ;;
+    lofo) $E --config experiments/lofo_evaluate.yaml && copy runs/lofo_evaluate lofo ;;
+    strategies) $E --config experiments/cost_aware_evaluate.yaml --config experiments/hybrid_evaluate.yaml \
+        --config experiments/ensemble_evaluate.yaml --config experiments/lofo_strategies_evaluate.yaml \
+        && copy runs/lofo_strategies lofo_strategies ;;
+    cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
+        && copy runs/cross_model/evaluate cross_model ;;
+    ablations) .venv/bin/python experiments/ablations.py --shots 16 --episodes 50 \
+        && cp runs/ablations/ablations.md experiments/results/ablations.md ;;
+    *) echo "unknown step $step; valid: main lofo strategies cross_model ablations" >&2; exit 2 ;;
+  esac
+done
+.venv/bin/python -m maml_stop.commands.readme_tables README.md
+echo "== done ($(date +%H:%M:%S))"
