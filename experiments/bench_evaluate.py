@@ -49,13 +49,11 @@ def synthetic_rows(family: str, n: int, max_probes: int, seed: int) -> list[dict
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--traces", type=int, default=400)
-    parser.add_argument("--probes", type=int, default=16)
-    parser.add_argument("--episodes", type=int, default=10)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def measure(traces: int = 400, probes: int = 16, episodes: int = 10, shots: list[int] | None = None,
+            methods: list[str] | None = None) -> dict:
+    """Run the protocol (cross-fitting, as in evaluate.yaml) on one held-out synthetic family and time it.
+    ``shots``/``methods``: default the :class:`EvaluateConfig` ones. Returns ``seconds`` (report included),
+    ``evaluation_seconds`` (the protocol's own), ``episodes``, ``seconds_per_episode``, ``shots``, ``methods``."""
     from maml_stop.evaluate.protocol import EvaluateConfig, run
     from maml_stop.learn.module import MetaStoppingModule
 
@@ -64,24 +62,37 @@ def main() -> None:
         names = [f"f{i}" for i in range(N_FEATURES)]
         store.write_meta(root, {"feature_names": names, "model": {"name": "synthetic"}})
         for k, fam in enumerate(("fam_a", "fam_b", "fam_c")):
-            store.write_shard(root, fam, "test", synthetic_rows(fam, args.traces, args.probes, k))
+            store.write_shard(root, fam, "test", synthetic_rows(fam, traces, probes, k))
         module = MetaStoppingModule(n_features=N_FEATURES, feature_names=names, inner_steps=3, first_order=True)
         ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "datamodule_hyper_parameters": {"val_families": ["fam_b"], "test_families": ["fam_c"]}}
         module.on_save_checkpoint(ckpt)
         torch.save(ckpt, Path(tmp) / "tiny.ckpt")
+        extra = {k: v for k, v in (("shots", shots), ("methods", methods)) if v is not None}
         cfg = EvaluateConfig(corpus=str(root), checkpoint=str(Path(tmp) / "tiny.ckpt"), out=str(Path(tmp) / "out"),
-                             episodes=args.episodes, progress=False, crossfit=True)  # as in evaluate.yaml
+                             episodes=episodes, progress=False, crossfit=True, **extra)  # as in evaluate.yaml
         start = time.perf_counter()
         results = run(cfg)
         seconds = time.perf_counter() - start
-    episodes = args.episodes * len(cfg.shots)
-    per_episode = seconds / episodes
-    print(f"{args.traces} traces/family, <= {args.probes} probes, {len(cfg.methods)} methods, "
-          f"K in {cfg.shots}: {seconds:.1f} s for {episodes} episodes of one family ({per_episode:.2f} s/episode, "
-          f"report included; evaluation alone {results['seconds']:.1f} s)")
-    projected = per_episode * 50 * len(cfg.shots) * N_FAMILIES_IN_RECIPE
-    print(f"projected full protocol (50 episodes x {len(cfg.shots)} K x {N_FAMILIES_IN_RECIPE} held-out families): "
+    n = episodes * len(cfg.shots)
+    return {"seconds": seconds, "evaluation_seconds": results["seconds"], "episodes": n,
+            "seconds_per_episode": seconds / n, "shots": list(cfg.shots), "methods": list(cfg.methods)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces", type=int, default=400)
+    parser.add_argument("--probes", type=int, default=16)
+    parser.add_argument("--episodes", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    res = measure(args.traces, args.probes, args.episodes)
+    print(f"{args.traces} traces/family, <= {args.probes} probes, {len(res['methods'])} methods, "
+          f"K in {res['shots']}: {res['seconds']:.1f} s for {res['episodes']} episodes of one family "
+          f"({res['seconds_per_episode']:.2f} s/episode, report included; evaluation alone "
+          f"{res['evaluation_seconds']:.1f} s)")
+    projected = res["seconds_per_episode"] * 50 * len(res["shots"]) * N_FAMILIES_IN_RECIPE
+    print(f"projected full protocol (50 episodes x {len(res['shots'])} K x {N_FAMILIES_IN_RECIPE} held-out families): "
           f"{projected / 60:.0f} min")
 
 

@@ -17,6 +17,7 @@ Targets (issue 5): >= 50 first-order and >= 25 second-order meta-steps/s; adapta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -26,6 +27,8 @@ import torch
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.batches import TraceTensors
 from maml_stop.data.datamodule import EpisodeBatch
+from maml_stop.learn import adapter as adapter_module
+from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.module import MetaStoppingModule
 from maml_stop.data.episodes import EpisodeSampler
 
@@ -69,6 +72,89 @@ def timed(fn, repeats: int, rounds: int = 5, warmup: int = 3) -> float:
     return best
 
 
+SETTINGS = (("maml", True), ("maml", False), ("anil", False), ("metasgd", False))  # (algorithm, first_order)
+DEFAULT_BACKENDS = ("learn2learn", "torch_func")
+
+
+def adapter_backends() -> tuple[str | None, ...]:
+    """The adaptation backends :class:`AdapterConfig` offers, read at run time: ``(None,)`` (the one,
+    learn2learn) when it has no ``backend`` field; else its module's ``BACKENDS`` (or learn2learn and
+    torch_func)."""
+    if "backend" not in {f.name for f in dataclasses.fields(AdapterConfig)}:
+        return (None,)
+    return tuple(getattr(adapter_module, "BACKENDS", DEFAULT_BACKENDS))
+
+
+def with_backend(adapter: InnerLoopAdapter, backend: str | None) -> InnerLoopAdapter:
+    """``adapter`` itself for ``backend=None``, else a new adapter on the same predictor (and state) with
+    that backend; raises when the adapter does not take it (so no figure is labelled with a backend
+    that did not run)."""
+    if backend is None:
+        return adapter
+    new = InnerLoopAdapter.from_config(adapter.predictor, dataclasses.replace(adapter.config(), backend=backend))
+    new.load_state_dict(adapter.state_dict())
+    if getattr(new.config(), "backend", None) != backend:
+        raise RuntimeError(f"InnerLoopAdapter.from_config ignored backend={backend!r}")
+    return new.train(adapter.training)
+
+
+def measure(by_family: dict, meta_batch: int = 8, k: int = 16, q: int = 64, inner_steps: int = 5, hidden: int = 64,
+            depth: int = 2, kinds: tuple[str, ...] = ("mlp",), repeats: int = 10, rounds: int = 5,
+            backends: tuple[str | None, ...] = (None,), settings=SETTINGS) -> dict:
+    """Meta-steps/s per (kind, algorithm, order, backend) on the families of ``by_family`` with at least
+    K + Q traces, CPU time of this process (see :func:`timed`). Returns ``{"families", "n_features",
+    "probes_per_trace", "sampling_ms", "rows": [{kind, algorithm, order, backend, meta_steps_per_s,
+    step_only_per_s, loop_per_s, adapt_ms}]}``."""
+    families = [f for f, ts in by_family.items() if len(ts) >= k + q]
+    if not families:
+        raise ValueError(f"no family has K + Q = {k + q} traces; sizes: { {f: len(t) for f, t in by_family.items()} }")
+    n_features = by_family[families[0]][0].features.shape[1]
+    tensors = TraceTensors([t for f in families for t in by_family[f]])
+    sampler = EpisodeSampler(by_family, k, q, families=families, seed=0)
+    probes = float(np.mean([t.n_probes for f in families for t in by_family[f]]))
+
+    def draw() -> list[EpisodeBatch]:
+        return [EpisodeBatch(e.family, tensors.collate(e.support), tensors.collate(e.query))
+                for e in sampler.sample_batch(meta_batch)]
+
+    out = {"families": families, "n_features": n_features, "probes_per_trace": probes,
+           "sampling_ms": timed(draw, repeats, rounds) * 1e3, "rows": []}
+    for kind in kinds:
+        for algorithm, first_order in settings:
+            for backend in backends:
+                module = MetaStoppingModule(
+                    n_features, hidden=hidden, depth=depth, kind=kind, algorithm=algorithm,
+                    inner_lr=0.1, inner_steps=inner_steps, first_order=first_order, compare_random_init=False,
+                )
+                module.adapter = with_backend(module.adapter, backend)
+                opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+                fixed = draw()
+
+                def step(batch=None) -> None:
+                    opt.zero_grad()
+                    module._shared_step(batch if batch is not None else draw(), "train").backward()
+                    opt.step()
+
+                module.log = lambda *a, **kw: None  # no Trainer attached
+
+                def loop_step() -> None:
+                    opt.zero_grad()
+                    a = module.adapter
+                    torch.stack([a.loss(a.adapt(ep.support), ep.query) for ep in fixed]).mean().backward()
+                    opt.step()
+
+                t_full = timed(step, repeats, rounds)
+                t_step = timed(lambda: step(fixed), repeats, rounds)
+                t_loop = timed(loop_step, repeats, rounds)
+                support = fixed[0].support
+                with torch.no_grad():
+                    t_adapt = timed(lambda: module.adapter.adapt(support)(fixed[0].query), repeats, rounds)
+                out["rows"].append({"kind": kind, "algorithm": algorithm, "order": "first" if first_order else "second",
+                                    "backend": backend or "learn2learn", "meta_steps_per_s": 1 / t_full,
+                                    "step_only_per_s": 1 / t_step, "loop_per_s": 1 / t_loop, "adapt_ms": t_adapt * 1e3})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=None, help="a stored corpus (default: synthetic traces)")
@@ -91,56 +177,18 @@ def main() -> None:
     else:
         by_family = synthetic_traces()
         source = "synthetic traces (45 features, 2-16 probes)"
-    families = [f for f, ts in by_family.items() if len(ts) >= args.k + args.q]
-    n_features = next(iter(by_family.values()))[0].features.shape[1]
-    tensors = TraceTensors([t for f in families for t in by_family[f]])
-    sampler = EpisodeSampler(by_family, args.k, args.q, families=families, seed=0)
-    probes = np.mean([t.n_probes for f in families for t in by_family[f]])
-    print(f"{source}: {len(families)} families, {n_features} features, {probes:.1f} probes/trace; "
-          f"meta-batch {args.meta_batch}, K={args.k}, Q={args.q}, {args.inner_steps} inner steps, "
+    res = measure(by_family, args.meta_batch, args.k, args.q, args.inner_steps, args.hidden, args.depth,
+                  tuple(args.kinds.split(",")), args.repeats, backends=adapter_backends())
+    print(f"{source}: {len(res['families'])} families, {res['n_features']} features, {res['probes_per_trace']:.1f} "
+          f"probes/trace; meta-batch {args.meta_batch}, K={args.k}, Q={args.q}, {args.inner_steps} inner steps, "
           f"MLP {args.depth}x{args.hidden}, torch threads {torch.get_num_threads()}; "
           f"figures are CPU time of this process (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-
-    def draw() -> list[EpisodeBatch]:
-        return [EpisodeBatch(e.family, tensors.collate(e.support), tensors.collate(e.query))
-                for e in sampler.sample_batch(args.meta_batch)]
-
-    t_data = timed(draw, args.repeats)
-    print(f"episode sampling + collation: {t_data * 1e3:.2f} ms per meta-batch")
-
-    settings = [("maml", True), ("maml", False), ("anil", False), ("metasgd", False)]
-    print(f"{'kind':<6} {'algorithm':<9} {'order':<6} {'meta-steps/s':>12} {'step only':>10} {'loop':>7} "
-          f"{'adapt K=16 ms':>14}")
-    for kind in args.kinds.split(","):
-        for algorithm, first_order in settings:
-            module = MetaStoppingModule(
-                n_features, hidden=args.hidden, depth=args.depth, kind=kind, algorithm=algorithm,
-                inner_lr=0.1, inner_steps=args.inner_steps, first_order=first_order, compare_random_init=False,
-            )
-            opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-            fixed = draw()
-
-            def step(batch=None) -> None:
-                opt.zero_grad()
-                module._shared_step(batch if batch is not None else draw(), "train").backward()
-                opt.step()
-
-            module.log = lambda *a, **k: None  # no Trainer attached
-            def loop_step() -> None:
-                opt.zero_grad()
-                a = module.adapter
-                torch.stack([a.loss(a.adapt(ep.support), ep.query) for ep in fixed]).mean().backward()
-                opt.step()
-
-            t_full = timed(step, args.repeats)
-            t_step = timed(lambda: step(fixed), args.repeats)
-            t_loop = timed(loop_step, args.repeats)
-            support = fixed[0].support
-            with torch.no_grad():
-                t_adapt = timed(lambda: module.adapter.adapt(support)(fixed[0].query), args.repeats)
-            order = "first" if first_order else "second"
-            print(f"{kind:<6} {algorithm:<9} {order:<6} {1 / t_full:>12.1f} {1 / t_step:>10.1f} {1 / t_loop:>7.1f} "
-                  f"{t_adapt * 1e3:>14.2f}")
+    print(f"episode sampling + collation: {res['sampling_ms']:.2f} ms per meta-batch")
+    print(f"{'kind':<6} {'algorithm':<9} {'order':<6} {'backend':<11} {'meta-steps/s':>12} {'step only':>10} "
+          f"{'loop':>7} {'adapt K=16 ms':>14}")
+    for r in res["rows"]:
+        print(f"{r['kind']:<6} {r['algorithm']:<9} {r['order']:<6} {r['backend']:<11} {r['meta_steps_per_s']:>12.1f} "
+              f"{r['step_only_per_s']:>10.1f} {r['loop_per_s']:>7.1f} {r['adapt_ms']:>14.2f}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def _kind(path: Path) -> str:
         return "lightning"
     if "shots" in cfg and "methods" in cfg:
         return "evaluate"
+    if "targets" in cfg and "generation" in cfg:
+        return "benchmark"  # experiments/benchmark.py (the one benchmark suite)
     from dataclasses import fields
 
     from maml_stop.evaluate.config import EvaluateConfig
@@ -76,6 +78,17 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         spec.loader.exec_module(module)
         cfg = module.PilotConfig.load(path)
         assert cfg.min_families >= 30 and cfg.max_cap_share <= 0.2  # issue 11
+    elif kind == "benchmark":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("benchmark", EXPERIMENTS / "benchmark.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        for quick in (False, True):
+            cfg = module.BenchmarkConfig.load(path, quick=quick)
+            assert cfg.adaptation.k == 16 and cfg.targets.adapt_ms == 50 and cfg.targets.decision_ms == 1  # issue 5
+        assert f"python experiments/benchmark.py --config experiments/{path.name}" in path.read_text()
     elif kind == "tune":
         from maml_stop.learn.tune import load_space
 
