@@ -1,13 +1,19 @@
 """The one inner-loop adaptation function: adapt a stopping predictor on a support set.
 
 Meta-training (:class:`maml_stop.learn.module.MetaStoppingModule`), evaluation and the adaptation script all
-call :meth:`InnerLoopAdapter.adapt`; it wraps learn2learn (imported through :mod:`maml_stop.learn.l2l`):
+call :meth:`InnerLoopAdapter.adapt`; by default it wraps learn2learn (imported, lazily, through
+:mod:`maml_stop.learn.l2l`):
 
 * ``maml``: ``MAML`` on the whole predictor (``first_order=True`` is FOMAML), Finn et al. 2017;
 * ``anil``: the body is shared and only the head is adapted (``MAML`` on ``predictor.head``), so the
   support embedding is computed once per episode; Raghu et al. 2020;
 * ``metasgd``: ``MetaSGD`` with a learned rate per parameter entry (``adapter.lrs``, trained by the outer
   optimiser), Li et al. 2017.
+
+Backends (``backend``): ``learn2learn`` (the default; learn2learn's ``MAML``/``MetaSGD``) or ``torch_func``
+(:mod:`maml_stop.learn.func_backend`: the same update with ``torch.func.functional_call`` and
+``torch.autograd.grad``, torch alone, for machines where learn2learn cannot be built). Both give the
+same adapted weights and meta-gradients, and the same state_dict keys (checkpoints load under either).
 
 >>> import torch
 >>> from maml_stop.learn.predictor import StoppingPredictor, apply_linear
@@ -42,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,19 +58,20 @@ from torch.nn.utils.rnn import pad_sequence
 
 from maml_stop.data.batches import DataError, ProbeBatch, collate_traces
 from maml_stop.data.episodes import QuestionGroups, split_support_query
-from maml_stop.learn.l2l import MAML, MetaSGD
+from maml_stop.learn import func_backend
 from maml_stop.learn.predictor import StoppingPredictor, apply_linear
 
 if TYPE_CHECKING:  # pragma: no cover
     from maml_stop.data.corpus import Trace
 
-__all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "inner_loss", "loss_weights",
+__all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "BACKENDS", "inner_loss", "loss_weights",
            "trace_probabilities", "crossfit_probabilities"]
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("maml", "anil", "metasgd")
 LOSSES = ("bce", "balanced", "cost")
+BACKENDS = ("learn2learn", "torch_func")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class AdapterConfig:
     inner_steps: int = 5  # gradient steps on the support set (a call's ``steps`` overrides it)
     first_order: bool = False  # FOMAML: no gradient through the inner steps (always so under no_grad)
     loss: str = "balanced"  # bce | balanced (each class weighs half) | cost (ProbeBatch.weights)
+    backend: str = "learn2learn"  # learn2learn | torch_func (same results, torch alone: no learn2learn build)
 
     def to_dict(self) -> dict:
         """Plain types, for files (``torch.save`` weights-only, JSON)."""
@@ -140,8 +148,11 @@ class InnerLoopAdapter(nn.Module):
         inner_steps: int = AdapterConfig.inner_steps,
         first_order: bool = AdapterConfig.first_order,
         loss: str = AdapterConfig.loss,
+        backend: str = AdapterConfig.backend,
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown adaptation backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
         if loss not in LOSSES:
@@ -150,25 +161,33 @@ class InnerLoopAdapter(nn.Module):
             raise ValueError(f"need inner_steps >= 0 and inner_lr > 0; got {inner_steps}, {inner_lr}")
         self.predictor = predictor
         self.algorithm, self.inner_lr, self.inner_steps = algorithm, inner_lr, inner_steps
-        self.first_order, self.loss_kind = first_order, loss
-        if algorithm == "maml":
-            learner: nn.Module = MAML(predictor, lr=inner_lr, first_order=first_order)
-        elif algorithm == "anil":
-            learner = MAML(predictor.head, lr=inner_lr, first_order=first_order)
-        else:
-            learner = MetaSGD(predictor, lr=inner_lr, first_order=first_order)
-            self.lrs = learner.lrs  # learned per-parameter rates: outer-optimised, saved in checkpoints
+        self.first_order, self.loss_kind, self.backend = first_order, loss, backend
+        learner: nn.Module | None = None  # the torch_func backend keeps no learner: see _inner_loop
+        if backend == "learn2learn":
+            from maml_stop.learn import l2l  # ImportError (naming backend torch_func) without learn2learn
+
+            if algorithm == "maml":
+                learner = l2l.MAML(predictor, lr=inner_lr, first_order=first_order)
+            elif algorithm == "anil":
+                learner = l2l.MAML(predictor.head, lr=inner_lr, first_order=first_order)
+            else:
+                learner = l2l.MetaSGD(predictor, lr=inner_lr, first_order=first_order)
+                self.lrs = learner.lrs  # learned per-parameter rates: outer-optimised, saved in checkpoints
+        elif algorithm == "metasgd":
+            self.lrs = func_backend.metasgd_rates(predictor, inner_lr)  # the same rates, the same keys
         # The wrapper holds no parameters of its own beyond the predictor's and ``lrs``; keeping it out of
         # the submodules keeps state_dict keys single (``predictor.*``, ``lrs.*``).
         object.__setattr__(self, "_learner", learner)
 
     @classmethod
     def from_config(cls, predictor: StoppingPredictor, config: AdapterConfig) -> "InnerLoopAdapter":
-        return cls(predictor, config.algorithm, config.inner_lr, config.inner_steps, config.first_order, config.loss)
+        return cls(predictor, config.algorithm, config.inner_lr, config.inner_steps, config.first_order, config.loss,
+                   config.backend)
 
     def config(self) -> AdapterConfig:
         """Constructor arguments besides the predictor (``config().to_dict()`` is what checkpoints store)."""
-        return AdapterConfig(self.algorithm, self.inner_lr, self.inner_steps, self.first_order, self.loss_kind)
+        return AdapterConfig(self.algorithm, self.inner_lr, self.inner_steps, self.first_order, self.loss_kind,
+                             self.backend)
 
     @property
     def weighting(self) -> str:
@@ -201,19 +220,34 @@ class InnerLoopAdapter(nn.Module):
                 emb = self.predictor.embed(support)  # (N, H) computed once: the body is not adapted
                 if not outer:
                     emb = emb.detach()
-                head = self._learner.clone(first_order=first_order)
-                for _ in range(steps):
-                    head.adapt(inner_loss(head(emb).squeeze(-1), support, weights=w), first_order=first_order)
+                head = self._inner_loop(
+                    lambda h: inner_loss(apply_linear(emb, h).squeeze(-1), support, weights=w), steps, first_order)
                 # only the head is a clone: the body stays the predictor's own modules (never detach those)
-                return self._with_head(head.module if outer else _detach_(head.module))
-            else:
-                learner = self._learner.clone() if self.algorithm == "metasgd" else self._learner.clone(first_order=first_order)
-                x = self.predictor.inputs(support)  # (N, in) parameter-free: once, not per step
-                for _ in range(steps):
-                    logits = learner.module.logits_from_inputs(x, support)
-                    learner.adapt(inner_loss(logits, support, weights=w), first_order=first_order)
-                adapted = learner.module
+                return self._with_head(head if outer else _detach_(head))
+            x = self.predictor.inputs(support)  # (N, in) parameter-free: once, not per step
+            adapted = self._inner_loop(
+                lambda m: inner_loss(m.logits_from_inputs(x, support), support, weights=w), steps, first_order)
         return adapted if outer else _detach_(adapted)
+
+    def _inner_loop(
+        self, loss_of: Callable[[nn.Module], Tensor], steps: int, first_order: bool, episodes: int | None = None
+    ) -> nn.Module:
+        """``steps`` inner steps on ``loss_of(clone)`` of a clone of the adapted module (the predictor; its
+        head for ANIL), on this adapter's backend; ``episodes``: the clone's parameters get a leading
+        episode axis of that size first. Returns the adapted clone (connected to the originals)."""
+        if self.backend == "torch_func":
+            target = self.predictor.head if self.algorithm == "anil" else self.predictor
+            lr = list(self.lrs) if self.algorithm == "metasgd" else self.inner_lr
+            return func_backend.sgd_adapt(target, loss_of, steps, lr, first_order, episodes)
+        if self.algorithm == "metasgd":
+            learner = self._learner.clone()
+        else:
+            learner = self._learner.clone(first_order=first_order)
+        if episodes is not None:
+            _expand_(learner.module, episodes)
+        for _ in range(steps):
+            learner.adapt(loss_of(learner.module), first_order=first_order)
+        return learner.module
 
     def fit_support(
         self, support: "Sequence[Trace] | ProbeBatch", steps: int | None = None, renormalise: bool = False
@@ -252,7 +286,8 @@ class InnerLoopAdapter(nn.Module):
         parameters carry a leading episode axis E, slice ``e`` being the adaptation on ``supports[e]``.
         Support sets are zero-padded to (E, N, in) with zero loss weight on padding, one learn2learn
         ``adapt`` per inner step for all episodes (the inner loss is the sum of per-episode losses, so
-        each episode's slice gets its own gradient). Not for ``kind="gru"``."""
+        each episode's slice gets its own gradient; the torch_func backend batches the same way). Not for
+        ``kind="gru"``."""
         if self.predictor.kind == "gru":
             raise ValueError("kind='gru' has no episode-batched form: adapt each support set with fit_support")
         self._check_can_adapt(supports)
@@ -261,25 +296,16 @@ class InnerLoopAdapter(nn.Module):
         first_order = self.first_order or not outer
         xs, ys, ws = self._padded(supports)  # (E, Ns, in), (E, Ns), (E, Ns)
         with torch.enable_grad():
-            if self.algorithm == "metasgd":
-                learner = self._learner.clone()
-            else:
-                learner = self._learner.clone(first_order=first_order)
-            _expand_(learner.module, len(supports))
             if self.algorithm == "anil":
                 emb = self.predictor.embed_inputs(xs)  # (E, Ns, H) shared body, computed once
                 if not outer:
                     emb = emb.detach()
-                for _ in range(steps):
-                    logits = apply_linear(emb, learner.module).squeeze(-1)  # (E, Ns)
-                    learner.adapt(F.binary_cross_entropy_with_logits(logits, ys, weight=ws, reduction="sum"),
-                                  first_order=first_order)
+                logits_of = lambda head: apply_linear(emb, head).squeeze(-1)  # noqa: E731  (E, Ns)
             else:
-                for _ in range(steps):
-                    logits = learner.module.logits_from_inputs(xs)  # (E, Ns)
-                    learner.adapt(F.binary_cross_entropy_with_logits(logits, ys, weight=ws, reduction="sum"),
-                                  first_order=first_order)
-        return learner.module
+                logits_of = lambda net: net.logits_from_inputs(xs)  # noqa: E731  (E, Ns)
+            return self._inner_loop(
+                lambda m: F.binary_cross_entropy_with_logits(logits_of(m), ys, weight=ws, reduction="sum"),
+                steps, first_order, episodes=len(supports))
 
     def _padded(self, batches: Sequence[ProbeBatch]) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs, labels and loss weights of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""

@@ -10,6 +10,11 @@ files, without executing their ``__init__``; Python then imports the submodules 
 >>> from maml_stop.learn.l2l import MAML
 >>> import torch
 >>> learner = MAML(torch.nn.Linear(2, 1), lr=0.1).clone()
+
+learn2learn is imported on first use of a name of this module (PEP 562 ``__getattr__``), not when
+``maml_stop`` is imported: without learn2learn the package still works with the torch.func backend
+(``model.backend: torch_func``, :mod:`maml_stop.learn.func_backend`), and only a learn2learn-backend
+adapter raises the ImportError below.
 """
 
 from __future__ import annotations
@@ -32,25 +37,31 @@ def _stand_in(name: str, path: list[str]) -> None:
     sys.modules[name] = module
 
 
-def _load() -> types.ModuleType:
+NOT_INSTALLED = (
+    "learn2learn is not installed. Run scripts/install.sh (it installs learn2learn==0.2.0 with "
+    "--no-deps and the Cython build option that Python 3.11 needs), or adapt with the torch.func "
+    "backend, which needs only torch: `model.backend: torch_func` in the YAML "
+    "(InnerLoopAdapter(..., backend=\"torch_func\") in code)."
+)
+
+
+def _load() -> dict[str, object]:
     spec = importlib.util.find_spec("learn2learn")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "learn2learn is not installed. Run scripts/install.sh (it installs learn2learn==0.2.0 with "
-            "--no-deps and the Cython build option that Python 3.11 needs)."
-        )
+        raise ImportError(NOT_INSTALLED)
     root = list(spec.submodule_search_locations)
     _stand_in("learn2learn", root)
     _stand_in("learn2learn.algorithms", [p + "/algorithms" for p in root])
-    return importlib.import_module("learn2learn.algorithms.maml")
+    maml = importlib.import_module("learn2learn.algorithms.maml")
+    meta_sgd = importlib.import_module("learn2learn.algorithms.meta_sgd")
+    utils = importlib.import_module("learn2learn.utils")
+    return {"MAML": maml.MAML, "maml_update": maml.maml_update, "MetaSGD": meta_sgd.MetaSGD,
+            "clone_module": utils.clone_module, "update_module": utils.update_module}
 
 
-_maml = _load()
-_meta_sgd = importlib.import_module("learn2learn.algorithms.meta_sgd")
-_utils = importlib.import_module("learn2learn.utils")
-
-MAML = _maml.MAML
-maml_update = _maml.maml_update
-MetaSGD = _meta_sgd.MetaSGD
-clone_module = _utils.clone_module
-update_module = _utils.update_module
+def __getattr__(name: str) -> object:
+    """``MAML``, ``MetaSGD``, ...: learn2learn's, imported on first access (ImportError without it)."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals().update(_load())  # later accesses find the names directly
+    return globals()[name]

@@ -22,6 +22,7 @@ the inner loop takes gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class MetaStoppingModule(LightningModule):
         inner_steps: int = AdapterConfig.inner_steps,
         first_order: bool = AdapterConfig.first_order,
         loss: str = AdapterConfig.loss,
+        backend: str = AdapterConfig.backend,
         eval_inner_steps: int | None = None,
         compare_random_init: bool = True,
         init_seed: int = 0,
@@ -90,8 +92,9 @@ class MetaStoppingModule(LightningModule):
         (default ``inner_steps``) is the number of inner steps at validation/test; ``lr_scheduler`` is
         stepped every optimiser step. The predictor and adapter arguments are the fields of
         :class:`PredictorConfig` and :class:`AdapterConfig` (defaults and meanings there), flat so that
-        the YAML keys stay ``model.hidden``, ``model.inner_lr``, ...; ``predictor_config`` and
-        ``adapter_config`` hold them typed."""
+        the YAML keys stay ``model.hidden``, ``model.inner_lr``, ``model.backend`` (``learn2learn`` or
+        ``torch_func``, which needs no learn2learn), ...; ``predictor_config`` and ``adapter_config`` hold
+        them typed."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if feature_names is not None and len(feature_names) != n_features:
@@ -101,7 +104,7 @@ class MetaStoppingModule(LightningModule):
         self.compare_random_init = compare_random_init
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.predictor_config = PredictorConfig(n_features, hidden, depth, kind, dropout)
-        self.adapter_config = AdapterConfig(algorithm, inner_lr, inner_steps, first_order, loss)
+        self.adapter_config = AdapterConfig(algorithm, inner_lr, inner_steps, first_order, loss, backend)
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
             predictor = StoppingPredictor.from_config(self.predictor_config)
@@ -231,9 +234,13 @@ def _section(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
     return info
 
 
-def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, InnerLoopAdapter, dict[str, Any]]:
-    """The meta-trained predictor (in eval mode), its adapter (same algorithm and inner-loop settings
-    as in training) and the checkpoint's metadata: ``feature_names``, ``schema_version``,
+def load_predictor(
+    checkpoint_path: str | Path, backend: str | None = None
+) -> tuple[StoppingPredictor, InnerLoopAdapter, dict[str, Any]]:
+    """The meta-trained predictor (in eval mode), its adapter (same algorithm, inner-loop settings and
+    adaptation backend as in training; ``backend`` overrides the backend: both give the same results and
+    load the same weights, so a learn2learn-trained checkpoint adapts with ``"torch_func"`` where
+    learn2learn is not installed) and the checkpoint's metadata: ``feature_names``, ``schema_version``,
     ``predictor``/``adapter`` configs (as stored: dicts; the loaded ones typed are
     ``predictor.config()``, ``adapter.config()``), ``hyper_parameters``, ``data`` (the datamodule's
     hyper-parameters: corpus and family split, empty when it was fitted without one), ``epoch``,
@@ -252,7 +259,10 @@ def load_predictor(checkpoint_path: str | Path) -> tuple[StoppingPredictor, Inne
         raise CheckpointError(str(err)) from None
     info = _section(ckpt, path)
     predictor = StoppingPredictor.from_config(PredictorConfig(**info["predictor"]))
-    adapter = InnerLoopAdapter.from_config(predictor, AdapterConfig(**info["adapter"]))
+    adapter_config = AdapterConfig(**info["adapter"])  # checkpoints from before backends: learn2learn
+    if backend is not None:
+        adapter_config = dataclasses.replace(adapter_config, backend=backend)
+    adapter = InnerLoopAdapter.from_config(predictor, adapter_config)
     prefix = "adapter."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     adapter.load_state_dict(state)
