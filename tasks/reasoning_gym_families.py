@@ -88,8 +88,6 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "number_sequence": ("number_sequence", {"max_terms": 6, "min_value": -20, "max_value": 20, "max_complexity": 2}, "number"),
     "simple_geometry": ("simple_geometry", {}, "number"),
     "dice": ("dice", {"num_dice": 3, "max_dice_size": 12}, "text"),
-    "isomorphic_strings": ("isomorphic_strings", {"max_string_length": 6}, "text"),
-    "ransom_note": ("ransom_note", {"max_note_length": 5, "max_magazine_length": 12}, "text"),
     "course_schedule": ("course_schedule", {"max_num_courses": 6}, "text"),
     "circuit_logic": ("circuit_logic", {}, "number"),
     "binary_alternation": ("binary_alternation", {"min_n": 4, "max_n": 10}, "number"),
@@ -101,6 +99,9 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "needle_haystack": ("needle_haystack", {"max_num_statements": 20}, "text"),
     "zebra_puzzles": ("zebra_puzzles", {"num_people": 2, "num_characteristics": 2}, "text"),
     "string_insertion": ("string_insertion", {"max_string_length": 8}, "text"),
+    # Left out: isomorphic_strings and ransom_note, whose reasoning-gym generators iterate over sets of
+    # characters, so their questions depend on PYTHONHASHSEED: each process draws other questions, and a
+    # resumed harvest mixed two question orders (tests/test_tasks.py checks every family across processes)
     # corpus v2, second pilot round: easier or shorter variants of generators whose default configs looped
     # to the token cap or were too hard for the 0.5B model, and generators not tried yet. A variant is its
     # own family (its own name, so a stored family's settings never change); the folds of the v2 study keep

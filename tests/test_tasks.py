@@ -294,3 +294,24 @@ def test_real_model_outputs() -> None:
     ti = get_family("time_intervals")
     q = Question("t", "time_intervals", "train", "How long? Answer in HH:MM.", "11:22")
     assert ti.score(ti.extract_probe_answer(" 11:22"), q) and not ti.score(ti.extract_answer("Final answer: 11:11"), q)
+
+
+def test_questions_do_not_depend_on_the_hash_seed() -> None:
+    """Every family draws the same questions in processes with different PYTHONHASHSEED (a generator that
+    iterates over a set of strings does not: a resumed harvest would mix two question orders)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from tasks import get_family\n"
+            "from tasks.reasoning_gym_families import RG_FAMILIES\n"
+            "for f in sorted(RG_FAMILIES):\n"
+            "    qs = get_family(f).questions('train', 6, seed=0) + get_family(f).questions('test', 3, seed=1)\n"
+            "    print(f, hashlib.md5('|'.join(q.id for q in qs).encode()).hexdigest())\n")
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout.splitlines())
+    differ = [a.split()[0] for a, b in zip(*outs) if a != b]
+    assert len(outs[0]) == len(RG_FAMILIES) and not differ, differ
