@@ -47,6 +47,8 @@ def _kind(path: Path) -> str:
         return "tune"  # maml-stop tune --space (the Optuna search space)
     if "max_cap_share" in cfg:
         return "pilot"  # experiments/corpus_v2_pilot.py (the family choice of corpus v2)
+    if "stream" in cfg and "online" in cfg:
+        return "drift"  # experiments/drift_simulation.py (online stopping under domain drift)
     return "unknown"
 
 
@@ -89,6 +91,18 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
             cfg = module.BenchmarkConfig.load(path, quick=quick)
             assert cfg.adaptation.k == 16 and cfg.targets.adapt_ms == 50 and cfg.targets.decision_ms == 1  # issue 5
         assert f"python experiments/benchmark.py --config experiments/{path.name}" in path.read_text()
+    elif kind == "drift":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("drift_simulation", EXPERIMENTS / "drift_simulation.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        cfg = module.DriftConfig.load(path)  # builds OnlineConfig, MonitorConfig, ABConfig: checks every value
+        assert f"python experiments/drift_simulation.py --config experiments/{path.name}" in path.read_text()
+        assert set(cfg.stream.families) <= {"gcd", "gsm_symbolic", "letter_counting"}  # held out of meta-training
+        assert len(cfg.stream.families) >= 4 and cfg.online.feedback in ("gold", "agreement")
+        assert all(a in module.SERVERS and b in module.SERVERS for a, b in cfg.ab_pairs)
     elif kind == "tune":
         from maml_stop.learn.tune import load_space
 
