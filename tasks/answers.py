@@ -302,6 +302,22 @@ def signs_differ(answer: str | None, gold: str, kind: str) -> bool:
     return any((x < 0) != (y < 0) for x, y in zip(a, g))
 
 
+# -- reasoning models that think inside <think> ... </think> --------------------------------------
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def answer_part(text: str) -> str:
+    """The part of a generation that states its answer: after the last ``</think>`` when the text closes
+    a think block (what a reasoning model thinks before it is not its answer), else the whole text.
+
+    >>> answer_part("<think>Final answer: 3? Wait.</think>\\n\\nFinal answer: \\\\boxed{4}")
+    '\\n\\nFinal answer: \\\\boxed{4}'
+    """
+    cut = text.rfind(THINK_CLOSE)
+    return text if cut < 0 else text[cut + len(THINK_CLOSE):]
+
+
 # -- extraction ------------------------------------------------------------------------------------
 _FINAL_MARK = re.compile(r"final\s+answer\s*(?:is)?\s*[:：]?", re.IGNORECASE)
 _ANSWER_MARK = re.compile(r"(?:the\s+answer\s+is|answer\s*[:：])\s*[:：]?", re.IGNORECASE)
@@ -341,9 +357,11 @@ def extract_final(text: str, numeric: bool = False, kind: str | None = None) -> 
     """The answer stated in a full generation, None when it states none.
 
     In order: the last "Final answer:" (rest of the line, else the next line); the last ``\\boxed{}``;
-    the last "The answer is" / "Answer:"; for numbers, the last number in the text.
+    the last "The answer is" / "Answer:"; for numbers, the last number in the text. A text that closes
+    a think block is read after its ``</think>`` only (:func:`answer_part`).
     """
     kind = _kind(kind, numeric)
+    text = answer_part(text)
     for segment in (
         _after_last(_FINAL_MARK, text),
         strip_boxed(text[text.rfind("\\boxed{"):]) if "\\boxed{" in text else None,
@@ -371,6 +389,9 @@ def extract_probe(text: str, numeric: bool = False, kind: str | None = None) -> 
 
 __all__ = [
     "ANSWER_KINDS",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "answer_part",
     "DURATION_TOL_S",
     "NUMBER_ABS_TOL",
     "NUMBER_REL_TOL",

@@ -31,6 +31,24 @@ DEFAULT_INSTRUCTION = (
     "'Final answer: <answer>'."
 )
 DEFAULT_TRIGGER = "\nFinal answer:"
+# how the model reasons: "plain" (in the open), "think" (inside <think> ... </think>, e.g. DeepSeek-R1
+# distills, Qwen3): the prompt opens the think block and the forced answer first closes it
+REASONING_FORMATS = ("plain", "think")
+
+
+def check_reasoning_format(reasoning_format: str) -> str:
+    if reasoning_format not in REASONING_FORMATS:
+        raise TaskError(f"unknown reasoning_format {reasoning_format!r}; valid: {', '.join(REASONING_FORMATS)}")
+    return reasoning_format
+
+
+def think_trigger(trigger: str = DEFAULT_TRIGGER) -> str:
+    """The answer trigger of think mode: close the think block, then ``trigger``.
+
+    >>> think_trigger()
+    '\\n</think>\\n\\nFinal answer:'
+    """
+    return "\n" + answers.THINK_CLOSE + "\n\n" + trigger.lstrip("\n")
 
 
 @dataclass(frozen=True)
@@ -156,17 +174,26 @@ class TaskFamily(ABC):
     def user_message(self, question: Question) -> str:
         return self.instruction.format(question=question.question)
 
-    def render_prompt(self, question: Question, tokenizer: Any = None) -> str:
-        """The prompt text; the tokenizer's chat template is used when it has one."""
+    def render_prompt(self, question: Question, tokenizer: Any = None, reasoning_format: str = "plain") -> str:
+        """The prompt text; the tokenizer's chat template is used when it has one.
+
+        ``reasoning_format="think"``: the prompt ends inside an open think block (``<think>\\n``): kept
+        when the chat template opens it already (DeepSeek-R1 distills), appended otherwise (Qwen3), so
+        that every generated token up to ``</think>`` is thinking."""
+        check_reasoning_format(reasoning_format)
         user = self.user_message(question)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             messages = []
             if self.system_prompt:
                 messages.append({"role": "system", "content": self.system_prompt})
             messages.append({"role": "user", "content": user})
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
-        return f"{head}Question: {user}\nAnswer: "
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
+            prompt = f"{head}Question: {user}\nAnswer: "
+        if reasoning_format == "think" and not prompt.rstrip().endswith(answers.THINK_OPEN):
+            prompt += f"{answers.THINK_OPEN}\n"
+        return prompt
 
     # -- answers ---------------------------------------------------------------------------------
     def extract_answer(self, text: str) -> str | None:

@@ -60,3 +60,48 @@ def save_tiny(path, chat_template: bool = True, seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# -- a reasoning model that thinks inside <think> ... </think> (tests/test_think.py) ----------------------
+THINK_CORPUS = [
+    "<think>\nFirst add 12 + 30 = 42. Wait, check.\n</think>\n\nFinal answer: \\boxed{42}\n",
+    "<think>\nCount the legs: 4 + 4 + 2 = 10.\n</think>\n\nFinal answer: 10\n",
+]
+# like DeepSeek-R1 distills: the generation prompt opens the think block
+THINK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+
+
+def build_think_tokenizer(opens_think: bool = True) -> PreTrainedTokenizerFast:
+    """:func:`build_tokenizer` with ``<think>`` and ``</think>`` as added tokens (not special: decoding
+    with ``skip_special_tokens`` keeps them, as in Qwen3 and the R1 distills) and a chat template with
+    think tags: the generation prompt opens the think block (``opens_think``, R1 distills) or leaves
+    it to the model (Qwen3's default)."""
+    from tokenizers import AddedToken
+
+    tok = build_tokenizer(chat_template=False)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                    AddedToken("</think>", special=False, normalized=False)])
+    tok.chat_template = THINK_CHAT_TEMPLATE if opens_think else CHAT_TEMPLATE
+    return tok
+
+
+def build_think_model(tokenizer, seed: int = 0, close_bias: float = 0.0, eos_bias: float = 0.0) -> LlamaForCausalLM:
+    """:func:`build_model` for a think tokenizer; ``close_bias`` raises the ``</think>`` logit (as
+    ``eos_bias`` raises EOS's) so that some traces close their think block mid-trace."""
+    model = build_model(tokenizer, seed=seed, eos_bias=eos_bias)
+    if close_bias:
+        close = tokenizer.convert_tokens_to_ids("</think>")
+        with torch.no_grad():
+            model.lm_head.weight[close] += close_bias * model.model.norm.weight / 32
+    return model
+
+
+def save_tiny_think(path, seed: int = 0, close_bias: float = 0.0) -> str:
+    tok = build_think_tokenizer()
+    model = build_think_model(tok, seed=seed, close_bias=close_bias)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -12,6 +12,11 @@ leaves only whole shards; the harvester resumes by skipping question ids already
 
 Per-probe columns are lists of equal length ``n_probes``; ``features`` is a list of float16 vectors of
 width ``len(meta["feature_names"])``.
+
+Optional columns (:data:`OPTIONAL_SCHEMA`) follow the required ones in a shard that has them: a shard is
+written with those its rows carry (a think-mode harvest: ``think_tokens``, ``after_think_tokens``), and
+read with the optional columns of any shard of the corpus, null where a shard lacks them; a corpus
+written before they existed reads exactly as before.
 """
 
 from __future__ import annotations
@@ -59,6 +64,20 @@ TRACE_SCHEMA = pa.schema(
     ]
 )
 TRACE_COLUMNS = TRACE_SCHEMA.names
+OPTIONAL_SCHEMA = pa.schema(
+    [
+        ("think_tokens", pa.int32()),  # think mode: generated tokens inside <think> ... </think> (the close included)
+        ("after_think_tokens", pa.int32()),  # think mode: generated tokens after </think>; the two add up to
+        # reasoning_tokens (maml_stop.probe.think)
+    ]
+)
+OPTIONAL_COLUMNS = OPTIONAL_SCHEMA.names
+
+
+def _schema_with(optional: Iterable[str]) -> pa.Schema:
+    """The trace schema plus the optional columns named in ``optional`` (in :data:`OPTIONAL_SCHEMA` order)."""
+    extra = set(optional)
+    return pa.schema(list(TRACE_SCHEMA) + [f for f in OPTIONAL_SCHEMA if f.name in extra])
 _TRACE_ID = re.compile(r"(?P<question>.+)#(?P<sample>\d+)")
 
 
@@ -164,7 +183,8 @@ def next_shard_index(folder: str | Path, split: str, worker: str = "") -> int:
 
 def rewrite_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (in the trace schema) to the shard ``path``, atomically (new or replaced)."""
-    table = pa.Table.from_pylist([{c: r[c] for c in TRACE_COLUMNS} for r in rows], schema=TRACE_SCHEMA)
+    schema = _schema_with(c for c in OPTIONAL_COLUMNS if any(c in r for r in rows))
+    table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     _atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
@@ -190,10 +210,20 @@ def read_table(root: str | Path, families: Iterable[str] | None = None) -> pa.Ta
             t = pq.read_table(p)
         except Exception as err:  # pyarrow raises several types for damaged files
             raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
-        if t.schema.names != TRACE_COLUMNS:
-            raise CorpusError(f"shard {p} has columns {t.schema.names}, expected {TRACE_COLUMNS}")
-        tables.append(t.cast(TRACE_SCHEMA))
-    return pa.concat_tables(tables)
+        names = t.schema.names
+        if names[:len(TRACE_COLUMNS)] != TRACE_COLUMNS or names[len(TRACE_COLUMNS):] != \
+                [c for c in OPTIONAL_COLUMNS if c in names[len(TRACE_COLUMNS):]]:
+            raise CorpusError(f"shard {p} has columns {names}, expected {TRACE_COLUMNS} "
+                              f"(then optionally {OPTIONAL_COLUMNS})")
+        tables.append(t)
+    schema = _schema_with(c for t in tables for c in t.schema.names)
+    filled = []
+    for t in tables:  # a shard without an optional column another shard has: null there
+        for f in schema:
+            if f.name not in t.schema.names:
+                t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+        filled.append(t.select(schema.names).cast(schema))
+    return pa.concat_tables(filled)
 
 
 def load_dataset(root: str | Path, families: Iterable[str] | None = None):

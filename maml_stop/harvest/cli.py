@@ -30,8 +30,9 @@ from maml_stop.data import store
 from maml_stop.probe.features import ProbeFeaturizer
 from maml_stop.probe.engine import ProbingGenerator, TraceResult
 from maml_stop.probe.labels import final_answer
-from maml_stop.harvest.model import load_model, model_identity
+from maml_stop.harvest.model import load_model, model_identity, resolve_device
 from maml_stop.probe.schedule import ProbeSchedule
+from maml_stop.probe.think import check_think_trigger, count_think_tokens, think_schedule
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,18 @@ _MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation", 
 
 
 def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
-              cap_answer: str = "text") -> dict[str, Any]:
+              cap_answer: str = "text", reasoning_format: str = "plain") -> dict[str, Any]:
+    """A stored trace row; in think mode with the optional columns ``think_tokens`` and
+    ``after_think_tokens`` (:func:`maml_stop.probe.think.count_think_tokens`; they add up to
+    ``reasoning_tokens``)."""
     text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
     final = final_answer(family, text, result.hit_cap, [p.reason for p in result.probes],
                          [p.answer for p in result.probes], cap_answer)
     width = len(result.features[0]) if result.features else 0
+    think = {}
+    if reasoning_format == "think":
+        count = count_think_tokens(tokenizer, result.generated_ids)
+        think = {"think_tokens": count.think_tokens, "after_think_tokens": count.after_think_tokens}
     return {
         "trace_id": store.make_trace_id(question.id),
         "question_id": question.id,
@@ -70,6 +78,7 @@ def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
         "probe_logprob_mean": [float(np.mean(p.logprobs)) if p.logprobs else 0.0 for p in result.probes],
         "probe_logprob_min": [float(np.min(p.logprobs)) if p.logprobs else 0.0 for p in result.probes],
         "features": [f.astype(np.float16).tolist() for f in result.features] if width else [],
+        **think,
     }
 
 
@@ -105,6 +114,11 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
             refuse(key, old.get(key), meta.get(key))
     if old.get("model", {}).get("dtype") != meta["model"]["dtype"]:
         refuse("model.dtype", old.get("model", {}).get("dtype"), meta["model"]["dtype"])
+    was_device = old.get("model", {}).get("device", "cpu")  # an execution setting, not part of the recipe
+    if was_device != meta["model"].get("device", "cpu"):
+        log.warning("corpus %s was harvested on device %s, this run uses %s: greedy traces may differ in rare "
+                    "near-ties (kernels differ); meta.json records the latest device", out, was_device,
+                    meta["model"].get("device"))
     for name, settings in meta.get("family_settings", {}).items():
         was = old.get("family_settings", {}).get(name)
         if name in stored and was is not None and was != settings:
@@ -174,6 +188,8 @@ def harvest(
     max_per_family: int | None = None,
     hash_weights: bool = True,
     num_threads: int = 1,
+    reasoning_format: str = "plain",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Harvest ``n_per_family`` traces of each family into ``out`` (resumable). Returns a summary.
 
@@ -199,6 +215,12 @@ def harvest(
         hash_weights: record the sha256 of the weight files (about 1 s a GB). With ``false`` only the
             paths are recorded, so weights replaced in place under the same path are NOT detected on
             resume and a corpus could mix two models: keep it on for any corpus that matters.
+        reasoning_format: ``plain``, or ``think`` for models that reason inside ``<think> ... </think>``
+            (:mod:`maml_stop.probe.think`): the prompt opens the think block, ``answer_trigger`` must close
+            it (e.g. ``"\\n</think>\\n\\nFinal answer:"``), probes stop once the model closed it, and
+            traces store ``think_tokens`` / ``after_think_tokens``. Part of the recipe (``prompt``).
+        device: torch device of the model (``cpu``, ``cuda``, ``cuda:1``), checked before the model loads.
+            An execution setting: not part of the recipe, so a harvest may resume on another device.
 
     A resumed harvest (same ``out``) must use the stored recipe: model weights and dtype, prompt,
     schedule, features, generation settings, question order (``n_per_family``, ``seed``) and the
@@ -219,6 +241,12 @@ def harvest(
     if not (isinstance(num_workers, int) and num_workers >= 1 and isinstance(worker, int) and 0 <= worker < num_workers):
         raise ValueError(f"worker must be in 0..num_workers-1 and num_workers >= 1; got worker={worker!r}, "
                          f"num_workers={num_workers!r}")
+    resolve_device(device)  # a bad device string, or CUDA on a machine without it, fails before anything loads
+    from tasks.base import check_reasoning_format, think_trigger
+
+    check_reasoning_format(reasoning_format)
+    if reasoning_format == "think":
+        check_think_trigger(answer_trigger)
     if max_shards is not None and max_shards < 1:
         raise ValueError(f"max_shards must be >= 1 (or None: no limit), got {max_shards}")
     if len(set(families)) != len(families):
@@ -242,11 +270,15 @@ def harvest(
         raise ValueError(f"families {clash} would store their traces under one family name; give each its own "
                          "name (family_args: {<family>: {name: ...}})")
     for name, fam in fams.items():
-        if getattr(fam, "answer_trigger", answer_trigger) != answer_trigger:
+        expected = getattr(fam, "answer_trigger", answer_trigger)
+        if reasoning_format == "think" and answer_trigger == think_trigger(expected):
+            continue  # the family's trigger after closing the think block
+        if expected != answer_trigger:
             raise ValueError(f"family {name!r} expects the answer trigger {fam.answer_trigger!r}, the harvest uses "
                              f"{answer_trigger!r}: harvest it separately with --answer_trigger")
     schedule = ProbeSchedule(every_n=every_n, boundary=boundary, cues=tuple(cues or ()), min_gap=min_gap,
                              max_probes=max_probes, align=align, at_start=probe_at_start, at_cap=probe_at_cap)
+    schedule = think_schedule(schedule, reasoning_format)  # think: no probes after the model's own </think>
     schedule.check_fires_within(max_new_tokens)
 
     # questions first: a bad family or too few questions fails before the model loads
@@ -258,7 +290,7 @@ def harvest(
         qs = qs if max_per_family is None else qs[:max_per_family]
         todo[name] = qs[worker::num_workers]  # worker i of n: every n-th question of the order, from i
 
-    lm, tok = load_model(model, dtype=dtype)
+    lm, tok = load_model(model, dtype=dtype, device=device)
     featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary,
                                  mid_layer=mid_layer)
     gen = ProbingGenerator(lm, tok, schedule, answer_trigger=answer_trigger, featurizer=featurizer,
@@ -269,14 +301,15 @@ def harvest(
         log.warning("the tokenizer has no chat template: prompts use the plain 'Question: ... Answer:' format")
     first = next(iter(fams.values()))
     meta = {
-        "model": {"spec": model, "dtype": dtype, "chat_template": has_template},
+        "model": {"spec": model, "dtype": dtype, "chat_template": has_template, "device": device},
         "model_weights": model_identity(model, hash_weights=hash_weights),
         "schedule": schedule.to_dict(),
         "features": featurizer.config(),
         "feature_names": featurizer.feature_names,
         "feature_costs": featurizer.feature_costs,
         "prompt": {"instruction": first.instruction, "system": first.system_prompt, "answer_trigger": answer_trigger,
-                   "trigger_ids": gen.trigger_ids, "trigger_roundtrip": gen.trigger_roundtrip},
+                   "trigger_ids": gen.trigger_ids, "trigger_roundtrip": gen.trigger_roundtrip,
+                   **({"reasoning_format": reasoning_format} if reasoning_format != "plain" else {})},
         "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
                        "do_sample": do_sample, "temperature": temperature, "seed": seed,
                        **({"cap_answer": "forced"} if probe_at_cap else {})},
@@ -309,7 +342,7 @@ def harvest(
                 if not pending[name] or (max_shards is not None and shards >= max_shards):
                     continue
                 fam, chunk = fams[name], pending[name][:shard_size]
-                prompts = {q.id: fam.render_prompt(q, tok) for q in chunk}
+                prompts = {q.id: fam.render_prompt(q, tok, reasoning_format) for q in chunk}
                 # similar prompt lengths in a batch waste less compute on padding
                 order = sorted(chunk, key=lambda q: len(tok(prompts[q.id], add_special_tokens=False)["input_ids"]))
                 rows = []
@@ -317,7 +350,7 @@ def harvest(
                     batch = order[b : b + batch_size]
                     results = gen.run([prompts[q.id] for q in batch], fam.extract_probe_answer)
                     for q, r in zip(batch, results):
-                        row = trace_row(fam, q, r, tok, model, "forced" if probe_at_cap else "text")
+                        row = trace_row(fam, q, r, tok, model, "forced" if probe_at_cap else "text", reasoning_format)
                         rows.append(row)
                         tokens += row["reasoning_tokens"] + sum(row["probe_tokens"])
                         s = stats[name]

@@ -37,9 +37,43 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(spec: str, dtype: str = "bfloat16") -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder, a ``.gguf`` file or a hub id."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device ``spec`` names (``cpu``, ``cuda``, ``cuda:1``, ``mps``), checked before any model
+    loads: a malformed string, or an accelerator this machine lacks, is a ``ValueError`` naming it.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {spec!r}; valid: {', '.join(DEVICE_TYPES)} (optionally with an index, "
+                         "e.g. cuda:0)") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {spec!r} is of type {device.type!r}; valid: {', '.join(DEVICE_TYPES)}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for, but torch.cuda is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {spec!r} asked for, but this machine has {count} CUDA device(s): "
+                             f"cuda:0..cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {spec!r} asked for, but torch.backends.mps is not available; use --device cpu")
+    return device
+
+
+def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder, a ``.gguf`` file or a hub id, the model on ``device``
+    (checked first: :func:`resolve_device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_device(device)
+    _dtype(dtype)
 
     path = Path(spec)
     if spec.endswith(".gguf"):
@@ -53,7 +87,7 @@ def load_model(spec: str, dtype: str = "bfloat16") -> tuple[Any, Any]:
             raise FileNotFoundError(f"model folder {spec} does not exist")
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype))
-    model.eval()
+    model.to(target).eval()
     return model, tok
 
 

@@ -59,8 +59,9 @@ def probe_recipe(meta: dict[str, Any], family: str, feature_names: Sequence[str]
     of the corpus its support traces of ``family`` came from: ``schedule`` (``ProbeSchedule.to_dict``),
     ``answer_trigger``, ``answer_max_tokens``, ``max_new_tokens``, ``featurizer`` (hidden_size, proj_dim,
     proj_seed, summary, mid_layer), ``extraction`` (the family whose ``extract_probe_answer`` reads the
-    forced answers, and its answer kind), ``mode`` (:func:`live_mode`). A field the metadata lacks is
-    None (:func:`missing_recipe_fields` lists them)."""
+    forced answers, and its answer kind), ``mode`` (:func:`live_mode`), ``reasoning_format`` (``plain``
+    or ``think``: :mod:`maml_stop.probe.think`; optional, ``plain`` for corpora that do not record it). A
+    field the metadata lacks is None (:func:`missing_recipe_fields` lists them)."""
     prompt, generation = meta.get("prompt") or {}, meta.get("generation") or {}
     features = meta.get("features") or {}
     featurizer = None
@@ -76,6 +77,7 @@ def probe_recipe(meta: dict[str, Any], family: str, feature_names: Sequence[str]
         "featurizer": featurizer,
         "extraction": {"family": family, "answer_kind": settings.get("answer_kind")},
         "mode": live_mode(feature_names, meta.get("feature_costs")),
+        "reasoning_format": prompt.get("reasoning_format", "plain"),
     }))
 
 

@@ -13,7 +13,11 @@ every forced-answer token the live rule ran: trigger + answer of each forced pro
 included); ``stopped_at`` (generated tokens when the rule stopped the row, null when it did not);
 ``stopped_early`` (the rule stopped it before the token cap); ``end`` (``stop``, ``eos`` or ``cap``);
 ``probes`` and ``forced`` (probe points seen, answers forced); ``em`` only for a question with a gold
-answer. The answer of a stopped row is the forced answer it stopped with; of a row that ran to the cap
+answer; with a think-mode recipe (``reasoning_format: think``, :mod:`maml_stop.probe.think`; the prompt
+opens the think block) also ``think_tokens`` and ``after_think_tokens`` (the reasoning tokens inside the
+think block and after the model's own ``</think>``: they add up to ``reasoning_tokens``) and
+``think_closed`` (the model closed the block itself). ``--device cuda`` runs the model, the probes and
+the criterion on the GPU (checked before the model loads). The answer of a stopped row is the forced answer it stopped with; of a row that ran to the cap
 with a cap probe in the recipe, the answer forced at the cap (the answer of a capped run, DESIGN.md);
 otherwise the family's ``extract_answer`` of its text.
 """
@@ -113,6 +117,13 @@ def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], fami
     k = criteria.featurizer.feature_names.index("answer_tokens")
     trigger = len(criteria.trigger_ids)
     forced = [int(round(float(v[k]))) + trigger for v, f in zip(criteria.features[row], criteria.forced[row]) if f]
+    think = {}
+    if getattr(criteria, "reasoning_format", "plain") == "think":
+        from maml_stop.probe.think import count_think_tokens
+
+        count = count_think_tokens(tokenizer, list(generated)[:reasoning])
+        think = {"think_tokens": count.think_tokens, "after_think_tokens": count.after_think_tokens,
+                 "think_closed": count.closed}
     return {
         "answer": answer,
         "total_tokens": int(reasoning + sum(forced)),
@@ -122,13 +133,15 @@ def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], fami
         "end": end,
         "probes": len(criteria.reasons[row]),
         "forced": len(forced),
+        **think,
     }
 
 
 def generate_answers(criteria, model, tokenizer, family, questions: Sequence[InputQuestion], batch_size: int = 8,
                      device: str | None = None) -> list[dict[str, Any]]:
     """One result per question (:func:`result_row`, plus ``id``, ``question``, ``gold`` and ``em`` when the
-    question has a gold answer), generated ``batch_size`` at a time with left padding."""
+    question has a gold answer), generated ``batch_size`` at a time with left padding, on ``device`` (default:
+    the model's)."""
     import torch
     from transformers import StoppingCriteriaList
 
@@ -146,10 +159,10 @@ def generate_answers(criteria, model, tokenizer, family, questions: Sequence[Inp
         tokenizer.padding_side = "left"
         for start in range(0, len(qs), batch_size):
             chunk = qs[start:start + batch_size]
-            prompts = [family.render_prompt(q, tokenizer) for q in chunk]
+            prompts = [family.render_prompt(q, tokenizer, getattr(criteria, "reasoning_format", "plain"))
+                       for q in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            if device is not None:
-                enc = enc.to(device)
+            enc = enc.to(device if device is not None else next(model.parameters()).device)  # the model's device
             with torch.no_grad():
                 seqs = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad,
                                       stopping_criteria=StoppingCriteriaList([criteria]))
@@ -203,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                      else read_questions(args.questions, args.field, args.gold_field))
         if not Path(args.adapted).is_file():
             raise GenerateError(f"adapted file {args.adapted} does not exist")
+        from maml_stop.harvest.model import load_model, resolve_device
+
+        try:
+            resolve_device(args.device)  # a bad --device fails before anything loads
+        except ValueError as err:
+            raise GenerateError(f"--device: {err}") from None
         family = _family_of(args.adapted)  # before the model loads
-        from maml_stop.harvest.model import load_model
         from maml_stop.live.stopping import LiveStopping
 
-        model, tok = load_model(args.model, args.dtype)
-        model.to(args.device)
+        model, tok = load_model(args.model, args.dtype, device=args.device)
         criteria = LiveStopping.from_adapted(args.adapted, model, tok, max_new_tokens=args.max_new_tokens)
     except (GenerateError, AdaptError, FileNotFoundError, OSError) as err:
         return fail(err)

@@ -70,4 +70,5 @@ def live_parts(path, model: nn.Module) -> dict[str, Any]:
     return {"predictor": adapted.predictor, "threshold": adapted.live_threshold, "feature_names": names,
             "featurizer": featurizer, "schedule": schedule, "answer_trigger": recipe["answer_trigger"],
             "answer_fn": answer_fn, "answer_max_tokens": recipe["answer_max_tokens"], "family": family,
-            "mode": recipe["mode"], "max_new_tokens": recipe["max_new_tokens"]}
+            "mode": recipe["mode"], "max_new_tokens": recipe["max_new_tokens"],
+            "reasoning_format": recipe.get("reasoning_format") or "plain"}  # absent in older artifacts: plain

@@ -74,6 +74,7 @@ from maml_stop.probe.forcing import (RowSchedule, answer_end_test, encode_trigge
                                      forced_features, probe_reason, sub_cache, unforced_features)
 from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
 from maml_stop.probe.schedule import ProbeSchedule
+from maml_stop.probe.think import check_think_trigger, think_schedule
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ class LiveStopping(StoppingCriteria):
     ``feature_names``: the predictor's features in its input order (a subset of the featurizer's);
     answers are extracted by ``family.extract_probe_answer`` or a given ``answer_fn`` (the harvest's:
     there is no default); ``gate``/``gate_threshold``/``gate_feature_names`` serve ``mode="gated"``;
-    ``max_new_tokens`` (the one given to ``generate``) lets a ``schedule.at_cap`` probe run at the cap."""
+    ``max_new_tokens`` (the one given to ``generate``) lets a ``schedule.at_cap`` probe run at the cap;
+    ``reasoning_format="think"`` (:mod:`maml_stop.probe.think`): the trigger must close the think block and
+    probing ends once the model closed it, as in a think-mode harvest (the prompt must open the block:
+    ``family.render_prompt(q, tok, "think")``). Every tensor it makes lives on the model's device."""
 
     def __init__(
         self,
@@ -137,7 +141,12 @@ class LiveStopping(StoppingCriteria):
         gate_threshold: float = 0.5,
         gate_feature_names: list[str] | None = None,
         max_new_tokens: int | None = None,
+        reasoning_format: str = "plain",
     ) -> None:
+        schedule = think_schedule(schedule, reasoning_format)  # checks the format's name too
+        if reasoning_format == "think":
+            check_think_trigger(answer_trigger)
+        self.reasoning_format = reasoning_format
         if (answer_fn is None) == (family is None):
             raise ValueError("give exactly one of family= (its extract_probe_answer, what the harvest used) and "
                              "answer_fn=; live answers must be extracted as the predictor's training traces were")
@@ -186,7 +195,8 @@ class LiveStopping(StoppingCriteria):
         predictor, threshold and feature subset, and the probe recipe it carries (featurizer on
         ``model.config.hidden_size``, schedule, answer trigger and budget, the family that extracts the
         answers, the live mode, the token cap for a cap probe). ``mode`` / ``max_new_tokens`` override
-        the recipe's (give ``generate`` the same ``max_new_tokens``). Raises
+        the recipe's (give ``generate`` the same ``max_new_tokens``). The criterion runs on the model's
+        device (move the model there first, e.g. ``load_model(spec, device="cuda")``). Raises
         :class:`~maml_stop.live.artifact.AdaptError` for an artifact without a complete recipe (naming
         the missing fields), a model of another hidden size, or features the recipe does not make.
 

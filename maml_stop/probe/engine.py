@@ -110,14 +110,14 @@ class ProbingGenerator:
         self.probe_mode = probe_mode
         self.do_sample = do_sample
         self.temperature = temperature
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = next(model.parameters()).device  # every tensor of the loop lives here (cpu or cuda)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)  # sampling draws on the model's device
         self.eos = eos_ids(model, tokenizer)
-        self._eos_tensor = torch.tensor(sorted(self.eos))
+        self._eos_tensor = torch.tensor(sorted(self.eos), device=self.device)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos)
         self._text_cache: dict[int, str] = {}
         self._is_answer_end = answer_end_test(tokenizer, self.eos)
-        self.device = next(model.parameters()).device
         n_states = model.config.num_hidden_layers + 1  # output_hidden_states: embeddings + every layer
         if self.featurizer.mid_layer is not None and self.featurizer.mid_layer >= n_states:
             raise ValueError(f"mid_layer={self.featurizer.mid_layer} but the model has hidden states 0..{n_states - 1}")
@@ -225,10 +225,10 @@ class ProbingGenerator:
             if n >= self.max_new_tokens:
                 break
             nxt = self._choose(logits)  # (b,)
-            finished = torch.isin(nxt, self._eos_tensor.to(nxt.device))
-            for j, r in enumerate(rows.tolist()):
-                results[r].generated_ids.append(int(nxt[j]))
-                if finished[j]:
+            finished = torch.isin(nxt, self._eos_tensor)
+            for r, t, f in zip(rows.tolist(), nxt.tolist(), finished.tolist()):  # one copy to the host per step
+                results[r].generated_ids.append(t)
+                if f:
                     results[r].ended_by_eos = True
             n += 1
             if on_step is not None:

@@ -128,6 +128,7 @@ class RowSchedule:
     pending: str | None = None  # boundary/cue seen since the row's last probe
     last_probe: int | None = None  # position of the row's last probe
     scheduled: int = 0  # probes that count towards ``max_probes`` (all but the start probe)
+    ended: bool = False  # the row generated ``schedule.until`` (e.g. closed its think block): no more probes
 
 
 def probe_reason(schedule: ProbeSchedule, row: RowSchedule, n_generated: int, recent: Sequence[str],
@@ -139,12 +140,15 @@ def probe_reason(schedule: ProbeSchedule, row: RowSchedule, n_generated: int, re
     tokens); ``at_cap``: the row is still running at the token cap. Position 0 is the start probe
     (``schedule.at_start``: an answer with no reasoning); at the cap, a ``schedule.at_cap`` probe
     replaces whatever else would have fired there (every_n often divides the cap). Start and cap
-    probes stand outside ``min_gap`` and ``max_probes``."""
+    probes stand outside ``min_gap`` and ``max_probes``. Once the row's recent tokens contain
+    ``schedule.until`` (think mode: ``"</think>"``) only the cap probe fires."""
     if n_generated == 0:
         reason = "start" if schedule.at_start else None
     else:
-        row.pending = schedule.event(recent[-1], "".join(recent)) or row.pending
-        reason = schedule.due(n_generated, row.pending, row.last_probe, row.scheduled)
+        tail = "".join(recent)
+        row.ended = row.ended or (schedule.until is not None and schedule.until in tail)
+        row.pending = schedule.event(recent[-1], tail) or row.pending
+        reason = None if row.ended else schedule.due(n_generated, row.pending, row.last_probe, row.scheduled)
         if at_cap and schedule.at_cap:
             reason = "cap"
     if reason:

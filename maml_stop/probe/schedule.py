@@ -14,6 +14,8 @@ caps probes per trace. Two probes stand outside gap and cap: ``at_start`` forces
 reasoning (position 0: the answer with no chain of thought; its hidden-state summary is the prompt's
 last token, a free summary of the question), and ``at_cap`` forces one at the token cap of a trace that
 reaches it (what a deployment with that cap returns: the full run's answer of a capped trace). A schedule only sees what is known at that moment (tokens so far).
+``until`` ends a row's probing once its generated text contains that string (think mode: ``"</think>"``,
+:mod:`maml_stop.probe.think`: no probe after the model closed its think block; the cap probe still runs).
 
 ``align`` makes probes batch-friendly: a boundary or cue seen since the row's last probe makes the row
 due at the next multiple of ``align`` generated tokens, so the rows of a batch probe together instead of
@@ -47,12 +49,15 @@ class ProbeSchedule:
     align: int = 1  # boundary/cue probes wait for the next multiple of this many tokens (see above)
     at_start: bool = False  # also probe at position 0, before any reasoning (reason "start")
     at_cap: bool = False  # also probe a trace that reaches the token cap, at the cap (reason "cap")
+    until: str | None = None  # no probe (but the cap probe) once a row's last tokens contain this text
 
     def __post_init__(self) -> None:
         if self.every_n is not None and self.every_n < 1:
             raise ValueError(f"every_n must be >= 1 or None, got {self.every_n}")
         if self.max_probes < 0 or self.min_gap < 1 or self.first_at < 0 or self.align < 1:
             raise ValueError("max_probes must be >= 0, min_gap >= 1, first_at >= 0 and align >= 1")
+        if self.until is not None and not self.until:
+            raise ValueError("until must be a non-empty string (e.g. '</think>') or None")
         if self.every_n is None and not self.boundary and not self.cues:
             raise ValueError("the probe schedule never fires: set every_n, boundary or cues")
         object.__setattr__(self, "cues", tuple(self.cues))
@@ -103,7 +108,7 @@ class ProbeSchedule:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cues"] = list(self.cues)
-        for key in ("at_start", "at_cap"):  # absent = off: corpora written before these existed still match
+        for key in ("at_start", "at_cap", "until"):  # absent = off: corpora written before these still match
             if not d[key]:
                 del d[key]
         return d
