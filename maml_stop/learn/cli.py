@@ -9,6 +9,12 @@ and ``data.feature_names -> model.feature_names`` (both read from the corpus ``m
 them in YAML. The normalisation statistics follow by hook (``MetaStoppingModule.setup``, see
 :mod:`maml_stop.data.datamodule`).
 
+**The model class.** ``MetaStoppingModule`` unless the config names a subclass of it: ``--model
+maml_stop.learn.rl.RLStoppingModule`` or ``model: {class_path: maml_stop.learn.rl.RLStoppingModule,
+init_args: {...}}`` (``experiments/rl.yaml``). The flat ``model.hidden``, ``model.inner_lr``, ... keys of
+every YAML keep working (they are the default class's init arguments, and carry over to the subclass;
+jsonargparse drops those the subclass does not take, e.g. ``compare_random_init`` for the RL module).
+
 ``trainer.inference_mode`` defaults to false and setting it to true is refused: validation and test
 adapt the predictor with gradient steps, which inference mode forbids.
 
@@ -80,8 +86,10 @@ class MetaStoppingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: replace the checkpoints and logs of a previous run under trainer.default_root_dir")
-        parser.link_arguments("data.n_features", "model.n_features", apply_on="instantiate")
-        parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
+        parser.link_arguments("data.n_features", "model.init_args.n_features", apply_on="instantiate")
+        parser.link_arguments("data.feature_names", "model.init_args.feature_names", apply_on="instantiate")
+        # subclass mode (cli_main): MetaStoppingModule unless the config names a subclass (module docstring)
+        parser.set_defaults({"model": {"class_path": f"{MetaStoppingModule.__module__}.{MetaStoppingModule.__name__}"}})
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then make ``--ckpt_path`` loading safe before Lightning reads the file (it would
@@ -219,6 +227,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, follow_root: bool 
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        subclass_mode_model=True,  # --model maml_stop.learn.rl.RLStoppingModule (module docstring)
     )
 
 

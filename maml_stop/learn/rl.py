@@ -1,0 +1,413 @@
+"""``RLStoppingModule``: a stopping policy trained by policy gradient on the meta-training families.
+
+The stopping predictor's output is read as a **policy**: at probe point ``i`` of a trace it stops with
+probability ``p_i = sigmoid(logit_i)`` (a Bernoulli decision; the first stop ends the trace). The reward
+of one pass over a trace is
+
+    R = EM at the stop - lam * tokens / full-generation tokens
+
+with the EM of the forced answer at the stop probe (the final answer's EM when it never stops) and the
+tokens the one accounting home charges (:mod:`maml_stop.data.accounting`: stopping at ``i`` costs
+``positions[i]`` plus the probes ``0..i``; never stopping costs every reasoning token plus every probe),
+divided by the trace's plain full-generation cost, so that ``lam`` is the EM a whole trace's worth of
+tokens is worth (``lam = 0.1``: saving all of a trace's tokens pays for a tenth of a right answer).
+
+Training is REINFORCE (Williams 1992) on ``samples`` rollouts of each of ``traces_per_step`` training
+traces per step, drawn at random from the meta-training families (``data.train_families``; the
+datamodule's training episodes carry no token accounting, so its training loader only paces the steps:
+``data.steps_per_epoch`` steps an epoch). Baselines (``baseline``):
+
+* ``mean``: each rollout's baseline is the mean reward of the other rollouts of the same trace (the
+  leave-one-out baseline of Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free";
+  unbiased, needs ``samples >= 2``);
+* ``learned``: a per-decision value ``V(probe features)`` (a linear head on the predictor's normalised
+  inputs, ``value_head``, fitted by squared error to the return), subtracted at each decision taken;
+* ``none``: plain REINFORCE.
+
+``entropy_coef`` adds the entropy of the stop decisions taken as a bonus (exploration).
+
+A trace records every probe, so the expected reward of the policy is a finite sum
+(:func:`expected_reward`): ``val/reward`` and ``test/reward`` are that exact expectation on every trace
+of the validation / test families (no sampling noise), ``val/loss`` is its negative (what the
+quickstart's ``EarlyStopping`` and ``ModelCheckpoint`` monitor), and the tests check the estimator
+against its gradient. ``val/reward_greedy``, ``val/em_greedy``, ``val/tokens_greedy`` (fraction of full
+generation) and ``val/stopped_greedy`` score the deterministic policy "stop at the first ``p >= 0.5``".
+
+The module is a :class:`~maml_stop.learn.module.MetaStoppingModule` with another objective: the same
+predictor and :class:`~maml_stop.learn.adapter.InnerLoopAdapter` (``model.inner_lr``, ``inner_steps``,
+``loss``: how the evaluation adapts the RL-trained init on K support traces through
+``InnerLoopAdapter.fit_support``), the same normalisation hook and the same checkpoint layout, so
+:func:`maml_stop.learn.module.load_predictor` reads its checkpoints (their ``maml_stop`` entry adds
+``objective: rl`` and the ``rl`` settings).
+
+    maml-stop fit --config experiments/quickstart.yaml --config experiments/rl.yaml
+    maml-stop fit --config experiments/quickstart.yaml --model maml_stop.learn.rl.RLStoppingModule --model.lam 0.2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
+from maml_stop.data.batches import ProbeBatch, TraceTensors
+from maml_stop.data.corpus import Trace
+from maml_stop.learn.adapter import AdapterConfig
+from maml_stop.learn.module import CKPT_KEY, MetaStoppingModule
+from maml_stop.learn.predictor import PredictorConfig
+
+__all__ = ["RLConfig", "RLStoppingModule", "RewardTable", "Rollouts", "BASELINES", "padded_logits",
+           "stop_distribution", "expected_reward", "greedy_stops", "sample_rollouts", "policy_gradient_loss",
+           "policy_figures"]
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("mean", "learned", "none")
+NEVER = -1  # stop index of a rollout that never stops (runs to the end)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """The policy-gradient objective (tuned values: ``experiments/rl.yaml``)."""
+
+    lam: float = 0.1  # EM a full trace's worth of tokens is worth: R = EM - lam * tokens / full tokens
+    baseline: str = "mean"  # mean (leave-one-out over the trace's rollouts) | learned (value head) | none
+    entropy_coef: float = 0.0  # weight of the entropy bonus of the stop decisions taken
+    samples: int = 4  # rollouts per trace per step (baseline 'mean' needs >= 2)
+    traces_per_step: int = 64  # training traces per step (drawn without replacement)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam (the token price, in EM per full trace) must be finite and >= 0; got {self.lam}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; valid baselines: {', '.join(BASELINES)}")
+        if not (math.isfinite(self.entropy_coef) and self.entropy_coef >= 0):
+            raise ValueError(f"entropy_coef must be finite and >= 0; got {self.entropy_coef}")
+        if self.samples < 1 or self.traces_per_step < 1:
+            raise ValueError(f"samples and traces_per_step must be >= 1; got {self.samples}, {self.traces_per_step}")
+        if self.baseline == "mean" and self.samples < 2:
+            raise ValueError(f"baseline 'mean' is the mean reward of a trace's other rollouts: it needs samples >= 2; "
+                             f"got samples={self.samples} (or choose baseline: learned | none)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the rewards of every stop a policy can take ---------------------------------------------------------
+@dataclass
+class RewardTable:
+    """EM and tokens of every stop on a list of traces, padded to (T, P) (P: the most probes of a trace).
+    Tokens are :mod:`maml_stop.data.accounting`'s, divided by the trace's full-generation cost."""
+
+    stop_em: Tensor  # (T, P) float: EM of the forced answer at probe i (0 on padding)
+    stop_tokens: Tensor  # (T, P) float: tokens of stopping at probe i having run probes 0..i, / full
+    end_em: Tensor  # (T,) float: the final answer's EM (never stopping)
+    end_tokens: Tensor  # (T,) float: tokens of never stopping (every probe run), / full
+    mask: Tensor  # (T, P) bool: the trace has probe i
+
+    @classmethod
+    def from_traces(cls, traces: Sequence[Trace]) -> "RewardTable":
+        if not traces:
+            raise ValueError("a reward table needs at least one trace")
+        width = max(t.n_probes for t in traces)
+        n = len(traces)
+        stop_em, stop_tokens = np.zeros((n, width)), np.zeros((n, width))
+        mask = np.zeros((n, width), dtype=bool)
+        end_em, end_tokens = np.zeros(n), np.zeros(n)
+        for i, t in enumerate(traces):
+            full = max(full_cost(t), 1)
+            p = t.n_probes
+            stop_em[i, :p] = np.asarray(t.labels) > 0.5
+            stop_tokens[i, :p] = stop_costs(t)[0] / full
+            mask[i, :p] = True
+            end_em[i] = float(t.final_em)
+            end_tokens[i] = stop_cost(t, None)[0] / full
+        f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+        return cls(f32(stop_em), f32(stop_tokens), f32(end_em), f32(end_tokens), torch.from_numpy(mask))
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def gather(self, index: Tensor) -> "RewardTable":
+        return RewardTable(self.stop_em[index], self.stop_tokens[index], self.end_em[index], self.end_tokens[index],
+                           self.mask[index])
+
+    def to(self, device: torch.device | str) -> "RewardTable":
+        return RewardTable(*(getattr(self, k).to(device) for k in ("stop_em", "stop_tokens", "end_em", "end_tokens", "mask")))
+
+    def rewards(self, lam: float) -> tuple[Tensor, Tensor]:
+        """Rewards of stopping at each probe (T, P) (0 on padding) and of never stopping (T,)."""
+        return (self.stop_em - lam * self.stop_tokens) * self.mask, self.end_em - lam * self.end_tokens
+
+
+def padded_logits(values: Tensor, batch: ProbeBatch, width: int) -> Tensor:
+    """Per-probe values of a :class:`ProbeBatch` (N,) laid out per trace: (T, width), 0 on padding."""
+    out = values.new_zeros(batch.n_traces, width)
+    return out.index_put((batch.trace_index, batch.probe_index), values)
+
+
+# ---- the policy: first Bernoulli stop ---------------------------------------------------------------------
+def stop_distribution(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """P(the policy stops at probe i) (T, P) and P(it never stops) (T,), for stop logits (T, P)."""
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits).masked_fill(~mask, 0.0)
+    survive = torch.cumsum(log_q, dim=-1) - log_q  # (T, P) log P(no stop before probe i)
+    return torch.exp(survive + log_p) * mask, torch.exp(log_q.sum(dim=-1))
+
+
+def expected_reward(logits: Tensor, table: RewardTable, lam: float) -> Tensor:
+    """The exact expected reward of the stochastic policy on each trace (differentiable). (T,)"""
+    p_stop, p_never = stop_distribution(logits, table.mask)
+    r_stop, r_end = table.rewards(lam)
+    return (p_stop * r_stop).sum(dim=-1) + p_never * r_end
+
+
+def greedy_stops(logits: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
+    """Stop index of the deterministic policy "first probe with p >= threshold" (T,) long, -1 = never."""
+    hit = (torch.sigmoid(logits) >= threshold) & mask
+    return torch.where(hit.any(dim=-1), hit.float().argmax(dim=-1), torch.full_like(hit[:, 0], NEVER, dtype=torch.long))
+
+
+def _at(stops: Tensor, per_probe: Tensor, end: Tensor) -> Tensor:
+    """``per_probe`` (T, P) at the stop indices (..., T), ``end`` (T,) where they are -1."""
+    shape = stops.shape
+    flat = stops.reshape(-1, shape[-1])  # (S, T)
+    picked = per_probe.unsqueeze(0).expand(flat.shape[0], -1, -1).gather(-1, flat.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(flat >= 0, picked, end.unsqueeze(0)).reshape(shape)
+
+
+@dataclass
+class Rollouts:
+    """``S`` sampled passes of the policy over ``T`` traces."""
+
+    stops: Tensor  # (S, T) long: probe stopped at, -1 = never
+    visited: Tensor  # (S, T, P) bool: the policy decided at probe i (no stop before it)
+    log_terms: Tensor  # (S, T, P) log-probability of the decision taken at each visited probe (0 elsewhere)
+    rewards: Tensor  # (S, T)
+
+
+def sample_rollouts(logits: Tensor, table: RewardTable, lam: float, samples: int,
+                    generator: torch.Generator | None = None) -> Rollouts:
+    """Sample ``samples`` passes: at each probe the policy stops with probability sigmoid(logit)."""
+    mask = table.mask
+    u = torch.rand((samples, *logits.shape), generator=generator).to(logits.device)  # (S, T, P)
+    fire = (u < torch.sigmoid(logits.detach())) & mask  # would stop here if it got here
+    earlier = torch.cumsum(fire.long(), dim=-1) - fire.long()  # (S, T, P) stops wanted before probe i
+    visited = (earlier == 0) & mask
+    stops = torch.where(fire.any(dim=-1), fire.float().argmax(dim=-1), torch.full(fire.shape[:2], NEVER, dtype=torch.long, device=fire.device))
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    log_terms = torch.where(fire, log_p, log_q) * visited  # (S, T, P)
+    r_stop, r_end = table.rewards(lam)
+    return Rollouts(stops, visited, log_terms, _at(stops, r_stop, r_end))
+
+
+def bernoulli_entropy(logits: Tensor) -> Tensor:
+    p = torch.sigmoid(logits)
+    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+
+
+def policy_gradient_loss(logits: Tensor, table: RewardTable, config: RLConfig, values: Tensor | None = None,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The REINFORCE surrogate loss (its gradient estimates minus the gradient of the expected reward)
+    on sampled rollouts, with the ``config``'s baseline and entropy bonus; ``values`` (T, P) are the
+    learned baseline's per-probe values (``baseline='learned'``; their squared error is added to the
+    loss). Returns the loss and detached statistics (``reward``, ``entropy``, ``stopped``, ``value_loss``)."""
+    ro = sample_rollouts(logits, table, config.lam, config.samples, generator)
+    reward = ro.rewards  # (S, T)
+    stats: dict[str, Tensor] = {}
+    if config.baseline == "learned":
+        if values is None:
+            raise ValueError("baseline 'learned' needs the value head's per-probe values")
+        advantage = (reward.unsqueeze(-1) - values.detach().unsqueeze(0)) * ro.visited  # (S, T, P)
+        pg = -(advantage * ro.log_terms).sum(dim=-1).mean()
+        sq = (values.unsqueeze(0) - reward.unsqueeze(-1)) ** 2 * ro.visited
+        value_loss = sq.sum() / ro.visited.sum().clamp(min=1)
+        stats["value_loss"] = value_loss.detach()
+    else:
+        if config.baseline == "mean":
+            s = reward.shape[0]
+            baseline = (reward.sum(dim=0, keepdim=True) - reward) / (s - 1)  # (S, T) leave-one-out
+        else:
+            baseline = torch.zeros_like(reward)
+        pg = -((reward - baseline) * ro.log_terms.sum(dim=-1)).mean()
+        value_loss = reward.new_zeros(())
+    entropy = (bernoulli_entropy(logits).unsqueeze(0) * ro.visited).sum(dim=-1).mean()  # per pass
+    loss = pg - config.entropy_coef * entropy + value_loss
+    stats.update(reward=reward.mean().detach(), entropy=entropy.detach(), stopped=(ro.stops >= 0).float().mean())
+    return loss, stats
+
+
+@torch.no_grad()
+def policy_figures(logits: Tensor, table: RewardTable, lam: float) -> dict[str, float]:
+    """The stochastic policy's exact expected reward and the greedy policy's (first p >= 0.5) reward,
+    EM, tokens (fraction of full generation) and share of traces it stops early; full generation's EM."""
+    stops = greedy_stops(logits, table.mask)
+    r_stop, r_end = table.rewards(lam)
+    return {
+        "reward": float(expected_reward(logits, table, lam).mean()),
+        "reward_greedy": float(_at(stops.unsqueeze(0), r_stop, r_end).mean()),
+        "em_greedy": float(_at(stops.unsqueeze(0), table.stop_em, table.end_em).mean()),
+        "tokens_greedy": float(_at(stops.unsqueeze(0), table.stop_tokens, table.end_tokens).mean()),
+        "stopped_greedy": float((stops >= 0).float().mean()),
+        "full_em": float(table.end_em.mean()),
+    }
+
+
+# ---- the LightningModule ---------------------------------------------------------------------------------
+class RLStoppingModule(MetaStoppingModule):
+    """A :class:`StoppingPredictor` trained as a stopping policy by REINFORCE (module docstring)."""
+
+    def __init__(
+        self,
+        n_features: int,
+        feature_names: list[str] | None = None,
+        hidden: int = PredictorConfig.hidden,
+        depth: int = PredictorConfig.depth,
+        kind: str = PredictorConfig.kind,
+        dropout: float = PredictorConfig.dropout,
+        algorithm: str = AdapterConfig.algorithm,
+        inner_lr: float = AdapterConfig.inner_lr,
+        inner_steps: int = AdapterConfig.inner_steps,
+        first_order: bool = AdapterConfig.first_order,
+        loss: str = AdapterConfig.loss,
+        eval_inner_steps: int | None = None,
+        lam: float = RLConfig.lam,
+        baseline: str = RLConfig.baseline,
+        entropy_coef: float = RLConfig.entropy_coef,
+        samples: int = RLConfig.samples,
+        traces_per_step: int = RLConfig.traces_per_step,
+        rl_seed: int = 0,
+        init_seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """The predictor and adapter arguments are :class:`MetaStoppingModule`'s (the adapter is what
+        the evaluation's ``rl`` method adapts on K support traces with); ``lam``, ``baseline``,
+        ``entropy_coef``, ``samples``, ``traces_per_step`` are :class:`RLConfig`'s; ``rl_seed`` seeds
+        the draw of training traces and rollouts (saved in checkpoints, so a resumed fit goes on alike)."""
+        self.rl_config = RLConfig(lam, baseline, entropy_coef, samples, traces_per_step)  # checked first
+        super().__init__(
+            n_features, feature_names, hidden=hidden, depth=depth, kind=kind, dropout=dropout, algorithm=algorithm,
+            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
+            eval_inner_steps=eval_inner_steps, compare_random_init=False, init_seed=init_seed,
+            optimizer=optimizer, lr_scheduler=lr_scheduler,
+        )
+        width = n_features * (3 if kind == "delta" else 1)  # predictor.inputs(batch) width
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed + 1)
+            # the learned baseline's V(probe): outside ``adapter.*``, so load_predictor leaves it out
+            self.value_head = nn.Linear(width, 1) if baseline == "learned" else None
+        self.generator = torch.Generator().manual_seed(rl_seed)
+        self._data: dict[str, tuple[TraceTensors, RewardTable] | None] = {}
+        self._traces: dict[str, list[Trace]] = {}
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # normalisation statistics of the meta-training families, feature checks
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "split"):
+            return
+        dm.setup()
+        for name, families in (("train", dm.split.train), ("val", dm.split.val), ("test", dm.split.test)):
+            self._traces[name] = [t for f in families for t in dm.corpus.traces(f)]
+        self._data = {}
+
+    def use_traces(self, stage: str, traces: Sequence[Trace]) -> None:
+        """Set the traces of a stage by hand (without a datamodule: tests, notebooks)."""
+        self._traces[stage] = list(traces)
+        self._data.pop(stage, None)
+
+    def stage_data(self, stage: str) -> tuple[TraceTensors, RewardTable] | None:
+        """The traces of ``stage`` collated once with their reward table (None without traces)."""
+        if stage not in self._data:
+            traces = self._traces.get(stage) or []
+            self._data[stage] = (TraceTensors(traces), RewardTable.from_traces(traces)) if traces else None
+        return self._data[stage]
+
+    def logits(self, batch: ProbeBatch, table: RewardTable, model: nn.Module | None = None) -> Tensor:
+        """The policy's stop logits laid out per trace. (T, P)"""
+        model = self.predictor if model is None else model
+        return padded_logits(model(batch), batch, table.width)
+
+    def rl_loss(self, batch: ProbeBatch, table: RewardTable) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`policy_gradient_loss` of the predictor on ``batch`` (the traces of ``table``)."""
+        values = None
+        if self.value_head is not None:
+            values = padded_logits(self.value_head(self.predictor.inputs(batch)).squeeze(-1), batch, table.width)
+        return policy_gradient_loss(self.logits(batch, table), table, self.rl_config, values, self.generator)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One policy-gradient step on ``traces_per_step`` random training traces (``batch``, the
+        datamodule's episodes, only paces the steps: module docstring)."""
+        data = self.stage_data("train")
+        if data is None:
+            raise ValueError("RLStoppingModule has no training traces: set data.train_families (or data.fold) to "
+                             "families of the corpus, or call use_traces('train', traces)")
+        tensors, table = data
+        n = min(self.rl_config.traces_per_step, len(table))
+        index = torch.randperm(len(table), generator=self.generator)[:n]
+        batch_ = tensors.gather(index.numpy()).to(self.device)
+        loss, stats = self.rl_loss(batch_, table.gather(index).to(self.device))
+        self.log("train/loss", loss, batch_size=n, prog_bar=True)
+        for key, value in stats.items():
+            self.log(f"train/{key}", value, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the figures are computed once on every validation trace (epoch end)."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the figures are computed once on every test trace (epoch end)."""
+
+    def stage_figures(self, stage: str) -> dict[str, float] | None:
+        """:func:`policy_figures` of the current policy on every trace of ``stage`` (None without)."""
+        data = self.stage_data(stage)
+        if data is None:
+            return None
+        tensors, table = data
+        was = self.training
+        self.eval()
+        with torch.no_grad():
+            batch = tensors.gather(np.arange(len(table))).to(self.device)
+            figures = policy_figures(self.logits(batch, table.to(self.device)), table.to(self.device), self.rl_config.lam)
+        self.train(was)
+        return figures
+
+    def _log_stage(self, stage: str) -> None:
+        figures = self.stage_figures(stage)
+        if figures is None:
+            return
+        n = len(self._traces[stage])
+        self.log(f"{stage}/reward", figures["reward"], batch_size=n, prog_bar=True)
+        self.log(f"{stage}/loss", -figures["reward"], batch_size=n)  # what the quickstart's callbacks monitor
+        for key in ("reward_greedy", "em_greedy", "tokens_greedy", "stopped_greedy", "full_em"):
+            self.log(f"{stage}/{key}", figures[key], batch_size=n)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test")
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the layout load_predictor reads
+        checkpoint[CKPT_KEY].update(objective="rl", rl=self.rl_config.to_dict())
+        checkpoint["rl_generator"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "rl_generator" in checkpoint:
+            self.generator.set_state(checkpoint["rl_generator"])

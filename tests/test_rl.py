@@ -1,0 +1,201 @@
+"""The RL stopping policy (maml_stop/learn/rl.py): the reward's accounting by hand, the policy-gradient
+estimator against the exact gradient, a known optimum found by training, a tiny `maml-stop fit`, the
+checkpoint through load_predictor, the evaluation's rl / rl_unadapted methods, and bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maml_stop.data.batches import collate_traces
+from maml_stop.learn.rl import (
+    RLConfig,
+    RLStoppingModule,
+    RewardTable,
+    expected_reward,
+    greedy_stops,
+    padded_logits,
+    policy_figures,
+    policy_gradient_loss,
+    stop_distribution,
+)
+from trace_helpers import make_trace
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_reward_table_is_the_accounting_by_hand():
+    # probes at 10, 20, 30 reasoning tokens, 5 tokens each; 40 reasoning tokens in all (full generation)
+    t = make_trace([0, 1, 1], step=10, probe_cost=5, reasoning_tokens=40, final_em=True)
+    table = RewardTable.from_traces([t])
+    # stop at i: positions[i] + probes 0..i -> 15, 30, 45 tokens; never: 40 + 15 = 55; all / 40
+    assert torch.allclose(table.stop_tokens, torch.tensor([[15 / 40, 30 / 40, 45 / 40]]))
+    assert torch.allclose(table.end_tokens, torch.tensor([55 / 40]))
+    r_stop, r_end = table.rewards(lam=0.2)
+    assert torch.allclose(r_stop, torch.tensor([[0 - 0.2 * 15 / 40, 1 - 0.2 * 30 / 40, 1 - 0.2 * 45 / 40]]))
+    assert torch.allclose(r_end, torch.tensor([1 - 0.2 * 55 / 40]))
+    # p = 1/2 at every probe: stops at 0, 1, 2 w.p. 1/2, 1/4, 1/8, never 1/8
+    logits = torch.zeros(1, 3)
+    p_stop, p_never = stop_distribution(logits, table.mask)
+    assert torch.allclose(p_stop, torch.tensor([[0.5, 0.25, 0.125]])) and torch.allclose(p_never, torch.tensor([0.125]))
+    want = 0.5 * r_stop[0, 0] + 0.25 * r_stop[0, 1] + 0.125 * r_stop[0, 2] + 0.125 * r_end[0]
+    assert torch.allclose(expected_reward(logits, table, 0.2), want.reshape(1))
+    # greedy: first p >= 0.5; logits (-1, 2, 3) stop at probe 1, all negative never stops
+    assert greedy_stops(torch.tensor([[-1.0, 2.0, 3.0], [-1.0, -1.0, -1.0]]), table.gather(torch.tensor([0, 0])).mask).tolist() == [1, -1]
+    figures = policy_figures(torch.tensor([[-1.0, 2.0, 3.0]]), table, 0.2)
+    assert figures["em_greedy"] == 1.0 and figures["tokens_greedy"] == pytest.approx(30 / 40)
+    assert figures["reward_greedy"] == pytest.approx(1 - 0.2 * 30 / 40)
+
+
+def test_padding_of_traces_of_different_lengths():
+    traces = [make_trace([1], trace_id="a"), make_trace([0, 0, 1], trace_id="b")]
+    table = RewardTable.from_traces(traces)
+    assert table.mask.tolist() == [[True, False, False], [True, True, True]]
+    batch = collate_traces(traces)
+    logits = padded_logits(torch.arange(4.0), batch, table.width)
+    assert logits.tolist() == [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    p_stop, p_never = stop_distribution(torch.zeros(2, 3), table.mask)
+    assert torch.allclose(p_stop.sum(1) + p_never, torch.ones(2))  # a distribution over the probes that exist
+    assert p_stop[0, 1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean", "learned"])
+@pytest.mark.parametrize("first_correct", [True, False])
+def test_policy_gradient_has_the_sign_and_size_of_the_exact_gradient(baseline, first_correct):
+    """One parameter theta, the stop logit at every probe. When the first probe is right, stopping there
+    is the best reward (fewest tokens), so the loss must fall as theta rises; when it is wrong and the
+    final answer right, the reverse. The REINFORCE estimate matches d/dtheta of -E[R] (exact sum)."""
+    t = make_trace([1 if first_correct else 0, 1, 1], step=10, probe_cost=5, reasoning_tokens=40, final_em=True)
+    table = RewardTable.from_traces([t])
+    config = RLConfig(lam=0.5, baseline=baseline, samples=40_000)
+    theta = torch.zeros((), requires_grad=True)
+    values = torch.full((1, 3), 0.3) if baseline == "learned" else None  # any state baseline keeps it unbiased
+    loss, stats = policy_gradient_loss(theta.expand(1, 3), table, config, values, torch.Generator().manual_seed(0))
+    (estimate,) = torch.autograd.grad(loss, theta)
+    exact_theta = torch.zeros((), requires_grad=True)
+    (exact,) = torch.autograd.grad(-expected_reward(exact_theta.expand(1, 3), table, 0.5).sum(), exact_theta)
+    assert (exact < 0) == first_correct and abs(float(exact)) > 0.05
+    assert torch.sign(estimate) == torch.sign(exact)
+    assert float(estimate) == pytest.approx(float(exact), abs=0.05 + 0.1 * abs(float(exact)))
+    assert float(stats["reward"]) == pytest.approx(float(expected_reward(torch.zeros(1, 3), table, 0.5)), abs=0.02)
+
+
+def _stairs(n: int = 24) -> list:
+    """Traces whose forced answer is right from probe 2 on: stopping at probe 2 is the best reward for a
+    small lam (EM 1 at the fewest tokens), stopping at probe 0 for a huge one. Features: the probe's
+    one-hot position, plus noise."""
+    rng = np.random.default_rng(0)
+    feats = lambda: np.eye(5) + 0.1 * rng.normal(size=(5, 5))  # noqa: E731
+    return [make_trace([0, 0, 1, 1, 1], step=10, probe_cost=2, reasoning_tokens=60, final_em=True,
+                       features=feats(), trace_id=f"q{i}#0") for i in range(n)]
+
+
+def _train(lam: float, steps: int = 300) -> tuple[RLStoppingModule, list]:
+    torch.manual_seed(0)
+    traces = _stairs()
+    module = RLStoppingModule(n_features=5, hidden=16, depth=1, lam=lam, samples=8, traces_per_step=len(traces))
+    module.use_traces("train", traces)
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    tensors, table = module.stage_data("train")
+    batch = tensors.gather(np.arange(len(traces)))
+    for _ in range(steps):
+        loss, _ = module.rl_loss(batch, table)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return module, traces
+
+
+@pytest.mark.parametrize("lam, best", [(0.3, 2), (100.0, 0)])
+def test_training_finds_the_known_optimum(lam, best):
+    module, traces = _train(lam)
+    tensors, table = module.stage_data("train")
+    with torch.no_grad():
+        stops = greedy_stops(module.logits(tensors.gather(np.arange(len(traces))), table), table.mask)
+    assert stops.tolist() == [best] * len(traces)
+    module.use_traces("val", traces)
+    figures = module.stage_figures("val")
+    r_stop, _ = table.rewards(lam)
+    assert figures["reward"] == pytest.approx(float(r_stop[:, best].mean()), abs=0.05 * max(1.0, lam))
+
+
+def test_bad_settings_name_the_valid_choices():
+    with pytest.raises(ValueError, match="unknown baseline 'bogus'; valid baselines: mean, learned, none"):
+        RLConfig(baseline="bogus")
+    with pytest.raises(ValueError, match="needs samples >= 2"):
+        RLConfig(baseline="mean", samples=1)
+    with pytest.raises(ValueError, match="lam .* >= 0"):
+        RLStoppingModule(n_features=3, lam=-1.0)
+    from maml_stop.evaluate.config import EvaluateConfig, check_config
+
+    with pytest.raises(ValueError, match=r"methods \['rl'\] need an RL checkpoint"):
+        check_config(EvaluateConfig(corpus="c", methods=["full", "rl"]))
+
+
+def test_cli_picks_the_model_class(tiny_corpus, tmp_path):
+    from maml_stop.learn.cli import cli_main
+    from maml_stop.learn.module import MetaStoppingModule
+    from test_configs import tiny_args
+
+    args = tiny_args(EXPERIMENTS / "quickstart.yaml", tiny_corpus, tmp_path) + ["--data.k=4", "--data.q=8"]
+    assert type(cli_main(args, run=False).model) is MetaStoppingModule  # the default class is unchanged
+    cli = cli_main(args + ["--model", "maml_stop.learn.rl.RLStoppingModule", "--model.lam", "0.25"], run=False)
+    assert isinstance(cli.model, RLStoppingModule) and cli.model.rl_config.lam == 0.25
+    assert cli.model.hparams["hidden"] == 32 and cli.model.predictor.n_features == 8  # quickstart keys, data link
+    with pytest.raises(ValueError, match="unknown baseline 'bogus'; valid baselines: mean, learned, none"):
+        cli_main(args + ["--config", str(EXPERIMENTS / "rl.yaml"), "--model.baseline=bogus"], run=False)
+
+
+def test_tiny_fit_then_load_and_evaluate(tiny_corpus, tmp_path):
+    """`maml-stop fit` of the RL module on the tiny corpus; its best checkpoint through load_predictor
+    (the maml road) and the evaluation's rl / rl_unadapted methods on the held-out family."""
+    from maml_stop.cli import main
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.data.episodes import EpisodeSampler
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.methods import build_policies
+    from maml_stop.evaluate.policies import ProbePolicy, probe_outcome
+    from maml_stop.evaluate.protocol import evaluate_episode
+    from maml_stop.evaluate.thresholds import make_selector
+    from maml_stop.learn.module import load_predictor
+    from maml_stop.learn.predictor import PredictorConfig
+    from test_configs import tiny_args
+
+    args = ["fit", "--config", str(EXPERIMENTS / "quickstart.yaml")] + tiny_args(EXPERIMENTS / "rl.yaml", tiny_corpus, tmp_path) + [
+        "--trainer.max_steps=20", "--data.steps_per_epoch=10", "--trainer.check_val_every_n_epoch=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--data.k=4", "--data.q=8", "--data.val_episodes=2", "--data.test_episodes=2",
+    ]
+    assert main(args) == 0
+    metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/reward", "val/reward", "val/loss", "val/em_greedy", "val/tokens_greedy"} <= set(metrics)
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    predictor, adapter, meta = load_predictor(ckpt)
+    assert meta["objective"] == "rl" and meta["rl"]["lam"] == 0.1 and adapter.inner_steps == 3
+    assert meta["data"]["test_families"] == ["fam_c"]
+
+    cfg = EvaluateConfig(corpus=tiny_corpus, rl_checkpoint=str(ckpt), taus=[0.9, 0.5, 0.1])
+    policies = build_policies(cfg, ["rl", "rl_unadapted"], None, None, PredictorConfig(n_features=8))
+    assert isinstance(policies["rl"], ProbePolicy)
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_c")
+    ep = EpisodeSampler({"fam_c": traces}, k=4, q=8, seed=0).fixed_episodes("fam_c", n=1, seed=0)[0]
+    selectors = {"em_target": make_selector("em_target", delta=0.01)}
+    for name, policy in policies.items():
+        rec = evaluate_episode(policy, ep.support, ep.query, selectors, delta=0.01)
+        assert 0.0 <= rec["thresholds"]["em_target"]["em"] <= 1.0, name
+    # rl_unadapted: the predictor's own p >= 0.5, the default accounting
+    unadapted = policies["rl_unadapted"]
+    for t in ep.query:
+        with torch.no_grad():
+            p = torch.sigmoid(predictor(collate_traces([t]))).numpy()
+        hits = np.flatnonzero(p >= 0.5)
+        index = int(hits[0]) if hits.size else None
+        assert unadapted.stop_index(t) == index and unadapted.outcome(t) == probe_outcome(t, index)
+    # a family the checkpoint trained on cannot be held out
+    seen = TraceCorpus.load(tiny_corpus).traces("fam_a")[:4]
+    for policy in policies.values():
+        with pytest.raises(ValueError, match="trained or validated on \\['fam_a'\\]"):
+            policy.fit(seen)
