@@ -260,3 +260,20 @@ def test_bad_worker_arguments(tmp_path):
     for kw in (dict(worker=2, num_workers=2), dict(worker=-1), dict(num_workers=0)):
         with pytest.raises(ValueError, match="worker must be in"):
             _harvest(tmp_path / "c", "/nonexistent/model", **kw)
+
+
+def test_stored_questions_outside_the_order_are_refused(tmp_path, model_dir, monkeypatch):
+    """A family whose question generator changed (e.g. depends on PYTHONHASHSEED) is not extended: the
+    resumed harvest would mix two question sets (the v2 corpus stored two for ransom_note)."""
+    from maml_stop.harvest import cli as harvest_cli
+
+    out = tmp_path / "c"
+    _harvest(out, model_dir, families=["gcd"], n_per_family=3)
+    real = harvest_cli.harvest_order
+
+    def other_questions(family, name, n, seed):  # the same family drawing other questions
+        return real(family, name, n, seed + 1)
+
+    monkeypatch.setattr(harvest_cli, "harvest_order", other_questions)
+    with pytest.raises(ValueError, match="not in its question order"):
+        _harvest(out, model_dir, families=["gcd"], n_per_family=3)

@@ -99,9 +99,12 @@ def _read_trace_file(path: Path) -> pa.Table:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for damaged files
         raise store.CorpusError(f"corrupt trace file {path}: {err}") from err
-    if table.schema.names != store.TRACE_COLUMNS:
-        raise store.CorpusError(f"{path} has columns {table.schema.names}, expected {store.TRACE_COLUMNS}")
-    return table.cast(store.TRACE_SCHEMA)
+    names = table.schema.names
+    n = len(store.TRACE_COLUMNS)
+    if names[:n] != store.TRACE_COLUMNS or not set(names[n:]) <= set(store.OPTIONAL_COLUMNS):
+        raise store.CorpusError(f"{path} has columns {names}, expected {store.TRACE_COLUMNS} "
+                                f"(optionally followed by some of {store.OPTIONAL_COLUMNS})")
+    return table.select(store.TRACE_COLUMNS).cast(store.TRACE_SCHEMA)  # optional columns are not read here
 
 
 class TraceCorpus:

@@ -144,6 +144,20 @@ def _meta_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _check_stored_in_order(done: set[str], orders: dict[str, set[str]]) -> None:
+    """Refuse to extend a family whose stored traces are not all in its question order: its questions
+    changed since they were stored (a generator whose output depends on the process, e.g. on
+    PYTHONHASHSEED, or another reasoning-gym version), and a resume would mix two question sets."""
+    for name, order in orders.items():
+        stray = sorted(t for t in done if store.question_id_of(t).split("/", 1)[0] == name and t not in order)
+        if stray:
+            raise ValueError(
+                f"family {name!r}: {len(stray)} stored traces are not in its question order now (e.g. {stray[0]}): "
+                "its questions changed since they were stored (a question generator that depends on the process "
+                "or the reasoning-gym version). Refusing to mix two question sets: delete the family's shards "
+                "or harvest it into another folder.")
+
+
 def harvest_order(family, name: str, n_per_family: int, seed: int) -> list:
     """A family's questions in the order the harvest takes them: ``n_per_family`` split 70/10/20 over
     its train/validation/test pools, interleaved by a seeded shuffle (so that a harvest stopped early
@@ -283,10 +297,12 @@ def harvest(
 
     # questions first: a bad family or too few questions fails before the model loads
     todo: dict[str, list] = {}
+    orders: dict[str, set[str]] = {}
     for name, fam in fams.items():
         qs = harvest_order(fam, name, n_per_family, seed)
         if not qs:
             raise ValueError(f"family {name!r} yields no questions (n_per_family={n_per_family})")
+        orders[name] = {store.make_trace_id(q.id) for q in qs}
         qs = qs if max_per_family is None else qs[:max_per_family]
         todo[name] = qs[worker::num_workers]  # worker i of n: every n-th question of the order, from i
 
@@ -323,6 +339,7 @@ def harvest(
         _check_meta(out_path, meta)
 
     done = store.stored_trace_ids(out_path)
+    _check_stored_in_order(done, orders)
     pending = {n: [q for q in qs if store.make_trace_id(q.id) not in done] for n, qs in todo.items()}
     # resume with the families that have the fewest traces, so restarts do not starve the last ones
     fams = dict(sorted(fams.items(), key=lambda kv: len(todo[kv[0]]) - len(pending[kv[0]])))
