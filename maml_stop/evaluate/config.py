@@ -93,6 +93,20 @@ class EvaluateConfig:
     ensemble_part_selector: str = "em_target"  # each part's own threshold (what ensemble_vote counts); thresholds.SELECTORS
     ensemble_shares: list[float] = field(default_factory=lambda: [1.0, 0.5])  # ensemble_vote: required weight shares swept
     ensemble_default_share: float = 0.5  # ensemble_vote: the share of the 'fixed' threshold method
+    # complexity budgets (maml_stop.evaluate.policies.complexity; listed in ``methods`` to run them)
+    complexity_scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5])  # complexity_budget: budget multipliers swept
+    complexity_default_scale: float = 1.0  # complexity_budget: the multiplier of the 'fixed' threshold method
+    complexity_ridge: float = 10.0  # complexity_budget: ridge penalty on the standardised question features
+    complexity_start_probe: bool = True  # also read a start probe's free features (corpora probed at_start)
+    complexity_meta_steps: int = 100  # complexity_adapted: MAML steps on the source families
+    complexity_meta_lr: float = 0.01  # complexity_adapted: their Adam step size
+    complexity_meta_k: int = 8  # complexity_adapted: support questions of a meta-training episode
+    complexity_inner_lr: float = 0.1  # complexity_adapted: inner-loop step size (meta-training and support)
+    complexity_inner_steps: int = 5  # complexity_adapted: inner steps
+    # complexity_capped_maml: the budget cap's fixed multiplier; None: chosen on support (the cap alone within delta)
+    complexity_cap_scale: float | None = None
+    # the RL stopping policy (maml_stop.learn.rl; methods rl, rl_unadapted, run only when listed)
+    rl_checkpoint: str | None = None  # a `maml-stop fit --config experiments/quickstart.yaml --config experiments/rl.yaml` checkpoint
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars
@@ -122,6 +136,10 @@ def check_config(cfg: EvaluateConfig) -> None:
             "method 'maml' needs a meta-trained checkpoint: pass --checkpoint, --checkpoints or --train_config, "
             f"or leave 'maml' out of --methods (valid methods: {', '.join(METHODS)})"
         )
+    rl = [m for m in cfg.methods if m in ("rl", "rl_unadapted")]
+    if rl and not cfg.rl_checkpoint:
+        raise ValueError(f"methods {rl} need an RL checkpoint: set rl_checkpoint (experiments/rl_evaluate.yaml) "
+                         f"or leave them out of --methods (valid methods: {', '.join(METHODS)})")
 
 
 def _parser():

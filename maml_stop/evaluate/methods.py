@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.learn.predictor import PredictorConfig
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "ENSEMBLE_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "ENSEMBLE_METHODS", "COMPLEXITY_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
 
 
 @dataclass
@@ -244,13 +244,122 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "ensemble_average": lambda c: _ensemble(c, "average"),
     "ensemble_vote": lambda c: _ensemble(c, "vote"),
 }
+# -- complexity budgets (maml_stop.evaluate.policies.complexity, issue 13 item 2): a per-question token budget
+# predicted from the question text (and a start probe's free features); run only when listed.
+
+
+def _complexity_features(c: MethodContext) -> Any:
+    from maml_stop.data import store
+    from maml_stop.evaluate.policies import complexity as CX
+    from maml_stop.probe.question_features import QuestionFeaturizer
+
+    start = CX.start_features(store.read_meta(c.cfg.corpus), c.feature_names) if c.cfg.complexity_start_probe else []
+    questions = CX.QuestionTable.load(c.cfg.corpus, c.cfg.source_corpus)
+    return CX.ComplexityFeatures(QuestionFeaturizer(c.feature_names, start), questions)
+
+
+def _complexity_budget(c: MethodContext, selector: Any = None, name: str = "complexity_budget") -> StoppingPolicy:
+    from maml_stop.evaluate.policies.complexity import ComplexityBudget
+
+    return ComplexityBudget(_complexity_features(c), selector, scales=c.cfg.complexity_scales,
+                            default_scale=c.cfg.complexity_default_scale, alpha=c.cfg.complexity_ridge, name=name,
+                            **c.adapted)
+
+
+def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
+    """Held-out family -> the meta-initialisation's source traces by family: ``source_families``, else the
+    checkpoint's training families, else every other family of the source corpus (as the pooled probe's)."""
+    def sources(family: str) -> dict:
+        from maml_stop.evaluate.folds import load_checkpoint
+        from maml_stop.evaluate.policies.complexity import load_corpus
+
+        corpus = load_corpus(str(c.cfg.source_corpus or c.cfg.corpus), c.cfg.min_probes)
+        path = (c.cfg.checkpoints or {}).get(family) or c.cfg.checkpoint
+        split = load_checkpoint(path, corpus)[2] if path else {}
+        held_out = [family, *([] if c.cfg.checkpoints or c.cfg.train_config else (c.cfg.families or split.get("test") or []))]
+        names = c.cfg.source_families or split.get("train") or [g for g in corpus.families if g not in held_out]
+        return {g: corpus.traces(g) for g in names if g != family}
+    return sources
+
+
+def _complexity_adapted(c: MethodContext) -> StoppingPolicy:
+    from maml_stop.evaluate.policies.complexity import ComplexityAdapted, ComplexityView
+    from maml_stop.learn.adapter import InnerLoopAdapter
+    from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
+
+    view = ComplexityView(_complexity_features(c))
+    with torch.random.fork_rng():
+        torch.manual_seed(c.cfg.seed)
+        fresh = StoppingPredictor.from_config(PredictorConfig(n_features=view.width, **c.cfg.predictor))
+    adapter = InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.complexity_inner_lr,
+                               inner_steps=c.cfg.complexity_inner_steps, first_order=True, loss=c.inner_loss)
+    probe = ProbePolicy(adapter=adapter, name="complexity_adapted", **c.probe, **c.adapted)
+    meta = dict(steps=c.cfg.complexity_meta_steps, lr=c.cfg.complexity_meta_lr, k=c.cfg.complexity_meta_k,
+                seed=c.cfg.seed)
+    return ComplexityAdapted(probe, view, _complexity_sources(c), meta, name="complexity_adapted")
+
+
+def _complexity_capped_maml(c: MethodContext) -> StoppingPolicy:
+    if c.adapter is None:
+        raise ValueError("method 'complexity_capped_maml' needs a checkpoint (--checkpoint, --checkpoints or "
+                         "--train_config): it caps the 'maml' probe")
+    scale = c.cfg.complexity_cap_scale  # None: the cap's own scale chosen on support (EM within delta)
+    selector = FixedThreshold(scale) if scale is not None else make_selector("em_target", delta=c.cfg.delta)
+    cap = _complexity_budget(c, selector, name="complexity_capped_maml/cap")
+    return Either(_maml(c), cap, name="complexity_capped_maml")
+
+
+BUILDERS.update({
+    "complexity_budget": _complexity_budget,
+    "complexity_adapted": _complexity_adapted,
+    "complexity_capped_maml": _complexity_capped_maml,
+})
+COMPLEXITY_METHODS = ("complexity_budget", "complexity_adapted", "complexity_capped_maml")
 COST_AWARE_METHODS = ("free_probe", "gated_probe", "sparse", "free_give_up", "probe_give_up")
 HYBRID_METHODS = ("hybrid_budget", "hybrid_floor", "either_consistency_confidence", "both_consistency_confidence")
 ENSEMBLE_METHODS = ("ensemble_average", "ensemble_vote")
 METHODS: tuple[str, ...] = tuple(BUILDERS)  # every valid method
 DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS + HYBRID_METHODS
-                                         + ENSEMBLE_METHODS)  # run when none are listed
+                                         + ENSEMBLE_METHODS + COMPLEXITY_METHODS)  # run when none are listed
 NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
+
+
+# -- the RL stopping policy (maml_stop.learn.rl, issue 13 item 5): cfg.rl_checkpoint, read through the same road
+# as the maml checkpoint (load_predictor); rl adapts it on support (fit_support) and thresholds it by the
+# selectors, rl_unadapted takes its own p >= 0.5 decision. Run only when listed.
+
+
+def _rl(c: MethodContext, name: str) -> StoppingPolicy:
+    from types import SimpleNamespace
+
+    from maml_stop.data import store
+    from maml_stop.evaluate.folds import load_checkpoint
+    from maml_stop.evaluate.policies.rl import RLPolicy, RLProbePolicy
+    from maml_stop.learn.module import CheckpointError
+
+    path = c.cfg.rl_checkpoint
+    if not path:
+        raise ValueError(f"method {name!r} needs an RL checkpoint (maml-stop fit --config experiments/quickstart.yaml "
+                         "--config experiments/rl.yaml): set rl_checkpoint (experiments/rl_evaluate.yaml)")
+    # the families its split names, resolved against the families whose shards the source corpus holds
+    present = sorted({p.parent.name for p in store.shard_paths(c.cfg.source_corpus or c.cfg.corpus)})
+    adapter, meta, split = load_checkpoint(path, SimpleNamespace(feature_names=c.feature_names, families=present))
+    names = meta.get("feature_names")
+    if (names is not None and list(names) != c.feature_names) or adapter.predictor.n_features != c.predictor_config.n_features:
+        raise CheckpointError(f"the RL checkpoint {path} was trained on other features than this evaluation reads:\n"
+                              f"  checkpoint ({adapter.predictor.n_features}): {names}\n"
+                              f"  corpus     ({len(c.feature_names)}): {c.feature_names}")
+    seen = split.get("train", []) + split.get("val", [])
+    if name == "rl_unadapted":
+        return RLPolicy(adapter.predictor, stop_at=0.5, seen_families=seen, checkpoint=path, name=name)
+    steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
+    return RLProbePolicy(adapter, seen_families=seen, checkpoint=path, adapt_steps=steps, name=name,
+                         **c.probe, **c.adapted)
+
+
+BUILDERS.update({"rl": lambda c: _rl(c, "rl"), "rl_unadapted": lambda c: _rl(c, "rl_unadapted")})
+RL_METHODS = ("rl", "rl_unadapted")
+METHODS = (*METHODS, *RL_METHODS)  # valid; run only when listed (not in DEFAULT_METHODS)
 
 
 def build_policies(
