@@ -35,6 +35,8 @@ def _kind(path: Path) -> str:
         return "evaluate"
     if "targets" in cfg and "generation" in cfg:
         return "benchmark"  # experiments/benchmark.py (the one benchmark suite)
+    if "algorithms" in cfg and "counts" in cfg:
+        return "meta study"  # experiments/meta_study.py (issue 11: grouped folds, meta-training family counts)
     from dataclasses import fields
 
     from maml_stop.evaluate.config import EvaluateConfig
@@ -91,6 +93,20 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
             cfg = module.BenchmarkConfig.load(path, quick=quick)
             assert cfg.adaptation.k == 16 and cfg.targets.adapt_ms == 50 and cfg.targets.decision_ms == 1  # issue 5
         assert f"python experiments/benchmark.py --config experiments/{path.name}" in path.read_text()
+    elif kind == "meta study":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("meta_study", EXPERIMENTS / "meta_study.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        for quick in (False, True):
+            cfg = module.StudyConfig.load(path, quick=quick)
+            assert all((EXPERIMENTS.parent / p).is_file() for p in cfg.fit_configs + cfg.evaluate_configs)
+        cfg = module.StudyConfig.load(path)
+        assert cfg.folds == 5 and cfg.counts == [6, 12, "all"] and cfg.evaluate["shots"] == [4, 8, 16, 32]  # issue 11
+        assert {"maml", "anil", "metasgd"} <= set(cfg.algorithms) and "zero_step" in cfg.baselines
+        assert f"python experiments/meta_study.py --config experiments/{path.name}" in path.read_text()
     elif kind == "drift":
         import importlib.util
 

@@ -1,0 +1,501 @@
+"""The meta-learning study of issue 11 (items 2 and 3): when does meta-training beat adapting from scratch?
+
+Grouped leave-families-out folds (:mod:`maml_stop.evaluate.grouped_folds`: variants of one generator
+held out together, every family tested once, validation families apart from both) and, per fold, the
+number of meta-training families as an axis (nested subsets). For each fold and count:
+
+* meta-train MAML, ANIL and Meta-SGD (``maml-stop fit`` in process; the fit configs of the YAML, e.g.
+  ``quickstart.yaml`` then ``main.yaml``, plus each algorithm's overrides and the fold's split); the best
+  checkpoint (lowest ``val/loss``) of each; a fit that never validated is an error, not a fallback;
+* write each algorithm's zero-step checkpoint (:mod:`maml_stop.learn.zero_step`: the same random
+  initialisation with the meta-training families' normalisation, no optimiser step);
+* evaluate on the held-out families with the ``maml-stop evaluate`` machinery (``build_policies``,
+  ``evaluate_family``: every method on the same fixed episodes, threshold chosen on support): the
+  evaluate YAML's methods (full, pooled / fine-tuned / from-scratch probes trained on the same
+  meta-training families, oracles, ...) plus one adapted probe per checkpoint, named after it (``maml``,
+  ``anil``, ``metasgd``, ``zero_step_maml``, ...); and the adapted query loss (the adapter's own loss on
+  every query set after adapting on the support set; the pooled probe's without adaptation).
+
+Writes into ``--out``: ``n_<count>/results.json`` + ``results.md`` + plots (the ``maml-stop evaluate``
+report of every held-out family at that count, each from its own fold), ``report.md``, ``results.json``,
+``savings_vs_families.png`` and ``query_loss_vs_families.png`` (against the number of meta-training
+families, one panel per K), and the paired bootstrap (:func:`maml_stop.evaluate.compare.compare`) of
+each MAML variant against each baseline at each K: the 95% interval of the difference in savings and
+in EM drop, stratified by family. Checkpoints and logs: ``--out/folds/fold<i>/n_<count>/<name>``.
+
+    python experiments/meta_study.py --config experiments/meta_study.yaml                   # corpus v2
+    python experiments/meta_study.py --config experiments/meta_study.yaml --corpus experiments/corpus/qwen05 --quick
+    python experiments/meta_study.py --report_only runs/meta_study/results.json     # rebuild report.md + plots
+
+``report.md`` ends with the criterion of issue 11: at some count and K <= 16, a variant within the EM-drop
+target on every held-out family that saves at least 3 points more than both the zero-step baseline and the
+pooled probe, each 95% interval excluding 0 (or a plain "no").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger("meta_study")
+
+ROOT = Path(__file__).resolve().parents[1]
+CRITERION_POINTS = 3.0  # issue 11 "Done when": savings over zero-step and pooled, K <= 16, within the target
+
+
+@dataclass
+class StudyConfig:
+    """Settings of the study (tuned values: experiments/meta_study.yaml; ``quick`` overrides them)."""
+
+    corpus: str = "experiments/corpus/qwen05_v2"
+    out: str = "runs/meta_study"
+    folds: int = 5  # grouped folds (fewer when the corpus has fewer groups of families)
+    val_families: int = 1  # validation families per fold (whole groups)
+    seed: int = 0  # fold assignment and nested order
+    counts: list[int | str] = field(default_factory=lambda: [6, 12, "all"])  # meta-training families per fold
+    corpus_counts: dict[str, list[int | str]] = field(default_factory=dict)  # corpus folder -> its own counts
+    fit_configs: list[str] = field(default_factory=lambda: ["experiments/quickstart.yaml", "experiments/main.yaml"])
+    fit: dict[str, Any] = field(default_factory=dict)  # a fit-config fragment read after fit_configs
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"maml": {}})  # name -> fit fragment
+    evaluate_configs: list[str] = field(default_factory=lambda: ["experiments/evaluate.yaml"])
+    evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides
+    baselines: list[str] = field(default_factory=lambda: ["pooled", "finetuned", "scratch", "zero_step"])
+    n_resamples: int = 9999  # paired bootstrap resamples
+
+    @classmethod
+    def load(cls, path: str | Path, quick: bool = False, corpus: str | None = None, out: str | None = None) -> "StudyConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        quick_over = raw.pop("quick", {}) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names) + sorted(set(quick_over) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; valid: {sorted(names)} (and quick:)")
+        cfg = cls(**raw)
+        if quick:
+            for key, value in quick_over.items():
+                old = getattr(cfg, key)
+                setattr(cfg, key, _merge(old, value) if isinstance(old, dict) else value)
+        if corpus is not None:
+            cfg.corpus = corpus
+        if out is not None:
+            cfg.out = out
+        bad = [b for b in cfg.baselines if b not in ("pooled", "finetuned", "scratch", "zero_step")]
+        if bad or not cfg.algorithms:
+            raise ValueError(f"baselines {bad} unknown (valid: pooled, finetuned, scratch, zero_step); algorithms: "
+                             f"{list(cfg.algorithms)} (at least one)")
+        return cfg
+
+    def counts_for(self, corpus: str) -> list[int | str]:
+        """The counts of ``corpus`` (``corpus_counts`` by folder, else ``counts``)."""
+        for key, counts in self.corpus_counts.items():
+            if Path(key).resolve() == Path(corpus).resolve():
+                return list(counts)
+        return list(self.counts)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, nested dicts merged (lists replaced)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# meta-training
+
+
+def _fit_args(cfg: StudyConfig, configs: Path, algo: str, split, root: Path) -> list[str]:
+    files = [str(ROOT / p) for p in cfg.fit_configs] + [str(configs / "fit.yaml"), str(configs / f"{algo}.yaml")]
+    return [a for f in files for a in ("--config", f)] + [
+        f"--data.corpus={cfg.corpus}", "--data.fold=null",
+        f"--data.train_families=[{','.join(split.train)}]", f"--data.val_families=[{','.join(split.val)}]",
+        f"--data.test_families=[{','.join(split.test)}]", f"--trainer.default_root_dir={root}",
+    ]
+
+
+def meta_train(args: list[str], root: Path, resume: bool) -> str:
+    """``maml-stop fit`` in process; the best checkpoint (lowest ``val/loss``). Raises when none was written."""
+    from maml_stop.learn.cli import cli_main
+
+    best = root / "checkpoints" / "best.ckpt"
+    if resume and best.is_file():
+        return str(best)
+    shutil.rmtree(root, ignore_errors=True)
+    cli = cli_main(args, run=False, follow_root=True)
+    callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt (monitor val/loss)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = callback.best_model_path if callback is not None else ""
+    if not path or not Path(path).is_file():
+        raise RuntimeError(f"the fit under {root} wrote no best checkpoint (did it validate? trainer.max_steps "
+                           f"{cli.trainer.max_steps}, check_val_every_n_epoch {cli.trainer.check_val_every_n_epoch})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation (the maml-stop evaluate machinery, every checkpoint of a cell on the same episodes)
+
+
+def adapted_query_loss(adapter, model_or_none, traces, family, shots, episodes, seed, query, steps) -> dict[str, list[float]]:
+    """Per K, per episode: ``adapter.loss`` on the query set of the model adapted on the support set
+    (``model_or_none`` given: that model, unadapted). The episodes are ``evaluate_family``'s."""
+    from maml_stop.data.batches import collate_traces
+    from maml_stop.data.episodes import EpisodeSampler
+
+    sampler = EpisodeSampler({family: list(traces)}, k=min(shots), q=query, seed=seed)
+    out: dict[str, list[float]] = {}
+    for k in shots:
+        losses = []
+        for ep in sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query):
+            model = model_or_none if model_or_none is not None else adapter.fit_support(ep.support, steps=steps)
+            with torch.no_grad():
+                losses.append(float(adapter.loss(model, collate_traces(ep.query, weighting=adapter.weighting))))
+        out[str(k)] = losses
+    return out
+
+
+def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tuple[dict, dict, dict]:
+    """Every method of ``ecfg`` plus one adapted probe per checkpoint on the held-out families of ``fold``.
+    Returns (per family: evaluate_family's cells, per family: query losses, per family: pooled sources)."""
+    from maml_stop.data.datamodule import select_features
+    from maml_stop.evaluate.folds import load_checkpoint
+    from maml_stop.evaluate.methods import build_policies
+    from maml_stop.evaluate.policies import train_predictor
+    from maml_stop.evaluate.protocol import _selectors, evaluate_family
+
+    loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}
+    first, _ = next(iter(loaded.values()))
+    names = loaded[next(iter(loaded))][1].get("feature_names")
+    view = corpus if names is None or list(names) == corpus.feature_names else select_features(corpus, names)
+    config, loss = first.predictor.config(), first.loss_kind
+    pooled = None
+    if any(m in ecfg.methods for m in ("pooled", "finetuned")):
+        source = [t for f in split.train for t in view.traces(f)]
+        pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed)
+    methods = [m for m in ecfg.methods if m != "maml"]
+    policies = build_policies(ecfg, methods, first, pooled, config, loss)
+    for name, (adapter, meta) in loaded.items():
+        steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
+        policies[name] = build_policies(ecfg, ["maml"], adapter, pooled, config, loss, maml_steps=steps)["maml"]
+    selectors = _selectors(ecfg)
+    cells, losses = {}, {}
+    for family in fold.test:
+        traces = [t for t in view.traces(family) if ecfg.splits is None or t.split in ecfg.splits]
+        log.info("fold %d, %d meta-training families: evaluating %s", fold.index, len(split.train), family)
+        cells[family] = evaluate_family(family, traces, policies, selectors, ecfg.shots, ecfg.episodes, ecfg.seed,
+                                        ecfg.query, ecfg.delta, ecfg.calibration_bins, ecfg.progress, None)
+        args = (traces, family, ecfg.shots, ecfg.episodes, ecfg.seed, ecfg.query)
+        losses[family] = {name: adapted_query_loss(adapter, None, *args,
+                                                   (meta.get("hyper_parameters") or {}).get("eval_inner_steps"))
+                          for name, (adapter, meta) in loaded.items()}
+        if pooled is not None:
+            losses[family]["pooled"] = adapted_query_loss(first, pooled, *args, None)
+    return cells, losses, {f: list(split.train) for f in fold.test}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the study
+
+
+def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.evaluate.compare import compare
+    from maml_stop.evaluate.config import parse_config
+    from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
+    from maml_stop.evaluate.protocol import write_results
+    from maml_stop.evaluate.report import summarise
+    from maml_stop.learn.zero_step import save_zero_step
+
+    torch.set_num_threads(1)
+    started = time.time()
+    out = Path(cfg.out)
+    configs = out / "configs"  # the fit fragments, kept beside the results
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / "fit.yaml").write_text(yaml.safe_dump(cfg.fit or {}, sort_keys=False))
+    for algo, fragment in cfg.algorithms.items():
+        (configs / f"{algo}.yaml").write_text(yaml.safe_dump(fragment or {}, sort_keys=False))
+    ecfg = parse_config([a for p in cfg.evaluate_configs for a in ("--config", str(ROOT / p))] + [f"--corpus={cfg.corpus}"])
+    ecfg = dataclasses.replace(ecfg, **cfg.evaluate, out=str(out))
+    corpus = TraceCorpus.load(cfg.corpus, min_probes=ecfg.min_probes)
+    groups = family_groups(corpus.families)
+    n_folds = min(cfg.folds, len(groups))
+    if n_folds < cfg.folds:
+        log.warning("%d groups of families: %d folds instead of %d", len(groups), n_folds, cfg.folds)
+    folds = grouped_folds(corpus.families, n_folds, cfg.val_families, cfg.seed)
+    counts = cfg.counts_for(cfg.corpus)
+    labels = resolve_counts(counts, max(len(f.train) for f in folds))  # the labels every fold shares
+    labels = [c for c in labels if c == ALL or all(c <= len(f.train) for f in folds)]
+    zero = "zero_step" in cfg.baselines
+    names = list(cfg.algorithms) + ([f"zero_step_{a}" for a in cfg.algorithms] if zero else [])
+    per_count: dict[str, dict[str, Any]] = {}
+    n_train: dict[str, list[int]] = {}
+    for label in labels:
+        key = str(label)
+        merged = {"results": {}, "sources": {}, "checkpoints": {}, "losses": {}}
+        n_train[key] = []
+        for fold in folds:
+            split = fold.split(label)
+            n_train[key].append(len(split.train))
+            cell = out / "folds" / f"fold{fold.index}" / f"n_{key}"
+            ckpts: dict[str, str] = {}
+            for algo in cfg.algorithms:
+                ckpts[algo] = meta_train(_fit_args(cfg, configs, algo, split, cell / algo), cell / algo, resume)
+            if zero:
+                for algo in cfg.algorithms:
+                    path = cell / f"zero_step_{algo}" / "zero_step.ckpt"
+                    ckpts[f"zero_step_{algo}"] = (str(path) if resume and path.is_file()
+                                                  else save_zero_step(_fit_args(cfg, configs, algo, split, path.parent), path))
+            cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, ckpts)
+            merged["results"].update(cells)
+            merged["losses"].update(losses)
+            merged["sources"].update(sources)
+            merged["checkpoints"].update({f: ckpts for f in fold.test})
+        families = [f for fold in folds for f in fold.test]
+        base = [m for m in ecfg.methods if m != "maml"]
+        oracles = [m for m in base if m.startswith("oracle")]
+        methods = [m for m in base if m not in oracles] + names + oracles  # the oracles last, as in maml-stop evaluate
+        results = {
+            "corpus": cfg.corpus, "source_corpus": None, "families": families, "shots": list(ecfg.shots),
+            "methods": methods, "threshold_methods": list(ecfg.threshold_methods), "episodes": ecfg.episodes,
+            "delta": ecfg.delta, "ltt_delta": ecfg.delta if ecfg.ltt_delta is None else ecfg.ltt_delta,
+            "ltt_alpha": ecfg.ltt_alpha, "config": dataclasses.asdict(ecfg), "feature_names": corpus.feature_names,
+            "sources": merged["sources"], "checkpoints": {f: c[cfg_first(cfg)] for f, c in merged["checkpoints"].items()},
+            "all_checkpoints": merged["checkpoints"], "query_loss": merged["losses"], "results": merged["results"],
+            "calibration": {}, "seconds": round(time.time() - started, 1),
+        }
+        write_results(results, out / f"n_{key}")  # the maml-stop evaluate report of this count
+        per_count[key] = results
+    study = summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, compare)
+    study["seconds"] = round(time.time() - started, 1)
+    (out / "results.json").write_text(json.dumps(study, indent=1, default=_jsonable))
+    plot_study(study, out)
+    (out / "report.md").write_text(report_markdown(study))
+    return study
+
+
+def rebuild(path: Path) -> dict[str, Any]:
+    """Recompute the study's figures, paired bootstrap, report.md and plots from a study ``results.json``
+    and the per-count ``n_<count>/results.json`` beside it (no fit, no evaluation)."""
+    from maml_stop.evaluate.compare import compare
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.grouped_folds import GroupedFold
+    from maml_stop.evaluate.report import summarise
+
+    old = json.loads(path.read_text())
+    cfg, ecfg = StudyConfig(**old["config"]), EvaluateConfig(**old["evaluate"])
+    folds = [GroupedFold(**f) for f in old["folds"]]
+    labels = [int(c) if c.isdigit() else c for c in old["counts"]]
+    per_count = {c: json.loads((path.parent / f"n_{c}" / "results.json").read_text()) for c in old["counts"]}
+    study = summarise_study(cfg, ecfg, folds, labels, old["n_train"], per_count, summarise, compare)
+    study["seconds"] = old["seconds"]
+    path.write_text(json.dumps(study, indent=1, default=_jsonable))
+    plot_study(study, path.parent)
+    (path.parent / "report.md").write_text(report_markdown(study))
+    return study
+
+
+def cfg_first(cfg: StudyConfig) -> str:
+    return next(iter(cfg.algorithms))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON: {type(x)}")
+
+
+def _nan_mean(values) -> float:
+    a = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+
+def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, compare) -> dict[str, Any]:
+    """The figures of report.md: per count, K and method the mean over held-out families of savings, EM
+    drop and share of episodes within the target (support-chosen threshold, the headline rule), the
+    adapted query loss, and the paired bootstrap rows (variant - baseline, ``mean`` over families)."""
+    from maml_stop.evaluate.report.tables import within_target
+
+    headline = ecfg.threshold_methods[0]
+    variants = list(cfg.algorithms)
+    curve: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    paired: list[dict[str, Any]] = []
+    for label in labels:
+        key = str(label)
+        results = per_count[key]
+        s = summarise(results, headline)
+        curve[key] = {}
+        for k in results["shots"]:
+            curve[key][str(k)] = {}
+            for m in results["methods"]:
+                row = s[str(k)][m]["mean"]
+                loss = [_nan_mean(results["query_loss"][f][m][str(k)]) for f in results["families"]
+                        if m in results["query_loss"][f]]
+                curve[key][str(k)][m] = {
+                    "savings": 100 * row["savings"][0], "savings_ci": 100 * row["savings"][1],
+                    "em_drop": 100 * row["em_drop"][0], "within_delta": 100 * row["within_delta"][0],
+                    "query_loss": float(np.mean(loss)) if loss else None,
+                    # the report's one rule: within the EM-drop target on every held-out family
+                    "within_target": within_target(s[str(k)], m, "mean", results["families"], results["delta"]),
+                }
+        for v in variants:
+            for b in cfg.baselines:
+                other = f"zero_step_{v}" if b == "zero_step" else b
+                if other not in results["methods"]:
+                    continue
+                table = compare(results, results, v, other, headline, results["shots"], None, cfg.n_resamples, cfg.seed)
+                rows = table["rows"]
+                mean = [r for r in rows if r["family"] == "mean"] or rows  # one family: its own row
+                for r in mean:
+                    paired.append({"count": key, "variant": v, "baseline": b, "method_b": other, **r})
+    return {
+        "config": dataclasses.asdict(cfg), "evaluate": dataclasses.asdict(ecfg), "threshold": headline,
+        "folds": [dataclasses.asdict(f) for f in folds], "counts": [str(c) for c in labels],
+        "n_train": n_train, "shots": list(ecfg.shots), "methods": per_count[str(labels[0])]["methods"],
+        "variants": variants, "curve": curve, "paired": paired,
+    }
+
+
+def _x(study, key) -> float:
+    return float(np.mean(study["n_train"][key]))
+
+
+def plot_study(study: dict[str, Any], out: Path) -> None:
+    """savings_vs_families.png and query_loss_vs_families.png: one panel per K, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots, counts = study["shots"], study["counts"]
+    xs = [_x(study, c) for c in counts]
+    shown = [m for m in study["methods"] if m not in ("full", "oracle", "oracle_equal_em")]
+    for figure, ylabel, name in (("savings", "% tokens saved (support-chosen threshold)", "savings_vs_families.png"),
+                                 ("query_loss", "adapted query loss", "query_loss_vs_families.png")):
+        fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False)
+        for ax, k in zip(axes[0], shots):
+            for m in shown:
+                ys = [study["curve"][c][str(k)][m][figure] for c in counts]
+                if all(y is None for y in ys):
+                    continue
+                style = "-o" if m in study["variants"] else ("--x" if m.startswith("zero_step") else ":s")
+                ax.plot(xs, [np.nan if y is None else y for y in ys], style, label=m, markersize=4)
+            ax.set_title(f"K = {k}")
+            ax.set_xlabel("meta-training families")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def report_markdown(study: dict[str, Any]) -> str:
+    cfg, shots, counts = study["config"], study["shots"], study["counts"]
+    lines = [
+        "# Meta-learning study: savings against the number of meta-training families", "",
+        f"Corpus `{cfg['corpus']}`; {len(study['folds'])} grouped folds (seed {cfg['seed']}; variants of one "
+        f"generator held out together), {cfg['val_families']} validation family per fold (whole groups); "
+        f"meta-training families per fold: {', '.join(counts)} (nested subsets); fit configs "
+        f"{' + '.join(cfg['fit_configs'])} + the study's fragments; K in {shots}; {study['evaluate']['episodes']} fixed "
+        f"episodes per held-out family and K, every method on the same episodes; threshold `{study['threshold']}` "
+        f"chosen on support (EM drop <= {100 * study['evaluate']['delta']:g} point); {study['seconds']} s.", "",
+        "Zero-step baselines (`zero_step_<algorithm>`): the algorithm's random initialisation with the meta-training "
+        "families' normalisation, no optimiser step, adapted by the same adapter. Pooled, fine-tuned and "
+        "from-scratch probes train on the same meta-training families (the K shots for the last two).", "",
+        "## Folds", "", "| fold | held out | validation | meta-training order (nested prefixes) |", "|---|---|---|---|",
+    ]
+    for f in study["folds"]:
+        lines.append(f"| {f['index']} | {', '.join(f['test'])} | {', '.join(f['val'])} | {', '.join(f['train'])} |")
+    lines += ["", "Meta-training families per count, per fold: " + "; ".join(
+        f"{c}: {study['n_train'][c]}" for c in counts), ""]
+    for figure, title, fmt in (("savings", "% of tokens saved (EM drop in points), mean over held-out families", None),
+                               ("query_loss", "Adapted query loss (pooled: unadapted), mean over held-out families", None)):
+        lines += [f"## {title}", "", "| method | families | " + " | ".join(f"K={k}" for k in shots) + " |",
+                  "|---|---|" + "---|" * len(shots)]
+        for m in study["methods"]:
+            for c in counts:
+                cells = []
+                for k in shots:
+                    v = study["curve"][c][str(k)][m]
+                    if figure == "savings":
+                        cells.append(f"{v['savings']:.1f} ± {v['savings_ci']:.1f} ({v['em_drop']:.1f})")
+                    else:
+                        cells.append("" if v["query_loss"] is None else f"{v['query_loss']:.3f}")
+                if figure == "query_loss" and not any(cells):
+                    continue
+                lines.append(f"| {m} | {c} ({_x(study, c):g}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["![savings](savings_vs_families.png)", "", "![query loss](query_loss_vs_families.png)", "",
+              "## Paired bootstrap: variant - baseline, the same episodes",
+              "", f"A = the variant, B = the baseline (`zero_step`: the variant's own zero-step checkpoint). Mean over "
+              f"held-out families of the per-episode difference A - B, in points; 95% percentile interval, {cfg['n_resamples']} resamples of the episodes within each family (`maml_stop.evaluate.compare`).", "",
+              "| families | K | variant | baseline | savings diff [95% CI] | EM-drop diff [95% CI] | savings verdict | EM-drop verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    rows = {(r["count"], r["k"], r["variant"], r["baseline"], r["figure"]): r for r in study["paired"]}
+    for c in counts:
+        for k in shots:
+            for v in study["variants"]:
+                for b in cfg["baselines"]:
+                    s, e = rows.get((c, k, v, b, "savings")), rows.get((c, k, v, b, "em_drop"))
+                    if s is None or e is None:
+                        continue
+                    lines.append(f"| {c} | {k} | {v} | {b} | {s['difference']:+.1f} [{s['low']:+.1f}, {s['high']:+.1f}] | "
+                                 f"{e['difference']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}] | {s['verdict']} | {e['verdict']} |")
+    lines += ["", "## The criterion of issue 11", "",
+              f"A variant meets it at a count and K <= 16 when it is within the EM-drop target on every held-out family "
+              f"and saves at least {CRITERION_POINTS:g} points more than both the zero-step baseline and the pooled probe, "
+              "each 95% interval excluding 0.", "",
+              "| families | K | variant | within target | - zero_step [95% CI] | - pooled [95% CI] | met |", "|---|---|---|---|---|---|---|"]
+    met_any = False
+    for c in counts:
+        for k in (k for k in shots if k <= 16):
+            for v in study["variants"]:
+                z, p = rows.get((c, k, v, "zero_step", "savings")), rows.get((c, k, v, "pooled", "savings"))
+                if z is None or p is None:
+                    continue
+                inside = study["curve"][c][str(k)][v]["within_target"]
+                met = inside and all(r["difference"] >= CRITERION_POINTS and r["low"] > 0 for r in (z, p))
+                met_any |= met
+                lines.append(f"| {c} | {k} | {v} | {'yes' if inside else 'no'} | {z['difference']:+.1f} [{z['low']:+.1f}, "
+                             f"{z['high']:+.1f}] | {p['difference']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}] | {'**yes**' if met else 'no'} |")
+    lines += ["", "Met by some variant: " + ("**yes**" if met_any else "**no**") + "."]
+    lines += ["", "Per-count reports of every method and family: " + ", ".join(f"[`n_{c}/results.md`](n_{c}/results.md)" for c in counts)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "experiments" / "meta_study.yaml"))
+    p.add_argument("--corpus", default=None, help="trace corpus (default: the YAML's, experiments/corpus/qwen05_v2)")
+    p.add_argument("--out", default=None, help="output folder (default: the YAML's)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the YAML's quick: section): a smoke run")
+    p.add_argument("--resume", action="store_true", help="reuse the checkpoints already under --out")
+    p.add_argument("--report_only", default=None, help="rebuild report.md and the plots from this study results.json")
+    args = p.parse_args(argv)
+    if args.report_only:
+        study = rebuild(Path(args.report_only))
+        print(f"report: {Path(args.report_only).parent / 'report.md'}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = StudyConfig.load(args.config, quick=args.quick, corpus=args.corpus, out=args.out)
+    study = run(cfg, resume=args.resume)
+    out = Path(cfg.out)
+    print(report_markdown(study))
+    print(f"report: {out / 'report.md'}; results: {out / 'results.json'} ({study['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The meta-learning study of issue 11: grouped folds, the zero-step checkpoint, and a --quick run.
+
+The paired bootstrap the study reports is :func:`maml_stop.evaluate.compare.compare`, checked against
+hand-made examples and a NumPy resampling in tests/test_compare.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from maml_stop.evaluate.grouped_folds import ALL, family_groups, group_of, grouped_folds, resolve_counts
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+# real registered names: three chain_sum variants, two products variants, two gcd variants, and two
+# families that are not reasoning-gym ones (a group of their own each)
+FAMILIES = ["chain_sum", "chain_sum_long", "chain_sum_3digit", "products", "products_1x2", "gcd", "gcd_3",
+            "lcm", "count_bits", "letter_counting", "base_conversion", "simple_equations", "gsm_symbolic",
+            "my_dataset", "fam_x"]
+
+
+def test_groups_follow_the_generator():
+    assert group_of("chain_sum_long") == group_of("chain_sum_3digit") == group_of("chain_sum") == "chain_sum"
+    assert group_of("my_dataset") == "my_dataset"  # not a reasoning-gym family: its own group
+    groups = family_groups(FAMILIES)
+    assert groups["chain_sum"] == ["chain_sum", "chain_sum_3digit", "chain_sum_long"]
+    assert groups["products"] == ["products", "products_1x2"] and groups["fam_x"] == ["fam_x"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_every_family_is_held_out_once_and_siblings_stay_together(seed):
+    folds = grouped_folds(FAMILIES, n_folds=5, n_val=1, seed=seed)
+    assert len(folds) == 5
+    held = [f for fold in folds for f in fold.test]
+    assert sorted(held) == sorted(FAMILIES)  # every family tested, exactly once
+    groups = family_groups(FAMILIES)
+    for fold in folds:
+        assert sorted(fold.test + fold.val + fold.train) == sorted(FAMILIES)  # nothing lost, nothing twice
+        assert not set(fold.test) & set(fold.train) and not set(fold.test) & set(fold.val)
+        assert not set(fold.val) & set(fold.train) and len(fold.val) >= 1 and fold.train
+        for members in groups.values():  # a group lies wholly in one of test, val, train
+            where = {("test" if f in fold.test else "val" if f in fold.val else "train") for f in members}
+            assert len(where) == 1, (fold.index, members, where)
+    sizes = sorted(len(fold.test) for fold in folds)
+    assert sizes[-1] - sizes[0] <= 2  # balanced up to the largest group (3 chain_sum variants)
+
+
+def test_folds_are_deterministic_and_validation_moves():
+    a, b = grouped_folds(FAMILIES, seed=3), grouped_folds(FAMILIES, seed=3)
+    assert a == b
+    assert grouped_folds(FAMILIES, seed=4) != a
+    assert len({tuple(f.val) for f in a}) > 1  # validation rotates over the folds
+
+
+def test_the_bundled_corpus_splits_into_five_folds_of_two():
+    families = json.loads((EXPERIMENTS / "corpus" / "qwen05" / "meta.json").read_text())["families"]
+    folds = grouped_folds(families, n_folds=5, n_val=1, seed=0)
+    assert [len(f.test) for f in folds] == [2] * 5 and all(len(f.val) == 1 and len(f.train) == 7 for f in folds)
+
+
+def test_meta_training_subsets_are_nested_and_span_generators():
+    for fold in grouped_folds(FAMILIES, n_folds=3, n_val=1, seed=0):
+        subsets = [fold.train_subset(c) for c in (1, 3, 6)] + [fold.train_subset(ALL)]
+        for small, big in zip(subsets, subsets[1:]):
+            assert big[: len(small)] == small
+        n_groups = len({group_of(f) for f in fold.train})
+        first = fold.train[:n_groups]  # round-robin: one family per generator before any second one
+        assert len({group_of(f) for f in first}) == n_groups
+        split = fold.split(3)
+        assert split.train == fold.train[:3] and split.val == fold.val and split.test == fold.test
+        with pytest.raises(ValueError, match="count must be"):
+            fold.train_subset(len(fold.train) + 1)
+
+
+def test_counts_that_do_not_exist_are_dropped():
+    assert resolve_counts([6, 12, ALL], 20) == [6, 12, ALL]
+    assert resolve_counts([6, 12, ALL], 7) == [6, ALL]
+    assert resolve_counts([3, 6, ALL], 6) == [3, ALL]  # 6 = all remaining
+    with pytest.raises(ValueError, match="positive int or 'all'"):
+        resolve_counts([0, ALL], 5)
+
+
+def test_too_few_groups_are_refused():
+    with pytest.raises(ValueError, match="at least 5 groups"):
+        grouped_folds(["chain_sum", "chain_sum_long", "gcd", "lcm", "products"], n_folds=5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the zero-step checkpoint
+
+
+def _fit_args(corpus: str, root: Path, *extra: str) -> list[str]:
+    return ["--config", str(EXPERIMENTS / "quickstart.yaml"), "--config", str(EXPERIMENTS / "main.yaml"),
+            f"--data.corpus={corpus}", "--data.fold=null", "--data.train_families=[fam_a]",
+            "--data.val_families=[fam_b]", "--data.test_families=[fam_c]", "--data.k=4", "--data.q=8",
+            f"--trainer.default_root_dir={root}", *extra]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_zero_step_checkpoint_is_the_init_with_the_training_normalisation(tiny_corpus, tmp_path, algorithm):
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.learn.module import MetaStoppingModule, load_predictor
+    from maml_stop.learn.zero_step import save_zero_step
+
+    torch.set_num_threads(1)
+    path = save_zero_step(_fit_args(tiny_corpus, tmp_path / "ignored", f"--model.algorithm={algorithm}"),
+                          tmp_path / "zero" / "zero_step.ckpt")
+    assert sorted(p.name for p in (tmp_path / "zero").iterdir()) == ["zero_step.ckpt"]  # no logs, no other file
+    predictor, adapter, meta = load_predictor(path)
+    assert meta["global_step"] == 0 and meta["data"]["train_families"] == ["fam_a"]
+    assert adapter.config().algorithm == algorithm
+    # the initialisation: a fresh module of the quickstart's model settings (same init_seed)
+    model = {k: v for k, v in yaml.safe_load((EXPERIMENTS / "quickstart.yaml").read_text())["model"].items() if k != "optimizer"}
+    fresh = MetaStoppingModule(n_features=8, **{**model, "algorithm": algorithm}).adapter.state_dict()
+    state = adapter.state_dict()
+    params = [k for k in fresh if not k.endswith(("feature_mean", "feature_std"))]
+    assert params and all(torch.equal(state[k], fresh[k]) for k in params)
+    if algorithm == "metasgd":
+        assert all(torch.allclose(v, torch.full_like(v, model["inner_lr"])) for k, v in state.items() if k.startswith("lrs"))
+    # the normalisation: mean and std over every probe point of the meta-training family alone
+    feats = np.concatenate([t.features for t in TraceCorpus.load(tiny_corpus).traces("fam_a")])
+    assert np.allclose(predictor.feature_mean.numpy(), feats.mean(axis=0), atol=1e-5)
+    assert np.allclose(predictor.feature_std.numpy(), feats.std(axis=0), atol=1e-5)
+    everything = np.concatenate([t.features for f in ("fam_a", "fam_b", "fam_c") for t in TraceCorpus.load(tiny_corpus).traces(f)])
+    assert not np.allclose(predictor.feature_mean.numpy(), everything.mean(axis=0), atol=1e-3)  # not all families'
+
+
+def test_zero_step_differs_from_one_optimiser_step(tiny_corpus, tmp_path):
+    """What the old ablation row ran (one AdamW step) is not the initialisation."""
+    from maml_stop.learn.cli import cli_main
+    from maml_stop.learn.module import load_predictor
+    from maml_stop.learn.zero_step import save_zero_step
+
+    torch.set_num_threads(1)
+    zero = load_predictor(save_zero_step(_fit_args(tiny_corpus, tmp_path), tmp_path / "zero" / "z.ckpt"))[1].state_dict()
+    quiet = ["--trainer.max_steps=1", "--trainer.callbacks=[]", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false"]
+    cli = cli_main(_fit_args(tiny_corpus, tmp_path / "one", *quiet), run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    one = cli.model.adapter.state_dict()
+    assert cli.trainer.global_step == 1
+    assert not torch.equal(one["predictor.head.weight"], zero["predictor.head.weight"])
+    assert torch.equal(one["predictor.feature_mean"], zero["predictor.feature_mean"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the study script
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("meta_study", EXPERIMENTS / "meta_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_config_quick_and_corpus_counts():
+    study = _study_module()
+    full = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml")
+    quick = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml", quick=True, corpus="experiments/corpus/qwen05")
+    assert full.corpus == "experiments/corpus/qwen05_v2" and full.counts_for(full.corpus) == [6, 12, "all"]
+    assert quick.counts_for(quick.corpus) == [3, 6, "all"]  # the 10-family v1 corpus
+    assert quick.evaluate["episodes"] < full.evaluate["episodes"] and quick.evaluate["progress"] is False  # merged
+    assert quick.fit["trainer"]["max_steps"] <= 20
+
+
+@pytest.mark.slow
+def test_quick_study_runs_end_to_end_on_the_tiny_corpus(tiny_corpus, tmp_path, capsys):
+    study = _study_module()
+    out = tmp_path / "study"
+    assert study.main(["--corpus", tiny_corpus, "--out", str(out), "--quick"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert sorted(f for fold in result["folds"] for f in fold["test"]) == ["fam_a", "fam_b", "fam_c"]
+    assert result["counts"] == ["all"] and result["n_train"]["all"] == [1, 1, 1]
+    names = {"maml", "anil", "metasgd", "zero_step_maml", "zero_step_anil", "zero_step_metasgd", "pooled", "scratch"}
+    assert names <= set(result["methods"])
+    for m in ("maml", "zero_step_maml", "pooled"):
+        assert result["curve"]["all"]["4"][m]["query_loss"] > 0
+    rows = result["paired"]
+    assert {(r["variant"], r["baseline"]) for r in rows} == {(v, b) for v in ("maml", "anil", "metasgd")
+                                                            for b in ("pooled", "finetuned", "scratch", "zero_step")}
+    assert all(r["low"] - 1e-9 <= r["difference"] <= r["high"] + 1e-9 for r in rows)
+    assert {r["k"] for r in rows} == {4, 8} and {r["figure"] for r in rows} == {"savings", "em_drop"}
+    per_count = json.loads((out / "n_all" / "results.json").read_text())
+    for fold in result["folds"]:  # each family evaluated with its own fold's checkpoints
+        fam = fold["test"][0]
+        assert per_count["sources"][fam] == fold["train"]
+        ckpts = per_count["all_checkpoints"][fam]
+        assert f"fold{fold['index']}" in ckpts["maml"] and ckpts["zero_step_anil"].endswith("zero_step.ckpt")
+    from maml_stop.learn.module import load_predictor
+
+    assert load_predictor(per_count["all_checkpoints"]["fam_a"]["zero_step_maml"])[2]["global_step"] == 0
+    assert load_predictor(per_count["all_checkpoints"]["fam_a"]["maml"])[2]["global_step"] > 0
+    for name in ("report.md", "savings_vs_families.png", "query_loss_vs_families.png", "n_all/results.md"):
+        assert (out / name).stat().st_size > 0
+    assert "Paired bootstrap" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert study.main(["--report_only", str(out / "results.json")]) == 0  # rebuilt from the per-count results alone
+    assert json.loads((out / "results.json").read_text())["paired"] == rows and (out / "report.md").read_text() == report
