@@ -20,7 +20,8 @@ for step in $steps; do
     main) bash scripts/main.sh && copy runs/main/evaluate main ;;
     lofo) $E --config experiments/lofo_evaluate.yaml && copy runs/lofo_evaluate lofo ;;
     strategies) $E --config experiments/cost_aware_evaluate.yaml --config experiments/hybrid_evaluate.yaml \
-        --config experiments/ensemble_evaluate.yaml --config experiments/lofo_strategies_evaluate.yaml \
+        --config experiments/ensemble_evaluate.yaml --config experiments/complexity_evaluate.yaml \
+        --config experiments/lofo_strategies_evaluate.yaml \
         && copy runs/lofo_strategies lofo_strategies ;;
     cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
         && copy runs/cross_model/evaluate cross_model ;;
