@@ -223,3 +223,19 @@ def test_package_works_without_learn2learn():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "ok without learn2learn" in run.stdout
+
+
+def test_evaluation_runs_on_the_torch_func_backend(tiny_corpus, tmp_path):
+    """The probes the evaluation builds itself (pooled, finetuned, scratch) adapt with evaluate's
+    ``backend``; a bad name is refused naming the valid ones."""
+    from pathlib import Path
+
+    from maml_stop.evaluate.config import main as evaluate_main
+
+    args = ["--config", str(Path(__file__).resolve().parents[1] / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus, "--families", "[fam_c]",
+            "--source_families", "[fam_a, fam_b]", "--shots", "[4]", "--episodes", "2",
+            "--methods", "[full, pooled, finetuned, scratch]", "--progress", "false"]
+    assert evaluate_main(args + ["--backend", "torch_func", "--out", str(tmp_path / "tf")]) == 0
+    assert (tmp_path / "tf" / "results.md").is_file()
+    with pytest.raises((ValueError, SystemExit)):
+        evaluate_main(args + ["--backend", "jax", "--out", str(tmp_path / "bad")])

@@ -70,6 +70,9 @@ class EvaluateConfig:
     confidence_levels: list[float] = field(default_factory=lambda: [0.99, 0.9])  # forced-answer probability
     budget_quantiles: list[float] = field(default_factory=lambda: [1.0, 0.5])  # of the support's full costs
     predictor: dict[str, Any] = field(default_factory=lambda: {"hidden": 64, "depth": 2, "kind": "mlp"})  # without a checkpoint
+    # adaptation backend of the probes built here (pooled, finetuned, scratch, complexity_adapted): learn2learn |
+    # torch_func (same results, tests/test_func_backend.py); a checkpoint's own adapter keeps its backend
+    backend: str = "learn2learn"
     pooled_steps: int = 300  # full-batch steps training the pooled probe
     pooled_lr: float = 0.5
     finetune_steps: int = 20  # steps fine-tuning the pooled probe on the K support traces
@@ -124,6 +127,10 @@ def check_config(cfg: EvaluateConfig) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    from maml_stop.learn.adapter import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown adaptation backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
     if not cfg.shots or any(k < 1 for k in cfg.shots):
         raise ValueError(f"shots must be a non-empty list of K >= 1; got {cfg.shots}")
     if cfg.episodes < 1:

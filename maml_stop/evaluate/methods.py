@@ -83,7 +83,8 @@ def _finetuned(c: MethodContext) -> StoppingPolicy:
     from maml_stop.learn.adapter import InnerLoopAdapter
 
     tuner = InnerLoopAdapter(fresh_copy(c.pooled), algorithm="maml", inner_lr=c.cfg.finetune_lr,
-                             inner_steps=c.cfg.finetune_steps, first_order=True, loss=c.inner_loss)
+                             inner_steps=c.cfg.finetune_steps, first_order=True, loss=c.inner_loss,
+                             backend=c.cfg.backend)
     return ProbePolicy(adapter=tuner, name="finetuned", **c.probe, **c.adapted)
 
 
@@ -96,7 +97,8 @@ def _scratch_adapter(c: MethodContext, config: "PredictorConfig") -> Any:
         torch.manual_seed(c.cfg.seed)
         fresh = StoppingPredictor.from_config(config)
     return InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.scratch_lr,
-                            inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss)
+                            inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss,
+                            backend=c.cfg.backend)
 
 
 def _scratch(c: MethodContext) -> StoppingPolicy:
@@ -292,7 +294,8 @@ def _complexity_adapted(c: MethodContext) -> StoppingPolicy:
         torch.manual_seed(c.cfg.seed)
         fresh = StoppingPredictor.from_config(PredictorConfig(n_features=view.width, **c.cfg.predictor))
     adapter = InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.complexity_inner_lr,
-                               inner_steps=c.cfg.complexity_inner_steps, first_order=True, loss=c.inner_loss)
+                               inner_steps=c.cfg.complexity_inner_steps, first_order=True, loss=c.inner_loss,
+                               backend=c.cfg.backend)
     probe = ProbePolicy(adapter=adapter, name="complexity_adapted", **c.probe, **c.adapted)
     meta = dict(steps=c.cfg.complexity_meta_steps, lr=c.cfg.complexity_meta_lr, k=c.cfg.complexity_meta_k,
                 seed=c.cfg.seed)

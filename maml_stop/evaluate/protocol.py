@@ -241,7 +241,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         pooled = None
         if any(m in cfg.methods for m in ("pooled", "finetuned")):
             source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
-            pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed)
+            pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
+                                     backend=cfg.backend)
         policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps)
         log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
         results["sources"][family] = fold.sources

@@ -32,6 +32,7 @@ def train_predictor(
     lr: float,
     loss: str = "balanced",
     seed: int = 0,
+    backend: str = "learn2learn",
 ) -> StoppingPredictor:
     """A stopping predictor trained on every probe of ``traces`` (the pooled probe of the protocol):
     normalisation from those features, a seeded random init, then ``steps`` full-batch first-order
@@ -46,7 +47,8 @@ def train_predictor(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         predictor = StoppingPredictor.from_config(config)
-    training = AdapterConfig(algorithm="maml", inner_lr=lr, inner_steps=steps, first_order=True, loss=loss)
+    training = AdapterConfig(algorithm="maml", inner_lr=lr, inner_steps=steps, first_order=True, loss=loss,
+                             backend=backend)
     adapter = InnerLoopAdapter.from_config(predictor, training)
     batch = collate_traces(traces, weighting=training.weighting)
     # the statistics as they are (std 0 -> 1 in set_normalisation), unlike fit_support(renormalise=True),
