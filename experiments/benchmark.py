@@ -407,7 +407,8 @@ def render_markdown(results: dict) -> str:
 
 # -- main ------------------------------------------------------------------------------------------------
 def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tuple[str, ...], note: str = "",
-        command: str = "") -> dict:
+        command: str = "", on_section=None) -> dict:
+    """Every section of ``sections``; ``on_section(results, name)`` is called after each (partial results)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -420,6 +421,19 @@ def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tupl
         "settings": dataclasses.asdict(cfg), "memory": {"peak_rss_mib_after": {}}}
     mem = results["memory"]["peak_rss_mib_after"]
     started = time.perf_counter()
+    # import every section's code first: a broken import fails now, not after the long generation part
+    import bench_evaluate  # noqa: F401
+    import benchmark_harvest  # noqa: F401
+    import benchmark_live  # noqa: F401
+    import benchmark_meta  # noqa: F401
+    from maml_stop.evaluate import protocol  # noqa: F401
+    from maml_stop.live import rule  # noqa: F401
+
+    def done(section: str) -> None:  # keep what is measured so far (a later failure loses nothing)
+        results["seconds"] = time.perf_counter() - started
+        results["targets"] = target_lines(results, cfg.targets)
+        if on_section is not None:
+            on_section(results, section)
     hidden_size = 896
     if "generation" in sections:
         model, tok, described = load_generation_model(model_dir, cfg.dtype, device)
@@ -429,28 +443,34 @@ def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tupl
         results["generation"] = run_generation(cfg, model, tok)
         del model
         mem["generation"] = peak_rss_mib()
+        done("generation")
     corpus = None
     if {"corpus", "meta", "adaptation", "decision"} & set(sections):
         corpus, info = run_corpus_load(cfg.corpus)
         if "corpus" in sections:
             results["corpus"] = info
         mem["corpus"] = peak_rss_mib()
+        done("corpus")
         hidden_size = int(corpus.meta.get("features", {}).get("hidden_size", hidden_size))
         by_family = {f: corpus.traces(f) for f in corpus.families}
     if "meta" in sections:
         results["meta"] = run_meta(cfg, by_family)
         mem["meta"] = peak_rss_mib()
+        done("meta")
     if {"adaptation", "decision"} & set(sections):
         adapter, described = load_adapter(cfg.checkpoint, corpus)
         if "adaptation" in sections:
             results["adaptation"] = {**run_adaptation(cfg, adapter, by_family), "predictor": described}
             mem["adaptation"] = peak_rss_mib()
+            done("adaptation")
         if "decision" in sections:
             results["decision"] = {**run_decision(cfg, adapter, corpus, hidden_size), "predictor": described}
             mem["decision"] = peak_rss_mib()
+            done("decision")
     if "evaluate" in sections:
         results["evaluate"] = run_evaluate(cfg)
         mem["evaluate"] = peak_rss_mib()
+        done("evaluate")
     results["memory"]["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20
                                           if device.startswith("cuda") else None)
     results["targets"] = target_lines(results, cfg.targets)
@@ -484,13 +504,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint is not None:
         cfg.checkpoint = "" if args.checkpoint.lower() == "none" else args.checkpoint
     command = "python experiments/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = run(cfg, args.model, args.device, sections, args.note, command.strip())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    md = render_markdown(results)
-    (out / "benchmark.md").write_text(md + "\n")
-    print(md)
+
+    def write(results: dict, section: str | None) -> None:
+        results["complete"] = section is None
+        (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (out / "benchmark.md").write_text(render_markdown(results) + "\n")
+        if section is not None:
+            log.info("%s done (%.0f s so far); partial results in %s", section, results["seconds"], out)
+
+    results = run(cfg, args.model, args.device, sections, args.note, command.strip(), on_section=write)
+    write(results, None)
+    print(render_markdown(results))
     return results
 
 
