@@ -12,11 +12,40 @@ predictor rely on (see :meth:`ProbeBatch.check`).
 :class:`TraceTensors` collates a fixed set of traces once and then gathers any subset with a few
 tensor ops: the meta-training hot path uses it instead of re-collating NumPy arrays every episode.
 
-Weighting (``weighting="cost"``, used by the adapter's ``loss="cost"``): a probe whose label is 1
-weighs the fraction of the full run's tokens that stopping there saves (what a missed stop wastes);
-a probe whose label is 0 weighs 1 when the run's own final answer is correct (a stop there loses the
-answer) and ``COST_FLOOR`` otherwise (stopping there loses nothing the full run had). Every weight is
-at least ``COST_FLOOR`` so that no support set has zero total weight.
+Weighting (``weighting="cost"``, used by the adapter's ``loss="cost"``), with the trade-off
+``cost_lambda`` (lambda >= 0, ``data.cost_lambda`` in YAML; 1 by default) between the two errors of a
+stopping decision at probe ``i``:
+
+* stopping too late: ``saved_i``, the fraction of the run-to-the-end cost (every probe run,
+  :func:`maml_stop.data.accounting.stop_cost` with ``index=None``) that stopping at ``i`` saves
+  (``accounting.savings`` of ``accounting.stop_costs``, clipped to [0, 1]): what a missed stop wastes;
+* stopping too early: ``em_lost_i = final_em - probe_em_i`` (1: the stop loses the full run's correct
+  answer; 0: nothing changes; -1: the stop gains the answer the full run loses).
+
+A probe whose label is 1 (its forced answer is correct) weighs ``lambda * saved_i``; a probe whose
+label is 0 weighs its EM at stake, ``max(em_lost_i, 0)`` (1 when the full run is correct, else 0: the
+stop loses nothing the full run had). Every weight is at least ``COST_FLOOR`` so that no support set has
+zero total weight. ``lambda = 1`` is the weighting of earlier versions (bit-identical); ``lambda = 0``
+is its EM-only limit: every correct probe weighs ``COST_FLOOR`` and every wrong probe its EM at stake.
+
+Every batch collated from traces also carries, whatever its ``weighting``, the two per-probe costs the
+query losses of the adapter read (:mod:`maml_stop.learn.adapter`):
+
+* ``cost_weights``: the ``weighting="cost"`` weights above (with the collate's ``cost_lambda``), so that
+  a query loss can be cost-weighted while the inner loss stays uniform;
+* ``stop_penalty``: ``em_lost_i - lambda * saved_i``, the cost, in EM points, of stopping at probe ``i``
+  instead of running to the end (negative: stopping there is worth it). Running to the end costs 0.
+
+>>> from types import SimpleNamespace as T
+>>> import numpy as np
+>>> t = T(labels=np.array([0., 1., 1.]), final_em=True, positions=np.array([10, 20, 30]),
+...       probe_tokens=np.array([5, 5, 5]), reasoning_tokens=35, n_probes=3)
+>>> trace_costs(t)            # saved vs the run to the end (35 + 15 = 50 tokens); EM lost
+(array([0.7, 0.4, 0.1]), array([1., 0., 0.]))
+>>> trace_weights(t, "cost", cost_lambda=2.0).astype(float).round(3).tolist()
+[1.0, 0.8, 0.2]
+>>> trace_stop_penalty(t, cost_lambda=2.0).astype(float).round(3).tolist()
+[-0.4, -0.8, -0.2]
 """
 
 from __future__ import annotations
@@ -31,7 +60,8 @@ from torch import Tensor
 from maml_stop.data.accounting import savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 
-__all__ = ["ProbeBatch", "collate_traces", "trace_weights", "TraceTensors", "DataError", "WEIGHTINGS"]
+__all__ = ["ProbeBatch", "collate_traces", "trace_weights", "trace_costs", "trace_stop_penalty", "check_cost_lambda",
+           "TraceTensors", "DataError", "WEIGHTINGS"]
 
 WEIGHTINGS = ("uniform", "cost")
 COST_FLOOR = 0.05  # smallest probe weight under weighting="cost"
@@ -50,6 +80,9 @@ class ProbeBatch:
     trace_index: Tensor  # (N,) long: which trace of the list
     probe_index: Tensor  # (N,) long: position of the probe within its trace
     weights: Tensor  # (N,) float32 (1.0 by default; cost-weighted losses fill it)
+    # filled by collate_traces / TraceTensors (None on hand-built batches; see the module docstring)
+    cost_weights: Tensor | None = None  # (N,) float32: the weighting="cost" weights, whatever ``weighting``
+    stop_penalty: Tensor | None = None  # (N,) float32: em_lost - lambda * saved, cost of stopping here
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -63,7 +96,8 @@ class ProbeBatch:
         return int(self.trace_index[-1].item()) + 1 if len(self) else 0
 
     def to(self, device: torch.device | str) -> "ProbeBatch":
-        return ProbeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return ProbeBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                             for f in fields(self)})
 
     def check(self, n_features: int | None = None) -> "ProbeBatch":
         """Raise :class:`DataError` unless the batch is well formed (shapes, finite features, layout
@@ -73,8 +107,8 @@ class ProbeBatch:
             raise DataError(f"features must have shape (N, F) with N={n} rows; got {tuple(self.features.shape)}")
         if n_features is not None and self.features.shape[1] != n_features:
             raise DataError(f"features have width {self.features.shape[1]}; the predictor expects {n_features}")
-        for name in ("trace_index", "probe_index", "weights"):
-            if getattr(self, name).shape != (n,):
+        for name in ("trace_index", "probe_index", "weights", "cost_weights", "stop_penalty"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n,):
                 raise DataError(f"{name} must have shape ({n},); got {tuple(getattr(self, name).shape)}")
         if not torch.isfinite(self.features).all():
             bad = torch.nonzero(~torch.isfinite(self.features).all(dim=1)).flatten()[:5].tolist()
@@ -99,18 +133,45 @@ def _segment_positions(trace_index: Tensor) -> Tensor:
     return rows - start
 
 
-def trace_weights(trace: Trace, weighting: str = "uniform") -> np.ndarray:
+def check_cost_lambda(cost_lambda: float, what: str = "cost_lambda") -> float:
+    """``cost_lambda`` as a float, or a ValueError naming it (``what``) unless it is finite and >= 0."""
+    try:
+        value = float(cost_lambda)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number >= 0; got {cost_lambda!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be finite and >= 0 (0: EM only; larger: tokens count more); got {cost_lambda!r}")
+    return value
+
+
+def trace_costs(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(saved (P,), em_lost (P,)) float64 of stopping at each probe of ``trace`` (see the module docstring):
+    the fraction of the run-to-the-end cost saved, in [0, 1], and ``final_em - probe_em`` in {-1, 0, 1}."""
+    full = max(stop_cost(trace, None)[0], 1)  # never stopping early, every probe run
+    stop_total, _ = stop_costs(trace)  # (P,) tokens when stopping at each probe
+    saved = np.clip(savings(stop_total, full), 0.0, 1.0)
+    em_lost = float(trace.final_em) - (np.asarray(trace.labels) > 0.5).astype(np.float64)
+    return np.asarray(saved, dtype=np.float64), em_lost
+
+
+def trace_weights(trace: Trace, weighting: str = "uniform", cost_lambda: float = 1.0) -> np.ndarray:
     """Per-probe loss weights of one trace (see the module docstring). (P,) float32"""
     if weighting == "uniform":
         return np.ones(trace.n_probes, dtype=np.float32)
     if weighting != "cost":
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-    full = max(stop_cost(trace, None)[0], 1)  # never stopping early, every probe run
-    stop_total, _ = stop_costs(trace)  # (P,) tokens when stopping at each probe
-    saved = np.clip(savings(stop_total, full), 0.0, 1.0)
-    neg = 1.0 if trace.final_em else COST_FLOOR
-    w = np.where(trace.labels > 0.5, saved, neg)
+    lam = check_cost_lambda(cost_lambda)
+    saved, em_lost = trace_costs(trace)
+    pos = saved if lam == 1.0 else lam * saved  # lambda = 1: the earlier weights, bit for bit
+    w = np.where(np.asarray(trace.labels) > 0.5, pos, np.maximum(em_lost, 0.0))
     return np.maximum(w, COST_FLOOR).astype(np.float32)
+
+
+def trace_stop_penalty(trace: Trace, cost_lambda: float = 1.0) -> np.ndarray:
+    """``em_lost - cost_lambda * saved`` at each probe: the cost (EM points) of stopping there instead of
+    running to the end. (P,) float32"""
+    saved, em_lost = trace_costs(trace)
+    return (em_lost - check_cost_lambda(cost_lambda) * saved).astype(np.float32)
 
 
 def _check_trace(trace: Trace, n_features: int | None) -> None:
@@ -125,8 +186,10 @@ def _check_trace(trace: Trace, n_features: int | None) -> None:
         raise DataError(f"trace {trace.trace_id} has non-finite (NaN/inf) features")
 
 
-def collate_traces(traces: Sequence[Trace], weighting: str = "uniform") -> ProbeBatch:
-    """All probe points of ``traces`` as one :class:`ProbeBatch` (checked: width, finite features)."""
+def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lambda: float = 1.0) -> ProbeBatch:
+    """All probe points of ``traces`` as one :class:`ProbeBatch` (checked: width, finite features);
+    ``cost_lambda``: the trade-off of the cost weights and stop penalties (module docstring)."""
+    check_cost_lambda(cost_lambda)
     if not traces:
         raise DataError("cannot collate an empty list of traces")
     width = traces[0].features.shape[-1]
@@ -139,27 +202,32 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform") -> Probe
         labels=torch.from_numpy(np.concatenate([t.labels for t in traces]).astype(np.float32)),
         trace_index=trace_index,
         probe_index=_segment_positions(trace_index),
-        weights=torch.from_numpy(np.concatenate([trace_weights(t, weighting) for t in traces])),
+        weights=torch.from_numpy(np.concatenate([trace_weights(t, weighting, cost_lambda) for t in traces])),
+        cost_weights=torch.from_numpy(np.concatenate([trace_weights(t, "cost", cost_lambda) for t in traces])),
+        stop_penalty=torch.from_numpy(np.concatenate([trace_stop_penalty(t, cost_lambda) for t in traces])),
     )
 
 
 class TraceTensors:
     """A fixed set of traces collated once; :meth:`collate` gathers any subset in a few tensor ops.
 
-    ``TraceTensors(traces).collate(subset)`` equals ``collate_traces(subset)`` (same weighting).
+    ``TraceTensors(traces).collate(subset)`` equals ``collate_traces(subset)`` (same weighting and
+    ``cost_lambda``).
     """
 
-    def __init__(self, traces: Sequence[Trace], weighting: str = "uniform", n_features: int | None = None) -> None:
+    def __init__(self, traces: Sequence[Trace], weighting: str = "uniform", n_features: int | None = None,
+                 cost_lambda: float = 1.0) -> None:
         if not traces:
             raise DataError("TraceTensors needs at least one trace")
         for t in traces:
             _check_trace(t, n_features if n_features is not None else traces[0].features.shape[-1])
-        self.weighting = weighting
+        self.weighting, self.cost_lambda = weighting, check_cost_lambda(cost_lambda)
         self._row_of = {t.trace_id: i for i, t in enumerate(traces)}
         if len(self._row_of) != len(traces):
             raise DataError("trace ids must be unique")
-        full = collate_traces(traces, weighting)
+        full = collate_traces(traces, weighting, self.cost_lambda)
         self.features, self.labels, self.weights = full.features, full.labels, full.weights  # (R, F), (R,), (R,)
+        self.cost_weights, self.stop_penalty = full.cost_weights, full.stop_penalty  # (R,), (R,)
         # index arithmetic in NumPy: on arrays this small it is several times cheaper than torch ops
         self.lengths = np.array([t.n_probes for t in traces], dtype=np.int64)  # (T,)
         self.offsets = np.cumsum(self.lengths) - self.lengths  # (T,) first row of each trace
@@ -192,4 +260,6 @@ class TraceTensors:
             trace_index=torch.from_numpy(trace_index),
             probe_index=torch.from_numpy(probe_index),
             weights=self.weights[rows],
+            cost_weights=self.cost_weights[rows],
+            stop_penalty=self.stop_penalty[rows],
         )

@@ -15,6 +15,12 @@ name is the corpus ``meta.json``'s ``feature_costs`` where it has them, else
 before anything else sees them (:func:`select_features`), so batches, normalisation statistics and the
 EM/token callback all read the subset.
 
+**Cost-sensitive losses** (issue 13 item 4): ``data.weighting: cost`` fills ``ProbeBatch.weights`` with the
+cost weights that ``model.loss: cost`` reads, and ``data.cost_lambda`` (lambda >= 0, default 1) is their
+trade-off between tokens lost by stopping late and EM lost by stopping early; the same lambda sets every
+batch's ``cost_weights`` and ``stop_penalty``, which the adapter's query losses (``balanced/cost``,
+``balanced/expected_cost``) read whatever the weighting (:mod:`maml_stop.data.batches`).
+
 Every trace is collated to tensors once (:class:`maml_stop.data.batches.TraceTensors`); an episode is then a few
 tensor gathers. A batch is a list of :class:`EpisodeBatch`.
 
@@ -44,7 +50,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from maml_stop.data.corpus import TraceCorpus
-from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTensors
+from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTensors, check_cost_lambda
 from maml_stop.data import store
 from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit
 
@@ -158,7 +164,8 @@ class TraceDataModule(LightningDataModule):
     Family split: explicit ``train_families`` / ``val_families`` / ``test_families`` lists, or
     ``fold`` (leave-one-family-out over the sorted families: test = family ``fold``, validation = the
     next ``n_val_families``); train defaults to every other family. ``features``: the feature subset
-    (:func:`resolve_features`; None = every column).
+    (:func:`resolve_features`; None = every column). ``weighting`` / ``cost_lambda``: the probe weights
+    and the lambda of the cost-sensitive losses (module docstring).
     """
 
     def __init__(
@@ -181,10 +188,12 @@ class TraceDataModule(LightningDataModule):
         min_probes: int = 1,
         seed: int = 0,
         features: list[str] | str | None = None,
+        cost_lambda: float = 1.0,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        self.cost_lambda = check_cost_lambda(cost_lambda, "data.cost_lambda")
         for name, value in (("k", k), ("min_probes", min_probes), ("q", q), ("meta_batch_size", meta_batch_size),
                             ("steps_per_epoch", steps_per_epoch), ("val_episodes", val_episodes),
                             ("test_episodes", test_episodes)):
@@ -248,7 +257,8 @@ class TraceDataModule(LightningDataModule):
         log.info("families: train %s, val %s, test %s", self.split.train, self.split.val, self.split.test)
         by_family = {f: self.corpus.traces(f) for f in self.corpus.families}
         every = [t for f in self.split.train + self.split.val + self.split.test for t in by_family[f]]
-        self._tensors = TraceTensors(every, weighting=self.weighting, n_features=self.n_features)
+        self._tensors = TraceTensors(every, weighting=self.weighting, n_features=self.n_features,
+                                     cost_lambda=self.cost_lambda)
         self._train_sampler = EpisodeSampler(
             by_family, self.k, self.q, families=self.split.train,
             family_weights=self.family_weighting, seed=self.seed,

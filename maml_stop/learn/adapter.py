@@ -39,9 +39,42 @@ adapt): the learned policies of the evaluation, ``maml-stop adapt`` and the meta
 go through it, and :meth:`InnerLoopAdapter.episode_losses` (meta-training's episode-batched fast path)
 is tested equal to it. :func:`crossfit_probabilities` scores support traces out of sample with it.
 
-Inner losses (``loss``): ``bce`` (mean over probe points), ``balanced`` (each class present in the
-batch weighs half, so a support set with few correct probes still teaches both sides), ``cost`` (each
-probe weighted by ``ProbeBatch.weights``; fill them with ``weighting="cost"``, see :mod:`maml_stop.data.batches`).
+Losses (``loss``): one kind for the inner (support) and the outer (query) loss, or ``"INNER/QUERY"``
+(e.g. ``balanced/expected_cost``: adapt with the balanced BCE, meta-train the query on the expected cost;
+YAML ``model.loss: balanced/expected_cost``, the checkpoint records the spec). Inner kinds (:data:`LOSSES`,
+weighted binary cross-entropies):
+
+* ``bce``: mean over probe points;
+* ``balanced``: each class present in the batch weighs half, so a support set with few correct probes
+  still teaches both sides;
+* ``cost`` (cost-sensitive, issue 13 item 4): each probe weighted by what a wrong decision there costs,
+  ``ProbeBatch.cost_weights`` (``ProbeBatch.weights`` on hand-built batches, which lack them): a correct
+  probe (a safe stop) by ``lambda * saved`` (the share of the run's tokens that a missed stop there
+  wastes), a wrong one by its EM at stake (1 when the full run is correct, else ``COST_FLOOR``);
+  ``lambda`` is ``data.cost_lambda`` (:mod:`maml_stop.data.batches`). The minimiser of a weighted BCE is
+  ``P(correct) * w+ / (P(correct) * w+ + P(wrong) * w-)``: a larger lambda raises the predicted stop
+  probability of every probe with tokens at stake, so the first probe above a fixed threshold comes
+  earlier. ``lambda = 0`` is the EM-only limit: correct probes weigh ``COST_FLOOR``, wrong ones their EM
+  at stake. A plain ``loss: cost`` needs ``data.weighting: cost`` (the module checks it); the query part
+  of ``INNER/cost`` reads ``cost_weights``, which every collated batch carries.
+
+Query-only kind (:data:`QUERY_LOSSES`), a meta-objective aimed at the decision (issue 11 item 4):
+
+* ``expected_cost``: the expected cost of the soft first-stop policy. Read the predicted probabilities
+  ``p_i = sigmoid(logit_i)`` of a trace as a policy that stops at probe ``i`` with probability ``p_i``
+  if it has not stopped before: it stops first at ``i`` with probability ``P_i = p_i * prod_{j<i}
+  (1 - p_j)`` and runs to the end with ``prod_j (1 - p_j)``. Stopping at ``i`` costs
+  ``ProbeBatch.stop_penalty[i] = em_lost_i - lambda * saved_i`` (EM points lost minus lambda times the
+  share of tokens saved; running to the end costs 0), so the loss, averaged over the batch's traces, is
+  ``E[EM lost] - lambda * E[share saved]``: the Lagrangian of "save tokens at an EM-drop target", with
+  ``1 / lambda`` the price of one EM point, and the same first-crossing structure as the evaluated
+  threshold policy (stop at the first probe with ``p >= tau``). ``lambda = 0``: the expected EM lost
+  alone (stopping pays only where the forced answer is right and the full run's wrong).
+
+``lambda`` reaches the batches from the data (``data.cost_lambda``), because ``MetaStoppingModule`` passes
+``model.loss`` through as it is. Evaluation adapts with the inner kind only (:meth:`fit_support`), so
+``INNER/QUERY`` with a lambda-free inner kind evaluates exactly as it was meta-trained; an inner
+``cost`` kind is collated at evaluation with lambda = 1.
 """
 
 from __future__ import annotations
@@ -64,14 +97,36 @@ from maml_stop.learn.predictor import StoppingPredictor, apply_linear
 if TYPE_CHECKING:  # pragma: no cover
     from maml_stop.data.corpus import Trace
 
-__all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "BACKENDS", "inner_loss", "loss_weights",
-           "trace_probabilities", "crossfit_probabilities"]
+__all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "QUERY_LOSSES", "BACKENDS", "inner_loss",
+           "loss_weights", "query_loss", "expected_stop_cost", "parse_loss", "trace_probabilities",
+           "crossfit_probabilities"]
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("maml", "anil", "metasgd")
-LOSSES = ("bce", "balanced", "cost")
+LOSSES = ("bce", "balanced", "cost")  # inner kinds: weighted BCEs (a spec "KIND" uses one for both losses)
+QUERY_LOSSES = LOSSES + ("expected_cost",)  # query kinds: the second half of a spec "INNER/QUERY"
 BACKENDS = ("learn2learn", "torch_func")
+
+
+def parse_loss(spec: str) -> tuple[str, str]:
+    """(inner kind, query kind) of a loss spec: ``"KIND"`` (both the same, one of :data:`LOSSES`) or
+    ``"INNER/QUERY"`` (INNER one of :data:`LOSSES`, QUERY one of :data:`QUERY_LOSSES`).
+
+    >>> parse_loss("balanced"), parse_loss("balanced/expected_cost")
+    (('balanced', 'balanced'), ('balanced', 'expected_cost'))
+    """
+    valid = (f"valid: {', '.join(LOSSES)}, or INNER/QUERY with INNER one of those and QUERY one of "
+             f"{', '.join(QUERY_LOSSES)} (e.g. balanced/expected_cost)")
+    parts = str(spec).split("/") if isinstance(spec, str) else [None]
+    if len(parts) == 1 and parts[0] in QUERY_LOSSES and parts[0] not in LOSSES:
+        raise ValueError(f"loss {spec!r} is a query loss (the inner loop fits a weighted BCE): use INNER/{spec}, "
+                         f"e.g. balanced/{spec}; {valid}")
+    if len(parts) == 1 and parts[0] in LOSSES:
+        return parts[0], parts[0]
+    if len(parts) == 2 and parts[0] in LOSSES and parts[1] in QUERY_LOSSES:
+        return parts[0], parts[1]
+    raise ValueError(f"unknown loss {spec!r}; {valid}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +138,7 @@ class AdapterConfig:
     inner_lr: float = 0.1  # inner-loop step size (Meta-SGD: the initial value of every learned rate)
     inner_steps: int = 5  # gradient steps on the support set (a call's ``steps`` overrides it)
     first_order: bool = False  # FOMAML: no gradient through the inner steps (always so under no_grad)
-    loss: str = "balanced"  # bce | balanced (each class weighs half) | cost (ProbeBatch.weights)
+    loss: str = "balanced"  # bce | balanced | cost, or INNER/QUERY, e.g. balanced/expected_cost (parse_loss)
     backend: str = "learn2learn"  # learn2learn | torch_func (same results, torch alone: no learn2learn build)
 
     def to_dict(self) -> dict:
@@ -92,8 +147,8 @@ class AdapterConfig:
 
     @property
     def weighting(self) -> str:
-        """The probe weighting its loss reads: ``cost`` weights for ``loss="cost"``, else uniform."""
-        return "cost" if self.loss == "cost" else "uniform"
+        """The probe weighting its inner loss reads: ``cost`` weights for an inner ``cost``, else uniform."""
+        return "cost" if parse_loss(self.loss)[0] == "cost" else "uniform"
 
 
 def loss_weights(batch: ProbeBatch, kind: str = "balanced") -> Tensor:
@@ -104,8 +159,8 @@ def loss_weights(batch: ProbeBatch, kind: str = "balanced") -> Tensor:
         pos = batch.labels
         n_pos = pos.sum()
         w = pos / n_pos.clamp(min=1.0) + (1.0 - pos) / (pos.numel() - n_pos).clamp(min=1.0)
-    elif kind == "cost":
-        w = batch.weights
+    elif kind == "cost":  # the cost weights every collated batch carries; a hand-built batch's own weights
+        w = batch.cost_weights if batch.cost_weights is not None else batch.weights
     else:
         raise ValueError(f"unknown inner loss {kind!r}; valid: {', '.join(LOSSES)}")
     return w / w.sum().clamp(min=1e-12)
@@ -116,6 +171,42 @@ def inner_loss(logits: Tensor, batch: ProbeBatch, kind: str = "balanced", weight
     summing to 1, default ``loss_weights(batch, kind)`` (pass them to skip recomputing in a loop)."""
     w = loss_weights(batch, kind) if weights is None else weights
     return F.binary_cross_entropy_with_logits(logits, batch.labels, weight=w, reduction="sum")
+
+
+def _stop_penalty(batch: ProbeBatch) -> Tensor:
+    if batch.stop_penalty is None:
+        raise DataError("loss expected_cost reads ProbeBatch.stop_penalty, which batches collated from traces carry "
+                        "(collate_traces, TraceTensors); this batch was built without it")
+    return batch.stop_penalty
+
+
+def _expected_cost(logits: Tensor, probe_index: Tensor, penalty: Tensor, n_traces: Tensor | int) -> Tensor:
+    """Expected stop penalty per trace of the soft first-stop policy, over the last axis of ``logits``
+    (..., N) (rows of a trace contiguous, ``probe_index`` their positions; zero-penalty padding rows
+    with position 0 add nothing): ``sum_i p_i prod_{j<i, same trace} (1 - p_j) penalty_i / n_traces``. (...)"""
+    lg = logits.double()
+    log_q = -F.softplus(lg)  # log(1 - p), stable
+    before = torch.cumsum(log_q, dim=-1) - log_q  # (..., N) sum of log(1 - p_j) over the rows before i
+    rows = torch.arange(lg.shape[-1], device=lg.device).expand_as(probe_index)
+    start = before.gather(-1, rows - probe_index)  # (..., N) the same sum at the first row of i's trace
+    first = torch.sigmoid(lg) * torch.exp(before - start)  # P(the first stop is at probe i)
+    total = (first * penalty.double()).sum(dim=-1)
+    return (total / torch.as_tensor(n_traces, dtype=total.dtype, device=total.device).clamp(min=1)).to(logits.dtype)
+
+
+def expected_stop_cost(logits: Tensor, batch: ProbeBatch) -> Tensor:
+    """The ``expected_cost`` query loss (module docstring): ``E[EM lost] - lambda * E[share saved]`` of the
+    soft first-stop policy ``sigmoid(logits)`` (N,), averaged over the batch's traces. ()"""
+    return _expected_cost(logits, batch.probe_index, _stop_penalty(batch), batch.n_traces)
+
+
+def query_loss(logits: Tensor, batch: ProbeBatch, kind: str = "balanced") -> Tensor:
+    """The query (outer) loss ``kind`` (one of :data:`QUERY_LOSSES`) of ``logits`` (N,) on ``batch``. ()"""
+    if kind == "expected_cost":
+        return expected_stop_cost(logits, batch)
+    if kind not in LOSSES:
+        raise ValueError(f"unknown query loss {kind!r}; valid: {', '.join(QUERY_LOSSES)}")
+    return inner_loss(logits, batch, kind)
 
 
 def _expand_(module: nn.Module, n: int) -> nn.Module:
@@ -155,8 +246,7 @@ class InnerLoopAdapter(nn.Module):
             raise ValueError(f"unknown adaptation backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown inner loss {loss!r}; valid: {', '.join(LOSSES)}")
+        self.inner_kind, self.query_kind = parse_loss(loss)  # ValueError naming the valid specs
         if inner_steps < 0 or inner_lr <= 0:
             raise ValueError(f"need inner_steps >= 0 and inner_lr > 0; got {inner_steps}, {inner_lr}")
         self.predictor = predictor
@@ -202,8 +292,9 @@ class InnerLoopAdapter(nn.Module):
         return self.predictor(batch)
 
     def loss(self, model: nn.Module, batch: ProbeBatch) -> Tensor:
-        """The inner loss of ``model`` (the predictor or an adapted clone) on ``batch``."""
-        return inner_loss(model(batch), batch, self.loss_kind)
+        """The query (outer) loss of ``model`` (the predictor or an adapted clone) on ``batch`` (the inner
+        loss too, unless the spec is ``INNER/QUERY``)."""
+        return query_loss(model(batch), batch, self.query_kind)
 
     def adapt(self, support: ProbeBatch, steps: int | None = None) -> StoppingPredictor:
         """An adapted clone of the predictor after ``steps`` (default ``inner_steps``) inner steps on
@@ -214,7 +305,7 @@ class InnerLoopAdapter(nn.Module):
             raise ValueError(f"steps must be >= 0; got {steps}")
         outer = torch.is_grad_enabled()
         first_order = self.first_order or not outer
-        w = loss_weights(support, self.loss_kind)  # (N,) once, not per step
+        w = loss_weights(support, self.inner_kind)  # (N,) once, not per step
         with torch.enable_grad():
             if self.algorithm == "anil":
                 emb = self.predictor.embed(support)  # (N, H) computed once: the body is not adapted
@@ -274,11 +365,16 @@ class InnerLoopAdapter(nn.Module):
         if self.predictor.kind == "gru":
             return torch.stack([self.loss(self.fit_support(s, steps), q) for s, q in episodes])
         adapted = self.adapt_episodes([s for s, _ in episodes], steps)
-        xq, yq, wq = self._padded([q for _, q in episodes])  # (E, Nq, ...)
+        queries = [q for _, q in episodes]
+        xq, yq, wq = self._padded(queries, self.query_kind)  # (E, Nq, ...); wq: stop penalties for expected_cost
         if self.algorithm == "anil":
             logits = apply_linear(self.predictor.embed_inputs(xq), adapted).squeeze(-1)  # (E, Nq)
         else:
             logits = adapted.logits_from_inputs(xq)  # (E, Nq)
+        if self.query_kind == "expected_cost":
+            positions = pad_sequence([q.probe_index for q in queries], batch_first=True)  # (E, Nq)
+            n_traces = torch.tensor([q.n_traces for q in queries], device=logits.device)  # (E,)
+            return _expected_cost(logits, positions, wq, n_traces)  # (E,)
         return (F.binary_cross_entropy_with_logits(logits, yq, reduction="none") * wq).sum(dim=1)  # (E,)
 
     def adapt_episodes(self, supports: Sequence[ProbeBatch], steps: int | None = None) -> nn.Module:
@@ -294,7 +390,7 @@ class InnerLoopAdapter(nn.Module):
         steps = self.inner_steps if steps is None else steps
         outer = torch.is_grad_enabled()
         first_order = self.first_order or not outer
-        xs, ys, ws = self._padded(supports)  # (E, Ns, in), (E, Ns), (E, Ns)
+        xs, ys, ws = self._padded(supports, self.inner_kind)  # (E, Ns, in), (E, Ns), (E, Ns)
         with torch.enable_grad():
             if self.algorithm == "anil":
                 emb = self.predictor.embed_inputs(xs)  # (E, Ns, H) shared body, computed once
@@ -307,11 +403,13 @@ class InnerLoopAdapter(nn.Module):
                 lambda m: F.binary_cross_entropy_with_logits(logits_of(m), ys, weight=ws, reduction="sum"),
                 steps, first_order, episodes=len(supports))
 
-    def _padded(self, batches: Sequence[ProbeBatch]) -> tuple[Tensor, Tensor, Tensor]:
-        """Inputs, labels and loss weights of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
+    def _padded(self, batches: Sequence[ProbeBatch], kind: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs, labels and the loss weights of ``kind`` (its stop penalties for ``expected_cost``) of
+        several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
         x = pad_sequence([self.predictor.inputs(b) for b in batches], batch_first=True)
         y = pad_sequence([b.labels for b in batches], batch_first=True)
-        w = pad_sequence([loss_weights(b, self.loss_kind) for b in batches], batch_first=True)
+        per = _stop_penalty if kind == "expected_cost" else (lambda b: loss_weights(b, kind))  # noqa: E731
+        w = pad_sequence([per(b) for b in batches], batch_first=True)
         return x, y, w
 
     def _check_can_adapt(self, supports: Sequence[ProbeBatch]) -> None:
