@@ -146,6 +146,24 @@ def test_sparse_schedule_pays_every_other_probe():
         P.SparseSchedule(fixed_probe(0), every=0, feature_names=NAMES)
 
 
+def test_a_capped_run_pays_its_forced_cap_answer_under_every_schedule():
+    """A capped run's answer is the answer forced at the cap (trace.cap_probe): full generation pays it,
+    a policy running to the end pays it once, and a sparse schedule always runs it."""
+    from dataclasses import replace
+
+    capped = replace(trace(h0=[0] * 5, reasoning_tokens=50), hit_cap=True, cap_probe=4)  # probe 4 at 50 = the cap
+    assert full_cost(capped) == 50 + 5
+    assert stop_cost(capped, None, ran=[])[0] == 50 + 5 and stop_cost(capped, None, ran=[4])[0] == 50 + 5
+    sparse = P.SparseSchedule(fixed_probe(COL["h0"]), every=2, feature_names=NAMES).fit([capped])
+    out = sparse.outcome(capped)  # keeps 0, 2, 4 (the cap): never stops, pays those three
+    assert out.index is None and out.ran == (0, 2, 4) and out.total_tokens == 50 + 3 * 5
+    sparse3 = P.SparseSchedule(fixed_probe(COL["h0"]), every=3, feature_names=NAMES).fit([capped])
+    out = sparse3.outcome(capped)  # keeps 0, 3 and the cap probe 4
+    assert out.ran == (0, 3, 4) and out.total_tokens == 50 + 3 * 5
+    keep, sub = sparse3.kept(capped)
+    assert keep.tolist() == [0, 3, 4] and sub.cap_probe == 2 and full_cost(sub) == full_cost(capped)
+
+
 def test_give_up_stops_a_run_that_will_be_wrong_and_keeps_em():
     wrong = trace(h0=[0, 0, 0], h1=[0, 0, 0], labels=[0, 0, 0], final_em=False, reasoning_tokens=40, trace_id="w")
     right = trace(h0=[0, 0, 0], h1=[1, 1, 1], labels=[0, 0, 1], final_em=True, reasoning_tokens=40, trace_id="r")

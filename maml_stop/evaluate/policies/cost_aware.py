@@ -135,9 +135,11 @@ def subtrace(trace: Trace, keep: Sequence[int], feature_names: Sequence[str]) ->
         keys.append(key)
         for name, col in cols.items():
             feats[row, col] = stab[name]
+    cap = getattr(trace, "cap_probe", None)  # the capped run's forced answer, when kept: its index in the sub-trace
+    cap = int(np.flatnonzero(keep == cap)[0]) if cap is not None and cap in keep else None
     return replace(trace, features=feats, labels=trace.labels[keep], positions=trace.positions[keep],
                    probe_tokens=trace.probe_tokens[keep], probe_answers=[trace.probe_answers[i] for i in keep],
-                   logprob_mean=trace.logprob_mean[keep])
+                   logprob_mean=trace.logprob_mean[keep], cap_probe=cap)
 
 
 def _first_hits(scores: np.ndarray, params: Sequence[float]) -> list[int | None]:
@@ -382,6 +384,9 @@ class SparseSchedule(ThresholdedPolicy):
         """(the kept probe indices, the sub-trace the inner policy sees)."""
         if trace.trace_id not in self._subs:
             keep = np.arange(0, trace.n_probes, self.every, dtype=np.int64)
+            cap = getattr(trace, "cap_probe", None)
+            if cap is not None and cap not in keep:  # a capped run's answer is forced at the cap: always run
+                keep = np.append(keep, cap)
             self._subs[trace.trace_id] = (keep, subtrace(trace, keep, self.feature_names))
         return self._subs[trace.trace_id]
 
