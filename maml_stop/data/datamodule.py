@@ -21,6 +21,14 @@ trade-off between tokens lost by stopping late and EM lost by stopping early; th
 batch's ``cost_weights`` and ``stop_penalty``, which the adapter's query losses (``balanced/cost``,
 ``balanced/expected_cost``) read whatever the weighting (:mod:`maml_stop.data.batches`).
 
+**Several processes** (``trainer.strategy: ddp``/``ddp_spawn``, ``devices``, ``num_nodes``): every rank
+draws the same global meta-batch of ``meta_batch_size`` episodes from the same seeded sampler and adapts on
+its share (:func:`maml_stop.data.episodes.rank_share`, ``meta_batch_size / world_size`` episodes), so DDP's
+gradient average is the single-process mean over the meta-batch; the fixed validation/test episodes are
+split the same way, without padding (the loaders are iterables that Lightning does not re-shard), and
+``val/loss`` is their mean over every rank (``sync_dist``). ``meta_batch_size`` must be a multiple of the
+number of processes.
+
 Every trace is collated to tensors once (:class:`maml_stop.data.batches.TraceTensors`); an episode is then a few
 tensor gathers. A batch is a list of :class:`EpisodeBatch`.
 
@@ -52,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTensors, check_cost_lambda
 from maml_stop.data import store
-from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit
+from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit, rank_share
 
 __all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS", "FEATURE_SHORTHANDS", "resolve_features",
            "select_features"]
@@ -141,17 +149,35 @@ def _identity(batch):  # DataLoader collate: items are already meta-batches
 
 class _RandomMetaBatches(IterableDataset):
     """``steps`` meta-batches of random training episodes per pass, from one persistent seeded sampler
-    (so epochs differ from each other but two runs with the same seed are identical)."""
+    (so epochs differ from each other but two runs with the same seed are identical). Process ``rank``
+    of ``world_size`` yields its share of each global meta-batch (every rank draws all of it)."""
 
-    def __init__(self, sampler: EpisodeSampler, tensors: TraceTensors, meta_batch_size: int, steps: int) -> None:
+    def __init__(self, sampler: EpisodeSampler, tensors: TraceTensors, meta_batch_size: int, steps: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.sampler, self.tensors, self.meta_batch_size, self.steps = sampler, tensors, meta_batch_size, steps
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[EpisodeBatch]]:
         for _ in range(self.steps):
-            yield [_to_tensors(e, self.tensors) for e in self.sampler.sample_batch(self.meta_batch_size)]
+            episodes = rank_share(self.sampler.sample_batch(self.meta_batch_size), self.rank, self.world_size)
+            yield [_to_tensors(e, self.tensors) for e in episodes]
+
+
+class _FixedMetaBatches(IterableDataset):
+    """This rank's fixed evaluation meta-batches, as an iterable so that Lightning does not shard them a
+    second time (its DistributedSampler would pad with repeated meta-batches)."""
+
+    def __init__(self, batches: list[list[EpisodeBatch]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[EpisodeBatch]]:
+        return iter(self.batches)
 
 
 def _to_tensors(episode: Episode, tensors: TraceTensors) -> EpisodeBatch:
@@ -213,7 +239,7 @@ class TraceDataModule(LightningDataModule):
         self._tensors: TraceTensors | None = None
         self._train_sampler: EpisodeSampler | None = None
         self._resumed_rng: dict | None = None  # sampler RNG state from a checkpoint, applied once set up
-        self._eval: dict[str, list[list[EpisodeBatch]]] = {}
+        self._eval: dict[tuple[str, int, int], list[list[EpisodeBatch]]] = {}  # (stage, rank, world size) ->
         self._eval_traces: dict[str, list[Episode]] = {}  # stage -> its fixed episodes (eval_episodes)
 
     # ---- what the model needs to know (linked in the CLI) -------------------------------------------
@@ -334,22 +360,42 @@ class TraceDataModule(LightningDataModule):
                 )
         return self._eval_traces[stage]
 
+    def process(self) -> tuple[int, int]:
+        """(global rank, world size) of this process in the Trainer's run; (0, 1) without a Trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _eval_batches(self, stage: str) -> list[list[EpisodeBatch]]:
-        if stage not in self._eval:
-            eps = [_to_tensors(ep, self._tensors) for ep in self.eval_episodes(stage)]
-            self._eval[stage] = [eps[i : i + self.meta_batch_size] for i in range(0, len(eps), self.meta_batch_size)]
-        return self._eval[stage]
+        """This process's share of the fixed episodes of ``stage``, in meta-batches of
+        ``meta_batch_size / world_size``."""
+        rank, world = self.process()
+        if (stage, rank, world) not in self._eval:
+            episodes = self.eval_episodes(stage)
+            if world > 1 and episodes:
+                episodes = rank_share(episodes, rank, world, what=f"{stage} episodes (data.{stage}_episodes per family)")
+            eps = [_to_tensors(ep, self._tensors) for ep in episodes]
+            size = max(1, self.meta_batch_size // world)
+            self._eval[stage, rank, world] = [eps[i : i + size] for i in range(0, len(eps), size)]
+        return self._eval[stage, rank, world]
 
     # ---- loaders ------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        ds = _RandomMetaBatches(self._train_sampler, self._tensors, self.meta_batch_size, self.steps_per_epoch)
+        rank, world = self.process()
+        if self.meta_batch_size % world:
+            raise DataError(
+                f"data.meta_batch_size={self.meta_batch_size} does not split evenly over {world} processes "
+                f"(devices x num_nodes): use a multiple of {world}, so that every rank adapts on the same "
+                "number of episodes and DDP's gradient average is the mean over the meta-batch"
+            )
+        ds = _RandomMetaBatches(self._train_sampler, self._tensors, self.meta_batch_size, self.steps_per_epoch,
+                                rank=rank, world_size=world)
         return DataLoader(ds, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._eval_batches("val"), batch_size=None, collate_fn=_identity)
+        return DataLoader(_FixedMetaBatches(self._eval_batches("val")), batch_size=None, collate_fn=_identity)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._eval_batches("test"), batch_size=None, collate_fn=_identity)
+        return DataLoader(_FixedMetaBatches(self._eval_batches("test")), batch_size=None, collate_fn=_identity)

@@ -22,7 +22,8 @@ import numpy as np
 
 from maml_stop.data.store import question_id_of
 
-__all__ = ["Episode", "EpisodeSampler", "FamilySplit", "QuestionGroups", "split_support_query", "SamplerError", "FAMILY_WEIGHTINGS"]
+__all__ = ["Episode", "EpisodeSampler", "FamilySplit", "QuestionGroups", "split_support_query", "SamplerError",
+           "FAMILY_WEIGHTINGS", "rank_share"]
 
 T = TypeVar("T")
 FAMILY_WEIGHTINGS = ("uniform", "traces")
@@ -91,6 +92,25 @@ def split_support_query(
     support = [t for i in order[:k] for t in groups[i]]
     query = [t for i in order[k:end] for t in groups[i]]
     return support, query
+
+
+def rank_share(items: Sequence[T], rank: int, world_size: int, what: str = "episodes") -> list[T]:
+    """The share of ``items`` that process ``rank`` of ``world_size`` takes: every ``world_size``-th
+    item from ``rank`` on (``items[rank::world_size]``). The shares of all ranks are disjoint and together
+    are ``items``, so a sum over every rank's share is the sum over ``items``: distributed meta-training
+    draws the same global meta-batch (or fixed episode list) on every rank and each rank adapts on its
+    share (:class:`maml_stop.data.datamodule.TraceDataModule`). Raises :class:`SamplerError` for a rank
+    outside ``[0, world_size)`` or when a rank would get nothing (fewer ``what`` than processes).
+
+    >>> rank_share(list("abcde"), 1, 2)
+    ['b', 'd']
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise SamplerError(f"rank {rank} of world size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+    if len(items) < world_size:
+        raise SamplerError(f"{len(items)} {what} for {world_size} processes: every process needs at least one "
+                           f"(raise the number of {what} or use fewer devices/nodes)")
+    return list(items[rank::world_size])
 
 
 @dataclass

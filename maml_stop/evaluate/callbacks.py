@@ -16,6 +16,11 @@ generation, and logs::
 
 and saves the EM-vs-tokens curve as ``<log dir>/em_tokens/epoch=NNN.png`` (rank zero only).
 
+Under several processes (``trainer.strategy: ddp``) each rank evaluates its share of the episodes
+(:func:`maml_stop.data.episodes.rank_share`) and the metrics' ``compute`` sums their states over every
+rank (torchmetrics' sync on compute, on the adapter's device so that NCCL can reduce them): the figures
+are those of one process on all the episodes, identical on every rank.
+
 YAML (``trainer.callbacks``)::
 
     - class_path: maml_stop.evaluate.callbacks.EMTokenEvaluation
@@ -33,6 +38,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from maml_stop.data.episodes import rank_share
 from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
 from maml_stop.evaluate.thresholds import SELECTORS, make_selector
@@ -75,7 +81,10 @@ class EMTokenEvaluation(Callback):
 
     # ---- the decision part: pure given the adapter and the episodes -----------------------------------
     def evaluate(self, adapter: Any, episodes: Sequence[Any], eval_steps: int | None = None) -> tuple[dict[str, float], dict]:
-        """Figures (see the module docstring) and the pooled EM-vs-tokens curve over ``episodes``."""
+        """Figures (see the module docstring) and the pooled EM-vs-tokens curve over ``episodes``. Under
+        ``torch.distributed`` the metrics sum their states over every process when they compute, so each
+        process passes its own share of the episodes; that reduction runs on the adapter's device (the
+        process group's: CUDA for NCCL)."""
         policy = ProbePolicy(adapter=adapter, selector=self.selector, taus=self.taus, adapt_steps=eval_steps,
                              crossfit=self.crossfit, seed=self.seed, name="maml")
         oracle = OraclePolicy()
@@ -101,6 +110,10 @@ class EMTokenEvaluation(Callback):
             labels = torch.from_numpy(np.concatenate([t.labels for t in ep.query]).astype(np.float64))
             brier.update(probs, labels)
             ece.update(probs, labels)
+        device = next(adapter.parameters(), torch.empty(0)).device if hasattr(adapter, "parameters") else None
+        if device is not None and device.type != "cpu":
+            for m in (curve, auc, at_delta, savings, oracle_savings, em, full_em, brier, ece):
+                m.to(device)
         figures = {
             "savings_at_delta": float(savings.compute()),
             "em_drop": float(full_em.compute() - em.compute()),
@@ -132,19 +145,22 @@ class EMTokenEvaluation(Callback):
         if not episodes:
             return
         steps = getattr(pl_module, "eval_inner_steps", None)
-        figures, curve = self.evaluate(pl_module.adapter, episodes, steps)
-        for name, value in figures.items():
-            pl_module.log(f"val/{name}", value, batch_size=len(episodes))
+        share = rank_share(episodes, trainer.global_rank, trainer.world_size)  # all of them on one process
+        figures, curve = self.evaluate(pl_module.adapter, share, steps)
+        for name, value in figures.items():  # already over every rank's share: sync_dist averages equal values
+            pl_module.log(f"val/{name}", value, batch_size=len(episodes), sync_dist=True)
         self.history.append({"epoch": trainer.current_epoch, **figures})
         if self.save_plot:
-            self._save_curve(trainer, curve, figures)
+            # on every rank: under DDP trainer.log_dir is a broadcast from rank zero, which a read inside
+            # the rank-zero-only writer would wait on forever
+            folder = Path(trainer.log_dir or trainer.default_root_dir) / "em_tokens"
+            self._save_curve(folder, trainer.current_epoch, curve, figures)
 
     @rank_zero_only
-    def _save_curve(self, trainer: Trainer, curve: Mapping[str, list], figures: Mapping[str, float]) -> None:
+    def _save_curve(self, folder: Path, epoch: int, curve: Mapping[str, list], figures: Mapping[str, float]) -> None:
         from maml_stop.evaluate.report.plots import pyplot
 
         plt = pyplot()
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "em_tokens"
         folder.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
         ax.plot(curve["cost"], curve["em"], ".-", label="MAML-adapted probe (tau sweep)")
@@ -152,13 +168,13 @@ class EMTokenEvaluation(Callback):
         ax.set_xlabel("tokens / full generation")
         ax.set_ylabel("EM")
         ax.set_title(
-            f"epoch {trainer.current_epoch}: {100 * figures['savings_at_delta']:.1f}% saved, "
+            f"epoch {epoch}: {100 * figures['savings_at_delta']:.1f}% saved, "
             f"EM drop {100 * figures['em_drop']:.1f} pt", fontsize=9,
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / f"epoch={trainer.current_epoch:03d}.png", dpi=100)
+        fig.savefig(folder / f"epoch={epoch:03d}.png", dpi=100)
         plt.close(fig)
 
     # ---- resume ----------------------------------------------------------------------------------------

@@ -13,6 +13,17 @@ the held-out families and log, on the query sets:
   meta-training started from (same ``init_seed``), adapted on the same support sets: what
   meta-training buys over plain few-shot fine-tuning.
 
+**Several processes** (``trainer.strategy: ddp`` or ``ddp_spawn``, ``trainer.devices``, ``trainer.num_nodes``):
+each rank adapts on its share of every meta-batch (:class:`~maml_stop.data.datamodule.TraceDataModule`), DDP
+averages the ranks' meta-gradients, which is the single-process meta-gradient of the mean over the whole
+meta-batch. ``train/loss`` is averaged over the ranks (``sync_dist``; equal shares). The validation and
+test losses are torchmetrics ``MeanMetric`` objects over episodes, whose states are summed over every rank
+when they compute, so ``val/loss``, which picks ``best.ckpt``, is the mean over all validation episodes
+even when the ranks' shares differ in size (Lightning's ``sync_dist`` of batch-size-weighted tensors
+averages the episode counts as integers, rounding 2.5 down to 2). The result is one process's up to the
+order of floating-point sums (``tests/test_ddp.py``: weights and losses within 1e-5), provided nothing
+random runs inside a step (``model.dropout: 0``).
+
 Validation and test need ``Trainer(inference_mode=False)`` (set in every YAML and enforced by the CLI):
 the inner loop takes gradients.
 
@@ -30,7 +41,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
@@ -44,6 +56,8 @@ __all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "Check
 log = logging.getLogger(__name__)
 
 CKPT_KEY = "maml_stop"  # our section of a Lightning checkpoint
+EVAL_LOSSES = ("loss", "loss_unadapted", "loss_random_init")  # logged as val/<name>, test/<name>
+_L2L_FIRST = "_import_learn2learn_core_first"  # see MetaStoppingModule.__getstate__
 
 
 class CheckpointError(ValueError):
@@ -112,6 +126,11 @@ class MetaStoppingModule(LightningModule):
         # the initialisation meta-training starts from (not a parameter, not in the state_dict)
         self._init_state = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
         self._random_init: InnerLoopAdapter | None = None
+        # one metric object per stage and loss: means over episodes, over every rank (module docstring);
+        # their states are not persistent (no checkpoint keys)
+        self.eval_losses = nn.ModuleDict(
+            {stage: nn.ModuleDict({name: MeanMetric() for name in EVAL_LOSSES}) for stage in ("val", "test")}
+        )
 
     @property
     def predictor(self) -> StoppingPredictor:
@@ -151,16 +170,19 @@ class MetaStoppingModule(LightningModule):
     def _shared_step(self, batch: list[EpisodeBatch], stage: str) -> Tensor:
         steps = self.inner_steps_at(stage)
         pairs = [(ep.support, ep.query) for ep in batch]
-        loss = self.adapter.episode_losses(pairs, steps).mean()  # = mean of loss(adapt(support), query)
-        n = len(batch)
-        self.log(f"{stage}/loss", loss, batch_size=n, prog_bar=True)
-        if stage != "train":
-            unadapted = torch.stack([self.adapter.loss(self.predictor, ep.query) for ep in batch]).mean()
-            self.log(f"{stage}/loss_unadapted", unadapted, batch_size=n)
-            if self.compare_random_init:
-                ref = self._random_init_adapter()
-                rand = ref.episode_losses(pairs, steps).mean()
-                self.log(f"{stage}/loss_random_init", rand, batch_size=n)
+        losses = self.adapter.episode_losses(pairs, steps)  # (E,) loss(adapt(support), query) per episode
+        loss = losses.mean()
+        if stage == "train":  # every rank has meta_batch_size / world_size episodes: the mean of means
+            self.log("train/loss", loss, batch_size=len(batch), prog_bar=True, sync_dist=True)
+            return loss
+        per_episode = {"loss": losses}
+        per_episode["loss_unadapted"] = torch.stack([self.adapter.loss(self.predictor, ep.query) for ep in batch])
+        if self.compare_random_init:
+            per_episode["loss_random_init"] = self._random_init_adapter().episode_losses(pairs, steps)
+        for name, values in per_episode.items():
+            metric = self.eval_losses[stage][name]
+            metric.update(values.detach())
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "loss")
         return loss
 
     def training_step(self, batch: list[EpisodeBatch], batch_idx: int) -> Tensor:
@@ -207,6 +229,22 @@ class MetaStoppingModule(LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- pickling (ddp_spawn sends the module to fresh interpreters) ----------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The state, led (learn2learn backend) by an entry whose unpickling imports learn2learn's MAML
+        core through :mod:`maml_stop.learn.l2l`: the learner objects that follow name classes of
+        ``learn2learn.algorithms``, which a fresh interpreter would otherwise import by running
+        ``learn2learn/__init__.py`` (it imports gym and torchvision and fails)."""
+        state = super().__getstate__()
+        if self.adapter_config.backend == "learn2learn":
+            state = {_L2L_FIRST: _Learn2LearnCore(), **state}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state.pop(_L2L_FIRST, None)
+        super().__setstate__(state)
+
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_KEY] = {
@@ -220,6 +258,20 @@ class MetaStoppingModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = _section(checkpoint, "<checkpoint>")
         check_feature_names(info.get("feature_names"), self.feature_names)
+
+
+class _Learn2LearnCore:
+    """Unpickles as ``None`` after importing learn2learn's MAML core (``MetaStoppingModule.__getstate__``)."""
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        return (_import_learn2learn_core, ())
+
+
+def _import_learn2learn_core() -> None:
+    from maml_stop.learn import l2l
+
+    l2l.MAML  # noqa: B018  (the first access imports the MAML core, without learn2learn/__init__.py)
+    return None
 
 
 def _section(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
