@@ -107,3 +107,16 @@ def test_test_subcommand_logs_beside_fit(tiny_corpus, tmp_path):
     cli_main(["test", *args])
     assert (root / "logs" / "test" / "metrics.csv").is_file()
     assert (root / "logs" / "version_0" / "metrics.csv").read_text() == fit_metrics
+
+
+def test_only_the_first_launched_process_checks_and_replaces(monkeypatch):
+    """Under a DDP launcher every process re-runs the command: only global rank 0 refuses or deletes."""
+    from maml_stop.learn import cli as fit_cli
+
+    for env, rank in [({}, 0), ({"LOCAL_RANK": "1"}, 1), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, 1),
+                      ({"RANK": "3"}, 3), ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, 0)]:
+        for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert fit_cli._launched_rank() == rank, env

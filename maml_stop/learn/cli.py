@@ -194,7 +194,18 @@ def previous_outputs(ckpt_dirs: list[str], log_dirs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def _launched_rank() -> int:
+    """The global rank of a process started by a DDP launcher (Lightning's ``ddp`` re-runs the command with
+    ``LOCAL_RANK`` / ``NODE_RANK`` set; torchrun sets ``RANK``; SLURM ``SLURM_PROCID``), 0 otherwise."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
 def _replace_or_refuse(trainer: Namespace, ckpt_dirs: list[str], log_dirs: list[str], overwrite: bool) -> None:
+    if _launched_rank() != 0:  # only the first process checks and deletes (several nodes may share the folder)
+        return
     old = previous_outputs(ckpt_dirs, log_dirs)
     if not old:
         return
@@ -207,9 +218,9 @@ def _replace_or_refuse(trainer: Namespace, ckpt_dirs: list[str], log_dirs: list[
         )
     for p in old:
         if p.is_dir():
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)
         else:
-            p.unlink()
+            p.unlink(missing_ok=True)
     log.info("--overwrite: deleted %d files of the previous run under %s", len(old), root)
 
 
