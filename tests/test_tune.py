@@ -83,6 +83,9 @@ def test_space_errors_name_the_valid_choices(tmp_path):
     bad.write_text("space:\n  model.loss: {choices: [hinge]}\n")
     with pytest.raises(ValueError, match="valid: bce, balanced, cost"):
         load_space(bad)
+    good = tmp_path / "good.yaml"  # a decision-aimed query loss is a valid choice
+    good.write_text("space:\n  model.loss: {choices: [balanced, balanced/expected_cost, balanced/cost]}\n")
+    assert load_space(good)["model.loss"]["choices"][1] == "balanced/expected_cost"
 
 
 def test_console_script_runs_tune(tiny_corpus, tmp_path, capsys):

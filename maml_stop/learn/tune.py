@@ -35,7 +35,7 @@ import yaml
 
 from maml_stop.data import store
 from maml_stop.data.episodes import FamilySplit
-from maml_stop.learn.adapter import LOSSES
+from maml_stop.learn.adapter import LOSSES, parse_loss
 
 __all__ = ["DEFAULT_SPACE", "HeldOutReadError", "TuneResult", "load_space", "corpus_view", "tune", "main"]
 
@@ -74,9 +74,13 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
             raise ValueError(f"{path}: {key}: give {{low, high[, log]}} or {{choices: [...]}}; got {spec!r}")
         if name == "loss":
-            bad = [c for c in spec.get("choices", []) if c not in LOSSES]
-            if bad or "choices" not in spec:
-                raise ValueError(f"{path}: model.loss choices {bad or spec!r} unknown; valid: {', '.join(LOSSES)}")
+            if "choices" not in spec:
+                raise ValueError(f"{path}: model.loss needs choices; valid: {', '.join(LOSSES)} or INNER/QUERY")
+            for choice in spec["choices"]:
+                try:
+                    parse_loss(choice)  # a kind, or INNER/QUERY such as balanced/expected_cost
+                except ValueError as err:
+                    raise ValueError(f"{path}: model.loss choice {choice!r}: {err}") from None
     return space
 
 
