@@ -225,6 +225,9 @@ def test_tasks_command_on_some_families(capsys) -> None:
 SMALLER_POOLS = {
     # 3 dice up to d12: 318 distinct train questions; corpus v2 takes 160 per family (112/16/32)
     "dice": {"train": 300, "validation": 40, "test": 80},
+    # 1,023 numbers (708 / 87 / 228 by the hash split) and 999 (713 / 102 / 184): enough for v2's 112/16/32
+    "count_bits_small": {"train": 400, "validation": 80, "test": 200},
+    "prime_factorization_small": {"train": 400, "validation": 100, "test": 180},
 }
 
 
