@@ -16,20 +16,16 @@ from maml_stop.data.datamodule import TraceDataModule
 from maml_stop.learn.adapter import BACKENDS, InnerLoopAdapter
 from maml_stop.learn.module import MetaStoppingModule, load_predictor
 from maml_stop.learn.predictor import StoppingPredictor
+from test_adapter import N_FEATURES
+from test_adapter import episode_batch as adapter_episode_batch
 
-N_FEATURES = 8
 # (algorithm, first_order): MAML second and first order, ANIL, Meta-SGD second and first order
 SETTINGS = [("maml", False), ("maml", True), ("anil", False), ("anil", True), ("metasgd", False), ("metasgd", True)]
 
 
 def episode_batch(seed: int, n_traces: int = 5, probes: int = 4, shift: float = 0.0) -> ProbeBatch:
-    g = torch.Generator().manual_seed(seed)
-    n = n_traces * probes
-    x = torch.randn(n, N_FEATURES, generator=g)
-    y = (x[:, 0] + shift > 0).float()
-    ti = torch.arange(n_traces).repeat_interleave(probes)
-    pi = torch.arange(probes).repeat(n_traces)
-    return ProbeBatch(x, y, ti, pi, torch.rand(n, generator=g) + 0.5)
+    """test_adapter's seeded episode batch (labels follow feature 0), five traces by default."""
+    return adapter_episode_batch(seed, n_traces=n_traces, probes=probes, shift=shift)
 
 
 def pair(algorithm: str, first_order: bool, kind: str = "mlp", **kw) -> tuple[InnerLoopAdapter, InnerLoopAdapter]:
