@@ -199,3 +199,70 @@ def test_tiny_fit_then_load_and_evaluate(tiny_corpus, tmp_path):
     for policy in policies.values():
         with pytest.raises(ValueError, match="trained or validated on \\['fam_a'\\]"):
             policy.fit(seen)
+
+
+def _rl_fit_config(tmp_path: Path) -> Path:
+    """A tiny RL fit config (the quickstart's RL settings, a few steps) for maml-stop evaluate's RL folds."""
+    config = tmp_path / "rl_fit.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  inference_mode: false\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n  num_sanity_val_steps: 0\n  check_val_every_n_epoch: 1\n"
+        "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/loss, mode: min, filename: best}\n"
+        "model:\n  class_path: maml_stop.learn.rl.RLStoppingModule\n"
+        "  init_args: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, traces_per_step: 8, samples: 2}\n"
+        "data: {val_families: [fam_a], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
+    )
+    return config
+
+
+@pytest.mark.slow
+def test_rl_train_config_trains_one_rl_fold_per_held_out_family(tiny_corpus, tmp_path):
+    """rl_train_config: every held-out family gets its own RL fold, which never trained or validated on it."""
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.protocol import run
+    from maml_stop.learn.module import load_predictor
+
+    out = tmp_path / "out"
+    results = run(EvaluateConfig(corpus=tiny_corpus, rl_train_config=str(_rl_fit_config(tmp_path)), out=str(out),
+                                 shots=[4], episodes=2, methods=["full", "rl", "rl_unadapted"], progress=False))
+    assert results["families"] == ["fam_a", "fam_b", "fam_c"]
+    for fam in results["families"]:
+        ckpt = Path(results["rl_checkpoints"][fam])
+        assert ckpt.is_file() and ckpt.parent == out / "rl_folds" / fam / "checkpoints"
+        data = load_predictor(ckpt)[2]["data"]
+        assert data["test_families"] == [fam] and fam not in data["val_families"]
+        assert results["results"][fam]["4"]["rl"]["thresholds"]["em_target"]["savings"]
+
+
+def test_rl_checkpoint_per_family_is_the_fold_of_that_family(tiny_corpus, tmp_path, monkeypatch):
+    """rl_checkpoint as family -> path: each held-out family's rl methods read its own path; a held-out
+    family without one is refused, naming the families given."""
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.evaluate import methods
+    from maml_stop.evaluate.config import EvaluateConfig, check_config
+    from maml_stop.evaluate.folds import rl_checkpoints
+
+    corpus = TraceCorpus.load(tiny_corpus)
+    cfg = EvaluateConfig(corpus=tiny_corpus, methods=["full", "rl"], families=["fam_b", "fam_c"],
+                         rl_checkpoint={"fam_b": "b.ckpt", "fam_c": "c.ckpt"})
+    check_config(cfg)
+    assert rl_checkpoints(cfg, ["fam_b", "fam_c"], corpus, tmp_path) == ["b.ckpt", "c.ckpt"]
+    with pytest.raises(ValueError, match=r"no RL checkpoint for held-out families \['fam_a'\].*\['fam_b', 'fam_c'\]"):
+        rl_checkpoints(cfg, ["fam_a", "fam_b"], corpus, tmp_path)
+    # one path: every family; no RL method listed: none
+    assert rl_checkpoints(EvaluateConfig(corpus=tiny_corpus, methods=["rl"], rl_checkpoint="x.ckpt"),
+                          ["fam_a", "fam_b"], corpus, tmp_path) == ["x.ckpt", "x.ckpt"]
+    assert rl_checkpoints(EvaluateConfig(corpus=tiny_corpus, methods=["full"], rl_checkpoint={"fam_b": "b"}),
+                          ["fam_a"], corpus, tmp_path) == [None]
+    # build_policies hands the fold's own path to the rl builder
+    seen = []
+    monkeypatch.setitem(methods.BUILDERS, "rl", lambda c: seen.append(c.rl_checkpoint) or object())
+    from maml_stop.learn.predictor import PredictorConfig
+
+    methods.build_policies(cfg, ["rl"], None, None, PredictorConfig(n_features=8), rl_checkpoint="c.ckpt")
+    assert seen == ["c.ckpt"]
+    with pytest.raises(ValueError, match="at most one of rl_checkpoint and rl_train_config"):
+        check_config(EvaluateConfig(corpus=tiny_corpus, methods=["rl"], rl_checkpoint="x", rl_train_config="y.yaml"))
+    with pytest.raises(ValueError, match="rl_train_config"):
+        check_config(EvaluateConfig(corpus=tiny_corpus, methods=["rl"]))

@@ -109,7 +109,12 @@ class EvaluateConfig:
     # complexity_capped_maml: the budget cap's fixed multiplier; None: chosen on support (the cap alone within delta)
     complexity_cap_scale: float | None = None
     # the RL stopping policy (maml_stop.learn.rl; methods rl, rl_unadapted, run only when listed)
-    rl_checkpoint: str | None = None  # a `maml-stop fit --config experiments/quickstart.yaml --config experiments/rl.yaml` checkpoint
+    # a `maml-stop fit --config experiments/quickstart.yaml --config experiments/rl.yaml` checkpoint for every
+    # held-out family, or held-out family -> the checkpoint of its RL fold
+    rl_checkpoint: str | dict[str, str] | None = None
+    # or meta-train one RL fold per held-out family here, with these `maml-stop fit` configs read in order
+    # (as train_config: the fold's split holds the family out; out/rl_folds/<family>, replaced on a rerun)
+    rl_train_config: str | list[str] | None = None
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars
@@ -120,6 +125,13 @@ class EvaluateConfig:
         if not self.train_config:
             return []
         return [self.train_config] if isinstance(self.train_config, str) else list(self.train_config)
+
+    @property
+    def rl_train_configs(self) -> list[str]:
+        """``rl_train_config`` as a list of files (empty without one)."""
+        if not self.rl_train_config:
+            return []
+        return [self.rl_train_config] if isinstance(self.rl_train_config, str) else list(self.rl_train_config)
 
 
 def check_config(cfg: EvaluateConfig) -> None:
@@ -144,8 +156,11 @@ def check_config(cfg: EvaluateConfig) -> None:
             f"or leave 'maml' out of --methods (valid methods: {', '.join(METHODS)})"
         )
     rl = [m for m in cfg.methods if m in ("rl", "rl_unadapted")]
-    if rl and not cfg.rl_checkpoint:
+    if cfg.rl_checkpoint and cfg.rl_train_config:
+        raise ValueError("give at most one of rl_checkpoint and rl_train_config")
+    if rl and not (cfg.rl_checkpoint or cfg.rl_train_config):
         raise ValueError(f"methods {rl} need an RL checkpoint: set rl_checkpoint (experiments/rl_evaluate.yaml) "
+                         "or rl_train_config (experiments/lofo_rl_evaluate.yaml) "
                          f"or leave them out of --methods (valid methods: {', '.join(METHODS)})")
 
 

@@ -38,6 +38,7 @@ class Fold:
     checkpoint: str | None = None
     eval_steps: int | None = None  # inner steps at evaluation (the checkpoint's eval_inner_steps)
     feature_names: list[str] | None = None  # the columns its methods read (None: all of the corpus's)
+    rl_checkpoint: str | None = None  # the RL checkpoint of methods rl / rl_unadapted (None: not asked for)
 
 
 def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
@@ -78,20 +79,23 @@ def _data_settings(configs: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path) -> str:
+def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path,
+               configs: Sequence[str] | None = None, folds: str = "folds") -> str:
     """Meta-train one checkpoint with ``family`` held out, in process (``maml-stop fit`` with the
-    ``train_config`` files): the split is :meth:`FamilySplit.holding_out` of the config's validation
-    families; checkpoints and CSV/TensorBoard logs go under ``out/folds/<family>`` (its output root,
-    whatever paths the config names; a rerun replaces the folder). Returns the best (else last) checkpoint."""
+    ``configs`` files, by default ``train_config``'s): the split is :meth:`FamilySplit.holding_out` of the
+    configs' validation families; checkpoints and CSV/TensorBoard logs go under ``out/<folds>/<family>``
+    (its output root, whatever paths the config names; a rerun replaces the folder). Returns the best
+    (else last) checkpoint."""
     import shutil
 
     from maml_stop.learn.cli import cli_main
 
-    data = _data_settings(cfg.train_configs)
+    configs = list(cfg.train_configs if configs is None else configs)
+    data = _data_settings(configs)
     split = FamilySplit.holding_out(corpus.families, family, data.get("val_families"), data.get("n_val_families", 1))
-    folder = out / "folds" / family
+    folder = out / folds / family
     shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier evaluation survives in the fold
-    args = [a for path in cfg.train_configs for a in ("--config", str(path))] + [  # run=False: we call fit
+    args = [a for path in configs for a in ("--config", str(path))] + [  # run=False: we call fit
         f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null", "--data.train_families=null",
         f"--data.val_families=[{','.join(split.val)}]", f"--data.test_families=[{','.join(split.test)}]",
         f"--trainer.default_root_dir={folder}",
@@ -111,8 +115,32 @@ def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path)
 
 def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: TraceCorpus | None = None) -> list[Fold]:
     """Every held-out family (from ``corpus``) with its meta-trained adapter and pooled-probe source
-    families (from ``source``, by default the same corpus)."""
-    source = corpus if source is None else source
+    families (from ``source``, by default the same corpus), and its RL checkpoint where the methods
+    ask for one (:func:`rl_checkpoints`)."""
+    folds = _resolve_folds(cfg, corpus, out, corpus if source is None else source)
+    for fold, path in zip(folds, rl_checkpoints(cfg, [f.family for f in folds], corpus if source is None else source, out)):
+        fold.rl_checkpoint = path
+    return folds
+
+
+def rl_checkpoints(cfg: EvaluateConfig, families: Sequence[str], source: TraceCorpus, out: Path) -> list[str | None]:
+    """The RL checkpoint of each held-out family: ``rl_checkpoint`` (one path for all, or family -> path),
+    or one RL fold meta-trained here per family (``rl_train_config``, under ``out/rl_folds/<family>``);
+    None for all when no RL method is listed."""
+    if not any(m in ("rl", "rl_unadapted") for m in cfg.methods):
+        return [None] * len(families)
+    if cfg.rl_train_configs:
+        return [train_fold(cfg, f, source, out, cfg.rl_train_configs, folds="rl_folds") for f in families]
+    if isinstance(cfg.rl_checkpoint, dict):
+        missing = [f for f in families if f not in cfg.rl_checkpoint]
+        if missing:
+            raise ValueError(f"no RL checkpoint for held-out families {missing}; rl_checkpoint given for "
+                             f"{sorted(cfg.rl_checkpoint)}")
+        return [cfg.rl_checkpoint[f] for f in families]
+    return [cfg.rl_checkpoint] * len(families)
+
+
+def _resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: TraceCorpus) -> list[Fold]:
     available = corpus.families
 
     # the config's subset (None: all), resolved against the corpus the pooled probe trains on
@@ -152,10 +180,10 @@ def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: T
             raise ValueError(f"no checkpoint for held-out families {missing}; checkpoints given for {sorted(cfg.checkpoints)}")
         check_families(families, "held-out families")
         return [fold(f, cfg.checkpoints[f], [f]) for f in families]
-    if cfg.train_config:
+    if cfg.train_config or (cfg.rl_train_config and not cfg.checkpoint):  # every family held out once
         families = list(cfg.families or available)
         check_families(families, "held-out families")
-        return [fold(f, train_fold(cfg, f, source, out), [f]) for f in families]
+        return [fold(f, train_fold(cfg, f, source, out) if cfg.train_config else None, [f]) for f in families]
     split = load_checkpoint(cfg.checkpoint, source)[2] if cfg.checkpoint else {}
     families = list(cfg.families or split.get("test") or [])
     if not families:

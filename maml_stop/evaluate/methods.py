@@ -59,6 +59,7 @@ class MethodContext:
     predictor_config: "PredictorConfig"  # the architecture of a probe from scratch
     inner_loss: str = "balanced"  # the adapter's inner loss, used by every adapted probe
     maml_steps: int | None = None  # inner steps of the meta-trained adapter at evaluation
+    rl_checkpoint: str | None = None  # the held-out family's RL checkpoint (methods rl, rl_unadapted)
     _feature_names: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -340,7 +341,7 @@ def _rl(c: MethodContext, name: str) -> StoppingPolicy:
     from maml_stop.evaluate.policies.rl import RLPolicy, RLProbePolicy
     from maml_stop.learn.module import CheckpointError
 
-    path = c.cfg.rl_checkpoint
+    path = c.rl_checkpoint or (c.cfg.rl_checkpoint if isinstance(c.cfg.rl_checkpoint, str) else None)
     if not path:
         raise ValueError(f"method {name!r} needs an RL checkpoint (maml-stop fit --config experiments/quickstart.yaml "
                          "--config experiments/rl.yaml): set rl_checkpoint (experiments/rl_evaluate.yaml)")
@@ -373,9 +374,11 @@ def build_policies(
     predictor_config: "PredictorConfig",
     inner_loss: str = "balanced",
     maml_steps: int | None = None,
+    rl_checkpoint: str | None = None,
 ) -> dict[str, StoppingPolicy]:
-    """Every requested method as a policy; learned probes share the selector-free threshold grid."""
-    context = MethodContext(cfg, adapter, pooled, predictor_config, inner_loss, maml_steps)
+    """Every requested method as a policy; learned probes share the selector-free threshold grid.
+    ``rl_checkpoint``: the held-out family's RL checkpoint (default: ``cfg.rl_checkpoint`` when it is one path)."""
+    context = MethodContext(cfg, adapter, pooled, predictor_config, inner_loss, maml_steps, rl_checkpoint)
     policies: dict[str, StoppingPolicy] = {}
     for name in methods:
         if name not in BUILDERS:

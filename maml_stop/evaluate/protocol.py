@@ -243,10 +243,13 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
             pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
                                      backend=cfg.backend)
-        policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps)
+        policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
+                                  rl_checkpoint=fold.rl_checkpoint)
         log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
         results["sources"][family] = fold.sources
         results["checkpoints"][family] = fold.checkpoint
+        if fold.rl_checkpoint is not None:
+            results.setdefault("rl_checkpoints", {})[family] = fold.rl_checkpoint
         results["results"][family] = evaluate_family(
             family, traces, policies, selectors, cfg.shots, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
             cfg.calibration_bins, cfg.progress, calibration,
