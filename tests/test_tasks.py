@@ -228,6 +228,10 @@ SMALLER_POOLS = {
     # 1,023 numbers (708 / 87 / 228 by the hash split) and 999 (713 / 102 / 184): enough for v2's 112/16/32
     "count_bits_small": {"train": 400, "validation": 80, "test": 200},
     "prime_factorization_small": {"train": 400, "validation": 100, "test": 180},
+    # binary strings of 5-8 characters: 83 distinct validation and 150 test questions, enough for v2's 16 / 32
+    "binary_alternation_short": {"train": 400, "validation": 60, "test": 120},
+    # pairs of numbers up to 20: 265 distinct train questions
+    "lcm_tiny": {"train": 200, "validation": 30, "test": 60},
 }
 
 
