@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 E=".venv/bin/maml-stop evaluate --config experiments/evaluate.yaml"
-steps=${*:-main lofo strategies cross_model ablations}
+steps=${*:-main lofo strategies rl cost_sensitive cross_model ablations}
 copy() {  # copy() RUN_DIR NAME: the report and its plots (results.json stays in runs/: 5 MB)
   mkdir -p "experiments/results/$2"
   rm -f "experiments/results/$2"/*.png
@@ -23,11 +23,14 @@ for step in $steps; do
         --config experiments/ensemble_evaluate.yaml --config experiments/complexity_evaluate.yaml \
         --config experiments/lofo_strategies_evaluate.yaml \
         && copy runs/lofo_strategies lofo_strategies ;;
+    rl) $E --config experiments/lofo_rl_evaluate.yaml && copy runs/lofo_rl lofo_rl ;;  # RL folds trained here
+    cost_sensitive) $E --config experiments/lofo_cost_sensitive_evaluate.yaml \
+        && copy runs/lofo_cost_sensitive lofo_cost_sensitive ;;  # cost-sensitive MAML folds trained here
     cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
         && copy runs/cross_model/evaluate cross_model ;;
     ablations) .venv/bin/python experiments/ablations.py --shots 16 --episodes 50 \
         && cp runs/ablations/ablations.md experiments/results/ablations.md ;;
-    *) echo "unknown step $step; valid: main lofo strategies cross_model ablations" >&2; exit 2 ;;
+    *) echo "unknown step $step; valid: main lofo strategies rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python -m maml_stop.commands.readme_tables README.md
