@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate every committed report of the bundled corpus (experiments/results/) from scratch, in order:
 # the main job (scripts/main.sh), the full leave-one-family-out protocol, every stopping strategy on its
-# folds at K = 16, the cross-model check and the ablations; then copy each run's results.md and plots into
-# experiments/results/<name>/ and rewrite the README tables from them. About an hour on this 2-core machine
-# with harvests beside it.   usage: bash scripts/reports.sh [main lofo strategies cross_model ablations]
+# folds at K = 16, the RL and cost-sensitive folds, the cross-model check and the ablations; then copy each
+# run's results.md and plots into experiments/results/<name>/ and rewrite the README tables from them. About
+# two hours on this 2-core machine with harvests beside it.
+#   usage: bash scripts/reports.sh [main lofo strategies rl cost_sensitive cross_model ablations]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
