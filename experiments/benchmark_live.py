@@ -7,18 +7,24 @@ For each mode (every, free, gated) two runs: a threshold that never fires (the o
 every mode probes on its schedule, and ``every``/``gated`` force answers) and a rule that fires (every
 row stops at its ``--stop_at``-th probe point, the saving). The stand-in predictors read ``probe_index``
 only (a free feature), so that the runs are comparable across modes; the gate of ``gated`` forces an
-answer at every other probe point. Prints, from one run (the machine is shared and noisy: compare the
-ratios, not the seconds), the wall time, the tokens generated and forced answers per run, and the ratio
-to plain ``generate()``.
+answer at every other probe point. Prints the wall and CPU time, the tokens generated and forced answers
+per run, and the ratio to plain ``generate()``. The runs are interleaved over ``rounds`` (plain, then every
+mode, again and again) and each ratio is the median over rounds of the run's time over that round's plain
+run: drift in the machine's load hits both sides of a ratio. The CPU-time ratio (``time.process_time`` of
+this one-thread process) is the figure to quote on a shared machine: other processes slow the wall clock,
+not the CPU time this process needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
+from typing import Any
+
 from torch import nn
 from transformers import StoppingCriteriaList
 
@@ -43,11 +49,12 @@ class ProbeIndexRule(nn.Module):
 
 
 def measure(model, tok, family, n: int = 8, max_new_tokens: int = 128, every_n: int = 32, stop_at: int = 2,
-            modes: tuple[str, ...] = MODES) -> list[dict]:
+            modes: tuple[str, ...] = MODES, rounds: int = 1) -> list[dict]:
     """One row per run (plain ``generate()`` first, then each mode never firing and firing), from one call
-    on the model's device: ``run``, ``mode``, ``fires``, ``seconds``, ``ratio`` (to plain), ``tokens``,
-    ``forced`` (answers forced), ``stopped`` (rows stopped). Raises when a never-firing run changes the
-    generation."""
+    on the model's device: ``run``, ``mode``, ``fires``, ``seconds`` and ``cpu_seconds`` (medians over
+    ``rounds``), ``ratio`` and ``cpu_ratio`` (medians over rounds of the ratio to that round's plain run),
+    ``tokens``, ``forced`` (answers forced), ``stopped`` (rows stopped), ``rounds``. Raises when a
+    never-firing run changes the generation."""
     device = next(model.parameters()).device
     prompts = [family.render_prompt(q, tok) for q in family.questions("test", n=n, seed=0)]
     tok.padding_side = "left"
@@ -58,37 +65,57 @@ def measure(model, tok, family, n: int = 8, max_new_tokens: int = 128, every_n: 
     names = featurizer.feature_names
     free = [name for name in names if feature_cost(name) == "free"]
 
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
+
     def generate(criteria=None, tokens_cap: int = max_new_tokens):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=tokens_cap, do_sample=False, pad_token_id=pad,
                                  stopping_criteria=StoppingCriteriaList([criteria]) if criteria else None)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         tokens = int((out[:, enc["input_ids"].shape[1]:] != pad).sum())
-        return seconds, tokens, out
+        return seconds, cpu_seconds, tokens, out
 
-    generate(tokens_cap=8)  # warm-up (allocations, kernels): a few tokens, not timed
-    plain_s, plain_tokens, plain_out = generate()
-    rows = [{"run": "plain generate()", "mode": None, "fires": None, "seconds": plain_s, "ratio": 1.0,
-             "tokens": plain_tokens, "forced": 0, "stopped": None}]
-    for mode in modes:
+    def live_run(mode: str, fires: bool) -> tuple[float, float, int, Any, LiveStopping]:
         predictor_names = free if mode == "free" else names
         column = predictor_names.index("probe_index")
         gate = ProbeIndexRule(free.index("probe_index"), odd=True) if mode == "gated" else None
-        for fires in (False, True):
-            crit = LiveStopping(model, tok, ProbeIndexRule(column, at_least=stop_at - 1),
-                                0.5 if fires else math.inf, None, predictor_names, featurizer, schedule,
-                                family=family, mode=mode, gate=gate, gate_feature_names=free if gate else None)
-            try:
-                seconds, tokens, out = generate(crit)
-            finally:
-                crit.remove_hooks()
-            if not fires and not torch.equal(out, plain_out):
-                raise RuntimeError(f"mode={mode}: a run that never stops changed the generation")
-            rows.append({"run": f"{mode}, {'fires' if fires else 'never fires'}", "mode": mode, "fires": fires,
-                         "seconds": seconds, "ratio": seconds / plain_s, "tokens": tokens,
-                         "forced": sum(sum(f) for f in crit.forced),
-                         "stopped": sum(s is not None for s in crit.stopped_at)})
+        crit = LiveStopping(model, tok, ProbeIndexRule(column, at_least=stop_at - 1),
+                            0.5 if fires else math.inf, None, predictor_names, featurizer, schedule,
+                            family=family, mode=mode, gate=gate, gate_feature_names=free if gate else None)
+        try:
+            return (*generate(crit), crit)
+        finally:
+            crit.remove_hooks()
+
+    generate(tokens_cap=8)  # warm-up (allocations, kernels): a few tokens, not timed
+    runs = [("plain generate()", None, None)] + [(f"{m}, {'fires' if f else 'never fires'}", m, f)
+                                                  for m in modes for f in (False, True)]
+    timed: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
+    last: dict[str, dict] = {}
+    for _ in range(rounds):  # interleaved: plain, every mode, plain, every mode, ...
+        for name, mode, fires in runs:
+            if mode is None:
+                seconds, cpu_seconds, tokens, out = generate()
+                plain_out, info = out, {"tokens": tokens, "forced": 0, "stopped": None}
+            else:
+                seconds, cpu_seconds, tokens, out, crit = live_run(mode, fires)
+                if not fires and not torch.equal(out, plain_out):
+                    raise RuntimeError(f"mode={mode}: a run that never stops changed the generation")
+                info = {"tokens": tokens, "forced": sum(sum(f) for f in crit.forced),
+                        "stopped": sum(s is not None for s in crit.stopped_at)}
+            timed[name].append((seconds, cpu_seconds))
+            last[name] = info
+    plain = timed["plain generate()"]
+    rows = []
+    for name, mode, fires in runs:
+        t = timed[name]
+        rows.append({"run": name, "mode": mode, "fires": fires,
+                     "seconds": statistics.median(s for s, _ in t), "cpu_seconds": statistics.median(c for _, c in t),
+                     "ratio": statistics.median(s / p for (s, _), (p, _) in zip(t, plain)),
+                     "cpu_ratio": statistics.median(c / p for (_, c), (_, p) in zip(t, plain)),
+                     "rounds": rounds, **last[name]})
     return rows
 
 
@@ -103,18 +130,20 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="float32 on these CPUs (bfloat16 is about 4x slower)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; ratios are medians over them")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model, dtype=args.dtype)
     rows = measure(model, tok, get_family(args.family), args.n, args.max_new_tokens, args.every_n, args.stop_at,
-                   tuple(args.modes.split(",")))
+                   tuple(args.modes.split(",")), args.rounds)
     print(f"model {args.model} ({args.dtype}), {args.n} {args.family} prompts in one batch, "
           f"{args.max_new_tokens} new tokens, probes every {args.every_n} tokens, {args.threads} thread(s)")
-    print(f"{'run':<22}{'seconds':>9}{'ratio':>8}{'tokens':>8}{'forced':>8}{'stopped':>9}")
+    print(f"{'run':<22}{'seconds':>9}{'ratio':>8}{'cpu s':>8}{'cpu ratio':>10}{'tokens':>8}{'forced':>8}{'stopped':>9}")
     for r in rows:
         stopped = "-" if r["stopped"] is None else str(r["stopped"])
-        print(f"{r['run']:<22}{r['seconds']:9.2f}{r['ratio']:8.2f}{r['tokens']:8d}{r['forced']:8d}{stopped:>9}")
+        print(f"{r['run']:<22}{r['seconds']:9.2f}{r['ratio']:8.2f}{r['cpu_seconds']:8.2f}{r['cpu_ratio']:10.2f}"
+              f"{r['tokens']:8d}{r['forced']:8d}{stopped:>9}")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,13 @@ def test_quick_benchmark_writes_every_section_and_the_targets(tiny_corpus, tmp_p
     assert all(r["tokens"] < live[0]["tokens"] for r in live[1:] if r["fires"])
     harvest = {r["run"]: r for r in res["generation"]["harvest"]}
     assert harvest["plain generate()"]["ratio"] == 1.0 and any(k.startswith("cached probes") for k in harvest)
-    for rows in (res["generation"]["harvest"], live):  # ratios to the plain run of the same section
-        assert all(abs(r["ratio"] - r["seconds"] / rows[0]["seconds"]) < 1e-9 for r in rows)
+    rows = res["generation"]["harvest"]  # ratios to the plain run of the same section
+    assert all(abs(r["ratio"] - r["seconds"] / rows[0]["seconds"]) < 1e-9 for r in rows)
+    # live: interleaved rounds, ratios (wall and CPU) are medians of per-round ratios; plain is 1.0 in both
+    assert all(r["rounds"] == 2 and r["cpu_seconds"] > 0 and r["cpu_ratio"] > 0 for r in live)
+    assert live[0]["cpu_ratio"] == 1.0
+    assert any(line.startswith(("PASS live free mode", "FAIL live free mode")) for line in res["targets"])
+    assert "| live run | wall s | wall ratio | CPU s | CPU ratio |" in md
     # meta-steps/s per algorithm and backend
     got = {(r["algorithm"], r["order"]) for r in res["meta"]["rows"]}
     assert got == {("maml", "first"), ("maml", "second"), ("anil", "second"), ("metasgd", "second")}
@@ -85,12 +90,15 @@ def test_quick_benchmark_writes_every_section_and_the_targets(tiny_corpus, tmp_p
     assert res["corpus"]["traces"] == 180 and res["corpus"]["seconds"] > 0
     assert res["evaluate"]["seconds_per_episode"] > 0 and res["evaluate"]["shots"] == [4]
     assert max(res["memory"]["peak_rss_mib_after"].values()) > 0
-    # targets: one adaptation line per backend and the decision line, PASS or FAIL against the numbers
+    # targets: one adaptation line per backend, the decision line and the live free mode's line, PASS or
+    # FAIL against the numbers
     lines = res["targets"]
-    assert len(lines) == len(adapt["rows"]) + 1
+    assert len(lines) == len(adapt["rows"]) + 2
     for r, line in zip(adapt["rows"], lines):
         assert line.startswith("PASS" if r["median_ms"] <= 50 else "FAIL") and "<= 50 ms" in line
-    assert lines[-1].startswith("PASS" if res["decision"]["ms_per_probe"] <= 1 else "FAIL") and "<= 1 ms" in lines[-1]
+    assert lines[-2].startswith("PASS" if res["decision"]["ms_per_probe"] <= 1 else "FAIL") and "<= 1 ms" in lines[-2]
+    free = next(r for r in live if r["mode"] == "free" and not r["fires"])
+    assert lines[-1].startswith("PASS" if free["cpu_ratio"] <= 1.05 else "FAIL") and "<= 1.05x" in lines[-1]
     for line in lines:
         assert line in md
     for heading in ("## Targets", "## Probing overhead", "## Meta-training speed", "## Adaptation latency",
