@@ -173,7 +173,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tup
     from maml_stop.evaluate.folds import load_checkpoint
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.evaluate.policies import train_predictor
-    from maml_stop.evaluate.protocol import _selectors, evaluate_family
+    from maml_stop.evaluate.protocol import _selectors
 
     loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}
     first, _ = next(iter(loaded.values()))
@@ -189,20 +189,44 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tup
     for name, (adapter, meta) in loaded.items():
         steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
         policies[name] = build_policies(ecfg, ["maml"], adapter, pooled, config, loss, maml_steps=steps)["maml"]
-    selectors = _selectors(ecfg)
-    cells, losses = {}, {}
-    for family in fold.test:
-        traces = [t for t in view.traces(family) if ecfg.splits is None or t.split in ecfg.splits]
-        log.info("fold %d, %d meta-training families: evaluating %s", fold.index, len(split.train), family)
-        cells[family] = evaluate_family(family, traces, policies, selectors, ecfg.shots, ecfg.episodes, ecfg.seed,
-                                        ecfg.query, ecfg.delta, ecfg.calibration_bins, ecfg.progress, None)
-        args = (traces, family, ecfg.shots, ecfg.episodes, ecfg.seed, ecfg.query)
-        losses[family] = {name: adapted_query_loss(adapter, None, *args,
-                                                   (meta.get("hyper_parameters") or {}).get("eval_inner_steps"))
-                          for name, (adapter, meta) in loaded.items()}
-        if pooled is not None:
-            losses[family]["pooled"] = adapted_query_loss(first, pooled, *args, None)
+    global _CELL
+    _CELL = (ecfg, view, policies, _selectors(ecfg), loaded, first, pooled, fold, split)
+    try:  # ecfg.workers: held-out families side by side in forked processes (as maml-stop evaluate)
+        if ecfg.workers > 1 and len(fold.test) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(ecfg.workers, len(fold.test)),
+                                     mp_context=multiprocessing.get_context("fork")) as pool:
+                done = list(pool.map(_evaluate_family, fold.test))
+        else:
+            done = [_evaluate_family(family) for family in fold.test]
+    finally:
+        _CELL = None
+    cells = {family: c for family, (c, _) in zip(fold.test, done)}
+    losses = {family: q for family, (_, q) in zip(fold.test, done)}
     return cells, losses, {f: list(split.train) for f in fold.test}
+
+
+_CELL: tuple | None = None  # what evaluate_cell's families share (a forked worker inherits it)
+
+
+def _evaluate_family(family: str) -> tuple[dict, dict]:
+    """One held-out family of the running :func:`evaluate_cell`: its evaluate_family cells and query losses."""
+    from maml_stop.evaluate.protocol import evaluate_family
+
+    ecfg, view, policies, selectors, loaded, first, pooled, fold, split = _CELL
+    torch.set_num_threads(1)
+    traces = [t for t in view.traces(family) if ecfg.splits is None or t.split in ecfg.splits]
+    log.info("fold %d, %d meta-training families: evaluating %s", fold.index, len(split.train), family)
+    cells = evaluate_family(family, traces, policies, selectors, ecfg.shots, ecfg.episodes, ecfg.seed,
+                            ecfg.query, ecfg.delta, ecfg.calibration_bins, ecfg.progress, None)
+    args = (traces, family, ecfg.shots, ecfg.episodes, ecfg.seed, ecfg.query)
+    losses = {name: adapted_query_loss(adapter, None, *args, (meta.get("hyper_parameters") or {}).get("eval_inner_steps"))
+              for name, (adapter, meta) in loaded.items()}
+    if pooled is not None:
+        losses["pooled"] = adapted_query_loss(first, pooled, *args, None)
+    return cells, losses
 
 
 # ---------------------------------------------------------------------------------------------------

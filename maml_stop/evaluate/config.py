@@ -118,6 +118,9 @@ class EvaluateConfig:
     calibration_bins: int = 10
     min_probes: int = 1  # traces with fewer probes are dropped when loading the corpus
     progress: bool = True  # tqdm progress bars
+    # held-out families evaluated side by side in forked worker processes (one thread each); the results
+    # equal a serial run's (tests/test_evaluate.py). 1: serial, in this process
+    workers: int = 1
 
     @property
     def train_configs(self) -> list[str]:
@@ -145,6 +148,8 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ValueError(f"unknown adaptation backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
     if not cfg.shots or any(k < 1 for k in cfg.shots):
         raise ValueError(f"shots must be a non-empty list of K >= 1; got {cfg.shots}")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1 (1: serial); got {cfg.workers}")
     if cfg.episodes < 1:
         raise ValueError(f"episodes must be >= 1; got {cfg.episodes}")
     given = [x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]

@@ -228,36 +228,68 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         results["feature_subsets"] = {f.family: f.feature_names or corpus.feature_names for f in folds}
         if len({tuple(v) for v in results["feature_subsets"].values()}) == 1:
             results["feature_names"] = next(iter(results["feature_subsets"].values()))
-    for fold in folds:
-        family, adapter = fold.family, fold.adapter
+    for fold in folds:  # the columns each fold's checkpoint was trained on (or features:), checked up front
         key = None if fold.feature_names is None else tuple(fold.feature_names)
-        if key not in narrowed:  # the columns this fold's checkpoint was trained on (or features:)
+        if key not in narrowed:
             narrowed[key] = _check_columns(fold, corpus, source, cfg)
-        fold_corpus, fold_source = narrowed[key]
-        traces = [t for t in fold_corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
-        config = (adapter.predictor.config() if adapter is not None
-                  else PredictorConfig(n_features=len(fold_corpus.feature_names), **cfg.predictor))
-        loss = getattr(adapter, "loss_kind", "balanced")
-        pooled = None
-        if any(m in cfg.methods for m in ("pooled", "finetuned")):
-            source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
-            pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
-                                     backend=cfg.backend)
-        policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
-                                  rl_checkpoint=fold.rl_checkpoint)
-        log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
-        results["sources"][family] = fold.sources
-        results["checkpoints"][family] = fold.checkpoint
+    global _JOB
+    _JOB = (cfg, folds, narrowed, selectors, calibration)  # read by _evaluate_fold (in forked workers too)
+    try:
+        if cfg.workers > 1 and len(folds) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork: the workers share the loaded corpora and folds; each family's result comes back whole
+            with ProcessPoolExecutor(min(cfg.workers, len(folds)), mp_context=multiprocessing.get_context("fork")) as pool:
+                done = list(pool.map(_evaluate_fold, range(len(folds))))
+        else:
+            done = [_evaluate_fold(i) for i in range(len(folds))]
+    finally:
+        _JOB = None
+    for fold, (family_results, collected) in zip(folds, done):  # in fold order, whatever order they finished in
+        results["sources"][fold.family] = fold.sources
+        results["checkpoints"][fold.family] = fold.checkpoint
         if fold.rl_checkpoint is not None:
-            results.setdefault("rl_checkpoints", {})[family] = fold.rl_checkpoint
-        results["results"][family] = evaluate_family(
-            family, traces, policies, selectors, cfg.shots, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
-            cfg.calibration_bins, cfg.progress, calibration,
-        )
+            results.setdefault("rl_checkpoints", {})[fold.family] = fold.rl_checkpoint
+        results["results"][fold.family] = family_results
+        for name, pairs in collected.items():
+            calibration[name].extend(pairs)
     results["calibration"] = calibration_section(calibration, cfg.calibration_bins)
     results["seconds"] = round(time.time() - started, 1)
     write_results(results, out)
     return results
+
+
+_JOB: tuple | None = None  # (cfg, folds, narrowed corpora, selectors, calibration methods) of the running run()
+
+
+def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
+    """One held-out family of the running :func:`run`: its policies built and evaluated on its episodes.
+    Returns its results and its calibration pairs (method -> list). Reads :data:`_JOB` (set by ``run``;
+    a forked worker inherits it), so that a process pool needs to send nothing but ``i``."""
+    cfg, folds, narrowed, selectors, calibration = _JOB
+    torch.set_num_threads(1)
+    fold = folds[i]
+    family, adapter = fold.family, fold.adapter
+    fold_corpus, fold_source = narrowed[None if fold.feature_names is None else tuple(fold.feature_names)]
+    traces = [t for t in fold_corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
+    config = (adapter.predictor.config() if adapter is not None
+              else PredictorConfig(n_features=len(fold_corpus.feature_names), **cfg.predictor))
+    loss = getattr(adapter, "loss_kind", "balanced")
+    pooled = None
+    if any(m in cfg.methods for m in ("pooled", "finetuned")):
+        source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
+        pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
+                                 backend=cfg.backend)
+    policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
+                              rl_checkpoint=fold.rl_checkpoint)
+    log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
+    collected: dict[str, list] = {m: [] for m in calibration}
+    family_results = evaluate_family(
+        family, traces, policies, selectors, cfg.shots, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
+        cfg.calibration_bins, cfg.progress, collected,
+    )
+    return family_results, collected
 
 
 def _may_read_subset(cfg: EvaluateConfig) -> bool:
