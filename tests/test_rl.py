@@ -149,6 +149,28 @@ def test_cli_picks_the_model_class(tiny_corpus, tmp_path):
         cli_main(args + ["--config", str(EXPERIMENTS / "rl.yaml"), "--model.baseline=bogus"], run=False)
 
 
+def test_cli_names_the_model_settings_a_subclass_drops(tiny_corpus, tmp_path, caplog):
+    """A config's model keys that the chosen class does not take are named in a warning (jsonargparse
+    drops them silently); the RL module takes the adaptation backend."""
+    import logging
+
+    from maml_stop.learn.cli import cli_main
+    from test_configs import tiny_args
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  compare_random_init: true\n  backend: torch_func\n")
+    args = tiny_args(EXPERIMENTS / "quickstart.yaml", tiny_corpus, tmp_path) + ["--data.k=4", "--data.q=8"]
+    with caplog.at_level(logging.WARNING, logger="maml_stop.learn.cli"):
+        cli = cli_main(args + ["--config", str(extra), "--config", str(EXPERIMENTS / "rl.yaml")], run=False)
+    assert isinstance(cli.model, RLStoppingModule) and cli.model.adapter_config.backend == "torch_func"
+    warned = [r.getMessage() for r in caplog.records if "are ignored" in r.getMessage()]
+    assert len(warned) == 1 and "['compare_random_init']" in warned[0] and "RLStoppingModule" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maml_stop.learn.cli"):
+        cli_main(args + ["--config", str(extra)], run=False)  # the default class takes both
+    assert not [r for r in caplog.records if "are ignored" in r.getMessage()]
+
+
 def test_tiny_fit_then_load_and_evaluate(tiny_corpus, tmp_path):
     """`maml-stop fit` of the RL module on the tiny corpus; its best checkpoint through load_predictor
     (the maml road) and the evaluation's rl / rl_unadapted methods on the held-out family."""

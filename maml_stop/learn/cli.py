@@ -13,7 +13,8 @@ them in YAML. The normalisation statistics follow by hook (``MetaStoppingModule.
 maml_stop.learn.rl.RLStoppingModule`` or ``model: {class_path: maml_stop.learn.rl.RLStoppingModule,
 init_args: {...}}`` (``experiments/rl.yaml``). The flat ``model.hidden``, ``model.inner_lr``, ... keys of
 every YAML keep working (they are the default class's init arguments, and carry over to the subclass;
-jsonargparse drops those the subclass does not take, e.g. ``compare_random_init`` for the RL module).
+jsonargparse drops those the subclass does not take, e.g. ``compare_random_init`` for the RL module, and
+the CLI logs a warning naming them: :func:`dropped_model_keys`).
 
 ``trainer.inference_mode`` defaults to false and setting it to true is refused: validation and test
 adapt the predictor with gradient steps, which inference mode forbids.
@@ -97,6 +98,13 @@ class MetaStoppingCLI(LightningCLI):
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):
             secure_ckpt_path(self.config[self.config.subcommand])
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        model = config.get("model")
+        if isinstance(model, Namespace) and model.get("class_path"):
+            dropped = dropped_model_keys(sys.argv[1:] if args is None else list(args), model)
+            if dropped:
+                log.warning("model settings %s are not arguments of %s and are ignored (the model class is %s)",
+                            dropped, model.class_path.rpartition(".")[2], model.class_path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -109,6 +117,32 @@ class MetaStoppingCLI(LightningCLI):
         ckpt_dirs, log_dirs = place_outputs(config.trainer, self.subcommand, resuming, self.follow_root)
         if self.subcommand == "fit" and not resuming:
             _replace_or_refuse(config.trainer, ckpt_dirs, log_dirs, bool(config.get("overwrite")))
+
+
+def dropped_model_keys(argv: list[str], model: Namespace) -> list[str]:
+    """The ``model`` settings of the command line and its ``--config`` files (flat keys, ``init_args``
+    keys, ``--model.X`` flags) that the chosen model class does not take: jsonargparse drops them
+    silently when ``class_path`` names a subclass with other arguments (module docstring)."""
+    import yaml
+
+    given: set[str] = set()
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+            path = Path(argv[i + 1] if arg == "--config" else arg.split("=", 1)[1])
+            try:
+                section = (yaml.safe_load(path.read_text()) or {}).get("model")
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue  # the parser has already said what is wrong with it
+            if isinstance(section, dict):
+                given |= {k for k in section if k not in ("class_path", "init_args")}
+                given |= set(section.get("init_args") or {})
+        elif arg.startswith("--model."):
+            key = arg[len("--model."):].split("=", 1)[0]
+            key = key[len("init_args."):] if key.startswith("init_args.") else key
+            given.add(key.split(".", 1)[0])
+    taken = {k.split(".", 1)[0] for k in (model.get("init_args") or Namespace()).keys()}  # keys() are dotted
+    taken |= {"n_features", "feature_names"}  # linked from the data
+    return sorted(k for k in given if k not in taken and k not in ("class_path", "init_args", "dict_kwargs"))
 
 
 def _class(spec: object) -> type | None:

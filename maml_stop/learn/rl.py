@@ -282,6 +282,7 @@ class RLStoppingModule(MetaStoppingModule):
         first_order: bool = AdapterConfig.first_order,
         loss: str = AdapterConfig.loss,
         eval_inner_steps: int | None = None,
+        backend: str = AdapterConfig.backend,
         lam: float = RLConfig.lam,
         baseline: str = RLConfig.baseline,
         entropy_coef: float = RLConfig.entropy_coef,
@@ -300,7 +301,7 @@ class RLStoppingModule(MetaStoppingModule):
         super().__init__(
             n_features, feature_names, hidden=hidden, depth=depth, kind=kind, dropout=dropout, algorithm=algorithm,
             inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-            eval_inner_steps=eval_inner_steps, compare_random_init=False, init_seed=init_seed,
+            eval_inner_steps=eval_inner_steps, backend=backend, compare_random_init=False, init_seed=init_seed,
             optimizer=optimizer, lr_scheduler=lr_scheduler,
         )
         width = n_features * (3 if kind == "delta" else 1)  # predictor.inputs(batch) width
