@@ -26,7 +26,10 @@ for step in $steps; do
         && copy runs/lofo_strategies lofo_strategies ;;
     rl) $E --config experiments/lofo_rl_evaluate.yaml && copy runs/lofo_rl lofo_rl ;;  # RL folds trained here
     cost_sensitive) $E --config experiments/lofo_cost_sensitive_evaluate.yaml \
-        && copy runs/lofo_cost_sensitive lofo_cost_sensitive ;;  # cost-sensitive MAML folds trained here
+        && copy runs/lofo_cost_sensitive lofo_cost_sensitive \
+        && .venv/bin/maml-stop compare runs/lofo_cost_sensitive/results.json runs/lofo_evaluate/results.json --k 16 \
+           --out experiments/results/lofo_cost_sensitive/compare_vs_plain.json \
+           > experiments/results/lofo_cost_sensitive/compare_vs_plain.md ;;  # after lofo: paired against the plain folds
     cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
         && copy runs/cross_model/evaluate cross_model ;;
     ablations) .venv/bin/python experiments/ablations.py --shots 16 --episodes 50 \
