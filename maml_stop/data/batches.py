@@ -154,23 +154,26 @@ def trace_costs(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(saved, dtype=np.float64), em_lost
 
 
-def trace_weights(trace: Trace, weighting: str = "uniform", cost_lambda: float = 1.0) -> np.ndarray:
-    """Per-probe loss weights of one trace (see the module docstring). (P,) float32"""
+def trace_weights(trace: Trace, weighting: str = "uniform", cost_lambda: float = 1.0,
+                  costs: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Per-probe loss weights of one trace (see the module docstring); ``costs``: its
+    :func:`trace_costs`, when already computed. (P,) float32"""
     if weighting == "uniform":
         return np.ones(trace.n_probes, dtype=np.float32)
     if weighting != "cost":
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     lam = check_cost_lambda(cost_lambda)
-    saved, em_lost = trace_costs(trace)
+    saved, em_lost = trace_costs(trace) if costs is None else costs
     pos = saved if lam == 1.0 else lam * saved  # lambda = 1: the earlier weights, bit for bit
     w = np.where(np.asarray(trace.labels) > 0.5, pos, np.maximum(em_lost, 0.0))
     return np.maximum(w, COST_FLOOR).astype(np.float32)
 
 
-def trace_stop_penalty(trace: Trace, cost_lambda: float = 1.0) -> np.ndarray:
+def trace_stop_penalty(trace: Trace, cost_lambda: float = 1.0,
+                       costs: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``em_lost - cost_lambda * saved`` at each probe: the cost (EM points) of stopping there instead of
-    running to the end. (P,) float32"""
-    saved, em_lost = trace_costs(trace)
+    running to the end; ``costs``: its :func:`trace_costs`, when already computed. (P,) float32"""
+    saved, em_lost = trace_costs(trace) if costs is None else costs
     return (em_lost - check_cost_lambda(cost_lambda) * saved).astype(np.float32)
 
 
@@ -197,14 +200,15 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
         _check_trace(t, width)
     lengths = torch.tensor([t.n_probes for t in traces], dtype=torch.long)
     trace_index = torch.repeat_interleave(torch.arange(len(traces)), lengths)
+    costs = [trace_costs(t) for t in traces]  # once per trace: the weights and penalties below share them
     return ProbeBatch(
         features=torch.from_numpy(np.concatenate([t.features for t in traces]).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate([t.labels for t in traces]).astype(np.float32)),
         trace_index=trace_index,
         probe_index=_segment_positions(trace_index),
-        weights=torch.from_numpy(np.concatenate([trace_weights(t, weighting, cost_lambda) for t in traces])),
-        cost_weights=torch.from_numpy(np.concatenate([trace_weights(t, "cost", cost_lambda) for t in traces])),
-        stop_penalty=torch.from_numpy(np.concatenate([trace_stop_penalty(t, cost_lambda) for t in traces])),
+        weights=torch.from_numpy(np.concatenate([trace_weights(t, weighting, cost_lambda, c) for t, c in zip(traces, costs)])),
+        cost_weights=torch.from_numpy(np.concatenate([trace_weights(t, "cost", cost_lambda, c) for t, c in zip(traces, costs)])),
+        stop_penalty=torch.from_numpy(np.concatenate([trace_stop_penalty(t, cost_lambda, c) for t, c in zip(traces, costs)])),
     )
 
 
