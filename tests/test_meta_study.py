@@ -185,7 +185,7 @@ def test_quick_study_runs_end_to_end_on_the_tiny_corpus(tiny_corpus, tmp_path, c
     for m in ("maml", "zero_step_maml", "pooled"):
         assert result["curve"]["all"]["4"][m]["query_loss"] > 0
     rows = result["paired"]
-    assert {(r["variant"], r["baseline"]) for r in rows} == {(v, b) for v in ("maml", "anil", "metasgd")
+    assert {(r["variant"], r["baseline"]) for r in rows} == {(v, b) for v in ("maml", "anil", "metasgd", "maml_expected_cost")
                                                             for b in ("pooled", "finetuned", "scratch", "zero_step")}
     assert all(r["low"] - 1e-9 <= r["difference"] <= r["high"] + 1e-9 for r in rows)
     assert {r["k"] for r in rows} == {4, 8} and {r["figure"] for r in rows} == {"savings", "em_drop"}
