@@ -109,6 +109,18 @@ def choose(figs: dict[str, dict], cfg: dict) -> dict[str, str]:
     return out
 
 
+def harvest_lists(kept: list[str], figs: dict[str, dict], n: int = 2) -> list[list[str]]:
+    """The kept families in ``n`` lists of about equal work (pilot reasoning tokens per trace; greedy,
+    longest first, each to the list with the least work so far): one list per single-thread harvest."""
+    lists: list[list[str]] = [[] for _ in range(n)]
+    work = [0.0] * n
+    for fam in sorted(kept, key=lambda f: (-figs[f]["reasoning_tokens"], f)):
+        i = int(np.argmin(work))
+        lists[i].append(fam)
+        work[i] += figs[fam]["reasoning_tokens"]
+    return [sorted(x) for x in lists if x]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "experiments" / "corpus_v2_pilot.yaml"))
@@ -170,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Continue the pilot (two single-thread harvests side by side):", "", "```bash",
                   *cfg["resume"], "```"]
     lines += ["", "Kept: " + ", ".join(kept)]
+    if kept:
+        lines += ["", f"Harvest the kept families to {order['n_per_family']} questions each (two single-thread "
+                  "harvests of about equal work; the pilot shards are their first shards"
+                  + (", once the pilot is complete" if todo else "") + "):", "", "```bash",
+                  *[f".venv/bin/maml-stop harvest --config experiments/corpus_v2.yaml --families '[{', '.join(x)}]' &"
+                    for x in harvest_lists(kept, figs)],
+                  f"bash experiments/commit_corpus.sh {cfg['corpus']} 600 &", "```"]
     (ROOT / cfg["out"]).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
