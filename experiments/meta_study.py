@@ -9,6 +9,9 @@ number of meta-training families as an axis (nested subsets). For each fold and 
   checkpoint (lowest ``val/loss``) of each; a fit that never validated is an error, not a fallback;
 * write each algorithm's zero-step checkpoint (:mod:`maml_stop.learn.zero_step`: the same random
   initialisation with the meta-training families' normalisation, no optimiser step);
+* the methods that do not depend on the meta-training families (:data:`COUNT_FREE`: full, first_probe,
+  confidence, scratch, the oracles, ...) are evaluated at a fold's first count and reused at the others
+  (the same episodes; tests/test_meta_study.py checks them against a fresh evaluation);
 * evaluate on the held-out families with the ``maml-stop evaluate`` machinery (``build_policies``,
   ``evaluate_family``: every method on the same fixed episodes, threshold chosen on support): the
   evaluate YAML's methods (full, pooled / fine-tuned / from-scratch probes trained on the same
@@ -166,8 +169,16 @@ def adapted_query_loss(adapter, model_or_none, traces, family, shots, episodes, 
     return out
 
 
-def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tuple[dict, dict, dict]:
+# methods whose figures do not depend on the meta-training families (nor on any checkpoint): evaluated once
+# per fold, at its first count, and reused at the others (the episodes are the same at every count)
+COUNT_FREE = ("full", "first_probe", "budget", "consistency", "confidence", "scratch", "oracle", "oracle_equal_em")
+
+
+def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
+                  reuse: dict[str, dict] | None = None) -> tuple[dict, dict, dict]:
     """Every method of ``ecfg`` plus one adapted probe per checkpoint on the held-out families of ``fold``.
+    ``reuse``: per family, evaluate_family's cells of an earlier count of the same fold, whose
+    :data:`COUNT_FREE` methods are copied instead of evaluated again.
     Returns (per family: evaluate_family's cells, per family: query losses, per family: pooled sources)."""
     from maml_stop.data.datamodule import select_features
     from maml_stop.evaluate.folds import load_checkpoint
@@ -185,7 +196,8 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tup
         source = [t for f in split.train for t in view.traces(f)]
         pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed)
     methods = [m for m in ecfg.methods if m != "maml"]
-    policies = build_policies(ecfg, methods, first, pooled, config, loss)
+    reused = [m for m in methods if reuse and m in COUNT_FREE]
+    policies = build_policies(ecfg, [m for m in methods if m not in reused], first, pooled, config, loss)
     for name, (adapter, meta) in loaded.items():
         steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
         policies[name] = build_policies(ecfg, ["maml"], adapter, pooled, config, loss, maml_steps=steps)["maml"]
@@ -204,6 +216,10 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str]) -> tup
     finally:
         _CELL = None
     cells = {family: c for family, (c, _) in zip(fold.test, done)}
+    for family, by_k in cells.items():  # the reused methods, in the evaluation's method order
+        for k, figures in by_k.items():
+            got = {**figures, **{m: reuse[family][k][m] for m in reused}}
+            by_k[k] = {m: got[m] for m in [*methods, *loaded] if m in got}
     losses = {family: q for family, (_, q) in zip(fold.test, done)}
     return cells, losses, {f: list(split.train) for f in fold.test}
 
@@ -265,6 +281,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     names = list(cfg.algorithms) + ([f"zero_step_{a}" for a in cfg.algorithms] if zero else [])
     per_count: dict[str, dict[str, Any]] = {}
     n_train: dict[str, list[int]] = {}
+    per_fold_cells: dict[int, dict | None] = {}  # fold -> its first count's cells (COUNT_FREE reused after)
     for label in labels:
         key = str(label)
         merged = {"results": {}, "sources": {}, "checkpoints": {}, "losses": {}}
@@ -281,7 +298,10 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
                     path = cell / f"zero_step_{algo}" / "zero_step.ckpt"
                     ckpts[f"zero_step_{algo}"] = (str(path) if resume and path.is_file()
                                                   else save_zero_step(_fit_args(cfg, configs, algo, split, path.parent), path))
-            cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, ckpts)
+            first_cells = per_fold_cells.setdefault(fold.index, None)
+            cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, ckpts, reuse=first_cells)
+            if first_cells is None:
+                per_fold_cells[fold.index] = cells  # the count-free methods' figures of this fold
             merged["results"].update(cells)
             merged["losses"].update(losses)
             merged["sources"].update(sources)

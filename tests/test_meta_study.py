@@ -205,3 +205,34 @@ def test_quick_study_runs_end_to_end_on_the_tiny_corpus(tiny_corpus, tmp_path, c
     report = (out / "report.md").read_text()
     assert study.main(["--report_only", str(out / "results.json")]) == 0  # rebuilt from the per-count results alone
     assert json.loads((out / "results.json").read_text())["paired"] == rows and (out / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_count_free_methods_are_evaluated_once_and_equal_a_fresh_evaluation(tmp_path, monkeypatch):
+    """With two counts, the methods that do not depend on the meta-training families (COUNT_FREE) are
+    copied from the fold's first count; their figures equal a fresh evaluation at the second count, and
+    the count-dependent pooled probe is evaluated at each count."""
+    from conftest import write_tiny_corpus
+
+    study = _study_module()
+    corpus = write_tiny_corpus(tmp_path / "corpus", families=("fam_a", "fam_b", "fam_c", "fam_d", "fam_e"), n=40)
+    config = tmp_path / "study.yaml"
+    raw = yaml.safe_load((EXPERIMENTS / "meta_study.yaml").read_text())
+    raw.update(counts=[1, "all"], corpus_counts={}, algorithms={"maml": {}})
+    config.write_text(yaml.safe_dump(raw))
+    runs, count_free = {}, study.COUNT_FREE
+    for name, free in (("reused", count_free), ("fresh", ())):
+        monkeypatch.setattr(study, "COUNT_FREE", free)
+        out = tmp_path / name
+        assert study.main(["--config", str(config), "--corpus", corpus, "--out", str(out), "--quick"]) == 0
+        runs[name] = {c: json.loads((out / f"n_{c}" / "results.json").read_text())["results"] for c in ("1", "all")}
+    reused, fresh = runs["reused"], runs["fresh"]
+    methods = [m for m in count_free if m in next(iter(next(iter(fresh["all"].values())).values()))]
+    assert "full" in methods and "scratch" in methods
+    for family, by_k in fresh["all"].items():
+        for k, cells in by_k.items():
+            for m in methods:
+                assert reused["all"][family][k][m] == cells[m] == reused["1"][family][k][m], (family, k, m)
+            assert list(reused["all"][family][k]) == list(cells)  # same methods, same order
+    pooled_differs = any(fresh["all"][f][k]["pooled"] != fresh["1"][f][k]["pooled"] for f in fresh["all"] for k in fresh["all"][f])
+    assert pooled_differs  # the pooled probe trains on the count's families
