@@ -3,7 +3,6 @@ benchmark.md with every section, the measured ratios and the PASS/FAIL target li
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,11 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "experiments" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from experiment_scripts import load_script
+
+    return load_script("benchmark")
 
 
 def test_settings_merge_the_quick_block_and_refuse_unknown_keys(tmp_path):

@@ -4,19 +4,11 @@ of the kept families into two harvest lists of about equal work."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from experiment_scripts import load_script
 
 
 def _pilot():
-    spec = importlib.util.spec_from_file_location("corpus_v2_pilot", EXPERIMENTS / "corpus_v2_pilot.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("corpus_v2_pilot")
 
 
 def fig(final_em=0.5, hit_cap=0.0, no_reasoning=0.0, truncated=0.0, any_correct=0.6, tokens=100.0, traces=32):

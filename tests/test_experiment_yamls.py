@@ -4,7 +4,6 @@ instantiated, in tests/test_configs.py); a YAML no command claims fails here."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -74,32 +73,23 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         base = _parser().parse_args(args[:-2])
         assert ns.out != base.out, f"{path.name} writes into the folder of the configs it overrides"
     elif kind == "pilot":
-        import importlib.util
+        from experiment_scripts import load_script
 
-        spec = importlib.util.spec_from_file_location("corpus_v2_pilot", EXPERIMENTS / "corpus_v2_pilot.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        module = load_script("corpus_v2_pilot")
         cfg = module.PilotConfig.load(path)
         assert cfg.min_families >= 30 and cfg.max_cap_share <= 0.2  # issue 11
     elif kind == "benchmark":
-        import importlib.util
+        from experiment_scripts import load_script
 
-        spec = importlib.util.spec_from_file_location("benchmark", EXPERIMENTS / "benchmark.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        module = load_script("benchmark")
         for quick in (False, True):
             cfg = module.BenchmarkConfig.load(path, quick=quick)
             assert cfg.adaptation.k == 16 and cfg.targets.adapt_ms == 50 and cfg.targets.decision_ms == 1  # issue 5
         assert f"python experiments/benchmark.py --config experiments/{path.name}" in path.read_text()
     elif kind == "meta study":
-        import importlib.util
+        from experiment_scripts import load_script
 
-        spec = importlib.util.spec_from_file_location("meta_study", EXPERIMENTS / "meta_study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        module = load_script("meta_study")
         for quick in (False, True):
             cfg = module.StudyConfig.load(path, quick=quick)
             assert all((EXPERIMENTS.parent / p).is_file() for p in cfg.fit_configs + cfg.evaluate_configs)
@@ -108,12 +98,9 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         assert {"maml", "anil", "metasgd"} <= set(cfg.algorithms) and "zero_step" in cfg.baselines
         assert f"python experiments/meta_study.py --config experiments/{path.name}" in path.read_text()
     elif kind == "drift":
-        import importlib.util
+        from experiment_scripts import load_script
 
-        spec = importlib.util.spec_from_file_location("drift_simulation", EXPERIMENTS / "drift_simulation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        module = load_script("drift_simulation")
         cfg = module.DriftConfig.load(path)  # builds OnlineConfig, MonitorConfig, ABConfig: checks every value
         assert f"python experiments/drift_simulation.py --config experiments/{path.name}" in path.read_text()
         assert set(cfg.stream.families) <= {"gcd", "gsm_symbolic", "letter_counting"}  # held out of meta-training

@@ -5,9 +5,7 @@ hand-made examples and a NumPy resampling in tests/test_compare.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,11 +153,9 @@ def test_zero_step_differs_from_one_optimiser_step(tiny_corpus, tmp_path):
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("meta_study", EXPERIMENTS / "meta_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from experiment_scripts import load_script
+
+    return load_script("meta_study")
 
 
 def test_study_config_quick_and_corpus_counts():
