@@ -300,3 +300,30 @@ def test_workers_give_the_serial_results(tiny_corpus, tmp_path):
     assert parallel["sources"] == serial["sources"]
     with pytest.raises(ValueError, match="workers must be >= 1"):
         run(EvaluateConfig(corpus=tiny_corpus, workers=0, methods=["full"], families=["fam_a"]))
+
+
+def test_train_config_folds_read_a_feature_shorthand(tmp_path):
+    """features: free with train_config meta-trains the folds on the free columns (the shorthand reaches
+    `maml-stop fit` as it is: it once arrived JSON-quoted, '"free"', and was refused)."""
+    from conftest import write_tiny_corpus
+    from maml_stop.data import store
+    from maml_stop.learn.module import load_predictor
+
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    meta = store.read_meta(corpus)
+    paid = {"logprob_mean", "same_as_prev"}
+    meta["feature_costs"] = {n: "paid" if n in paid else "free" for n in meta["feature_names"]}
+    store.write_meta(corpus, meta)
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 2\n  inference_mode: false\n  enable_progress_bar: false\n  enable_model_summary: false\n"
+        "  num_sanity_val_steps: 0\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_last: true}\n"
+        "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
+        "data: {val_families: [fam_b], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
+    )
+    results = run(EvaluateConfig(corpus=corpus, train_config=str(config), features="free", families=["fam_a"],
+                                 out=str(tmp_path / "out"), shots=[4], episodes=1, methods=["full", "maml"],
+                                 progress=False))
+    names = load_predictor(results["checkpoints"]["fam_a"])[2]["feature_names"]
+    assert names == [n for n in meta["feature_names"] if n not in paid] == results["feature_names"]

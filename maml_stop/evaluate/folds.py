@@ -99,7 +99,8 @@ def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path,
         f"--data.corpus={cfg.source_corpus or cfg.corpus}", "--data.fold=null", "--data.train_families=null",
         f"--data.val_families=[{','.join(split.val)}]", f"--data.test_families=[{','.join(split.test)}]",
         f"--trainer.default_root_dir={folder}",
-    ] + ([f"--data.features={json.dumps(cfg.features)}"] if cfg.features is not None else [])
+    ] + ([] if cfg.features is None else [  # a shorthand as it is (json would quote it: '"free"'), a list as JSON
+        f"--data.features={cfg.features if isinstance(cfg.features, str) else json.dumps(cfg.features)}"])
     log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
     # follow_root: the config's logger save_dir / checkpoint dirpath move under the fold's folder too
     # (they would mix every fold's files with the main job's)
