@@ -304,14 +304,16 @@ def test_workers_give_the_serial_results(tiny_corpus, tmp_path):
 
 def test_train_config_folds_read_a_feature_shorthand(tmp_path):
     """features: free with train_config meta-trains the folds on the free columns (the shorthand reaches
-    `maml-stop fit` as it is: it once arrived JSON-quoted, '"free"', and was refused)."""
+    `maml-stop fit` as it is: it once arrived JSON-quoted, '"free"', and was refused), and the cost-aware
+    methods of such a fold read its columns."""
     from conftest import write_tiny_corpus
     from maml_stop.data import store
     from maml_stop.learn.module import load_predictor
 
     corpus = write_tiny_corpus(tmp_path / "corpus")
     meta = store.read_meta(corpus)
-    paid = {"logprob_mean", "same_as_prev"}
+    meta["feature_names"] = [f"h{i}" if n.startswith("f") else n for i, n in enumerate(meta["feature_names"])]
+    paid = {"logprob_mean", "same_as_prev"}  # by name too (maml_stop.probe.features.feature_cost)
     meta["feature_costs"] = {n: "paid" if n in paid else "free" for n in meta["feature_names"]}
     store.write_meta(corpus, meta)
     config = tmp_path / "fit.yaml"
@@ -323,7 +325,9 @@ def test_train_config_folds_read_a_feature_shorthand(tmp_path):
         "data: {val_families: [fam_b], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
     )
     results = run(EvaluateConfig(corpus=corpus, train_config=str(config), features="free", families=["fam_a"],
-                                 out=str(tmp_path / "out"), shots=[4], episodes=1, methods=["full", "maml"],
-                                 progress=False))
+                                 out=str(tmp_path / "out"), shots=[4], episodes=1, progress=False,
+                                 methods=["full", "maml", "free_probe"], cost_aware_learner="maml"))
     names = load_predictor(results["checkpoints"]["fam_a"])[2]["feature_names"]
     assert names == [n for n in meta["feature_names"] if n not in paid] == results["feature_names"]
+    # the cost-aware methods select from the fold's columns (they once indexed the corpus's full list)
+    assert results["results"]["fam_a"]["4"]["free_probe"]["thresholds"]["em_target"]["savings"]

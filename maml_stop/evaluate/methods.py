@@ -64,7 +64,8 @@ class MethodContext:
 
     @property
     def feature_names(self) -> list[str]:
-        """The corpus's feature names (its ``meta.json``), which the cost-aware methods select from."""
+        """The columns of the traces the policies see (the fold's subset, else the corpus's ``meta.json``
+        names), which the cost-aware methods select from."""
         if self._feature_names is None:
             from maml_stop.data import store
 
@@ -375,10 +376,14 @@ def build_policies(
     inner_loss: str = "balanced",
     maml_steps: int | None = None,
     rl_checkpoint: str | None = None,
+    feature_names: Sequence[str] | None = None,
 ) -> dict[str, StoppingPolicy]:
     """Every requested method as a policy; learned probes share the selector-free threshold grid.
-    ``rl_checkpoint``: the held-out family's RL checkpoint (default: ``cfg.rl_checkpoint`` when it is one path)."""
-    context = MethodContext(cfg, adapter, pooled, predictor_config, inner_loss, maml_steps, rl_checkpoint)
+    ``rl_checkpoint``: the held-out family's RL checkpoint (default: ``cfg.rl_checkpoint`` when it is one path);
+    ``feature_names``: the columns of the traces the policies will see (default: the corpus's, from its
+    ``meta.json``; a fold that reads a feature subset passes its subset)."""
+    context = MethodContext(cfg, adapter, pooled, predictor_config, inner_loss, maml_steps, rl_checkpoint,
+                            None if feature_names is None else list(feature_names))
     policies: dict[str, StoppingPolicy] = {}
     for name in methods:
         if name not in BUILDERS:

@@ -282,7 +282,7 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
         pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
                                  backend=cfg.backend)
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
-                              rl_checkpoint=fold.rl_checkpoint)
+                              rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
     collected: dict[str, list] = {m: [] for m in calibration}
     family_results = evaluate_family(
