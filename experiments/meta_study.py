@@ -184,7 +184,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     from maml_stop.evaluate.folds import load_checkpoint
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.evaluate.policies import train_predictor
-    from maml_stop.evaluate.protocol import _selectors
+    from maml_stop.evaluate.protocol import _selectors, fork_map
 
     loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}
     first, _ = next(iter(loaded.values()))
@@ -204,15 +204,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     global _CELL
     _CELL = (ecfg, view, policies, _selectors(ecfg), loaded, first, pooled, fold, split)
     try:  # ecfg.workers: held-out families side by side in forked processes (as maml-stop evaluate)
-        if ecfg.workers > 1 and len(fold.test) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(ecfg.workers, len(fold.test)),
-                                     mp_context=multiprocessing.get_context("fork")) as pool:
-                done = list(pool.map(_evaluate_family, fold.test))
-        else:
-            done = [_evaluate_family(family) for family in fold.test]
+        done = fork_map(_evaluate_family, fold.test, ecfg.workers)
     finally:
         _CELL = None
     cells = {family: c for family, (c, _) in zip(fold.test, done)}

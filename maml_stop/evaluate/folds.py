@@ -118,8 +118,9 @@ def resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: T
     """Every held-out family (from ``corpus``) with its meta-trained adapter and pooled-probe source
     families (from ``source``, by default the same corpus), and its RL checkpoint where the methods
     ask for one (:func:`rl_checkpoints`)."""
-    folds = _resolve_folds(cfg, corpus, out, corpus if source is None else source)
-    for fold, path in zip(folds, rl_checkpoints(cfg, [f.family for f in folds], corpus if source is None else source, out)):
+    source = corpus if source is None else source
+    folds = _resolve_folds(cfg, corpus, out, source)
+    for fold, path in zip(folds, rl_checkpoints(cfg, [f.family for f in folds], source, out)):
         fold.rl_checkpoint = path
     return folds
 

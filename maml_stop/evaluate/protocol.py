@@ -235,15 +235,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     global _JOB
     _JOB = (cfg, folds, narrowed, selectors, calibration)  # read by _evaluate_fold (in forked workers too)
     try:
-        if cfg.workers > 1 and len(folds) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # fork: the workers share the loaded corpora and folds; each family's result comes back whole
-            with ProcessPoolExecutor(min(cfg.workers, len(folds)), mp_context=multiprocessing.get_context("fork")) as pool:
-                done = list(pool.map(_evaluate_fold, range(len(folds))))
-        else:
-            done = [_evaluate_fold(i) for i in range(len(folds))]
+        done = fork_map(_evaluate_fold, range(len(folds)), cfg.workers)
     finally:
         _JOB = None
     for fold, (family_results, collected) in zip(folds, done):  # in fold order, whatever order they finished in
@@ -258,6 +250,19 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = round(time.time() - started, 1)
     write_results(results, out)
     return results
+
+
+def fork_map(fn, items: Sequence, workers: int) -> list:
+    """``[fn(x) for x in items]``, in ``workers`` forked processes when more than one (they share what the
+    parent had loaded; ``fn`` reads the job from a module global set before the call); results in order."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(fn, items))
 
 
 _JOB: tuple | None = None  # (cfg, folds, narrowed corpora, selectors, calibration methods) of the running run()
