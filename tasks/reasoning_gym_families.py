@@ -145,6 +145,21 @@ RG_FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "basic_arithmetic_3digit": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3}, "number"),
     "lcm_tiny": ("lcm", {"min_numbers": 2, "max_numbers": 2, "max_value": 20}, "number"),
     "count_primes_tiny": ("count_primes", {"min_n": 1, "max_n": 50}, "number"),
+    # corpus v2, fourth pilot round: variants of the generators where the model's reasoning helped (multi-step
+    # arithmetic: basic_arithmetic, chain_sum, products_3terms, simple_equations, decimal_chain_sum_1dp), to reach
+    # 30 families with at least half of them reasoning-helps families. Tried and left out: basic_arithmetic
+    # with allow_parentheses False, whose gold disagrees with its question ("83 / 69 + 19 + 78" -> 2587)
+    "basic_arithmetic_3term": ("basic_arithmetic", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}, "number"),
+    "basic_arithmetic_addsub": ("basic_arithmetic", {"min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 2,
+                                                     "operators": ["+", "-"]}, "number"),
+    "chain_sum_5term": ("chain_sum", {"min_terms": 5, "max_terms": 5, "min_digits": 1, "max_digits": 1}, "number"),
+    "chain_sum_4term": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 2, "max_digits": 2}, "number"),
+    "chain_sum_signed": ("chain_sum", {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2,
+                                       "allow_negation": True}, "number"),
+    "products_3terms_mixed": ("products", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}, "number"),
+    "simple_equations_tiny": ("simple_equations", {"min_terms": 2, "max_terms": 2, "min_value": 1, "max_value": 10}, "number"),
+    "decimal_chain_sum_1dp_long": ("decimal_chain_sum", {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 1,
+                                                         "min_decimal_places": 1, "max_decimal_places": 1}, "number"),
 }
 
 
