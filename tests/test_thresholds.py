@@ -149,7 +149,7 @@ def test_cost_matches_brute_force_on_random_sweeps():
 
 
 def test_cost_registered_beside_the_others():
-    assert list(T.SELECTORS) == ["fixed", "em_target", "ltt", "cost"]  # the existing order is kept
+    assert list(T.SELECTORS)[:4] == ["fixed", "em_target", "ltt", "cost"]  # the existing order is kept
     sel = T.make_selector("cost", token_price=0.002, wrong_answer_cost=3.0)
     assert isinstance(sel, T.CostThreshold) and (sel.token_price, sel.wrong_answer_cost) == (0.002, 3.0)
     with pytest.raises(ValueError, match="token_price"):
@@ -226,3 +226,79 @@ def test_ltt_guarantee_on_real_corpus():
         ltt = T.LTTThreshold(delta=0.05, alpha=0.1)
         rate, _ = _violation_rate(traces, policy, k=len(traces) // 2, delta=0.05, n_splits=300, seed=1, selector=ltt)
         assert rate <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 300), family
+
+
+def test_backoff_steps_toward_the_conservative_end():
+    # em_target picks candidate 1 (0.5): 40% saved, no support loss; candidate 2 loses a question
+    sweep = _sweep([[1, 1, 0], [1, 1, 1]], [[90, 50, 10], [80, 60, 20]], [1, 1], [100, 100])
+    cands = [0.9, 0.5, 0.1]
+    assert T.EMTargetThreshold(0.01).select(cands, sweep, None) == 0.5
+    assert T.BackoffEMTarget(0.01, backoff=0).select(cands, sweep, None) == 0.5
+    assert T.BackoffEMTarget(0.01, backoff=1).select(cands, sweep, None) == 0.9
+    assert T.BackoffEMTarget(0.01, backoff=2).select(cands, sweep, None) is None  # past the first: never stop
+    nothing = _sweep([[1], [1]], [[100], [100]], [1, 1], [100, 100])  # saves nothing: em_target never stops
+    assert T.BackoffEMTarget(0.01, backoff=0).select([0.9], nothing, None) is None
+    assert isinstance(T.make_selector("em_target_backoff", delta=0.02), T.BackoffEMTarget)
+    with pytest.raises(ValueError, match="non-negative integer; got -1"):
+        T.BackoffEMTarget(0.01, backoff=-1)
+
+
+def test_backoff_figures_and_choice_by_hand():
+    from maml_stop.evaluate.backoff import backoff_figures, choose_backoff
+
+    # query of 4 traces (full: 3 right, 100 tokens each); candidate j keeps 3, 3, 2 right at 80, 50, 20 tokens
+    em = [[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    tokens = [[80, 50, 20]] * 4
+    sweep = _sweep(em, tokens, [1, 1, 1, 0], [100] * 4)
+    drop, saved = backoff_figures(sweep, index=2)  # back-off 0: candidate 2, 1: candidate 1, 2: candidate 0, 3: full
+    np.testing.assert_allclose(drop, [0.25, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(saved, [0.8, 0.5, 0.2, 0.0])
+    d0, s0 = backoff_figures(sweep, index=None)  # em_target never stopped: full generation at every back-off
+    assert not d0.any() and not s0.any()
+    # two families: the first is within 1 point from back-off 1, the second only from back-off 2
+    assert choose_backoff(np.array([[0.05, 0.0, 0.0, 0.0], [0.05, 0.02, 0.01, 0.0]]), delta=0.01) == 2
+    assert choose_backoff(np.array([[0.0, 0.0]]), delta=0.01) == 0
+    assert choose_backoff(np.array([[0.3, 0.2]]), delta=0.01) == 1  # nothing within: the last (never stops)
+
+
+def test_backoff_calibrated_on_source_families_in_evaluate(tiny_corpus, tmp_path):
+    """Each fold calibrates the back-off on its source families only, and em_target_backoff applies it."""
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.evaluate.backoff import calibrate_backoff
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.methods import build_policies
+    from maml_stop.evaluate.protocol import run
+    from maml_stop.learn.predictor import PredictorConfig
+
+    cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency", "scratch"],
+                         families=["fam_c"], shots=[4], episodes=3, backoff_episodes=2, scratch_steps=5,
+                         threshold_methods=["em_target", "em_target_backoff"], progress=False)
+    results = run(cfg)
+    cell = results["results"]["fam_c"]["4"]
+    corpus = TraceCorpus.load(tiny_corpus)
+    sources = results["sources"]["fam_c"]
+    assert "fam_c" not in sources
+    for name in ("consistency", "scratch"):
+        calib = cell[name]["backoff"]
+        assert calib["families"] == sources and calib["episodes"] == 2
+        # recomputed from scratch with the same policy settings: the same figures and back-off
+        policy = build_policies(cfg, [name], None, None, PredictorConfig(n_features=len(corpus.feature_names), **cfg.predictor),
+                                "balanced", feature_names=corpus.feature_names)[name]
+        again = calibrate_backoff(policy, {s: corpus.traces(s) for s in sources}, 4, 2, None, cfg.seed, cfg.delta)
+        assert again.backoff == calib["backoff"]
+        np.testing.assert_allclose(again.drop, calib["drop"])
+        worst = np.max(calib["drop"], axis=0)
+        assert worst[calib["backoff"]] <= cfg.delta + 1e-9 and (calib["backoff"] == 0 or worst[calib["backoff"] - 1] > cfg.delta)
+        # the chosen back-off applied to the held-out episodes: never more aggressive than em_target
+        plain, backed = cell[name]["thresholds"]["em_target"], cell[name]["thresholds"]["em_target_backoff"]
+        cands = policy.candidates
+        for p, b in zip(plain["param"], backed["param"]):
+            if p is None:
+                assert b is None
+            elif b is not None:
+                assert cands.index(b) == cands.index(p) - calib["backoff"]
+    assert "backoff" not in cell["full"]
+    report = (tmp_path / "results.md").read_text()
+    assert "calibrated on each fold's source families" in report
+    assert f"| fam_c | 4 | scratch | {cell['scratch']['backoff']['backoff']} |" in report
+    assert cell["full"]["thresholds"]["em_target_backoff"]["savings"] == [0.0] * 3

@@ -54,9 +54,11 @@ class EvaluateConfig:
     query: int | None = None  # query questions per episode (None: every question not in support)
     seed: int = 0  # seed of the fixed episodes
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the cost-aware ones only when listed
-    # first = headline; valid: thresholds.SELECTORS (fixed, em_target, ltt, cost)
+    # first = headline; valid: thresholds.SELECTORS (fixed, em_target, ltt, cost, em_target_backoff)
     threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])
     delta: float = 0.01  # EM-drop target as a fraction (0.01 = 1 point)
+    # em_target_backoff: episodes per source family on which each fold calibrates its back-off (evaluate/backoff.py)
+    backoff_episodes: int = 20
     ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
     ltt_alpha: float = 0.1  # LTT risk level
     fixed_tau: float = 0.5  # probe threshold of the 'fixed' method
@@ -152,6 +154,8 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ValueError(f"workers must be >= 1 (1: serial); got {cfg.workers}")
     if cfg.episodes < 1:
         raise ValueError(f"episodes must be >= 1; got {cfg.episodes}")
+    if cfg.backoff_episodes < 1:
+        raise ValueError(f"backoff_episodes must be >= 1; got {cfg.backoff_episodes}")
     given = [x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]
     if len(given) > 1:
         raise ValueError("give at most one of checkpoint, checkpoints and train_config")

@@ -44,7 +44,7 @@ from maml_stop.evaluate.policies import (
     sweep_policy,
     train_predictor,
 )
-from maml_stop.evaluate.thresholds import SELECTORS, SupportSweep, ThresholdSelector, make_selector
+from maml_stop.evaluate.thresholds import SELECTORS, BackoffEMTarget, SupportSweep, ThresholdSelector, make_selector
 from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,16 @@ def evaluate_family(
     n_bins: int = 10,
     progress: bool = True,
     calibration: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    method_selectors: Mapping[tuple[str, int], Mapping[str, ThresholdSelector]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every method on the same fixed episodes of ``family``, for every K.
 
     Layout: ``{str(K): {method: {"thresholds": {selector: {figure: [per episode]}}, "curve_savings": [...],
     "auc": [...], "brier": [...], "ece": [...], "curve": {"em": [J], "savings": [J], "cost": [J],
     "full_em": x}}}}`` where ``curve`` pools the query sets of all episodes. ``calibration`` (method ->
-    list) collects the probes' query probabilities and labels at the largest K.
+    list) collects the probes' query probabilities and labels at the largest K. ``method_selectors``
+    ((method, K) -> selectors) replaces ``selectors`` for that method and K (a fold's calibrated
+    ``em_target_backoff``).
     """
     from tqdm.auto import tqdm
 
@@ -145,7 +148,8 @@ def evaluate_family(
         bar = tqdm(eps, desc=f"{family} K={k}", disable=not progress, leave=False)
         for ep in bar:
             for name, policy in policies.items():
-                rec = evaluate_episode(policy, ep.support, ep.query, selectors, delta, n_bins)
+                chosen = (method_selectors or {}).get((name, k), selectors)
+                rec = evaluate_episode(policy, ep.support, ep.query, chosen, delta, n_bins)
                 cell = cells.setdefault(name, {"thresholds": {s: {} for s in selectors}, "curve_savings": [], "auc": []})
                 for s, figures in rec["thresholds"].items():
                     for key, value in figures.items():
@@ -288,13 +292,38 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
                                  backend=cfg.backend)
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
+    backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
     log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
     collected: dict[str, list] = {m: [] for m in calibration}
+    method_selectors = {key: {**selectors, "em_target_backoff": BackoffEMTarget(cfg.delta, c.backoff)}
+                        for key, c in backoffs.items()}
     family_results = evaluate_family(
         family, traces, policies, selectors, cfg.shots, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
-        cfg.calibration_bins, cfg.progress, collected,
+        cfg.calibration_bins, cfg.progress, collected, method_selectors,
     )
+    for (name, k), c in backoffs.items():
+        family_results[str(k)][name]["backoff"] = c.to_json()
     return family_results, collected
+
+
+def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
+                        selectors: Mapping[str, ThresholdSelector]) -> dict[tuple[str, int], Any]:
+    """(method, K) -> the fold's :class:`~maml_stop.evaluate.backoff.BackoffCalibration` of every
+    thresholded method, on the fold's source families, when ``em_target_backoff`` is asked for."""
+    if "em_target_backoff" not in selectors:
+        return {}
+    from maml_stop.evaluate.backoff import calibrate_backoff
+
+    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
+    out = {}
+    for name, policy in policies.items():
+        if isinstance(policy, ThresholdedPolicy):
+            for k in cfg.shots:
+                out[name, k] = calibrate_backoff(policy, by_family, k, cfg.backoff_episodes, cfg.query, cfg.seed,
+                                                 cfg.delta, cfg.progress)
+                log.info("%s, held-out %s, K=%d: em_target back-off %d (worst source-family EM drop %.1f pts)",
+                         name, fold.family, k, out[name, k].backoff, 100 * out[name, k].drop[:, out[name, k].backoff].max())
+    return out
 
 
 def _may_read_subset(cfg: EvaluateConfig) -> bool:

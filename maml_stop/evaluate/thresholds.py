@@ -16,6 +16,10 @@ candidate, or ``None``: never stop early (plain full generation, no probes).
   questions (230 for delta = 1 point, alpha = 0.1): with fewer, it never stops early.
 * :class:`CostThreshold`: a price per generated token and a cost per wrong answer; the candidate (full
   generation included) with the lowest mean cost on the support set (issue 12 item 3).
+* :class:`BackoffEMTarget`: the ``em_target`` choice moved ``backoff`` candidates toward the conservative
+  end (past the first: never stop early). The back-off is not chosen on support but calibrated on a
+  fold's source families (:mod:`maml_stop.evaluate.backoff`): with K support questions one extra wrong
+  answer is 100/K points, so the most aggressive candidate with no support loss overshoots on the query.
 
 The guarantee assumes the policy's scores do not depend on the support set; a predictor adapted on the
 same K traces it is calibrated on sees optimistic support scores, so for adapted probes the bound is a
@@ -49,6 +53,8 @@ __all__ = [
     "EMTargetThreshold",
     "LTTThreshold",
     "CostThreshold",
+    "BackoffEMTarget",
+    "backed_off",
     "binom_cdf",
     "min_certifiable_k",
     "make_selector",
@@ -236,11 +242,49 @@ class CostThreshold(ThresholdSelector):
         return None if j == 0 else float(candidates[j - 1])
 
 
+class BackoffEMTarget(EMTargetThreshold):
+    """The :class:`EMTargetThreshold` choice, ``backoff`` candidates more conservative; stepping past
+    the most conservative candidate means never stopping early (``None``), as does no choice at all.
+
+    >>> import numpy as np
+    >>> sweep = SupportSweep(em=np.array([[1, 1, 0], [1, 1, 1]]), tokens=np.array([[90, 50, 10], [80, 60, 20]]),
+    ...                      full_em=np.array([1, 1]), full_tokens=np.array([100, 100]))
+    >>> BackoffEMTarget(delta=0.01, backoff=1).select([0.9, 0.5, 0.1], sweep, default=0.5)
+    0.9
+    >>> print(BackoffEMTarget(delta=0.01, backoff=2).select([0.9, 0.5, 0.1], sweep, default=0.5))
+    None
+    """
+
+    name = "em_target_backoff"
+
+    def __init__(self, delta: float = 0.01, backoff: int = 0) -> None:
+        super().__init__(delta)
+        if int(backoff) != backoff or backoff < 0:
+            raise ValueError(f"backoff is a number of candidates, a non-negative integer; got {backoff}")
+        self.backoff = int(backoff)
+
+    def index(self, candidates: Sequence[float], sweep: SupportSweep) -> int | None:
+        """Index of the ``em_target`` choice among ``candidates`` (None: it never stops early)."""
+        chosen = super().select(candidates, sweep, None)
+        return None if chosen is None else list(candidates).index(chosen)
+
+    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
+        return backed_off(candidates, self.index(candidates, sweep), self.backoff)
+
+
+def backed_off(candidates: Sequence[float], index: int | None, backoff: int) -> float | None:
+    """The candidate ``backoff`` places before ``index`` (None where that is before the first, or no index)."""
+    if index is None or index - backoff < 0:
+        return None
+    return float(candidates[index - backoff])
+
+
 SELECTORS: dict[str, type[ThresholdSelector]] = {
     "fixed": FixedThreshold,
     "em_target": EMTargetThreshold,
     "ltt": LTTThreshold,
     "cost": CostThreshold,
+    "em_target_backoff": BackoffEMTarget,
 }
 
 
@@ -253,7 +297,8 @@ def make_selector(
     wrong_answer_cost: float = 1.0,
 ) -> ThresholdSelector:
     """A selector by name: ``fixed`` (uses ``value``), ``em_target`` (``delta``), ``ltt`` (``delta``,
-    ``alpha``), ``cost`` (``token_price``, ``wrong_answer_cost``)."""
+    ``alpha``), ``cost`` (``token_price``, ``wrong_answer_cost``), ``em_target_backoff`` (``delta``, back-off
+    0 until a fold calibrates it: :func:`maml_stop.evaluate.backoff.calibrate_backoff`)."""
     if method == "fixed":
         return FixedThreshold(value)
     if method == "em_target":
@@ -262,4 +307,6 @@ def make_selector(
         return LTTThreshold(delta, alpha)
     if method == "cost":
         return CostThreshold(token_price, wrong_answer_cost)
+    if method == "em_target_backoff":
+        return BackoffEMTarget(delta)
     raise ValueError(f"unknown threshold method {method!r}; valid methods: {', '.join(SELECTORS)}")

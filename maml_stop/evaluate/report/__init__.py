@@ -45,7 +45,7 @@ from maml_stop.evaluate.report.stats import (
     summarise,
     t_quantile_975,
 )
-from maml_stop.evaluate.report.tables import markdown_tables, versus_best_table, within_target
+from maml_stop.evaluate.report.tables import backoff_table, markdown_tables, versus_best_table, within_target
 
 __all__ = [
     "mean_ci",
@@ -92,6 +92,7 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         *[versus_best_table(results, k) for k in results["shots"]],
         analysis(results),
         *([risk] if (risk := risk_tables(results)) else []),
+        *([table] if (table := backoff_table(results)) else []),
     ]
     paths["table"] = out / "results.md"
     paths["table"].write_text("\n".join(text))

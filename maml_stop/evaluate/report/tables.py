@@ -12,7 +12,7 @@ import math
 
 from maml_stop.evaluate.report.stats import ORACLES, fmt_ci, summarise
 
-__all__ = ["PROBE_METHODS", "METHOD_LABELS", "pct", "markdown_tables", "within_target", "versus_best_table"]
+__all__ = ["PROBE_METHODS", "METHOD_LABELS", "pct", "markdown_tables", "within_target", "versus_best_table", "backoff_table"]
 
 PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 METHOD_LABELS = {
@@ -169,3 +169,36 @@ def versus_best_table(results: dict, k: int, method: str = "maml") -> str:
         )
     lines += ["", "Mean row: a method is within the target only when it is within it on every held-out family."]
     return "\n".join(lines) + "\n"
+
+
+def backoff_table(results: dict) -> str:
+    """The ``em_target_backoff`` calibration of every fold (back-off, worst and mean source-family EM drop
+    and mean source-family savings at it), or ``""`` when no fold calibrated one."""
+    rows = []
+    for family in results["families"]:
+        for k in results["shots"]:
+            for method, cell in (results["results"][family].get(str(k)) or {}).items():
+                calib = cell.get("backoff") if isinstance(cell, dict) else None
+                if not calib:
+                    continue
+                b = calib["backoff"]
+                drop = [d[b] for d in calib["drop"]]
+                saved = [s[b] for s in calib["savings"]]
+                worst = calib["families"][max(range(len(drop)), key=drop.__getitem__)]
+                rows.append(f"| {family} | {k} | {method} | {b} | {100 * max(drop):.1f} ({worst}) | "
+                            f"{100 * sum(drop) / len(drop):.1f} | {100 * sum(saved) / len(saved):.1f} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "### The back-off of `em_target_backoff`, calibrated on each fold's source families",
+        "",
+        "Each fold fits every thresholded method on fixed episodes of its source families (never the held-out "
+        "one), thresholds it by `em_target` on support, and takes the smallest back-off (candidates toward the "
+        f"conservative end) whose mean query EM drop is within {100 * results['delta']:g} point(s) on every source "
+        "family (`maml_stop/evaluate/backoff.py`).",
+        "",
+        "| held-out family | K | method | back-off | worst source EM drop (pts) | mean source EM drop (pts) | mean source saved % |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
