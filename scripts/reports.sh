@@ -4,12 +4,12 @@
 # folds at K = 16 (the strategies, the cost-aware methods), the RL and cost-sensitive folds, the cross-model check and the ablations; then copy each
 # run's results.md and plots into experiments/results/<name>/ and rewrite the README tables from them. About
 # two hours on this 2-core machine with harvests beside it.
-#   usage: bash scripts/reports.sh [main lofo strategies cost_aware free_maml rl cost_sensitive cross_model ablations]
+#   usage: bash scripts/reports.sh [main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 E=".venv/bin/maml-stop evaluate --config experiments/evaluate.yaml"
-steps=${*:-main lofo strategies cost_aware free_maml rl cost_sensitive cross_model ablations}
+steps=${*:-main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations}
 copy() {  # copy() RUN_DIR NAME: the report and its plots (results.json stays in runs/: 5 MB)
   mkdir -p "experiments/results/$2"
   rm -f "experiments/results/$2"/*.png
@@ -29,6 +29,8 @@ for step in $steps; do
         && copy runs/lofo_cost_aware lofo_cost_aware ;;
     free_maml) $E --config experiments/cost_aware_evaluate.yaml --config experiments/lofo_free_maml_evaluate.yaml \
         && copy runs/lofo_free_maml lofo_free_maml ;;  # free-feature MAML folds trained here
+    backoff) $E --config experiments/cost_aware_evaluate.yaml --config experiments/lofo_free_maml_evaluate.yaml \
+        --config experiments/lofo_backoff_evaluate.yaml && copy runs/lofo_backoff lofo_backoff ;;  # free-feature folds trained here
     rl) $E --config experiments/lofo_rl_evaluate.yaml && copy runs/lofo_rl lofo_rl ;;  # RL folds trained here
     cost_sensitive) $E --config experiments/lofo_cost_sensitive_evaluate.yaml \
         && copy runs/lofo_cost_sensitive lofo_cost_sensitive \
@@ -39,7 +41,7 @@ for step in $steps; do
         && copy runs/cross_model/evaluate cross_model ;;
     ablations) .venv/bin/python experiments/ablations.py --shots 16 --episodes 50 \
         && cp runs/ablations/ablations.md experiments/results/ablations.md ;;
-    *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
+    *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python -m maml_stop.commands.readme_tables README.md
