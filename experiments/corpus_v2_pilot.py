@@ -15,6 +15,7 @@ traces hit the cap. Writes a Markdown table with the decision and its reason for
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ class PilotConfig:
 
     corpus: str  # the v2 corpus folder holding the pilot shards
     out: str  # the Markdown file written
+    families_out: str  # the JSON file of the kept families (read by experiments/meta_study.py)
     pilot_traces: int = 32  # the first this many traces of each family's harvest order
     max_truncated: float = 0.2  # drop: share of forced answers that ran out of answer tokens
     max_no_reasoning: float = 0.5  # drop: share of traces that end before the first scheduled probe
@@ -190,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                     for x in harvest_lists(kept, figs)],
                   f"bash experiments/commit_corpus.sh {cfg['corpus']} 600 &", "```"]
     (ROOT / cfg["out"]).write_text("\n".join(lines) + "\n")
+    # the machine-readable choice: the meta-learning study reads its families from here (meta_study.yaml)
+    (ROOT / cfg["families_out"]).write_text(json.dumps({
+        "corpus": cfg["corpus"], "kept": kept, "reasoning_helps": helps, "pilot_complete": not todo,
+        "decisions": decision}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -69,6 +69,10 @@ class StudyConfig:
     seed: int = 0  # fold assignment and nested order
     counts: list[int | str] = field(default_factory=lambda: [6, 12, "all"])  # meta-training families per fold
     corpus_counts: dict[str, list[int | str]] = field(default_factory=dict)  # corpus folder -> its own counts
+    # corpus folder -> its study families: a list, or a JSON file with "kept" (the pilot's choice,
+    # experiments/corpus_v2_families.json); a corpus not listed: every family it holds
+    corpus_families: dict[str, list[str] | str] = field(default_factory=dict)
+    min_traces: int = 150  # refuse a study family with fewer traces (an unfinished harvest)
     fit_configs: list[str] = field(default_factory=lambda: ["experiments/quickstart.yaml", "experiments/main.yaml"])
     fit: dict[str, Any] = field(default_factory=dict)  # a fit-config fragment read after fit_configs
     algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"maml": {}})  # name -> fit fragment
@@ -99,6 +103,25 @@ class StudyConfig:
             raise ValueError(f"baselines {bad} unknown (valid: pooled, finetuned, scratch, zero_step); algorithms: "
                              f"{list(cfg.algorithms)} (at least one)")
         return cfg
+
+    def families_for(self, corpus: str, available: list[str]) -> list[str]:
+        """The study families of ``corpus`` (``corpus_families`` by folder, else ``available``), checked
+        against the families the corpus holds."""
+        chosen: list[str] | str | None = None
+        for key, value in self.corpus_families.items():
+            if Path(key).resolve() == Path(corpus).resolve():
+                chosen = value
+        if chosen is None:
+            return list(available)
+        if isinstance(chosen, str):
+            data = json.loads((ROOT / chosen).read_text())
+            if not data.get("pilot_complete", True):
+                log.warning("%s: the pilot is not complete; the study families may still change", chosen)
+            chosen = list(data["kept"])
+        missing = [f for f in chosen if f not in available]
+        if missing:
+            raise ValueError(f"study families {missing} are not in the corpus {corpus}; it holds {available}")
+        return list(chosen)
 
     def counts_for(self, corpus: str) -> list[int | str]:
         """The counts of ``corpus`` (``corpus_counts`` by folder, else ``counts``)."""
@@ -261,11 +284,16 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     ecfg = parse_config([a for p in cfg.evaluate_configs for a in ("--config", str(ROOT / p))] + [f"--corpus={cfg.corpus}"])
     ecfg = dataclasses.replace(ecfg, **cfg.evaluate, out=str(out))
     corpus = TraceCorpus.load(cfg.corpus, min_probes=ecfg.min_probes)
-    groups = family_groups(corpus.families)
+    families = cfg.families_for(cfg.corpus, corpus.families)
+    short = {f: len(corpus.traces(f)) for f in families if len(corpus.traces(f)) < cfg.min_traces}
+    if short:
+        raise ValueError(f"families with fewer than min_traces={cfg.min_traces} traces in {cfg.corpus} (is the "
+                         f"harvest finished?): {short}")
+    groups = family_groups(families)
     n_folds = min(cfg.folds, len(groups))
     if n_folds < cfg.folds:
         log.warning("%d groups of families: %d folds instead of %d", len(groups), n_folds, cfg.folds)
-    folds = grouped_folds(corpus.families, n_folds, cfg.val_families, cfg.seed)
+    folds = grouped_folds(families, n_folds, cfg.val_families, cfg.seed)
     counts = cfg.counts_for(cfg.corpus)
     labels = resolve_counts(counts, max(len(f.train) for f in folds))  # the labels every fold shares
     labels = [c for c in labels if c == ALL or all(c <= len(f.train) for f in folds)]

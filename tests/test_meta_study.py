@@ -232,3 +232,25 @@ def test_count_free_methods_are_evaluated_once_and_equal_a_fresh_evaluation(tmp_
             assert list(reused["all"][family][k]) == list(cells)  # same methods, same order
     pooled_differs = any(fresh["all"][f][k]["pooled"] != fresh["1"][f][k]["pooled"] for f in fresh["all"] for k in fresh["all"][f])
     assert pooled_differs  # the pooled probe trains on the count's families
+
+
+def test_study_families_come_from_the_pilot_and_an_unfinished_harvest_is_refused(tmp_path):
+    study = _study_module()
+    full = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml")
+    chosen = json.loads((EXPERIMENTS / "corpus_v2_families.json").read_text())
+    assert full.corpus_families[full.corpus] == "experiments/corpus_v2_families.json"
+    available = list(chosen["decisions"])  # every piloted family is in the v2 corpus
+    assert full.families_for(full.corpus, available) == chosen["kept"]
+    assert full.families_for("experiments/corpus/qwen05", ["gcd", "lcm"]) == ["gcd", "lcm"]  # not listed: all
+    with pytest.raises(ValueError, match=r"study families \['.*'\] are not in the corpus"):
+        full.families_for(full.corpus, available[:1])
+    cfg = study.StudyConfig(corpus="c", corpus_families={"c": ["a", "b"]})
+    assert cfg.families_for("c", ["a", "b", "dropped"]) == ["a", "b"]
+
+
+def test_study_refuses_families_with_too_few_traces(tiny_corpus, tmp_path):
+    study = _study_module()
+    cfg = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml", quick=True, corpus=tiny_corpus, out=str(tmp_path))
+    cfg.min_traces = 10_000
+    with pytest.raises(ValueError, match="fewer than min_traces=10000 traces"):
+        study.run(cfg)
