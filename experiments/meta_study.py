@@ -73,6 +73,7 @@ class StudyConfig:
     # experiments/corpus_v2_families.json); a corpus not listed: every family it holds
     corpus_families: dict[str, list[str] | str] = field(default_factory=dict)
     min_traces: int = 150  # refuse a study family with fewer traces (an unfinished harvest)
+    fit_workers: int = 1  # meta-training fits side by side in forked processes before the evaluation
     fit_configs: list[str] = field(default_factory=lambda: ["experiments/quickstart.yaml", "experiments/main.yaml"])
     fit: dict[str, Any] = field(default_factory=dict)  # a fit-config fragment read after fit_configs
     algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"maml": {}})  # name -> fit fragment
@@ -150,6 +151,15 @@ def _fit_args(cfg: StudyConfig, configs: Path, algo: str, split, root: Path) -> 
         f"--data.train_families=[{','.join(split.train)}]", f"--data.val_families=[{','.join(split.val)}]",
         f"--data.test_families=[{','.join(split.test)}]", f"--trainer.default_root_dir={root}",
     ]
+
+
+_FITS: list | None = None  # the fits of the running study's pre-pass (a forked worker inherits them)
+
+
+def _fit_job(i: int) -> str:
+    """Fit ``i`` of :data:`_FITS` (in a forked worker of :func:`fork_map`)."""
+    torch.set_num_threads(1)
+    return meta_train(*_FITS[i])
 
 
 def meta_train(args: list[str], root: Path, resume: bool) -> str:
@@ -269,7 +279,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     from maml_stop.evaluate.compare import compare
     from maml_stop.evaluate.config import parse_config
     from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
-    from maml_stop.evaluate.protocol import write_results
+    from maml_stop.evaluate.protocol import fork_map, write_results
     from maml_stop.evaluate.report import summarise
     from maml_stop.learn.zero_step import save_zero_step
 
@@ -302,6 +312,18 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     per_count: dict[str, dict[str, Any]] = {}
     n_train: dict[str, list[int]] = {}
     per_fold_cells: dict[int, dict | None] = {}  # fold -> its first count's cells (COUNT_FREE reused after)
+    if cfg.fit_workers > 1:  # every fit of the study first, side by side; the loop below then finds them
+        jobs = [(_fit_args(cfg, configs, algo, fold.split(label), cell / algo), cell / algo, resume)
+                for label in labels for fold in folds for algo in cfg.algorithms
+                for cell in [out / "folds" / f"fold{fold.index}" / f"n_{label}"]]
+        log.info("meta-training %d fits, %d side by side", len(jobs), cfg.fit_workers)
+        global _FITS
+        _FITS = jobs
+        try:
+            fork_map(_fit_job, range(len(jobs)), cfg.fit_workers)
+        finally:
+            _FITS = None
+    fitted = cfg.fit_workers > 1  # the fits' checkpoints exist: the loop reads them
     for label in labels:
         key = str(label)
         merged = {"results": {}, "sources": {}, "checkpoints": {}, "losses": {}}
@@ -312,7 +334,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
             cell = out / "folds" / f"fold{fold.index}" / f"n_{key}"
             ckpts: dict[str, str] = {}
             for algo in cfg.algorithms:
-                ckpts[algo] = meta_train(_fit_args(cfg, configs, algo, split, cell / algo), cell / algo, resume)
+                ckpts[algo] = meta_train(_fit_args(cfg, configs, algo, split, cell / algo), cell / algo, resume or fitted)
             if zero:
                 for algo in cfg.algorithms:
                     path = cell / f"zero_step_{algo}" / "zero_step.ckpt"

@@ -254,3 +254,25 @@ def test_study_refuses_families_with_too_few_traces(tiny_corpus, tmp_path):
     cfg.min_traces = 10_000
     with pytest.raises(ValueError, match="fewer than min_traces=10000 traces"):
         study.run(cfg)
+
+
+@pytest.mark.slow
+def test_fits_side_by_side_give_the_serial_results(tiny_corpus, tmp_path):
+    """fit_workers: 2 fits every checkpoint in forked workers first; the study's figures equal a serial run's."""
+    study = _study_module()
+    results = []
+    for workers in (1, 2):
+        cfg = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml", quick=True, corpus=tiny_corpus,
+                                     out=str(tmp_path / f"w{workers}"))
+        cfg.fit_workers = workers
+        cfg.algorithms = {"maml": {}, "anil": {"model": {"algorithm": "anil"}}}
+        results.append(study.run(cfg))
+    serial, forked = results
+    assert forked["paired"] == serial["paired"] and forked["curve"] == serial["curve"]
+    for fold in serial["folds"]:
+        for algo in ("maml", "anil"):
+            a = torch.load(tmp_path / "w1" / "folds" / f"fold{fold['index']}" / "n_all" / algo / "checkpoints" / "best.ckpt",
+                           weights_only=False)["state_dict"]
+            b = torch.load(tmp_path / "w2" / "folds" / f"fold{fold['index']}" / "n_all" / algo / "checkpoints" / "best.ckpt",
+                           weights_only=False)["state_dict"]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
