@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         lines += ["", f"Still to pilot ({len(todo)}): " + ", ".join(todo) + ". The cap rule is applied to the "
                   "candidates piloted so far, so its decisions can change once these (mostly low-cap) families are in."]
-    if cfg["resume"]:
+    if cfg["resume"] and todo:  # the pilot commands, while candidates are left
         lines += ["", "Continue the pilot (two single-thread harvests side by side):", "", "```bash",
                   *cfg["resume"], "```"]
     lines += ["", "Kept: " + ", ".join(kept)]
