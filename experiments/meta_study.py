@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -163,12 +164,16 @@ def _fit_job(i: int) -> str:
 
 
 def meta_train(args: list[str], root: Path, resume: bool) -> str:
-    """``maml-stop fit`` in process; the best checkpoint (lowest ``val/loss``). Raises when none was written."""
+    """``maml-stop fit`` in process; the best checkpoint (lowest ``val/loss``). Raises when none was written.
+    A finished fit writes ``root/fit_done.json``; ``resume`` reuses only such a fit (an interrupted one has a
+    best.ckpt of its first epochs and is fitted again)."""
     from maml_stop.learn.cli import cli_main
 
-    best = root / "checkpoints" / "best.ckpt"
-    if resume and best.is_file():
-        return str(best)
+    done = root / FIT_DONE
+    if resume and done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("args") == list(args) and Path(record["best"]).is_file():
+            return record["best"]
     shutil.rmtree(root, ignore_errors=True)
     cli = cli_main(args, run=False, follow_root=True)
     callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt (monitor val/loss)
@@ -177,7 +182,11 @@ def meta_train(args: list[str], root: Path, resume: bool) -> str:
     if not path or not Path(path).is_file():
         raise RuntimeError(f"the fit under {root} wrote no best checkpoint (did it validate? trainer.max_steps "
                            f"{cli.trainer.max_steps}, check_val_every_n_epoch {cli.trainer.check_val_every_n_epoch})")
+    done.write_text(json.dumps({"args": list(args), "best": str(path)}))
     return path
+
+
+FIT_DONE = "fit_done.json"  # written after a fit finished: its arguments (what --resume checks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +259,33 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
 
 
 _CELL: tuple | None = None  # what evaluate_cell's families share (a forked worker inherits it)
+
+CELL_FILE = "evaluation.json"  # a fold and count's evaluation, beside its checkpoints (reused by --resume)
+
+
+def evaluated_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str], reuse: dict[str, dict] | None,
+                   cell: Path, resume: bool) -> tuple[dict, dict, dict]:
+    """:func:`evaluate_cell`, written to ``cell/evaluation.json`` with what it was computed from (the
+    evaluation settings, checkpoints and their SHA-256, held-out and meta-training families, whether count-free methods were
+    reused). With ``resume``, a stored evaluation computed from exactly the same is read back instead (an
+    interrupted study loses at most the fold and count it was evaluating); any difference re-evaluates."""
+    digests = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in checkpoints.items()}
+    key = json.loads(json.dumps({"evaluate": dataclasses.asdict(ecfg), "checkpoints": checkpoints, "sha256": digests,
+                                 "test": list(fold.test), "train": list(split.train), "reuse": reuse is not None},
+                                default=_jsonable))
+    path = cell / CELL_FILE
+    if resume and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            log.info("fold %d, %d meta-training families: evaluation read from %s", fold.index, len(split.train), path)
+            return stored["cells"], stored["losses"], stored["sources"]
+        log.info("%s was computed from other settings: evaluating again", path)
+    cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, checkpoints, reuse=reuse)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"key": key, "cells": cells, "losses": losses, "sources": sources}, default=_jsonable))
+    tmp.replace(path)  # whole or absent: an interruption never leaves half a file
+    return cells, losses, sources
 
 
 def _evaluate_family(family: str) -> tuple[dict, dict]:
@@ -341,7 +377,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
                     ckpts[f"zero_step_{algo}"] = (str(path) if resume and path.is_file()
                                                   else save_zero_step(_fit_args(cfg, configs, algo, split, path.parent), path))
             first_cells = per_fold_cells.setdefault(fold.index, None)
-            cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, ckpts, reuse=first_cells)
+            cells, losses, sources = evaluated_cell(ecfg, corpus, fold, split, ckpts, first_cells, cell, resume)
             if first_cells is None:
                 per_fold_cells[fold.index] = cells  # the count-free methods' figures of this fold
             merged["results"].update(cells)
@@ -567,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default=None, help="trace corpus (default: the YAML's, experiments/corpus/qwen05_v2)")
     p.add_argument("--out", default=None, help="output folder (default: the YAML's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the YAML's quick: section): a smoke run")
-    p.add_argument("--resume", action="store_true", help="reuse the checkpoints already under --out")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the checkpoints and the fold evaluations already under --out (same settings only)")
     p.add_argument("--report_only", default=None, help="rebuild report.md and the plots from this study results.json")
     args = p.parse_args(argv)
     if args.report_only:

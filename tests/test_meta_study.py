@@ -276,3 +276,40 @@ def test_fits_side_by_side_give_the_serial_results(tiny_corpus, tmp_path):
             b = torch.load(tmp_path / "w2" / "folds" / f"fold{fold['index']}" / "n_all" / algo / "checkpoints" / "best.ckpt",
                            weights_only=False)["state_dict"]
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_reads_finished_fits_and_evaluations_and_redoes_the_rest(tiny_corpus, tmp_path, monkeypatch):
+    """--resume reuses a fit only once it finished (fit_done.json) and a fold's evaluation only when it
+    was computed from the same settings and checkpoint bytes; the resumed study equals the first run."""
+    study = _study_module()
+    out = tmp_path / "study"
+    args = ["--corpus", tiny_corpus, "--out", str(out), "--quick"]
+    assert study.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    cells = sorted(out.glob("folds/fold*/n_all/evaluation.json"))
+    assert len(cells) == len(first["folds"])
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("a stored evaluation was evaluated again")
+
+    with monkeypatch.context() as m:  # every fit finished and every evaluation stored: nothing is redone
+        m.setattr(study, "evaluate_cell", no_evaluation)
+        assert study.main([*args, "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["paired"] == first["paired"] and resumed["curve"] == first["curve"]
+
+    # an interrupted fit (best.ckpt but no fit_done.json) is fitted again; a stale evaluation is redone
+    unfinished = out / "folds" / "fold0" / "n_all" / "maml"
+    (unfinished / study.FIT_DONE).unlink()
+    stored = json.loads(cells[1].read_text())
+    stored["key"]["evaluate"]["episodes"] += 1
+    cells[1].write_text(json.dumps(stored))
+    redone = []
+    real = study.evaluate_cell
+    monkeypatch.setattr(study, "evaluate_cell", lambda ecfg, corpus, fold, *a, **k: redone.append(fold.index) or real(ecfg, corpus, fold, *a, **k))
+    assert study.main([*args, "--resume"]) == 0
+    assert (unfinished / study.FIT_DONE).is_file()
+    assert int(cells[1].parent.parent.name.removeprefix("fold")) in redone
+    again = json.loads((out / "results.json").read_text())
+    assert again["paired"] == first["paired"] and again["curve"] == first["curve"]
