@@ -36,7 +36,17 @@ def test_configs_found():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_instantiates(config, tiny_corpus, tmp_path):
     # K/Q shrunk to the tiny corpus's 60 traces per family; everything else as in the YAML
-    cli = cli_main(tiny_args(config, tiny_corpus, tmp_path) + ["--data.k=4", "--data.q=8"], run=False)
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    extra = []
+    if data.get("features") not in (None, "all"):  # a feature subset of its own corpus (the tiny one has f0..f7)
+        import json
+
+        from maml_stop.data.datamodule import resolve_features
+
+        meta = json.loads((EXPERIMENTS.parent / data["corpus"] / "meta.json").read_text())
+        assert resolve_features(data["features"], meta["feature_names"], meta.get("feature_costs"))
+        extra = ["--data.features=all"]
+    cli = cli_main(tiny_args(config, tiny_corpus, tmp_path) + ["--data.k=4", "--data.q=8", *extra], run=False)
     assert cli.model.predictor.n_features == 8  # linked from the data
     assert cli.model.feature_names == cli.datamodule.feature_names
     assert cli.trainer.validate_loop.inference_mode is False
