@@ -360,11 +360,15 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
         finally:
             _FITS = None
     fitted = cfg.fit_workers > 1  # the fits' checkpoints exist: the loop reads them
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(labels) * len(folds), desc="meta study: folds x counts evaluated", unit="cell")
     for label in labels:
         key = str(label)
         merged = {"results": {}, "sources": {}, "checkpoints": {}, "losses": {}}
         n_train[key] = []
         for fold in folds:
+            bar.set_postfix_str(f"fold {fold.index}, {label} meta-training families")
             split = fold.split(label)
             n_train[key].append(len(split.train))
             cell = out / "folds" / f"fold{fold.index}" / f"n_{key}"
@@ -384,6 +388,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
             merged["losses"].update(losses)
             merged["sources"].update(sources)
             merged["checkpoints"].update({f: ckpts for f in fold.test})
+            bar.update()
         families = [f for fold in folds for f in fold.test]
         base = [m for m in ecfg.methods if m != "maml"]
         oracles = [m for m in base if m.startswith("oracle")]
@@ -399,6 +404,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
         }
         write_results(results, out / f"n_{key}")  # the maml-stop evaluate report of this count
         per_count[key] = results
+    bar.close()
     study = summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, compare)
     study["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(study, indent=1, default=_jsonable))
