@@ -182,11 +182,35 @@ def meta_train(args: list[str], root: Path, resume: bool) -> str:
     if not path or not Path(path).is_file():
         raise RuntimeError(f"the fit under {root} wrote no best checkpoint (did it validate? trainer.max_steps "
                            f"{cli.trainer.max_steps}, check_val_every_n_epoch {cli.trainer.check_val_every_n_epoch})")
-    done.write_text(json.dumps({"args": list(args), "best": str(path)}))
+    _write_json(done, {"args": list(args), "best": str(path)})
     return path
 
 
 FIT_DONE = "fit_done.json"  # written after a fit finished: its arguments (what --resume checks)
+ZERO_DONE = "zero_step_done.json"  # written after a zero-step checkpoint was saved: its arguments
+
+
+def zero_step(args: list[str], path: Path, resume: bool) -> str:
+    """The zero-step checkpoint (:func:`maml_stop.learn.zero_step.save_zero_step`) of the fit arguments
+    ``args`` at ``path``. ``resume`` reuses a stored one only when ``ZERO_DONE`` beside it, written after
+    the (atomic) save, records the same arguments; otherwise it is written again."""
+    from maml_stop.learn.zero_step import save_zero_step
+
+    path, done = Path(path), Path(path).parent / ZERO_DONE
+    if resume and done.is_file() and path.is_file():
+        if json.loads(done.read_text()).get("args") == list(args):
+            return str(path)
+    done.unlink(missing_ok=True)
+    save_zero_step(args, path)
+    _write_json(done, {"args": list(args)})
+    return str(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary name, then a rename)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, default=_jsonable))
+    partial.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,8 +341,6 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
     from maml_stop.evaluate.protocol import fork_map, write_results
     from maml_stop.evaluate.report import summarise
-    from maml_stop.learn.zero_step import save_zero_step
-
     torch.set_num_threads(1)
     started = time.time()
     out = Path(cfg.out)
@@ -378,8 +400,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
             if zero:
                 for algo in cfg.algorithms:
                     path = cell / f"zero_step_{algo}" / "zero_step.ckpt"
-                    ckpts[f"zero_step_{algo}"] = (str(path) if resume and path.is_file()
-                                                  else save_zero_step(_fit_args(cfg, configs, algo, split, path.parent), path))
+                    ckpts[f"zero_step_{algo}"] = zero_step(_fit_args(cfg, configs, algo, split, path.parent), path, resume)
             first_cells = per_fold_cells.setdefault(fold.index, None)
             cells, losses, sources = evaluated_cell(ecfg, corpus, fold, split, ckpts, first_cells, cell, resume)
             if first_cells is None:

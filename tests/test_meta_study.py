@@ -278,6 +278,31 @@ def test_fits_side_by_side_give_the_serial_results(tiny_corpus, tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_reuses_a_zero_step_checkpoint_only_when_its_record_matches(tiny_corpus, tmp_path, monkeypatch):
+    """A zero-step checkpoint is reused on resume only beside a record of the same fit arguments (written
+    after the atomic save); a bare file (an interrupted run of old) or other arguments are written again."""
+    import maml_stop.learn.zero_step as zs
+
+    study = _study_module()
+    torch.set_num_threads(1)
+    saved = []
+    real = zs.save_zero_step
+    monkeypatch.setattr(zs, "save_zero_step", lambda args, path: saved.append(path) or real(args, path))
+    path = tmp_path / "cell" / "zero_step_maml" / "zero_step.ckpt"
+    args = _fit_args(tiny_corpus, path.parent)
+    assert study.zero_step(args, path, resume=True) == str(path) and len(saved) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([study.ZERO_DONE, "zero_step.ckpt"])  # no .partial left
+    before = path.read_bytes()
+    assert study.zero_step(args, path, resume=True) == str(path) and len(saved) == 1  # reused
+    assert study.zero_step(args, path, resume=False) == str(path) and len(saved) == 2  # not resuming: written again
+    other = _fit_args(tiny_corpus, path.parent, "--model.algorithm=anil")
+    assert study.zero_step(other, path, resume=True) == str(path) and len(saved) == 3  # other arguments
+    (path.parent / study.ZERO_DONE).unlink()  # a checkpoint without its record: not trusted
+    assert study.zero_step(args, path, resume=True) == str(path) and len(saved) == 4
+    assert path.read_bytes() == before  # the same arguments give the same checkpoint
+    assert json.loads((path.parent / study.ZERO_DONE).read_text()) == {"args": args}
+
+
 @pytest.mark.slow
 def test_resume_reads_finished_fits_and_evaluations_and_redoes_the_rest(tiny_corpus, tmp_path, monkeypatch):
     """--resume reuses a fit only once it finished (fit_done.json) and a fold's evaluation only when it

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,8 @@ NORMALISATION = ("predictor.feature_mean", "predictor.feature_std")  # adapter.s
 def save_zero_step(fit_args: Sequence[str], path: str | Path) -> str:
     """Write the zero-step checkpoint of the ``maml-stop fit`` arguments ``fit_args`` (``--config`` files
     and overrides, no subcommand) to ``path`` and return it. Nothing is trained and no log is written; the
-    config's ``trainer.default_root_dir`` is replaced by ``path``'s folder. Raises ``RuntimeError`` if a
+    config's ``trainer.default_root_dir`` is replaced by ``path``'s folder. The file is written atomically
+    (a temporary name, then ``os.replace``): a checkpoint at ``path`` is a complete one. Raises ``RuntimeError`` if a
     parameter moved or the normalisation is not the meta-training families'."""
     from lightning.pytorch import Trainer
 
@@ -60,7 +62,9 @@ def save_zero_step(fit_args: Sequence[str], path: str | Path) -> str:
     mean, std = dm.normalisation_stats()  # the meta-training families' (dm.split.train)
     if not (torch.equal(state[NORMALISATION[0]], mean) and torch.equal(state[NORMALISATION[1]], std)):
         raise RuntimeError("the zero-step predictor's normalisation is not the meta-training families' statistics")
-    trainer.save_checkpoint(path)
+    partial = path.with_name(path.name + ".partial")  # atomic: an interrupted save leaves no checkpoint at path
+    trainer.save_checkpoint(partial)
+    os.replace(partial, path)
     log.info("zero-step checkpoint %s: init_seed %s, meta-training families %s", path,
              model.hparams.get("init_seed"), dm.split.train)
     return str(path)
