@@ -303,6 +303,48 @@ def test_resume_reuses_a_zero_step_checkpoint_only_when_its_record_matches(tiny_
     assert json.loads((path.parent / study.ZERO_DONE).read_text()) == {"args": args}
 
 
+def _hand_made_study() -> dict:
+    """A study of one count, K in 8/16/32, two variants against zero_step and pooled (hand-made numbers)."""
+    def pair(v, b, k, diff, low, high):
+        return [{"count": "all", "k": k, "variant": v, "baseline": b, "method_b": b, "family": "mean", "figure": "savings",
+                 "difference": diff, "low": low, "high": high, "verdict": "A" if low > 0 else "tie"},
+                {"count": "all", "k": k, "variant": v, "baseline": b, "method_b": b, "family": "mean", "figure": "em_drop",
+                 "difference": 0.1, "low": -0.2, "high": 0.4, "verdict": "tie"}]
+
+    paired = []
+    for k in (8, 16, 32):
+        paired += pair("maml", "zero_step", k, 4.0, 1.0, 7.0) + pair("maml", "pooled", k, 3.5, 0.5, 6.5)
+        paired += pair("anil", "zero_step", k, 5.0, -0.5, 10.0) + pair("anil", "pooled", k, 6.0, 2.0, 9.0)
+    within = {"8": False, "16": True, "32": True}  # maml within the target at K = 16 and 32 only
+    methods = ["full", "pooled", "maml", "anil", "zero_step_maml", "zero_step_anil"]
+    curve = {"all": {str(k): {m: {"savings": 10.0, "savings_ci": 1.0, "em_drop": 0.5, "within_delta": 90.0,
+                                  "query_loss": 0.5, "within_target": within[str(k)] if m == "maml" else True}
+                              for m in methods} for k in (8, 16, 32)}}
+    return {"config": {"corpus": "c", "seed": 0, "val_families": 1, "fit_configs": ["a.yaml"],
+                       "baselines": ["zero_step", "pooled"], "n_resamples": 99},
+            "evaluate": {"episodes": 5, "delta": 0.01}, "threshold": "em_target", "seconds": 1.0,
+            "folds": [{"index": 0, "test": ["x"], "val": ["y"], "train": ["z"]}], "counts": ["all"],
+            "n_train": {"all": [1]}, "shots": [8, 16, 32], "methods": methods, "variants": ["maml", "anil"],
+            "curve": curve, "paired": paired}
+
+
+def test_criterion_needs_the_target_and_both_intervals_above_zero_at_small_k():
+    study = _study_module()
+    rows = {(r["variant"], r["k"]): r["met"] for r in study.criterion(_hand_made_study())}
+    # K = 32 is not judged; maml misses the target at K = 8 and meets it at 16 (+4.0 [1, 7], +3.5 [0.5, 6.5]);
+    # anil saves more but its interval against zero_step includes 0
+    assert rows == {("maml", 8): False, ("maml", 16): True, ("anil", 8): False, ("anil", 16): False}
+    report = study.report_markdown(_hand_made_study())
+    assert "Met by some variant: **yes**." in report
+    assert "| maml | 16 | +4.0 [+1.0, +7.0] (+0.1) | +3.5 [+0.5, +6.5] (+0.1) |" in report  # the compact table
+    small = _hand_made_study()
+    for r in small["paired"]:
+        if r["variant"] == "maml" and r["baseline"] == "pooled":
+            r["difference"] = 2.9  # under 3 points: not met, though its interval excludes 0
+    assert not any(r["met"] for r in study.criterion(small))
+    assert "Met by some variant: **no**." in study.report_markdown(small)
+
+
 @pytest.mark.slow
 def test_resume_reads_finished_fits_and_evaluations_and_redoes_the_rest(tiny_corpus, tmp_path, monkeypatch):
     """--resume reuses a fit only once it finished (fit_done.json) and a fold's evaluation only when it
