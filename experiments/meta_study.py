@@ -307,9 +307,7 @@ def evaluated_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str], reuse
         log.info("%s was computed from other settings: evaluating again", path)
     cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, checkpoints, reuse=reuse)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"key": key, "cells": cells, "losses": losses, "sources": sources}, default=_jsonable))
-    tmp.replace(path)  # whole or absent: an interruption never leaves half a file
+    _write_json(path, {"key": key, "cells": cells, "losses": losses, "sources": sources})  # whole or absent
     return cells, losses, sources
 
 
