@@ -32,7 +32,8 @@ in EM drop, stratified by family. Checkpoints and logs: ``--out/folds/fold<i>/n_
 
 ``report.md`` ends with the criterion of issue 11: at some count and K <= 16, a variant within the EM-drop
 target on every held-out family that saves at least 3 points more than both the zero-step baseline and the
-pooled probe, each 95% interval excluding 0 (or a plain "no").
+pooled probe, each 95% interval excluding 0 (or a plain "no"); and the same verdict with the mean EM drop
+over the held-out families within the target instead of every family's.
 """
 
 from __future__ import annotations
@@ -553,7 +554,9 @@ def criterion(study: dict[str, Any]) -> list[dict[str, Any]]:
     """The criterion of issue 11, one row per count, K <= ``CRITERION_MAX_K`` and variant: ``met`` when the
     variant is within the EM-drop target on every held-out family and its savings exceed both the zero-step
     baseline's and the pooled probe's by at least ``CRITERION_POINTS``, each 95% interval excluding 0
-    (``low > 0``). Rows lacking either comparison are left out."""
+    (``low > 0``); ``met_on_mean``: the same with the mean EM drop over held-out families within the target
+    instead of every family's (with dozens of held-out families the strict rule alone would say little about
+    meta-learning). Rows lacking either comparison are left out."""
     rows = {(r["count"], r["k"], r["variant"], r["baseline"]): r for r in study["paired"] if r["figure"] == "savings"}
     out = []
     for c in study["counts"]:
@@ -562,9 +565,12 @@ def criterion(study: dict[str, Any]) -> list[dict[str, Any]]:
                 z, p = rows.get((c, k, v, "zero_step")), rows.get((c, k, v, "pooled"))
                 if z is None or p is None:
                     continue
-                inside = bool(study["curve"][c][str(k)][v]["within_target"])
-                met = inside and all(r["difference"] >= CRITERION_POINTS and r["low"] > 0 for r in (z, p))
-                out.append({"count": c, "k": k, "variant": v, "within_target": inside, "zero_step": z, "pooled": p, "met": met})
+                row = study["curve"][c][str(k)][v]
+                inside = bool(row["within_target"])
+                on_mean = bool(row["em_drop"] <= 100 * study["evaluate"]["delta"])
+                beats = all(r["difference"] >= CRITERION_POINTS and r["low"] > 0 for r in (z, p))
+                out.append({"count": c, "k": k, "variant": v, "within_target": inside, "mean_within": on_mean,
+                            "zero_step": z, "pooled": p, "met": inside and beats, "met_on_mean": on_mean and beats})
     return out
 
 
@@ -635,15 +641,19 @@ def report_markdown(study: dict[str, Any]) -> str:
     lines += ["", "## The criterion of issue 11", "",
               f"A variant meets it at a count and K <= {CRITERION_MAX_K} when it is within the EM-drop target on every held-out family "
               f"and saves at least {CRITERION_POINTS:g} points more than both the zero-step baseline and the pooled probe, "
-              "each 95% interval excluding 0.", "",
-              "| families | K | variant | within target | - zero_step [95% CI] | - pooled [95% CI] | met |", "|---|---|---|---|---|---|---|"]
+              "each 95% interval excluding 0 (`met`); `met on mean`: the same with the mean EM drop over the held-out "
+              "families within the target instead.", "",
+              "| families | K | variant | within target (every family) | mean EM drop within target | - zero_step [95% CI] | "
+              "- pooled [95% CI] | met | met on mean |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = criterion(study)
     for r in verdicts:
         z, p = r["zero_step"], r["pooled"]
-        lines.append(f"| {r['count']} | {r['k']} | {r['variant']} | {'yes' if r['within_target'] else 'no'} | "
+        yes = lambda b, bold=False: ("**yes**" if bold else "yes") if b else "no"  # noqa: E731
+        lines.append(f"| {r['count']} | {r['k']} | {r['variant']} | {yes(r['within_target'])} | {yes(r['mean_within'])} | "
                      f"{z['difference']:+.1f} [{z['low']:+.1f}, {z['high']:+.1f}] | {p['difference']:+.1f} [{p['low']:+.1f}, "
-                     f"{p['high']:+.1f}] | {'**yes**' if r['met'] else 'no'} |")
-    lines += ["", "Met by some variant: " + ("**yes**" if any(r["met"] for r in verdicts) else "**no**") + "."]
+                     f"{p['high']:+.1f}] | {yes(r['met'], True)} | {yes(r['met_on_mean'], True)} |")
+    lines += ["", "Met by some variant: " + ("**yes**" if any(r["met"] for r in verdicts) else "**no**") + "; on the mean "
+              "EM drop: " + ("**yes**" if any(r["met_on_mean"] for r in verdicts) else "**no**") + "."]
     lines += ["", "Per-count reports of every method and family: " + ", ".join(f"[`n_{c}/results.md`](n_{c}/results.md)" for c in counts)]
     return "\n".join(lines) + "\n"
 
