@@ -436,13 +436,20 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
 
 def rebuild(path: Path) -> dict[str, Any]:
     """Recompute the study's figures, paired bootstrap, report.md and plots from a study ``results.json``
-    and the per-count ``n_<count>/results.json`` beside it (no fit, no evaluation)."""
+    and the per-count ``n_<count>/results.json`` beside it (no fit, no evaluation). Without the per-count
+    files (a committed report keeps only the study's ``results.json``: the per-count ones hold every
+    episode, tens of MB) report.md and the plots are rendered from the stored figures as they are."""
     from maml_stop.evaluate.compare import compare
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.evaluate.grouped_folds import GroupedFold
     from maml_stop.evaluate.report import summarise
 
     old = json.loads(path.read_text())
+    if not all((path.parent / f"n_{c}" / "results.json").is_file() for c in old["counts"]):
+        log.info("no per-count results.json beside %s: report.md and plots from its stored figures", path)
+        plot_study(old, path.parent)
+        (path.parent / "report.md").write_text(report_markdown(old))
+        return old
     cfg, ecfg = StudyConfig(**old["config"]), EvaluateConfig(**old["evaluate"])
     folds = [GroupedFold(**f) for f in old["folds"]]
     labels = [int(c) if c.isdigit() else c for c in old["counts"]]

@@ -12,13 +12,15 @@ steps=${*:-meta_study v2_cost_aware}
 for step in $steps; do
   echo "== $step ($(date +%H:%M:%S))"
   case $step in
-    meta_study)  # report.md, the study's results.json (what --report_only rebuilds from), plots, per-count reports
+    meta_study)  # report.md, the study's results.json (every figure of the report; --report_only renders from it), plots, per-count reports
       .venv/bin/python experiments/meta_study.py --config experiments/meta_study.yaml --resume
       dest=experiments/results/meta_study
       rm -rf "$dest" && mkdir -p "$dest"
       cp runs/meta_study/report.md runs/meta_study/results.json runs/meta_study/*.png "$dest/"
+      # per count: the maml-stop evaluate report and its savings-vs-K plot; not its results.json (about 50 MB
+      # per count: every episode of every method) nor the per-family curve plots (over 1 MB each)
       for d in runs/meta_study/n_*/; do
-        mkdir -p "$dest/$(basename "$d")" && cp "$d"results.md "$d"*.png "$dest/$(basename "$d")/"
+        mkdir -p "$dest/$(basename "$d")" && cp "$d"results.md "$d"savings_vs_k.png "$dest/$(basename "$d")/"
       done ;;
     v2_cost_aware)
       rm -rf runs/v2_free_maml

@@ -351,6 +351,19 @@ def test_criterion_needs_the_target_and_both_intervals_above_zero_at_small_k():
     assert [r["met_on_mean"] for r in study.criterion(small) if r["variant"] == "maml"] == [False, False]
 
 
+def test_report_only_renders_a_committed_study_from_its_stored_figures(tmp_path):
+    """A committed study keeps only its results.json (not the per-count ones): --report_only renders
+    report.md and the plots from it, unchanged."""
+    study = _study_module()
+    stored = _hand_made_study()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(stored))
+    assert study.main(["--report_only", str(path)]) == 0
+    assert (tmp_path / "report.md").read_text() == study.report_markdown(stored)
+    assert (tmp_path / "savings_vs_families.png").is_file() and (tmp_path / "query_loss_vs_families.png").is_file()
+    assert json.loads(path.read_text()) == stored
+
+
 @pytest.mark.slow
 def test_resume_reads_finished_fits_and_evaluations_and_redoes_the_rest(tiny_corpus, tmp_path, monkeypatch):
     """--resume reuses a fit only once it finished (fit_done.json) and a fold's evaluation only when it
