@@ -528,7 +528,9 @@ def _x(study, key) -> float:
 
 
 def plot_study(study: dict[str, Any], out: Path) -> None:
-    """savings_vs_families.png and query_loss_vs_families.png: one panel per K, a line per method."""
+    """savings_vs_families.png (a row of savings and, below it, a row of mean EM drop with the target, so
+    that savings bought with accuracy show) and query_loss_vs_families.png: one panel per K, a line per
+    method, against the number of meta-training families."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -537,20 +539,27 @@ def plot_study(study: dict[str, Any], out: Path) -> None:
     shots, counts = study["shots"], study["counts"]
     xs = [_x(study, c) for c in counts]
     shown = [m for m in study["methods"] if m not in ("full", "oracle", "oracle_equal_em")]
-    for figure, ylabel, name in (("savings", "% tokens saved (support-chosen threshold)", "savings_vs_families.png"),
-                                 ("query_loss", "adapted query loss", "query_loss_vs_families.png")):
-        fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False)
-        for ax, k in zip(axes[0], shots):
-            for m in shown:
-                ys = [study["curve"][c][str(k)][m][figure] for c in counts]
-                if all(y is None for y in ys):
-                    continue
-                style = "-o" if m in study["variants"] else ("--x" if m.startswith("zero_step") else ":s")
-                ax.plot(xs, [np.nan if y is None else y for y in ys], style, label=m, markersize=4)
-            ax.set_title(f"K = {k}")
+    target = 100 * study["evaluate"]["delta"]
+    for rows, name in (([("savings", "% tokens saved\n(support-chosen threshold)"), ("em_drop", "EM drop (points)")],
+                        "savings_vs_families.png"),
+                       ([("query_loss", "adapted query loss")], "query_loss_vs_families.png")):
+        fig, axes = plt.subplots(len(rows), len(shots), figsize=(4.2 * len(shots), 3.4 * len(rows)),
+                                 squeeze=False, sharex=True)
+        for r, (figure, ylabel) in enumerate(rows):
+            for ax, k in zip(axes[r], shots):
+                for m in shown:
+                    ys = [study["curve"][c][str(k)][m][figure] for c in counts]
+                    if all(y is None for y in ys):
+                        continue
+                    style = "-o" if m in study["variants"] else ("--x" if m.startswith("zero_step") else ":s")
+                    ax.plot(xs, [np.nan if y is None else y for y in ys], style, label=m, markersize=4)
+                if figure == "em_drop":
+                    ax.axhline(target, color="k", lw=0.8, ls="--")
+                ax.set_title(f"K = {k}" if r == 0 else "")
+                ax.grid(alpha=0.3)
+            axes[r][0].set_ylabel(ylabel)
+        for ax in axes[-1]:
             ax.set_xlabel("meta-training families")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(ylabel)
         axes[0][-1].legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
