@@ -209,10 +209,10 @@ def zero_step(args: list[str], path: Path, resume: bool) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary name, then a rename)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, default=_jsonable))
-    partial.replace(path)
+    """Write ``data`` as JSON to ``path`` atomically (:func:`maml_stop.data.store.atomic_write_bytes`)."""
+    from maml_stop.data.store import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(data, default=_jsonable).encode())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -590,6 +590,10 @@ def criterion(study: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _yes(flag: bool, bold: bool = False) -> str:
+    return ("**yes**" if bold else "yes") if flag else "no"
+
+
 def report_markdown(study: dict[str, Any]) -> str:
     cfg, shots, counts = study["config"], study["shots"], study["counts"]
     lines = [
@@ -664,10 +668,9 @@ def report_markdown(study: dict[str, Any]) -> str:
     verdicts = criterion(study)
     for r in verdicts:
         z, p = r["zero_step"], r["pooled"]
-        yes = lambda b, bold=False: ("**yes**" if bold else "yes") if b else "no"  # noqa: E731
-        lines.append(f"| {r['count']} | {r['k']} | {r['variant']} | {yes(r['within_target'])} | {yes(r['mean_within'])} | "
+        lines.append(f"| {r['count']} | {r['k']} | {r['variant']} | {_yes(r['within_target'])} | {_yes(r['mean_within'])} | "
                      f"{z['difference']:+.1f} [{z['low']:+.1f}, {z['high']:+.1f}] | {p['difference']:+.1f} [{p['low']:+.1f}, "
-                     f"{p['high']:+.1f}] | {yes(r['met'], True)} | {yes(r['met_on_mean'], True)} |")
+                     f"{p['high']:+.1f}] | {_yes(r['met'], True)} | {_yes(r['met_on_mean'], True)} |")
     lines += ["", "Met by some variant: " + ("**yes**" if any(r["met"] for r in verdicts) else "**no**") + "; on the mean "
               "EM drop: " + ("**yes**" if any(r["met_on_mean"] for r in verdicts) else "**no**") + "."]
     lines += ["", "Per-count reports of every method and family: " + ", ".join(f"[`n_{c}/results.md`](n_{c}/results.md)" for c in counts)]

@@ -107,7 +107,7 @@ class CorpusError(ValueError):
 
 def write_meta(root: str | Path, meta: dict[str, Any]) -> None:
     meta = {"schema_version": SCHEMA_VERSION, **meta}
-    _atomic_write_bytes(Path(root) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(Path(root) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def read_meta(root: str | Path) -> dict[str, Any]:
@@ -130,7 +130,9 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder, synced, then
+    ``os.replace`` (the one atomic writer of the project: shards, meta.json, the study's records)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -187,7 +189,7 @@ def rewrite_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:
     table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
+    atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
 
 
 def read_table(root: str | Path, families: Iterable[str] | None = None) -> pa.Table:
