@@ -48,6 +48,8 @@ def _kind(path: Path) -> str:
         return "tune"  # maml-stop tune --space (the Optuna search space)
     if "max_cap_share" in cfg:
         return "pilot"  # experiments/corpus_v2_pilot.py (the family choice of corpus v2)
+    if "states" in cfg and "views" in cfg:
+        return "probe signal"  # python -m maml_stop.evaluate.probe_signal_study (issue 30's pilot)
     if "stream" in cfg and "online" in cfg:
         return "drift"  # experiments/drift_simulation.py (online stopping under domain drift)
     return "unknown"
@@ -78,6 +80,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         module = load_script("corpus_v2_pilot")
         cfg = module.PilotConfig.load(path)
         assert cfg.min_families >= 30 and cfg.max_cap_share <= 0.2  # issue 11
+    elif kind == "probe signal":
+        from maml_stop.evaluate.probe_signal_study import PilotConfig
+
+        cfg = PilotConfig.from_yaml(path)  # builds every View and ProbeFit: checks every value
+        assert len(cfg.families) >= 4 and cfg.delta == 0.01 and cfg.views and cfg.probes
+        assert f"--config experiments/{path.name}" in path.read_text()
     elif kind == "benchmark":
         from experiment_scripts import load_script
 
