@@ -68,6 +68,7 @@ class View:
     width: int = 0
     with_scalars: bool = False  # append the corpus's stored scalar features (confidence, stability, ...)
     stored: bool = False
+    probes: list[str] = field(default_factory=list)  # which of the study's probes train on this view (empty: all)
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -222,17 +223,23 @@ def discrimination(scores: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> 
 
 def first_hit_curve(traces: Sequence[Trace], scores: Sequence[np.ndarray], taus: np.ndarray,
                     paid: bool) -> tuple[np.ndarray, np.ndarray]:
-    """EM and tokens (traces, taus) of "stop at the first probe with score >= tau, else run to the end"."""
+    """EM and tokens (traces, taus) of "stop at the first probe with score >= tau, else run to the end",
+    priced by :mod:`maml_stop.data.accounting`: a paid policy ran every forced answer up to its stop (all of
+    them when it never fires), a free one only the answer it stops on (none when it never fires)."""
     em = np.zeros((len(traces), len(taus)))
     tokens = np.zeros((len(traces), len(taus)))
     for i, (t, s) in enumerate(zip(traces, scores)):
-        hit = s[None, :] >= taus[:, None]  # (taus, probes)
-        first = np.where(hit.any(1), hit.argmax(1), -1)
-        for j, f in enumerate(first):
-            index = None if f < 0 else int(f)
-            ran = None if paid else ([] if index is None else [index])
-            tokens[i, j] = accounting.stop_cost(t, index, ran=ran)[0]
-            em[i, j] = float(t.stop_em(index))
+        if paid:
+            at_probe = accounting.stop_costs(t)[0]
+            at_end = accounting.stop_cost(t, None)[0]
+        else:
+            at_probe = np.asarray(t.positions, dtype=np.int64) + np.asarray(t.probe_tokens, dtype=np.int64)
+            at_end = accounting.stop_cost(t, None, ran=[])[0]
+        hit = np.asarray(s)[None, :] >= taus[:, None]  # (taus, probes)
+        fired = hit.any(1)
+        first = hit.argmax(1)
+        tokens[i] = np.where(fired, at_probe[first], at_end)
+        em[i] = np.where(fired, np.asarray(t.labels)[first] > 0.5, float(t.final_em))
     return em, tokens
 
 

@@ -55,6 +55,10 @@ class PilotConfig:
         raw = yaml.safe_load(Path(path).read_text())
         raw["views"] = [View(**v) for v in raw.get("views", [])]
         raw["probes"] = {k: ProbeFit(**v) for k, v in raw.get("probes", {}).items()}
+        for v in raw["views"]:
+            unknown = sorted(set(v.probes) - set(raw["probes"]))
+            if unknown:
+                raise ValueError(f"{path}: view {v.name!r} names probes {unknown}; valid: {', '.join(raw['probes'])}")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {', '.join(cls.__dataclass_fields__)}")
@@ -83,7 +87,7 @@ def run(cfg: PilotConfig) -> dict:
                                   "final_em": float(np.mean([t.final_em for t in r.traces])),
                                   "probe_em": float(r.labels("correct").mean()),
                                   "oracle_equal_em_savings": oracle_savings(r.traces)}
-    jobs = [(v, p) for v in cfg.views for p in cfg.probes]
+    jobs = [(v, p) for v in cfg.views for p in (v.probes or cfg.probes)]
     for view, pname in tqdm(jobs, desc="pilot", unit="fit"):
         fit = cfg.probes[pname]
         paid = view.paid(costs, names if view.stored else scalar_names)
