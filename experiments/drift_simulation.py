@@ -47,8 +47,8 @@ from maml_stop.data.accounting import full_cost, savings, stop_cost  # noqa: E40
 from maml_stop.data.corpus import Trace, TraceCorpus  # noqa: E402
 from maml_stop.data.datamodule import select_features  # noqa: E402
 from maml_stop.data.episodes import split_support_query  # noqa: E402
-from maml_stop.evaluate.policies import ProbePolicy, evaluate_policy  # noqa: E402
-from maml_stop.evaluate.thresholds import make_selector  # noqa: E402
+from maml_stop.decide.policies import ProbePolicy, evaluate_policy  # noqa: E402
+from maml_stop.decide.registry import make_selector  # noqa: E402
 from maml_stop.online import ABConfig, OnlineConfig, OnlineStopper, run_ab  # noqa: E402
 
 log = logging.getLogger("drift_simulation")

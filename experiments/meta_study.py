@@ -251,7 +251,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     from maml_stop.data.datamodule import select_features
     from maml_stop.evaluate.folds import load_checkpoint
     from maml_stop.evaluate.methods import build_policies
-    from maml_stop.evaluate.policies import train_predictor
+    from maml_stop.learn.pooled import train_predictor
     from maml_stop.evaluate.protocol import _selectors, fork_map
 
     loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}

@@ -9,8 +9,9 @@ from maml_stop.live.adapt import AdaptError, adapt, load_adapted, main, save_ada
 from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.batches import collate_traces
 from maml_stop.data import store
-from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy
-from maml_stop.evaluate.thresholds import EMTargetThreshold
+from maml_stop.decide.policies import DEFAULT_TAUS, ProbePolicy
+from maml_stop.decide.registry import selector_from_state
+from maml_stop.decide.thresholds import EMTargetThreshold
 from trace_helpers import write_tiny_checkpoint
 
 
@@ -40,6 +41,10 @@ def test_main_saves_a_loadable_adapted_predictor(tiny_corpus, ckpt, tmp_path, ca
         want = torch.sigmoid(policy.model(batch))
     torch.testing.assert_close(adapted.predict_proba(batch), want)
     assert adapted.threshold == policy.param
+    # the artifact records the rule; rebuilt from its state, it makes the same choice on the same support
+    recorded = selector_from_state(adapted.meta["selector"])
+    assert recorded.state_dict() == {"name": "em_target", "delta": 0.01}
+    assert policy.choose(recorded) == adapted.threshold
 
 
 def test_trace_file_finds_its_corpus_meta(tiny_corpus, ckpt, tmp_path):

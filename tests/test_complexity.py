@@ -1,4 +1,4 @@
-"""Token budgets by question complexity (maml_stop.evaluate.policies.complexity, issue 13 item 2) on hand-made
+"""Token budgets by question complexity (maml_stop.decide.policies.complexity, issue 13 item 2) on hand-made
 traces whose right budget is known: a question of m words needs exactly m reasoning tokens (its forced answer
 is right from the probe at position m on), so the fitted budget recovers it; the bill of a budget stop; the
 per-probe classifier meta-initialised on other families; a bad config; one evaluate run on tiny_corpus."""
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate.policies.complexity import (
+from maml_stop.decide import policies as P
+from maml_stop.decide.policies.complexity import (
     ComplexityAdapted,
     ComplexityBudget,
     ComplexityFeatures,
@@ -20,7 +20,7 @@ from maml_stop.evaluate.policies.complexity import (
     needed_index,
     needed_tokens,
 )
-from maml_stop.evaluate.thresholds import EMTargetThreshold, FixedThreshold
+from maml_stop.decide.thresholds import EMTargetThreshold, FixedThreshold
 from maml_stop.probe.question_features import TEXT_FEATURES, QuestionFeaturizer, text_features
 from trace_helpers import make_trace
 

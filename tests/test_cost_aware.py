@@ -1,4 +1,4 @@
-"""The cost-aware policies (maml_stop.evaluate.policies.cost_aware) on hand-made traces whose right
+"""The cost-aware policies (maml_stop.decide.policies.cost_aware) on hand-made traces whose right
 stop and bill are known: what each pays with the probes it ran, agreement with the live rule's replay,
 and one evaluate run on a tiny synthetic corpus with the new methods listed."""
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from maml_stop.data.accounting import full_cost, stop_cost
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate.thresholds import FixedThreshold
+from maml_stop.decide import policies as P
+from maml_stop.decide.thresholds import FixedThreshold
 from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.learn.predictor import StoppingPredictor
 from maml_stop.live.rule import replay

@@ -1,4 +1,4 @@
-"""The ensembles (maml_stop.evaluate.policies.ensemble) on hand-made traces whose right stop is known: the
+"""The ensembles (maml_stop.decide.policies.ensemble) on hand-made traces whose right stop is known: the
 weighted average of two parts, weights fitted on a support set where one part is informative and the
 other noise, a weighted vote of three parts, and one evaluate run on a tiny synthetic corpus."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate.policies.ensemble import fit_weights, part_scores, roc_auc
-from maml_stop.evaluate.thresholds import FixedThreshold
+from maml_stop.decide import policies as P
+from maml_stop.decide.policies.ensemble import fit_weights, part_scores, roc_auc
+from maml_stop.decide.thresholds import FixedThreshold
 from trace_helpers import make_trace
 
 # probes at 10, 20, ..., each costing 5 tokens; reasoning (P + 1) * 10

@@ -1,4 +1,4 @@
-"""The hybrid criteria (maml_stop.evaluate.policies.hybrid) on hand-made traces whose right stop and bill
+"""The hybrid criteria (maml_stop.decide.policies.hybrid) on hand-made traces whose right stop and bill
 are known: a cap that binds and one that does not, a floor that delays, either/both of two fixed-threshold
 parts, the combination's own support sweep, and one evaluate run on a tiny synthetic corpus."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate.thresholds import FixedThreshold
+from maml_stop.decide import policies as P
+from maml_stop.decide.thresholds import FixedThreshold
 from trace_helpers import make_trace
 
 # probes at 10, 20, ..., each costing 5 tokens; reasoning (P + 1) * 10

@@ -197,7 +197,7 @@ def test_one_road_policy_adapt_command_and_module_give_the_same_weights(tiny_cor
     ``InnerLoopAdapter.fit_support``: on the same support set they give the same adapted weights."""
     from maml_stop.data.corpus import TraceCorpus
     from maml_stop.data.datamodule import EpisodeBatch
-    from maml_stop.evaluate.policies import ProbePolicy
+    from maml_stop.decide.policies import ProbePolicy
     from maml_stop.live.adapt import adapt
     from trace_helpers import write_tiny_checkpoint
 

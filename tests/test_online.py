@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from maml_stop.evaluate.policies import ProbePolicy, evaluate_policy
-from maml_stop.evaluate.thresholds import make_selector
+from maml_stop.decide.policies import ProbePolicy, evaluate_policy
+from maml_stop.decide.registry import make_selector
 from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.learn.predictor import StoppingPredictor
 from maml_stop.online import (ABConfig, DropMonitor, MonitorConfig, OnlineConfig, OnlineStopper, SequentialAB,

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
+from maml_stop.decide import policies as P
+from maml_stop.decide.thresholds import EMTargetThreshold, FixedThreshold, LTTThreshold
 from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.learn.pooled import train_predictor
+from maml_stop.learn.predictor import fresh_copy
 from trace_helpers import make_trace
 
 
@@ -208,14 +210,14 @@ def test_train_predictor_learns_the_synthetic_signal(tiny_corpus):
     from maml_stop.data.corpus import TraceCorpus
 
     corpus = TraceCorpus.load(tiny_corpus)
-    pooled = P.train_predictor(corpus.traces("fam_a") + corpus.traces("fam_b"), {"n_features": 8, "hidden": 16, "depth": 1},
+    pooled = train_predictor(corpus.traces("fam_a") + corpus.traces("fam_b"), {"n_features": 8, "hidden": 16, "depth": 1},
                                steps=100, lr=0.5)
     held_out = corpus.traces("fam_c")
     probs = np.concatenate(P.ProbePolicy(predictor=pooled).fit(held_out[:4]).probabilities(held_out))
     labels = np.concatenate([t.labels for t in held_out])
     assert _auc(probs, labels) > 0.8
-    again = P.train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
-    same = P.train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
+    again = train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
+    same = train_predictor(corpus.traces("fam_a"), {"n_features": 8, "hidden": 16, "depth": 1}, steps=3, lr=0.5, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), same.state_dict().values()))
 
 
@@ -235,7 +237,7 @@ def test_maml_policy_adapts_a_clone_with_the_real_adapter(tiny_corpus):
     p_plain = np.concatenate(plain.probabilities(traces[8:]))
     assert not np.allclose(p_adapted, p_plain)
     assert all(torch.equal(before[k], v) for k, v in predictor.state_dict().items())  # predictor untouched
-    copy = P.fresh_copy(maml.model)
+    copy = fresh_copy(maml.model)
     np.testing.assert_allclose(np.concatenate(P.ProbePolicy(predictor=copy).fit(traces[:1]).probabilities(traces[8:])), p_adapted, rtol=1e-6)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from maml_stop.evaluate import report as R
-from maml_stop.evaluate.thresholds import binom_cdf
+from maml_stop.decide.thresholds import binom_cdf
 
 
 def test_clopper_pearson_upper_bound_is_the_exact_binomial_tail():

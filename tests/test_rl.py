@@ -179,9 +179,9 @@ def test_tiny_fit_then_load_and_evaluate(tiny_corpus, tmp_path):
     from maml_stop.data.episodes import EpisodeSampler
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.evaluate.methods import build_policies
-    from maml_stop.evaluate.policies import ProbePolicy, probe_outcome
+    from maml_stop.decide.policies import ProbePolicy, probe_outcome
     from maml_stop.evaluate.protocol import evaluate_episode
-    from maml_stop.evaluate.thresholds import make_selector
+    from maml_stop.decide.registry import make_selector
     from maml_stop.learn.module import load_predictor
     from maml_stop.learn.predictor import PredictorConfig
     from test_configs import tiny_args

@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 from torch import nn
 
-from maml_stop.evaluate import policies as P
-from maml_stop.evaluate import thresholds as T
+from maml_stop.decide import policies as P
+from maml_stop.decide import thresholds as T
+from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.decide.selector import SupportSweep
 from maml_stop.data.corpus import TraceCorpus
 
 REAL_CORPUS = Path(__file__).resolve().parents[1] / "experiments" / "corpus" / "qwen05"
 
 
 def _sweep(em, tokens, full_em, full_tokens):
-    return T.SupportSweep(em=np.array(em), tokens=np.array(tokens), full_em=np.array(full_em), full_tokens=np.array(full_tokens))
+    return SupportSweep(em=np.array(em), tokens=np.array(tokens), full_em=np.array(full_em), full_tokens=np.array(full_tokens))
 
 
 def test_binom_cdf_matches_exact_sum():
@@ -89,9 +91,9 @@ def test_doctest():
 
 
 def test_make_selector_errors():
-    assert isinstance(T.make_selector("ltt", delta=0.05, alpha=0.2), T.LTTThreshold)
+    assert isinstance(make_selector("ltt", delta=0.05, alpha=0.2), T.LTTThreshold)
     with pytest.raises(ValueError, match="valid methods: fixed, em_target, ltt"):
-        T.make_selector("best")
+        make_selector("best")
     with pytest.raises(ValueError, match="alpha"):
         T.LTTThreshold(alpha=1.5)
 
@@ -149,8 +151,8 @@ def test_cost_matches_brute_force_on_random_sweeps():
 
 
 def test_cost_registered_beside_the_others():
-    assert list(T.SELECTORS)[:4] == ["fixed", "em_target", "ltt", "cost"]  # the existing order is kept
-    sel = T.make_selector("cost", token_price=0.002, wrong_answer_cost=3.0)
+    assert list(SELECTORS)[:4] == ["fixed", "em_target", "ltt", "cost"]  # the existing order is kept
+    sel = make_selector("cost", token_price=0.002, wrong_answer_cost=3.0)
     assert isinstance(sel, T.CostThreshold) and (sel.token_price, sel.wrong_answer_cost) == (0.002, 3.0)
     with pytest.raises(ValueError, match="token_price"):
         T.CostThreshold(token_price=-1.0)
@@ -189,7 +191,7 @@ def _violation_rate(traces, policy, k, delta, n_splits, seed, selector):
     for _ in range(n_splits):
         perm = rng.permutation(len(traces))
         s, q = perm[:k], perm[k:]
-        sub = T.SupportSweep(full.em[s], full.tokens[s], full.full_em[s], full.full_tokens[s])
+        sub = SupportSweep(full.em[s], full.tokens[s], full.full_em[s], full.full_tokens[s])
         chosen = selector.select(cands, sub, None)
         if chosen is None:
             continue
@@ -238,13 +240,13 @@ def test_backoff_steps_toward_the_conservative_end():
     assert T.BackoffEMTarget(0.01, backoff=2).select(cands, sweep, None) is None  # past the first: never stop
     nothing = _sweep([[1], [1]], [[100], [100]], [1, 1], [100, 100])  # saves nothing: em_target never stops
     assert T.BackoffEMTarget(0.01, backoff=0).select([0.9], nothing, None) is None
-    assert isinstance(T.make_selector("em_target_backoff", delta=0.02), T.BackoffEMTarget)
+    assert isinstance(make_selector("em_target_backoff", delta=0.02), T.BackoffEMTarget)
     with pytest.raises(ValueError, match="non-negative integer; got -1"):
         T.BackoffEMTarget(0.01, backoff=-1)
 
 
 def test_backoff_figures_and_choice_by_hand():
-    from maml_stop.evaluate.backoff import backoff_figures, choose_backoff
+    from maml_stop.decide.thresholds import backoff_figures, choose_backoff
 
     # query of 4 traces (full: 3 right, 100 tokens each); candidate j keeps 3, 3, 2 right at 80, 50, 20 tokens
     em = [[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]]

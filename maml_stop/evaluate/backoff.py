@@ -4,7 +4,7 @@ With K support questions, ``em_target`` picks the most aggressive candidate whos
 ``delta`` of full generation; one extra wrong answer is 100/K points (6.25 at K = 16), so the pick is
 the most aggressive candidate that happened to lose nothing on 16 questions, and on the query it
 overshoots the target (the LOFO reports: most probing methods over the 1-point target on 4-7 of 10
-families). :class:`~maml_stop.evaluate.thresholds.BackoffEMTarget` steps ``b`` candidates back toward the
+families). :class:`~maml_stop.decide.thresholds.BackoffEMTarget` steps ``b`` candidates back toward the
 conservative end. ``b`` is one number per fold, method and K, chosen here without the held-out family:
 the same policy is fitted and thresholded on ``episodes`` K-shot episodes of every source family (the
 families the fold's predictor was meta-trained on), and ``b`` is the smallest back-off whose mean query
@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from maml_stop.data import accounting
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies import ThresholdedPolicy, sweep_policy
-from maml_stop.evaluate.thresholds import BackoffEMTarget, SupportSweep
+from maml_stop.data.episodes import EpisodeSampler
+from maml_stop.decide.policies import ThresholdedPolicy, sweep_policy
+from maml_stop.decide.selector import SelectorEpisode
+from maml_stop.decide.thresholds import BackoffEMTarget, backoff_table, choose_backoff
 
-__all__ = ["BackoffCalibration", "calibrate_backoff", "choose_backoff", "backoff_figures"]
-
-_TOL = 1e-9
+__all__ = ["BackoffCalibration", "calibrate_backoff"]
 
 
 @dataclass
@@ -55,28 +55,6 @@ class BackoffCalibration:
                 "drop": self.drop.tolist(), "savings": self.savings.tolist()}
 
 
-def backoff_figures(sweep: SupportSweep, index: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(J + 1,) EM drop and savings on ``sweep`` (a query sweep) at every back-off from ``index``, the
-    ``em_target`` choice (None: never stops; then every back-off is full generation: 0 and 0)."""
-    n_cand = sweep.em.shape[1]
-    drop, savings = np.zeros(n_cand + 1), np.zeros(n_cand + 1)
-    if index is None:
-        return drop, savings
-    full_em, full_tokens = sweep.full_em.mean(), sweep.full_tokens.sum()
-    for b in range(index + 1):  # beyond index: full generation, no probes
-        j = index - b
-        drop[b] = full_em - sweep.em[:, j].mean()
-        savings[b] = float(accounting.savings(sweep.tokens[:, j].sum(), full_tokens))
-    return drop, savings
-
-
-def choose_backoff(drop: np.ndarray, delta: float) -> int:
-    """The smallest back-off whose mean EM drop is within ``delta`` on every family ((F, B) ``drop``;
-    the last column, never stopping early, is 0)."""
-    ok = np.flatnonzero((np.asarray(drop) <= delta + _TOL).all(axis=0))
-    return int(ok[0]) if ok.size else int(np.asarray(drop).shape[1] - 1)
-
-
 def calibrate_backoff(
     policy: ThresholdedPolicy,
     by_family: Mapping[str, Sequence[Trace]],
@@ -89,28 +67,20 @@ def calibrate_backoff(
 ) -> BackoffCalibration:
     """Fit ``policy`` on ``episodes`` fixed K-shot episodes of every family of ``by_family`` (the
     fold's source families), choose by ``em_target`` on support as the protocol does, and return the
-    query figures at every back-off with the chosen one (:func:`choose_backoff`). Leaves ``policy``
-    fitted on the last support set (the protocol refits it on every episode)."""
-    from tqdm.auto import tqdm
-
-    from maml_stop.data.episodes import EpisodeSampler
-
+    query figures at every back-off with the chosen one (:func:`~maml_stop.decide.thresholds.choose_backoff`,
+    what :meth:`BackoffEMTarget.fit` chooses from the same episodes). Leaves ``policy`` fitted on the
+    last support set (the protocol refits it on every episode)."""
     if not by_family:
         raise ValueError(f"{policy.name}: no source families to calibrate the em_target back-off on")
     if episodes < 1:
         raise ValueError(f"backoff_episodes must be at least 1; got {episodes}")
     selector = BackoffEMTarget(delta)
-    n_cand = len(policy.candidates)
-    families = list(by_family)
-    drop = np.zeros((len(families), n_cand + 1))
-    savings = np.zeros_like(drop)
     sampler = EpisodeSampler({f: list(ts) for f, ts in by_family.items()}, k=k, q=query, seed=seed)
-    for i, family in enumerate(families):
+    simulated: list[SelectorEpisode] = []
+    for family in by_family:
         eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
         for ep in tqdm(eps, desc=f"back-off {policy.name} on {family} K={k}", disable=not progress, leave=False):
             policy.fit(ep.support)
-            index = selector.index(policy.candidates, policy.support_sweep)
-            d, s = backoff_figures(sweep_policy(policy, ep.query), index)
-            drop[i] += d / len(eps)
-            savings[i] += s / len(eps)
+            simulated.append(SelectorEpisode(family, policy.support_sweep, sweep_policy(policy, ep.query)))
+    families, drop, savings = backoff_table(selector, policy.candidates, simulated)
     return BackoffCalibration(families, episodes, drop, savings, choose_backoff(drop, delta))

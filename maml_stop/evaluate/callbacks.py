@@ -40,8 +40,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from maml_stop.data.episodes import rank_share
 from maml_stop.evaluate import metrics as M
-from maml_stop.evaluate.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
-from maml_stop.evaluate.thresholds import SELECTORS, make_selector
+from maml_stop.decide.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
+from maml_stop.decide.registry import SELECTORS, make_selector
 
 __all__ = ["EMTokenEvaluation"]
 
@@ -63,8 +63,8 @@ class EMTokenEvaluation(Callback):
         crossfit: bool = False,
     ) -> None:
         """Episodes: the datamodule's validation episodes (module docstring); ``taus`` default
-        :data:`maml_stop.evaluate.policies.DEFAULT_TAUS`; ``crossfit`` chooses tau on out-of-sample support
-        scores (see :class:`~maml_stop.evaluate.policies.ProbePolicy`), its halves drawn with ``seed``."""
+        :data:`maml_stop.decide.policies.DEFAULT_TAUS`; ``crossfit`` chooses tau on out-of-sample support
+        scores (see :class:`~maml_stop.decide.policies.ProbePolicy`), its halves drawn with ``seed``."""
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1; got {every_n_epochs}")

@@ -81,24 +81,24 @@ class EvaluateConfig:
     finetune_lr: float = 0.1
     scratch_steps: int = 100  # steps training a probe from scratch on the K support traces
     scratch_lr: float = 0.5
-    # cost-aware methods (maml_stop.evaluate.policies.cost_aware; listed in ``methods`` to run them)
+    # cost-aware methods (maml_stop.decide.policies.cost_aware; listed in ``methods`` to run them)
     cost_aware_learner: str = "scratch"  # their learned parts: scratch (trained on support) | maml (the checkpoint)
     gate_threshold: float = 0.5  # gated_probe: force an answer where the gate's P(answer correct) >= this
     sparse_every: int = 2  # sparse: run the inner method on every m-th probe point
     sparse_inner: str = "scratch"  # sparse: the method on the sparse schedule
     give_up_below: float = 0.1  # *_give_up: stop where P(the full run will be right) < this
-    # hybrid methods (maml_stop.evaluate.policies.hybrid; listed in ``methods`` to run them)
+    # hybrid methods (maml_stop.decide.policies.hybrid; listed in ``methods`` to run them)
     hybrid_inner: str = "maml"  # hybrid_budget, hybrid_floor: the thresholded method capped / floored
     hybrid_max_tokens: int = 128  # hybrid_budget: stop by the last probe at or before this many reasoning tokens
     hybrid_min_tokens: int = 64  # hybrid_floor: no stop before the first probe at or after this many
     hybrid_confidence_level: float = 0.95  # either_/both_consistency_confidence: the confidence part's fixed level
-    # ensembles (maml_stop.evaluate.policies.ensemble; listed in ``methods`` to run them)
+    # ensembles (maml_stop.decide.policies.ensemble; listed in ``methods`` to run them)
     ensemble_learner: str = "maml"  # ensemble_*: the learned part, maml (the checkpoint) | scratch (trained on support)
     ensemble_window: int = 3  # the consistency part's score: run of identical answers / this, capped at 1
     ensemble_part_selector: str = "em_target"  # each part's own threshold (what ensemble_vote counts); thresholds.SELECTORS
     ensemble_shares: list[float] = field(default_factory=lambda: [1.0, 0.5])  # ensemble_vote: required weight shares swept
     ensemble_default_share: float = 0.5  # ensemble_vote: the share of the 'fixed' threshold method
-    # complexity budgets (maml_stop.evaluate.policies.complexity; listed in ``methods`` to run them)
+    # complexity budgets (maml_stop.decide.policies.complexity; listed in ``methods`` to run them)
     complexity_scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5])  # complexity_budget: budget multipliers swept
     complexity_default_scale: float = 1.0  # complexity_budget: the multiplier of the 'fixed' threshold method
     complexity_ridge: float = 10.0  # complexity_budget: ridge penalty on the standardised question features

@@ -7,8 +7,8 @@ family, the share of forced answers already correct against reasoning tokens so 
 EM of the answer forced at the first probe, mean and
 median reasoning tokens, probes per trace, the fraction of probe points whose forced answer is already
 correct, the oracle's EM and token savings against full generation (DESIGN.md's oracle and accounting,
-via :class:`maml_stop.evaluate.policies.OraclePolicy`), the savings of the oracle at equal EM
-(:func:`maml_stop.evaluate.policies.oracle_at_equal_em`: as many correct answers as full generation, fewest
+via :class:`maml_stop.decide.policies.OraclePolicy`), the savings of the oracle at equal EM
+(:func:`maml_stop.decide.policies.oracle_at_equal_em`: as many correct answers as full generation, fewest
 tokens), and how many traces hit the token cap.
 """
 
@@ -26,7 +26,7 @@ from maml_stop.data import accounting, store
 
 
 def family_stats(traces: list[Trace]) -> dict[str, Any]:
-    from maml_stop.evaluate.policies import FirstProbe, OraclePolicy, evaluate_policy, oracle_at_equal_em
+    from maml_stop.decide.policies import FirstProbe, OraclePolicy, evaluate_policy, oracle_at_equal_em
 
     oracle = evaluate_policy(OraclePolicy(), traces)
     first = evaluate_policy(FirstProbe(), traces)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from maml_stop.evaluate.policies import (
+from maml_stop.decide.policies import (
     AnswerConfidence,
     AnswerConsistency,
     EqualEMOracle,
@@ -26,9 +26,8 @@ from maml_stop.evaluate.policies import (
     ProbePolicy,
     StoppingPolicy,
     TokenBudget,
-    fresh_copy,
 )
-from maml_stop.evaluate.policies.cost_aware import (
+from maml_stop.decide.policies.cost_aware import (
     FeatureView,
     GatedProbe,
     GiveUp,
@@ -36,9 +35,11 @@ from maml_stop.evaluate.policies.cost_aware import (
     ViewProbe,
     free_features,
 )
-from maml_stop.evaluate.policies.ensemble import Ensemble
-from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored
-from maml_stop.evaluate.thresholds import FixedThreshold, make_selector
+from maml_stop.decide.policies.ensemble import Ensemble
+from maml_stop.decide.policies.hybrid import Both, Capped, Either, Floored
+from maml_stop.decide.registry import make_selector
+from maml_stop.decide.thresholds import FixedThreshold
+from maml_stop.learn.predictor import fresh_copy
 
 from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
 
@@ -114,7 +115,7 @@ def _maml(c: MethodContext) -> StoppingPolicy:
     return ProbePolicy(adapter=c.adapter, adapt_steps=c.maml_steps, name="maml", **c.probe, **c.adapted)
 
 
-# -- the cost-aware methods (maml_stop.evaluate.policies.cost_aware): each learned part is a probe of
+# -- the cost-aware methods (maml_stop.decide.policies.cost_aware): each learned part is a probe of
 # ``cfg.cost_aware_learner`` ("scratch": trained on the K support traces; "maml": the meta-trained
 # adapter, which reads every feature, the unread ones set to its source means) on a feature view.
 
@@ -170,7 +171,7 @@ def _probe_give_up(c: MethodContext) -> StoppingPolicy:
     return _give_up(c, ViewProbe(probe, view, pays="every", name="probe_give_up/stop"), "probe_give_up")
 
 
-# -- the hybrid methods (maml_stop.evaluate.policies.hybrid): the threshold selectors choose the first
+# -- the hybrid methods (maml_stop.decide.policies.hybrid): the threshold selectors choose the first
 # part's parameter on the combination's support sweep; the cap, the floor and the second part's level are
 # fixed from the settings.
 
@@ -199,7 +200,7 @@ def _both_consistency_confidence(c: MethodContext) -> StoppingPolicy:
     return Both(*_consistency_confidence(c), name="both_consistency_confidence")
 
 
-# -- the ensembles (maml_stop.evaluate.policies.ensemble): a learned probe (``cfg.ensemble_learner``),
+# -- the ensembles (maml_stop.decide.policies.ensemble): a learned probe (``cfg.ensemble_learner``),
 # answer consistency and answer confidence, weights fitted on support; the selectors choose the
 # average's tau or the vote's required weight share on the ensemble's support sweep.
 
@@ -248,13 +249,13 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
     "ensemble_average": lambda c: _ensemble(c, "average"),
     "ensemble_vote": lambda c: _ensemble(c, "vote"),
 }
-# -- complexity budgets (maml_stop.evaluate.policies.complexity, issue 13 item 2): a per-question token budget
+# -- complexity budgets (maml_stop.decide.policies.complexity, issue 13 item 2): a per-question token budget
 # predicted from the question text (and a start probe's free features); run only when listed.
 
 
 def _complexity_features(c: MethodContext) -> Any:
     from maml_stop.data import store
-    from maml_stop.evaluate.policies import complexity as CX
+    from maml_stop.decide.policies import complexity as CX
     from maml_stop.probe.question_features import QuestionFeaturizer
 
     start = CX.start_features(store.read_meta(c.cfg.corpus), c.feature_names) if c.cfg.complexity_start_probe else []
@@ -263,7 +264,7 @@ def _complexity_features(c: MethodContext) -> Any:
 
 
 def _complexity_budget(c: MethodContext, selector: Any = None, name: str = "complexity_budget") -> StoppingPolicy:
-    from maml_stop.evaluate.policies.complexity import ComplexityBudget
+    from maml_stop.decide.policies.complexity import ComplexityBudget
 
     return ComplexityBudget(_complexity_features(c), selector, scales=c.cfg.complexity_scales,
                             default_scale=c.cfg.complexity_default_scale, alpha=c.cfg.complexity_ridge, name=name,
@@ -275,7 +276,7 @@ def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
     checkpoint's training families, else every other family of the source corpus (as the pooled probe's)."""
     def sources(family: str) -> dict:
         from maml_stop.evaluate.folds import load_checkpoint
-        from maml_stop.evaluate.policies.complexity import load_corpus
+        from maml_stop.decide.policies.complexity import load_corpus
 
         corpus = load_corpus(str(c.cfg.source_corpus or c.cfg.corpus), c.cfg.min_probes)
         path = (c.cfg.checkpoints or {}).get(family) or c.cfg.checkpoint
@@ -287,7 +288,7 @@ def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
 
 
 def _complexity_adapted(c: MethodContext) -> StoppingPolicy:
-    from maml_stop.evaluate.policies.complexity import ComplexityAdapted, ComplexityView
+    from maml_stop.decide.policies.complexity import ComplexityAdapted, ComplexityView
     from maml_stop.learn.adapter import InnerLoopAdapter
     from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 
@@ -339,7 +340,7 @@ def _rl(c: MethodContext, name: str) -> StoppingPolicy:
 
     from maml_stop.data import store
     from maml_stop.evaluate.folds import load_checkpoint
-    from maml_stop.evaluate.policies.rl import RLPolicy, RLProbePolicy
+    from maml_stop.decide.policies.rl import RLPolicy, RLProbePolicy
     from maml_stop.learn.module import CheckpointError
 
     path = c.rl_checkpoint or (c.cfg.rl_checkpoint if isinstance(c.cfg.rl_checkpoint, str) else None)

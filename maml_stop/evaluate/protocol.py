@@ -36,15 +36,17 @@ from maml_stop.data.datamodule import select_features
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies
-from maml_stop.evaluate.policies import (
+from maml_stop.decide.policies import (
     ProbePolicy,
     StoppingPolicy,
     ThresholdedPolicy,
     evaluate_policy,
     sweep_policy,
-    train_predictor,
 )
-from maml_stop.evaluate.thresholds import SELECTORS, BackoffEMTarget, SupportSweep, ThresholdSelector, make_selector
+from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.decide.selector import StopSelector, SupportSweep
+from maml_stop.decide.thresholds import BackoffEMTarget
+from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def evaluate_episode(
     policy: StoppingPolicy,
     support: Sequence[Trace],
     query: Sequence[Trace],
-    selectors: Mapping[str, ThresholdSelector],
+    selectors: Mapping[str, StopSelector],
     delta: float,
     n_bins: int = 10,
 ) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def evaluate_family(
     family: str,
     traces: Sequence[Trace],
     policies: Mapping[str, StoppingPolicy],
-    selectors: Mapping[str, ThresholdSelector],
+    selectors: Mapping[str, StopSelector],
     shots: Sequence[int],
     episodes: int,
     seed: int,
@@ -124,7 +126,7 @@ def evaluate_family(
     n_bins: int = 10,
     progress: bool = True,
     calibration: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-    method_selectors: Mapping[tuple[str, int], Mapping[str, ThresholdSelector]] | None = None,
+    method_selectors: Mapping[tuple[str, int], Mapping[str, StopSelector]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every method on the same fixed episodes of ``family``, for every K.
 
@@ -182,7 +184,7 @@ def evaluate_family(
 # the protocol
 
 
-def _selectors(cfg: EvaluateConfig) -> dict[str, ThresholdSelector]:
+def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
     unknown = [m for m in cfg.threshold_methods if m not in SELECTORS]
     if unknown or not cfg.threshold_methods:
         raise ValueError(f"unknown threshold methods {unknown}; valid methods: {', '.join(SELECTORS)}")
@@ -307,7 +309,7 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
 
 
 def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
-                        selectors: Mapping[str, ThresholdSelector]) -> dict[tuple[str, int], Any]:
+                        selectors: Mapping[str, StopSelector]) -> dict[tuple[str, int], Any]:
     """(method, K) -> the fold's :class:`~maml_stop.evaluate.backoff.BackoffCalibration` of every
     thresholded method, on the fold's source families, when ``em_target_backoff`` is asked for."""
     if "em_target_backoff" not in selectors:

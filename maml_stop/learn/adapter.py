@@ -37,7 +37,8 @@ The one road from labelled support traces to an adapted predictor is :meth:`Inne
 (collate with the adapter's weighting, optionally take the normalisation from the support features,
 adapt): the learned policies of the evaluation, ``maml-stop adapt`` and the meta-training callback all
 go through it, and :meth:`InnerLoopAdapter.episode_losses` (meta-training's episode-batched fast path)
-is tested equal to it. :func:`crossfit_probabilities` scores support traces out of sample with it.
+is tested equal to it. :func:`maml_stop.decide.scores.crossfit_probabilities` scores support traces out of
+sample with it.
 
 Losses (``loss``): one kind for the inner (support) and the outer (query) loss, or ``"INNER/QUERY"``
 (e.g. ``balanced/expected_cost``: adapt with the balanced BCE, meta-train the query on the expected cost;
@@ -83,14 +84,12 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from maml_stop.data.batches import DataError, ProbeBatch, collate_traces
-from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.learn import func_backend
 from maml_stop.learn.predictor import StoppingPredictor, apply_linear
 
@@ -98,8 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from maml_stop.data.corpus import Trace
 
 __all__ = ["InnerLoopAdapter", "AdapterConfig", "ALGORITHMS", "LOSSES", "QUERY_LOSSES", "BACKENDS", "inner_loss",
-           "loss_weights", "query_loss", "expected_stop_cost", "parse_loss", "trace_probabilities",
-           "crossfit_probabilities"]
+           "loss_weights", "query_loss", "expected_stop_cost", "parse_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -429,39 +427,3 @@ class InnerLoopAdapter(nn.Module):
         clone._modules = p._modules.copy()
         clone._modules["head"] = head
         return clone
-
-
-def trace_probabilities(model: nn.Module, traces: "Sequence[Trace]") -> list[np.ndarray]:
-    """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
-    no gradients): list of (P_i,) float64."""
-    batch = collate_traces(traces)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
-    model.train(was_training)
-    index = batch.trace_index.numpy()
-    return [probs[index == i] for i in range(len(traces))]
-
-
-def crossfit_probabilities(
-    adapter: InnerLoopAdapter,
-    support: "Sequence[Trace]",
-    steps: int | None = None,
-    renormalise: bool = False,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Out-of-sample probabilities of the support traces, by trace id: the support questions are split
-    in two halves (the one split function, seeded by ``seed``), and each half is scored by the predictor
-    adapted (:meth:`InnerLoopAdapter.fit_support`) on the other half. Empty with fewer than 2 questions.
-    With ``renormalise`` the predictor's normalisation is left at the second half's statistics."""
-    n_questions = len(QuestionGroups(support))
-    if n_questions < 2:
-        return {}
-    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
-    out: dict[str, np.ndarray] = {}
-    for fit_on, score in ((half_a, half_b), (half_b, half_a)):
-        with torch.no_grad():  # first-order inner steps, a detached clone
-            model = adapter.fit_support(fit_on, steps=steps, renormalise=renormalise)
-        out.update(zip([t.trace_id for t in score], trace_probabilities(model, score)))
-    return out

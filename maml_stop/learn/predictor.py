@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from maml_stop.data.batches import ProbeBatch
 
-__all__ = ["StoppingPredictor", "PredictorConfig", "CausalGRU", "KINDS"]
+__all__ = ["StoppingPredictor", "PredictorConfig", "CausalGRU", "KINDS", "fresh_copy"]
 
 KINDS = ("mlp", "delta", "gru")
 MIN_STD = 1e-6  # features with a smaller spread on the training families are only centred
@@ -200,3 +200,11 @@ class StoppingPredictor(nn.Module):
     def predict_proba(self, batch: ProbeBatch) -> Tensor:
         """P(stopping at each probe keeps the answer correct). (N,)"""
         return torch.sigmoid(self(batch))
+
+
+def fresh_copy(predictor: nn.Module) -> StoppingPredictor:
+    """A new StoppingPredictor with ``predictor``'s weights and normalisation as real parameters (an
+    adapted clone holds plain tensors, which cannot be adapted again)."""
+    new = StoppingPredictor.from_config(predictor.config())
+    new.load_state_dict({k: v.detach().clone() for k, v in predictor.state_dict().items()})
+    return new

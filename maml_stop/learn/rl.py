@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
 from maml_stop.data.batches import ProbeBatch, TraceTensors
 from maml_stop.data.corpus import Trace
+from maml_stop.decide.rule import NEVER, first_hits
 from maml_stop.learn.adapter import AdapterConfig
 from maml_stop.learn.module import CKPT_KEY, MetaStoppingModule
 from maml_stop.learn.predictor import PredictorConfig
@@ -71,7 +72,6 @@ __all__ = ["RLConfig", "RLStoppingModule", "RewardTable", "Rollouts", "BASELINES
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "learned", "none")
-NEVER = -1  # stop index of a rollout that never stops (runs to the end)
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,9 @@ def expected_reward(logits: Tensor, table: RewardTable, lam: float) -> Tensor:
 
 
 def greedy_stops(logits: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
-    """Stop index of the deterministic policy "first probe with p >= threshold" (T,) long, -1 = never."""
-    hit = (torch.sigmoid(logits) >= threshold) & mask
-    return torch.where(hit.any(dim=-1), hit.float().argmax(dim=-1), torch.full_like(hit[:, 0], NEVER, dtype=torch.long))
+    """Stop index of the deterministic policy "first probe with p >= threshold" (the one rule,
+    :func:`maml_stop.decide.rule.first_hits`) (T,) long, -1 = never."""
+    return first_hits(torch.sigmoid(logits), threshold, mask)
 
 
 def _at(stops: Tensor, per_probe: Tensor, end: Tensor) -> Tensor:

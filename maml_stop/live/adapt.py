@@ -35,8 +35,10 @@ from maml_stop.data import store
 from maml_stop.data.accounting import savings
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import QuestionGroups
-from maml_stop.evaluate.policies import DEFAULT_TAUS, ProbePolicy, evaluate_policy, fresh_copy
-from maml_stop.evaluate.thresholds import SELECTORS, make_selector
+from maml_stop.decide.policies import ProbePolicy, evaluate_policy
+from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.decide.rule import DEFAULT_TAUS
+from maml_stop.learn.predictor import fresh_copy
 from maml_stop.data.datamodule import select_features
 from maml_stop.live.artifact import (FORMAT, AdaptedPredictor, AdaptError, check_names, load_adapted, probe_recipe,
                                      save_adapted)
@@ -132,6 +134,7 @@ def adapt(
     predictor = fresh_copy(policy.model).eval()
     info: dict[str, Any] = {
         "family": family, "k": k, "seed": seed, "threshold_method": threshold_method, "delta": delta,
+        "selector": selector.state_dict(),  # the rule and its state: maml_stop.decide.registry.selector_from_state
         "alpha": alpha, "crossfit": crossfit, "checkpoint": str(checkpoint), "adapter": adapter.config().to_dict(), "inner_steps": steps,
         "support_trace_ids": [t.trace_id for t in support],
         "support": _figures(policy, support),

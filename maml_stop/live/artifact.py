@@ -4,7 +4,7 @@ Format ``maml_stop.adapted/1``: a ``torch.save`` dict (read back weights-only) w
 ``schema_version``, ``code_version``, ``predictor_config`` (:class:`~maml_stop.learn.predictor.PredictorConfig`
 as a dict), ``state_dict`` (a plain :class:`~maml_stop.learn.predictor.StoppingPredictor`), ``threshold``
 (float, or None = never stop early), ``feature_names`` and ``meta`` (family, K, support trace ids,
-threshold method, support and held-out figures) and ``recipe`` (issue 10: how the probes that feed the
+threshold method, ``selector``: the rule's state, support and held-out figures) and ``recipe`` (issue 10: how the probes that feed the
 predictor are made, copied from the ``meta.json`` of the corpus the support traces came from, see
 :func:`probe_recipe`; absent in older files: ``recipe`` None, which still loads but cannot build live
 stopping). ``feature_names`` is the predictor's input, the feature subset it was trained on.
@@ -26,6 +26,7 @@ from torch import nn
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
+from maml_stop.decide.rule import reached
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 
@@ -117,7 +118,7 @@ class AdaptedPredictor:
             return torch.sigmoid(self.predictor(batch))
 
     def should_stop(self, probability: float) -> bool:
-        return self.threshold is not None and probability >= self.threshold
+        return reached(probability, self.threshold)
 
     @property
     def live_threshold(self) -> float:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from maml_stop.data.batches import ProbeBatch
+from maml_stop.decide.rule import reached
 from maml_stop.probe.features import answer_key, answer_stability, feature_cost
 
 __all__ = ["StopRule", "replay", "Replay", "MODES"]
@@ -108,9 +109,10 @@ class StopRule:
             return True, False
         if self.mode == "free":
             p = row.stop_p[-1] = _probability(self.predictor, np.stack(row.every)[:, self.columns])
-            return p >= self.threshold, p >= self.threshold
+            stop = reached(p, self.threshold)
+            return stop, stop
         g = row.gate_p[-1] = _probability(self.gate, np.stack(row.every)[:, self.gate_columns])
-        return g >= self.gate_threshold, False
+        return reached(g, self.gate_threshold), False
 
     def after_answer(self, row: _Row, vec: np.ndarray) -> bool:
         """The latest probe point's answer was forced; ``vec`` is its full vector: stop here?"""
@@ -120,7 +122,7 @@ class StopRule:
             return False
         seq = row.every if self.mode == "every" else row.forced
         p = row.stop_p[-1] = _probability(self.predictor, np.stack(seq)[:, self.columns])
-        return p >= self.threshold
+        return reached(p, self.threshold)
 
 
 @dataclass

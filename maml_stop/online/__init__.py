@@ -6,7 +6,7 @@
   bound that falls back to full generation while the bound is above ``delta``;
 * :mod:`.stopper`: :class:`OnlineStopper` (:class:`OnlineConfig`): serves each request, takes feedback on
   a sampled fraction, re-adapts on a sliding window (``InnerLoopAdapter.fit_support``) and moves the
-  threshold (stochastic approximation, or a selector of :mod:`maml_stop.evaluate.thresholds` on the window);
+  threshold (stochastic approximation, or a selector of :mod:`maml_stop.decide.thresholds` on the window);
 * :mod:`.abtest`: :func:`run_ab`, an online A/B test of two serving policies with an always-valid
   confidence sequence on the per-pair difference in reward ``-(token_price * tokens + wrong_answer_cost * (1 - EM))``.
 

@@ -5,7 +5,7 @@ A and the other to B, so each pair gives one difference ``D = reward_A - reward_
 requests from the same stream (iid when the stream is; mean ``mu_A - mu_B``; variance
 ``var_A + var_B``, without the inverse-propensity blow-up of a per-request coin). A policy sees only its
 own requests (an online stopper learns from its half alone). The reward of a request is minus the cost
-of :class:`~maml_stop.evaluate.thresholds.CostThreshold`: ``-(token_price * tokens + wrong_answer_cost *
+of :class:`~maml_stop.decide.thresholds.CostThreshold`: ``-(token_price * tokens + wrong_answer_cost *
 (1 - EM))``.
 
 After every pair, the asymptotic confidence sequence of Waudby-Smith, Arbour, Sinha, Kennedy and Ramdas

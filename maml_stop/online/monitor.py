@@ -14,7 +14,7 @@ monitor bounds it with one-sided Clopper-Pearson bounds (``scipy.stats.beta``):
   (``m / n`` taken as observed);
 * ``net=False`` (the default, and always with agreement feedback, which sees no gains): gains count as 0
   and the bound is the plain bound on the loss rate, as in Learn-then-Test
-  (:mod:`maml_stop.evaluate.thresholds`): it bounds the drop from above, so it falls back more often, on
+  (:mod:`maml_stop.decide.thresholds`): it bounds the drop from above, so it falls back more often, on
   a family where stopping early also fixes wrong final answers.
 
 * ``bound="upper"`` (certify, the default): stop early only while the upper bound is ``<= delta``; the

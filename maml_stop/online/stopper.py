@@ -3,7 +3,7 @@
 Per request (a finished :class:`~maml_stop.data.corpus.Trace` replayed as if it were being generated):
 
 1. **decide**: the current adapted predictor and threshold give a stop index (the first probe whose
-   P(correct) reaches tau: :class:`~maml_stop.evaluate.policies.ProbePolicy`, the same decision as live
+   P(correct) reaches tau: :class:`~maml_stop.decide.policies.ProbePolicy`, the same decision as live
    stopping's ``every`` mode, :func:`maml_stop.live.rule.replay`, which sees no later probe);
 2. **serve** and charge it by :mod:`maml_stop.data.accounting`: while the monitor holds the fallback,
    or while the policy at tau saves no tokens on the window (``idle``: a probing policy that seldom
@@ -20,7 +20,7 @@ Per request (a finished :class:`~maml_stop.data.corpus.Trace` replayed as if it 
 5. **threshold**: ``threshold="sa"`` moves logit(tau) by a Robbins-Monro step
    ``step_t * (d - target)`` on each feedback, ``step_t = step0 / (1 + t / decay)`` (``t`` restarts when the monitor raises an alarm, so the step
    grows back after a detected change), so the feedback drop tracks ``target`` (default ``delta / 2``);
-   any other value names a selector of :mod:`maml_stop.evaluate.thresholds` (``em_target``, ``ltt``,
+   any other value names a selector of :mod:`maml_stop.decide.thresholds` (``em_target``, ``ltt``,
    ``cost``, ``fixed``) that chooses tau from ``taus`` on the window at each re-adaptation.
 
 The stopper starts from the K-shot deployment of ``maml-stop adapt``: adapted on K gold-labelled support
@@ -40,9 +40,11 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost, savings, stop_cost
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import evaluate_policy
-from maml_stop.evaluate.policies.learned import DEFAULT_TAUS, ProbePolicy
-from maml_stop.evaluate.thresholds import SELECTORS, FixedThreshold, make_selector
+from maml_stop.decide.policies.base import evaluate_policy
+from maml_stop.decide.policies.learned import ProbePolicy
+from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.decide.rule import DEFAULT_TAUS
+from maml_stop.decide.thresholds import FixedThreshold
 from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.online.labels import FEEDBACK, feedback_trace
 from maml_stop.online.monitor import DropMonitor, MonitorConfig

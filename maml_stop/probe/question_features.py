@@ -86,7 +86,7 @@ def text_features(text: str) -> np.ndarray:
 class QuestionFeaturizer:
     """A question's complexity vector: :func:`text_features` of its text, then ``has_start`` and the
     ``start_features`` (names among ``feature_names``, the trace's feature columns; free ones only: the
-    caller picks them, e.g. :func:`maml_stop.evaluate.policies.cost_aware.free_features`) of its probe at
+    caller picks them, e.g. :func:`maml_stop.decide.policies.cost_aware.free_features`) of its probe at
     position 0, zeros when it has none.
 
     >>> import numpy as np

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from maml_stop.evaluate.report.stats import cell, clopper_pearson_upper
-from maml_stop.evaluate.thresholds import min_certifiable_k
+from maml_stop.decide.thresholds import min_certifiable_k
 
 __all__ = ["selector_target", "violation_rates", "risk_tables"]
 

@@ -30,7 +30,7 @@ These are the offline forms of the live rule's modes (:class:`maml_stop.live.rul
 ``gated`` (gate on every probe point's free features, stop predictor over the forced points' vectors
 with stability over forced answers), and is tested equal to ``replay`` in ``tests/test_cost_aware.py``.
 
-Each learned part is a :class:`~maml_stop.evaluate.policies.learned.ProbePolicy` (adapted by the shared
+Each learned part is a :class:`~maml_stop.decide.policies.learned.ProbePolicy` (adapted by the shared
 :class:`~maml_stop.learn.adapter.InnerLoopAdapter`, cross-fitted like every adapted probe) on a
 :class:`FeatureView` of the traces: the columns it reads, selected by name (:func:`feature_columns`).
 """
@@ -43,14 +43,15 @@ from typing import Sequence
 import numpy as np
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import (
+from maml_stop.decide.policies.base import (
     FirstHitPolicy,
     StopOutcome,
     ThresholdedPolicy,
     full_generation_outcome,
     probe_outcome,
 )
-from maml_stop.evaluate.policies.learned import ProbePolicy
+from maml_stop.decide.policies.learned import ProbePolicy
+from maml_stop.decide.rule import first_hit
 from maml_stop.probe.features import answer_key, answer_stability, feature_cost
 
 __all__ = ["FeatureView", "feature_columns", "free_features", "subtrace", "ViewProbe", "GatedProbe",
@@ -142,15 +143,6 @@ def subtrace(trace: Trace, keep: Sequence[int], feature_names: Sequence[str]) ->
                    logprob_mean=trace.logprob_mean[keep], cap_probe=cap)
 
 
-def _first_hits(scores: np.ndarray, params: Sequence[float]) -> list[int | None]:
-    """Per parameter, the first index whose score reaches it (None: none)."""
-    out = []
-    for p in params:
-        hits = np.flatnonzero(scores >= p)
-        out.append(int(hits[0]) if hits.size else None)
-    return out
-
-
 class _Learned:
     """A :class:`ProbePolicy` on a :class:`FeatureView` (views cached by trace id; they do not depend on
     the fit): fit its scores, score, and forget out-of-sample support scores after a sweep."""
@@ -228,7 +220,8 @@ class ViewProbe(FirstHitPolicy):
         return full_generation_outcome(trace) if param is None else self.outcomes_at(trace, [param])[0]
 
     def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
-        return [self.stop_outcome(trace, i) for i in _first_hits(self.scores(trace), params)]
+        scores = self.scores(trace)
+        return [self.stop_outcome(trace, first_hit(scores, p)) for p in params]
 
 
 class GiveUp(ViewProbe):
@@ -346,7 +339,8 @@ class GatedProbe(ThresholdedPolicy):
     def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
         ran = self.gated(trace)
         out = []
-        for j in _first_hits(self.stop_scores(trace), params):
+        scores = self.stop_scores(trace)
+        for j in (first_hit(scores, p) for p in params):
             out.append(probe_outcome(trace, None, ran=ran) if j is None else
                        probe_outcome(trace, int(ran[j]), ran=ran[: j + 1]))
         return out

@@ -2,28 +2,24 @@
 
 :class:`ProbePolicy` only thresholds. The road from support traces to an adapted predictor (collate,
 normalise, adapt) is :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`, and out-of-sample
-support scores come from :func:`maml_stop.learn.adapter.crossfit_probabilities`: the policy calls them.
+support scores come from :func:`maml_stop.decide.scores.crossfit_probabilities`: the policy calls them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import FirstHitPolicy
-from maml_stop.evaluate.thresholds import ThresholdSelector
-
-if TYPE_CHECKING:  # pragma: no cover
-    from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.decide.policies.base import FirstHitPolicy
+from maml_stop.decide.rule import DEFAULT_TAUS
+from maml_stop.decide.scores import SupportAdapter, crossfit_probabilities, trace_probabilities
+from maml_stop.decide.selector import StopSelector
 
 __all__ = ["ProbePolicy", "DEFAULT_TAUS"]
-
-# probe thresholds from conservative to aggressive (tuned grids go in experiments/evaluate.yaml)
-DEFAULT_TAUS: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 class ProbePolicy(FirstHitPolicy):
@@ -36,7 +32,7 @@ class ProbePolicy(FirstHitPolicy):
     from the support features (for a predictor trained from scratch, which has no source statistics).
 
     ``crossfit=True`` chooses the threshold on out-of-sample support scores
-    (:func:`~maml_stop.learn.adapter.crossfit_probabilities`, seeded by ``seed``: each half of the
+    (:func:`~maml_stop.decide.scores.crossfit_probabilities`, seeded by ``seed``: each half of the
     support questions scored by the predictor adapted on the other half); the policy then uses the
     predictor adapted on all K. Without it, the threshold is chosen on the very traces the predictor
     was adapted on, whose scores are optimistic (see the report).
@@ -45,8 +41,8 @@ class ProbePolicy(FirstHitPolicy):
     def __init__(
         self,
         predictor: nn.Module | None = None,
-        adapter: "InnerLoopAdapter | None" = None,
-        selector: ThresholdSelector | None = None,
+        adapter: SupportAdapter | None = None,
+        selector: StopSelector | None = None,
         taus: Sequence[float] = DEFAULT_TAUS,
         default_tau: float = 0.5,
         renormalise: bool = False,
@@ -81,8 +77,6 @@ class ProbePolicy(FirstHitPolicy):
         return self.default_tau
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:
-        from maml_stop.learn.adapter import crossfit_probabilities
-
         self._probs = {}
         if self.adapter is None:
             self.model = self.predictor
@@ -101,8 +95,6 @@ class ProbePolicy(FirstHitPolicy):
 
     def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
         """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
-        from maml_stop.learn.adapter import trace_probabilities
-
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
         missing = [t for t in traces if t.trace_id not in self._probs]

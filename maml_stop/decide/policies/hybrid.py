@@ -29,8 +29,8 @@ token counts and run no probe of their own. With ``param=None`` (a selector's "n
 first part never fires: ``Either`` and ``Capped`` are then the other part alone, ``Both`` and
 ``Floored`` plain full generation.
 
->>> from maml_stop.evaluate.thresholds import FixedThreshold
->>> from maml_stop.evaluate.policies import AnswerConfidence, AnswerConsistency
+>>> from maml_stop.decide.thresholds import FixedThreshold
+>>> from maml_stop.decide.policies import AnswerConfidence, AnswerConsistency
 >>> policy = Either(AnswerConsistency(), AnswerConfidence(selector=FixedThreshold(0.95)))
 >>> capped = Capped(AnswerConsistency(), max_tokens=128)
 >>> policy.fit(support).outcome(trace)                              # doctest: +SKIP
@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import (
+from maml_stop.decide.policies.base import (
     StopOutcome,
     StoppingPolicy,
     ThresholdedPolicy,
@@ -51,7 +51,7 @@ from maml_stop.evaluate.policies.base import (
     probe_outcome,
     sweep_policy,
 )
-from maml_stop.evaluate.policies.baselines import TokenBudget
+from maml_stop.decide.policies.baselines import TokenBudget
 
 __all__ = ["TokenCap", "TokenFloor", "Either", "Both", "Capped", "Floored", "outcome_probes"]
 

@@ -1,7 +1,6 @@
-"""Stopping predictors trained outside meta-learning: the pooled probe of the protocol, and copies.
-
-Both go through the one adaptation function (:meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`),
-used here as plain full-batch training.
+"""The pooled probe of the protocol: a stopping predictor trained outside meta-learning, on every probe
+of the source families, through the one adaptation function
+(:meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`) used as plain full-batch training.
 """
 
 from __future__ import annotations
@@ -9,20 +8,13 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 
+from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
-from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
+from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
+from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor, fresh_copy
 
-__all__ = ["train_predictor", "fresh_copy"]
-
-
-def fresh_copy(predictor: nn.Module) -> StoppingPredictor:
-    """A new StoppingPredictor with ``predictor``'s weights and normalisation as real parameters (an
-    adapted clone holds plain tensors, which cannot be adapted again)."""
-    new = StoppingPredictor.from_config(predictor.config())
-    new.load_state_dict({k: v.detach().clone() for k, v in predictor.state_dict().items()})
-    return new
+__all__ = ["train_predictor"]
 
 
 def train_predictor(
@@ -38,9 +30,6 @@ def train_predictor(
     normalisation from those features, a seeded random init, then ``steps`` full-batch first-order
     gradient steps through :meth:`InnerLoopAdapter.fit_support`. ``predictor_config``: a
     :class:`PredictorConfig` (a mapping with its fields is still accepted)."""
-    from maml_stop.data.batches import collate_traces
-    from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
-
     if not traces:
         raise ValueError("train_predictor needs at least one trace")
     config = PredictorConfig.coerce(predictor_config)

@@ -1,9 +1,10 @@
-"""Threshold selection on the support set: fixed, EM target, risk-controlled (Learn-then-Test), and cost.
+"""Today's stopping rules behind :class:`~maml_stop.decide.selector.StopSelector`: fixed, EM target,
+risk-controlled (Learn-then-Test), cost, and the back-off calibrated on source families.
 
-A thresholded policy (a stopping predictor with threshold tau, answer-consistency with window k, ...)
-offers an ordered list of **candidates**, from the most conservative (stops latest) to the most
-aggressive. A selector sees how every candidate does on the K support traces and returns the chosen
-candidate, or ``None``: never stop early (plain full generation, no probes).
+Each sees how every candidate does on the K support traces (a
+:class:`~maml_stop.decide.selector.SupportSweep`) and returns the chosen candidate, or ``None``: never
+stop early (plain full generation, no probes). They are selectable by name through
+:mod:`maml_stop.decide.registry`.
 
 * :class:`FixedThreshold`: a given value (or the policy's default), whatever the support says.
 * :class:`EMTargetThreshold`: the largest support savings whose support EM stays within ``delta`` of
@@ -17,9 +18,10 @@ candidate, or ``None``: never stop early (plain full generation, no probes).
 * :class:`CostThreshold`: a price per generated token and a cost per wrong answer; the candidate (full
   generation included) with the lowest mean cost on the support set (issue 12 item 3).
 * :class:`BackoffEMTarget`: the ``em_target`` choice moved ``backoff`` candidates toward the conservative
-  end (past the first: never stop early). The back-off is not chosen on support but calibrated on a
-  fold's source families (:mod:`maml_stop.evaluate.backoff`): with K support questions one extra wrong
-  answer is 100/K points, so the most aggressive candidate with no support loss overshoots on the query.
+  end (past the first: never stop early). The back-off is not chosen on support but fitted on a fold's
+  source families (:meth:`BackoffEMTarget.fit` on their simulated episodes; :mod:`maml_stop.evaluate.backoff`
+  runs them): with K support questions one extra wrong answer is 100/K points, so the most aggressive
+  candidate with no support loss overshoots on the query.
 
 The guarantee assumes the policy's scores do not depend on the support set; a predictor adapted on the
 same K traces it is calibrated on sees optimistic support scores, so for adapted probes the bound is a
@@ -36,64 +38,31 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy import stats
 
 from maml_stop.data import accounting
+from maml_stop.decide.selector import SelectorEpisode, StopSelector, SupportSweep, check_inputs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SupportSweep",
-    "ThresholdSelector",
     "FixedThreshold",
     "EMTargetThreshold",
     "LTTThreshold",
     "CostThreshold",
     "BackoffEMTarget",
     "backed_off",
+    "backoff_figures",
+    "backoff_table",
+    "choose_backoff",
     "binom_cdf",
     "min_certifiable_k",
-    "make_selector",
-    "SELECTORS",
 ]
 
 _TOL = 1e-9
-
-
-@dataclass
-class SupportSweep:
-    """How each candidate does on the support traces (candidates ordered conservative -> aggressive)."""
-
-    em: np.ndarray  # (K, J) EM of the answer returned by candidate j on trace k
-    tokens: np.ndarray  # (K, J) total tokens (probes included) of candidate j on trace k
-    full_em: np.ndarray  # (K,) EM of full generation
-    full_tokens: np.ndarray  # (K,) tokens of full generation
-
-    def __post_init__(self) -> None:
-        self.em = np.asarray(self.em, dtype=np.float64).reshape(len(self.full_em), -1)
-        self.tokens = np.asarray(self.tokens, dtype=np.float64).reshape(self.em.shape)
-        self.full_em = np.asarray(self.full_em, dtype=np.float64)
-        self.full_tokens = np.asarray(self.full_tokens, dtype=np.float64)
-
-    @property
-    def n(self) -> int:
-        return int(self.em.shape[0])
-
-    def em_drop(self) -> np.ndarray:
-        """(J,) support EM drop of each candidate against full generation."""
-        return self.full_em.mean() - self.em.mean(0)
-
-    def savings(self) -> np.ndarray:
-        """(J,) support token savings of each candidate against full generation."""
-        return accounting.savings(self.tokens.sum(0), self.full_tokens.sum())
-
-    def losses(self) -> np.ndarray:
-        """(K, J) 1 where full generation is right and candidate j is wrong: its mean bounds the EM drop."""
-        return self.full_em[:, None] * (1.0 - self.em)
 
 
 def binom_cdf(s: int, n: int, p: float) -> float:
@@ -119,24 +88,11 @@ def _best_by_savings(candidates: Sequence[float], sweep: SupportSweep, allowed: 
     return float(candidates[j]) if savings[j] > 0.0 else None
 
 
-def _check_inputs(candidates: Sequence[float], sweep: SupportSweep) -> None:
-    if sweep.em.shape[1] != len(candidates):
-        raise ValueError(f"the sweep has {sweep.em.shape[1]} columns but there are {len(candidates)} candidates")
-
-
-class ThresholdSelector:
-    """Chooses a candidate from how the candidates do on support; ``None`` = never stop early."""
-
-    name = "selector"
-
-    def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
-        raise NotImplementedError
-
-
-class FixedThreshold(ThresholdSelector):
+class FixedThreshold(StopSelector):
     """A fixed value; ``value=None`` takes each policy's default (tau 0.5, k 3, ...)."""
 
     name = "fixed"
+    params = ("value",)
 
     def __init__(self, value: float | None = None) -> None:
         self.value = value
@@ -145,10 +101,11 @@ class FixedThreshold(ThresholdSelector):
         return self.value if self.value is not None else default
 
 
-class EMTargetThreshold(ThresholdSelector):
+class EMTargetThreshold(StopSelector):
     """Largest support savings whose support EM drop against full generation is at most ``delta``."""
 
     name = "em_target"
+    params = ("delta",)
 
     def __init__(self, delta: float = 0.01) -> None:
         if not 0.0 <= delta < 1.0:
@@ -156,17 +113,18 @@ class EMTargetThreshold(ThresholdSelector):
         self.delta = delta
 
     def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
-        _check_inputs(candidates, sweep)
+        check_inputs(candidates, sweep)
         if sweep.n == 0:
             raise ValueError("cannot choose a threshold on an empty support set")
         return _best_by_savings(candidates, sweep, sweep.em_drop() <= self.delta + _TOL)
 
 
-class LTTThreshold(ThresholdSelector):
+class LTTThreshold(StopSelector):
     """Learn-then-Test: binomial-tail p-values, fixed-sequence testing from conservative to aggressive;
     among the certified candidates, the one with the largest support savings."""
 
     name = "ltt"
+    params = ("delta", "alpha")
 
     def __init__(self, delta: float = 0.01, alpha: float = 0.1) -> None:
         if not 0.0 < delta < 1.0:
@@ -182,7 +140,7 @@ class LTTThreshold(ThresholdSelector):
         return np.array([binom_cdf(int(s), sweep.n, self.delta) for s in counts])
 
     def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
-        _check_inputs(candidates, sweep)
+        check_inputs(candidates, sweep)
         if sweep.n == 0:
             raise ValueError("cannot choose a threshold on an empty support set")
         if sweep.n < min_certifiable_k(self.delta, self.alpha):
@@ -200,7 +158,7 @@ class LTTThreshold(ThresholdSelector):
         return _best_by_savings(candidates, sweep, allowed)
 
 
-class CostThreshold(ThresholdSelector):
+class CostThreshold(StopSelector):
     """Lowest expected cost on support: ``token_price * tokens + wrong_answer_cost * (1 - EM)`` per question.
 
     The candidates are full generation (``None``: no probes, ``full_tokens``, ``full_em``) and every
@@ -218,6 +176,7 @@ class CostThreshold(ThresholdSelector):
     """
 
     name = "cost"
+    params = ("token_price", "wrong_answer_cost")
 
     def __init__(self, token_price: float = 0.001, wrong_answer_cost: float = 1.0) -> None:
         for label, x in (("token_price", token_price), ("wrong_answer_cost", wrong_answer_cost)):
@@ -233,7 +192,7 @@ class CostThreshold(ThresholdSelector):
         return np.concatenate([[full.mean()], each.mean(0)])
 
     def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
-        _check_inputs(candidates, sweep)
+        check_inputs(candidates, sweep)
         if sweep.n == 0:
             raise ValueError("cannot choose a threshold on an empty support set")
         costs = self.costs(sweep)
@@ -256,6 +215,7 @@ class BackoffEMTarget(EMTargetThreshold):
     """
 
     name = "em_target_backoff"
+    params = ("delta", "backoff")
 
     def __init__(self, delta: float = 0.01, backoff: int = 0) -> None:
         super().__init__(delta)
@@ -271,6 +231,13 @@ class BackoffEMTarget(EMTargetThreshold):
     def select(self, candidates: Sequence[float], sweep: SupportSweep, default: float | None) -> float | None:
         return backed_off(candidates, self.index(candidates, sweep), self.backoff)
 
+    def fit(self, candidates: Sequence[float], episodes: Sequence[SelectorEpisode]) -> "BackoffEMTarget":
+        """The smallest back-off whose mean query EM drop is within ``delta`` on every family of
+        ``episodes`` (:func:`backoff_table`, :func:`choose_backoff`)."""
+        _, drop, _ = backoff_table(self, candidates, episodes)
+        self.backoff = choose_backoff(drop, self.delta)
+        return self
+
 
 def backed_off(candidates: Sequence[float], index: int | None, backoff: int) -> float | None:
     """The candidate ``backoff`` places before ``index`` (None where that is before the first, or no index)."""
@@ -279,34 +246,44 @@ def backed_off(candidates: Sequence[float], index: int | None, backoff: int) -> 
     return float(candidates[index - backoff])
 
 
-SELECTORS: dict[str, type[ThresholdSelector]] = {
-    "fixed": FixedThreshold,
-    "em_target": EMTargetThreshold,
-    "ltt": LTTThreshold,
-    "cost": CostThreshold,
-    "em_target_backoff": BackoffEMTarget,
-}
+def backoff_figures(sweep: SupportSweep, index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(J + 1,) EM drop and savings on ``sweep`` (a query sweep) at every back-off from ``index``, the
+    ``em_target`` choice (None: never stops; then every back-off is full generation: 0 and 0)."""
+    n_cand = sweep.em.shape[1]
+    drop, savings = np.zeros(n_cand + 1), np.zeros(n_cand + 1)
+    if index is None:
+        return drop, savings
+    full_em, full_tokens = sweep.full_em.mean(), sweep.full_tokens.sum()
+    for b in range(index + 1):  # beyond index: full generation, no probes
+        j = index - b
+        drop[b] = full_em - sweep.em[:, j].mean()
+        savings[b] = float(accounting.savings(sweep.tokens[:, j].sum(), full_tokens))
+    return drop, savings
 
 
-def make_selector(
-    method: str,
-    delta: float = 0.01,
-    alpha: float = 0.1,
-    value: float | None = None,
-    token_price: float = 0.001,
-    wrong_answer_cost: float = 1.0,
-) -> ThresholdSelector:
-    """A selector by name: ``fixed`` (uses ``value``), ``em_target`` (``delta``), ``ltt`` (``delta``,
-    ``alpha``), ``cost`` (``token_price``, ``wrong_answer_cost``), ``em_target_backoff`` (``delta``, back-off
-    0 until a fold calibrates it: :func:`maml_stop.evaluate.backoff.calibrate_backoff`)."""
-    if method == "fixed":
-        return FixedThreshold(value)
-    if method == "em_target":
-        return EMTargetThreshold(delta)
-    if method == "ltt":
-        return LTTThreshold(delta, alpha)
-    if method == "cost":
-        return CostThreshold(token_price, wrong_answer_cost)
-    if method == "em_target_backoff":
-        return BackoffEMTarget(delta)
-    raise ValueError(f"unknown threshold method {method!r}; valid methods: {', '.join(SELECTORS)}")
+def backoff_table(selector: BackoffEMTarget, candidates: Sequence[float],
+                  episodes: Sequence[SelectorEpisode]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The families of ``episodes`` (in order of appearance) and their mean query EM drop and savings
+    (F, J + 1) at every back-off 0..J from ``selector``'s ``em_target`` choice on each support sweep."""
+    by_family: dict[str, list[SelectorEpisode]] = {}
+    for ep in episodes:
+        by_family.setdefault(ep.family, []).append(ep)
+    if not by_family:
+        raise ValueError(f"{selector.name}: no source-family episodes to fit the back-off on")
+    families = list(by_family)
+    drop = np.zeros((len(families), len(candidates) + 1))
+    savings = np.zeros_like(drop)
+    for i, family in enumerate(families):
+        eps = by_family[family]
+        for ep in eps:
+            d, s = backoff_figures(ep.query, selector.index(candidates, ep.support))
+            drop[i] += d / len(eps)
+            savings[i] += s / len(eps)
+    return families, drop, savings
+
+
+def choose_backoff(drop: np.ndarray, delta: float) -> int:
+    """The smallest back-off whose mean EM drop is within ``delta`` on every family ((F, B) ``drop``;
+    the last column, never stopping early, is 0)."""
+    ok = np.flatnonzero((np.asarray(drop) <= delta + _TOL).all(axis=0))
+    return int(ok[0]) if ok.size else int(np.asarray(drop).shape[1] - 1)

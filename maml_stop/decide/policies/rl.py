@@ -12,17 +12,16 @@ Both refuse a held-out family that the RL checkpoint was trained or validated on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from torch import nn
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import StoppingPolicy
-from maml_stop.evaluate.policies.learned import DEFAULT_TAUS, ProbePolicy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.decide.policies.base import StoppingPolicy
+from maml_stop.decide.policies.learned import ProbePolicy
+from maml_stop.decide.rule import DEFAULT_TAUS, first_hit
+from maml_stop.decide.scores import SupportAdapter, trace_probabilities
 
 __all__ = ["RLPolicy", "RLProbePolicy", "check_held_out"]
 
@@ -39,7 +38,7 @@ class RLProbePolicy(ProbePolicy):
     """:class:`ProbePolicy` around the RL-trained adapter (adapted on support, thresholded by the
     selectors), with the held-out check."""
 
-    def __init__(self, adapter: "InnerLoopAdapter", seen_families: Sequence[str] = (), checkpoint: str | None = None,
+    def __init__(self, adapter: SupportAdapter, seen_families: Sequence[str] = (), checkpoint: str | None = None,
                  taus: Sequence[float] = DEFAULT_TAUS, default_tau: float = 0.5, adapt_steps: int | None = None,
                  crossfit: bool = False, seed: int = 0, name: str = "rl") -> None:
         self.seen_families, self.checkpoint = list(seen_families), checkpoint
@@ -67,13 +66,10 @@ class RLPolicy(StoppingPolicy):
         return self
 
     def prepare(self, traces: Sequence[Trace]) -> None:
-        from maml_stop.learn.adapter import trace_probabilities
-
         missing = [t for t in traces if t.trace_id not in self._probs]
         if missing:
             self._probs.update(zip([t.trace_id for t in missing], trace_probabilities(self.predictor, missing)))
 
     def stop_index(self, trace: Trace) -> int | None:
         self.prepare([trace])
-        hits = np.flatnonzero(self._probs[trace.trace_id] >= self.stop_at)
-        return int(hits[0]) if hits.size else None
+        return first_hit(self._probs[trace.trace_id], self.stop_at)

@@ -28,22 +28,22 @@ Combination rules, per probe t, with weights ``w`` (summing to 1):
 * ``combine="vote"``: part j has fired by probe t when its own score reached its own support-chosen
   parameter at some probe <= t (its own first-hit rule, its parameter chosen by its own selector in its
   ``fit``; a part whose selector says "never stop early" never fires; a fired part stays fired, as in
-  :class:`~maml_stop.evaluate.policies.hybrid.Both`). score(t) = the weight share of fired parts; stop at
+  :class:`~maml_stop.decide.policies.hybrid.Both`). score(t) = the weight share of fired parts; stop at
   the first probe where it reaches q. The parameter is q, the required weight share (grid ``shares``;
   q = 1: every weighted part has fired, q = 0.5: a weighted majority).
 
 Either way the ensemble exposes ONE parameter to the threshold selectors (tau, or q), chosen on the
 ensemble's own support sweep. Every part is fitted on the same support set (its own ``fit``); the support
 scores the weights and the sweep read are taken right after each part has fitted its scores (as
-:class:`~maml_stop.evaluate.policies.hybrid.Either` does, before a crossfit probe forgets them).
+:class:`~maml_stop.decide.policies.hybrid.Either` does, before a crossfit probe forgets them).
 
 Accounting (DESIGN.md "Honest accounting"): every part reads the forced answer of every probe point up
 to the stop (they are probing policies, the heuristics read the answer and its log-probs), so the
 ensemble pays the default: every probe up to its stop (all of them when it runs to the end), and no
 ``ran`` is stated.
 
->>> from maml_stop.evaluate.thresholds import FixedThreshold
->>> from maml_stop.evaluate.policies import AnswerConfidence, AnswerConsistency
+>>> from maml_stop.decide.thresholds import FixedThreshold
+>>> from maml_stop.decide.policies import AnswerConfidence, AnswerConsistency
 >>> policy = Ensemble([AnswerConsistency(), AnswerConfidence()], combine="average", selector=FixedThreshold(0.8))
 >>> policy.fit(support).outcome(trace)                              # doctest: +SKIP
 """
@@ -55,10 +55,10 @@ from typing import Sequence
 import numpy as np
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import FirstHitPolicy
-from maml_stop.evaluate.policies.baselines import AnswerConsistency
-from maml_stop.evaluate.policies.learned import DEFAULT_TAUS
-from maml_stop.evaluate.thresholds import ThresholdSelector
+from maml_stop.decide.policies.base import FirstHitPolicy
+from maml_stop.decide.policies.baselines import AnswerConsistency
+from maml_stop.decide.rule import DEFAULT_TAUS
+from maml_stop.decide.selector import StopSelector
 
 __all__ = ["Ensemble", "part_scores", "fit_weights", "roc_auc", "COMBINE_RULES", "DEFAULT_SHARES"]
 
@@ -104,7 +104,7 @@ class Ensemble(FirstHitPolicy):
         self,
         parts: Sequence[FirstHitPolicy],
         combine: str = "average",
-        selector: ThresholdSelector | None = None,
+        selector: StopSelector | None = None,
         taus: Sequence[float] = DEFAULT_TAUS,
         default_tau: float = 0.5,
         shares: Sequence[float] = DEFAULT_SHARES,

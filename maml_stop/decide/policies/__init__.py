@@ -5,19 +5,18 @@
 * :mod:`.baselines`: full generation, first probe, token budget, consistency, confidence, the oracles;
 * :mod:`.learned`: :class:`ProbePolicy`, a stopping predictor thresholded at tau (adaptation through
   :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`);
-* :mod:`.training`: :func:`train_predictor` (the pooled probe), :func:`fresh_copy`;
 * :mod:`.cost_aware`: policies that run fewer forced answers and say which (free probe, gated probe,
   sparse schedule, give up early), over :class:`FeatureView` column selections of the traces;
 * :mod:`.hybrid`: a policy under a token cap or floor, and either/both combinations of two policies;
 * :mod:`.ensemble`: :class:`Ensemble`, the weighted average or vote of several policies' per-probe scores.
 
->>> from maml_stop.evaluate import policies as P
->>> from maml_stop.evaluate.thresholds import FixedThreshold
+>>> from maml_stop.decide import policies as P
+>>> from maml_stop.decide.thresholds import FixedThreshold
 >>> policy = P.AnswerConsistency(selector=FixedThreshold(2))        # stop once 2 probe answers agree
 >>> policy.fit(support).stop_index(trace)                           # doctest: +SKIP
 """
 
-from maml_stop.evaluate.policies.base import (
+from maml_stop.decide.policies.base import (
     FirstHitPolicy,
     Outcomes,
     StopOutcome,
@@ -29,7 +28,7 @@ from maml_stop.evaluate.policies.base import (
     probe_outcome,
     sweep_policy,
 )
-from maml_stop.evaluate.policies.baselines import (
+from maml_stop.decide.policies.baselines import (
     AnswerConfidence,
     AnswerConsistency,
     EqualEMOracle,
@@ -39,8 +38,8 @@ from maml_stop.evaluate.policies.baselines import (
     TokenBudget,
     oracle_at_equal_em,
 )
-from maml_stop.evaluate.policies.learned import DEFAULT_TAUS, ProbePolicy
-from maml_stop.evaluate.policies.cost_aware import (
+from maml_stop.decide.policies.learned import ProbePolicy
+from maml_stop.decide.policies.cost_aware import (
     FeatureView,
     GatedProbe,
     GiveUp,
@@ -50,9 +49,9 @@ from maml_stop.evaluate.policies.cost_aware import (
     free_features,
     subtrace,
 )
-from maml_stop.evaluate.policies.ensemble import Ensemble
-from maml_stop.evaluate.policies.hybrid import Both, Capped, Either, Floored, TokenCap, TokenFloor
-from maml_stop.evaluate.policies.training import fresh_copy, train_predictor
+from maml_stop.decide.policies.ensemble import Ensemble
+from maml_stop.decide.policies.hybrid import Both, Capped, Either, Floored, TokenCap, TokenFloor
+from maml_stop.decide.rule import DEFAULT_TAUS
 
 __all__ = [
     "StopOutcome",
@@ -73,8 +72,6 @@ __all__ = [
     "probe_outcome",
     "evaluate_policy",
     "sweep_policy",
-    "train_predictor",
-    "fresh_copy",
     "DEFAULT_TAUS",
     "FeatureView",
     "ViewProbe",

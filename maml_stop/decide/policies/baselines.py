@@ -1,7 +1,7 @@
 """The baselines of the protocol (DESIGN.md): full generation, the first probe, a fixed token budget,
 answer consistency (Dynasor-CoT / ES-CoT), answer confidence (DEER), and the two oracles.
 
->>> from maml_stop.evaluate.thresholds import FixedThreshold
+>>> from maml_stop.decide.thresholds import FixedThreshold
 >>> policy = AnswerConsistency(selector=FixedThreshold(2))          # stop once 2 probe answers agree
 >>> policy.fit(support).stop_index(trace)                           # doctest: +SKIP
 """
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.policies.base import (
+from maml_stop.decide.policies.base import (
     FirstHitPolicy,
     StopOutcome,
     StoppingPolicy,
@@ -21,7 +21,7 @@ from maml_stop.evaluate.policies.base import (
     full_generation_outcome,
     probe_outcome,
 )
-from maml_stop.evaluate.thresholds import ThresholdSelector
+from maml_stop.decide.selector import StopSelector
 
 __all__ = ["FullGeneration", "FirstProbe", "OraclePolicy", "oracle_at_equal_em", "EqualEMOracle", "TokenBudget",
            "AnswerConsistency", "AnswerConfidence"]
@@ -125,7 +125,7 @@ class TokenBudget(ThresholdedPolicy):
 
     def __init__(
         self,
-        selector: ThresholdSelector | None = None,
+        selector: StopSelector | None = None,
         quantiles: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
         default_quantile: float = 0.5,
     ) -> None:
@@ -171,7 +171,7 @@ class AnswerConsistency(FirstHitPolicy):
 
     name = "consistency"
 
-    def __init__(self, selector: ThresholdSelector | None = None, windows: Sequence[int] = (8, 6, 5, 4, 3, 2)) -> None:
+    def __init__(self, selector: StopSelector | None = None, windows: Sequence[int] = (8, 6, 5, 4, 3, 2)) -> None:
         if not windows or any(int(k) < 1 for k in windows):
             raise ValueError(f"windows must be positive integers; got {list(windows)}")
         self.windows = sorted({int(k) for k in windows}, reverse=True)
@@ -202,7 +202,7 @@ class AnswerConfidence(FirstHitPolicy):
 
     def __init__(
         self,
-        selector: ThresholdSelector | None = None,
+        selector: StopSelector | None = None,
         levels: Sequence[float] = (0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),
     ) -> None:
         if not levels or any(not 0.0 <= c <= 1.0 for c in levels):

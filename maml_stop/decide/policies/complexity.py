@@ -6,7 +6,7 @@ When the full run is right, it is the first probe from which every forced answer
 right there and stays the final answer's); when no such probe exists (the last probe is wrong), the full
 length (``reasoning_tokens``). When the full run is wrong, stopping anywhere keeps its EM, so the first
 probe (``positions[0]``; the full length for a trace without probes). A budget at ``needed_tokens(t)``
-under the :class:`~maml_stop.evaluate.policies.baselines.TokenBudget` rule stops at ``needed_index(t)``
+under the :class:`~maml_stop.decide.policies.baselines.TokenBudget` rule stops at ``needed_index(t)``
 (or runs to the end) and never loses the full run's EM on ``t``.
 
 The features are :class:`maml_stop.probe.question_features.QuestionFeaturizer`'s (the question text, and
@@ -47,11 +47,11 @@ import numpy as np
 import torch
 
 from maml_stop.data.corpus import Trace, TraceCorpus
-from maml_stop.evaluate.policies.base import StopOutcome, ThresholdedPolicy, full_generation_outcome, probe_outcome
-from maml_stop.evaluate.policies.baselines import TokenBudget
-from maml_stop.evaluate.policies.cost_aware import ViewProbe
-from maml_stop.evaluate.policies.learned import ProbePolicy
-from maml_stop.evaluate.thresholds import ThresholdSelector
+from maml_stop.decide.policies.base import StopOutcome, ThresholdedPolicy, full_generation_outcome, probe_outcome
+from maml_stop.decide.policies.baselines import TokenBudget
+from maml_stop.decide.policies.cost_aware import ViewProbe
+from maml_stop.decide.policies.learned import ProbePolicy
+from maml_stop.decide.selector import StopSelector
 from maml_stop.probe.question_features import QuestionFeaturizer
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ComplexityBudget(ThresholdedPolicy):
     traces' ``log1p(needed_tokens)``; stops by the :class:`TokenBudget` rule at that budget, paying the one
     forced answer at the cut-off. The parameter is ``scale`` (candidates ``scales``, largest first)."""
 
-    def __init__(self, features: ComplexityFeatures, selector: ThresholdSelector | None = None,
+    def __init__(self, features: ComplexityFeatures, selector: StopSelector | None = None,
                  scales: Sequence[float] = DEFAULT_SCALES, default_scale: float = 1.0, alpha: float = 10.0,
                  crossfit: bool = False, seed: int = 0, name: str = "complexity_budget") -> None:
         if not scales or any(not s > 0 for s in scales):

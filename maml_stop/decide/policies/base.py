@@ -11,7 +11,7 @@ its cut-off); the oracle needs no probe when it runs to the end.
 Thresholded policies (:class:`ThresholdedPolicy`) are families indexed by one parameter (the token
 budget, the consistency window k, the confidence level, the probe threshold tau), with candidates
 ordered from conservative (stops latest) to aggressive; ``fit`` lets a
-:class:`~maml_stop.evaluate.thresholds.ThresholdSelector` choose the parameter on support, and ``None``
+:class:`~maml_stop.decide.selector.StopSelector` choose the parameter on support, and ``None``
 means "never stop early" (plain full generation, no probes). :func:`evaluate_policy` scores a fitted
 policy; with ``param`` it scores a thresholded one at another parameter (another selector's choice,
 ``policy.choose(selector)``) without changing the policy.
@@ -27,7 +27,9 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
-from maml_stop.evaluate.thresholds import FixedThreshold, SupportSweep, ThresholdSelector
+from maml_stop.decide.rule import first_hit, first_hits
+from maml_stop.decide.selector import StopSelector, SupportSweep
+from maml_stop.decide.thresholds import FixedThreshold
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class ThresholdedPolicy(StoppingPolicy):
     ``stop_index_at``; learned ones also override ``_fit_scores``.
     """
 
-    def __init__(self, selector: ThresholdSelector | None = None) -> None:
+    def __init__(self, selector: StopSelector | None = None) -> None:
         self.selector = selector if selector is not None else FixedThreshold()
         self.param: float | None = self.default_param  # set by fit: the selector's choice on support
         self.support_sweep: SupportSweep | None = None
@@ -152,7 +154,7 @@ class ThresholdedPolicy(StoppingPolicy):
         log.debug("%s: %s chose %s on %d support traces", self.name, self.selector.name, self.param, len(support))
         return self
 
-    def choose(self, selector: ThresholdSelector) -> float | None:
+    def choose(self, selector: StopSelector) -> float | None:
         """The parameter ``selector`` picks from the fitted support sweep (does not change ``param``)."""
         if getattr(self, "support_sweep", None) is None:
             raise RuntimeError(f"{self.name}: call fit(support) before choosing a threshold")
@@ -160,26 +162,23 @@ class ThresholdedPolicy(StoppingPolicy):
 
 
 class FirstHitPolicy(ThresholdedPolicy):
-    """Stop at the first probe whose score reaches the parameter: ``scores(trace)`` (P,) says how ready
-    each probe is (a probability, a confidence, a run length), computed once for every parameter."""
+    """Stop at the first probe whose score reaches the parameter (the one rule,
+    :mod:`maml_stop.decide.rule`): ``scores(trace)`` (P,) says how ready each probe is (a probability, a
+    confidence, a run length), computed once for every parameter."""
 
     def scores(self, trace: Trace) -> np.ndarray:
         raise NotImplementedError
 
     def stop_index_at(self, trace: Trace, param: float) -> int | None:
-        hits = np.flatnonzero(self.scores(trace) >= param)
-        return int(hits[0]) if hits.size else None
+        return first_hit(self.scores(trace), param)
 
     def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
-        score = self.scores(trace)  # (P,)
-        hit = score[None, :] >= np.asarray(params, dtype=np.float64)[:, None]  # (J, P)
-        first = hit.argmax(axis=1)  # (J,) first hit, 0 when none
-        any_hit = hit.any(axis=1)
+        first = first_hits(self.scores(trace), np.asarray(params, dtype=np.float64))  # (J,) NEVER where none
         stop_total, stop_reasoning = stop_costs(trace)  # (P,) tokens stopping at each probe
         never_total, never_reasoning = stop_cost(trace, None)
         out = []
         for j in range(len(params)):
-            if any_hit[j]:
+            if first[j] >= 0:
                 i = int(first[j])
                 out.append(StopOutcome(i, bool(trace.labels[i] > 0.5), int(stop_total[i]), int(stop_reasoning[i])))
             else:

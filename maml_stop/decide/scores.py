@@ -1,0 +1,68 @@
+"""What a stopping predictor says about stored traces: its probability at every probe, in sample or
+cross-fitted on the support set.
+
+The decision layer needs a predictor only as a module that maps a collated
+:class:`~maml_stop.data.batches.ProbeBatch` to one logit per probe point, and an adapter only as
+something with ``predictor`` and ``fit_support(support, steps=..., renormalise=...)`` (the one road from
+support traces to an adapted predictor, :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`):
+:class:`SupportAdapter` says so, so that this layer stays below :mod:`maml_stop.learn`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from maml_stop.data.batches import collate_traces
+from maml_stop.data.corpus import Trace
+from maml_stop.data.episodes import QuestionGroups, split_support_query
+
+__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_probabilities"]
+
+
+class SupportAdapter(Protocol):
+    """What the learned policies call on an adapter (:class:`maml_stop.learn.adapter.InnerLoopAdapter`)."""
+
+    predictor: nn.Module
+
+    def fit_support(self, support: Sequence[Trace], steps: int | None = None, renormalise: bool = False) -> nn.Module:
+        ...
+
+
+def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
+    """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
+    no gradients): list of (P_i,) float64."""
+    batch = collate_traces(traces)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
+    model.train(was_training)
+    index = batch.trace_index.numpy()
+    return [probs[index == i] for i in range(len(traces))]
+
+
+def crossfit_probabilities(
+    adapter: SupportAdapter,
+    support: Sequence[Trace],
+    steps: int | None = None,
+    renormalise: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Out-of-sample probabilities of the support traces, by trace id: the support questions are split
+    in two halves (the one split function, seeded by ``seed``), and each half is scored by the predictor
+    adapted (``adapter.fit_support``) on the other half. Empty with fewer than 2 questions.
+    With ``renormalise`` the predictor's normalisation is left at the second half's statistics."""
+    n_questions = len(QuestionGroups(support))
+    if n_questions < 2:
+        return {}
+    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
+    out: dict[str, np.ndarray] = {}
+    for fit_on, score in ((half_a, half_b), (half_b, half_a)):
+        with torch.no_grad():  # first-order inner steps, a detached clone
+            model = adapter.fit_support(fit_on, steps=steps, renormalise=renormalise)
+        out.update(zip([t.trace_id for t in score], trace_probabilities(model, score)))
+    return out
