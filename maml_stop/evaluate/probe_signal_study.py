@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.store import atomic_write_bytes
-from maml_stop.evaluate.policies.baselines import oracle_at_equal_em
+from maml_stop.decide.policies.baselines import oracle_at_equal_em
 from maml_stop.evaluate.probe_signal import (
     TARGETS,
     ProbeFit,
