@@ -4,7 +4,7 @@ The artifact of ``maml-stop adapt`` carries the predictor, its threshold and fea
 probe recipe; :meth:`~maml_stop.live.stopping.LiveStopping.from_adapted` builds the stopping criterion
 from it, and the artifact's family renders the prompts, extracts the answers and scores them::
 
-    maml-stop generate --adapted runs/adapted/gcd.pt --model /work/models/qwen05 \\
+    maml-stop generate --adapted runs/adapted/gcd.pt --model Qwen/Qwen2.5-Coder-0.5B-Instruct \\
         --questions questions.jsonl --field question --gold_field gold --batch_size 8 --out answers.jsonl
 
 One JSON line per question (see :func:`result_row`): ``answer``; ``total_tokens`` (reasoning tokens plus
@@ -76,8 +76,10 @@ def read_questions(path: str, field: str = "question", gold_field: str = "gold")
     return out
 
 
-def _family_of(adapted_path: str):
-    """The registry family named by the artifact's recipe (it renders the prompts and scores answers)."""
+def _family_of(adapted_path: str, family_args: dict | None = None):
+    """The family named by the artifact's recipe (it renders the prompts and scores answers): a registry
+    family, or a ``dataset`` family stored under its own name, rebuilt from ``family_args`` (the harvest's
+    ``family_args`` of it: ``{path: ..., answer_format: ..., name: ...}``)."""
     from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
     from tasks import get_family
     from tasks.base import TaskError
@@ -89,10 +91,17 @@ def _family_of(adapted_path: str):
                          "`maml-stop adapt --corpus <corpus>`")
     name = adapted.recipe["extraction"]["family"]
     try:
+        if family_args:  # a dataset family, as the harvest built it
+            family = get_family("dataset", **family_args)
+            if family.name != name:
+                raise GenerateError(f"--family_args build family {family.name!r}, but {adapted_path} was adapted "
+                                    f"on {name!r}: give the harvest's family_args of {name!r}")
+            return family
         return get_family(name)
     except TaskError as err:
         raise GenerateError(f"{adapted_path} was adapted on family {name!r}, which is not in the task registry: "
-                            f"generate needs it to render prompts ({err})") from None
+                            f"generate needs it to render prompts ({err}); for a dataset family give "
+                            "--family_args '{path: ..., answer_format: ..., name: ...}' as in the harvest") from None
 
 
 def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], family, tokenizer,
@@ -194,6 +203,8 @@ def _parser():
     p.add_argument("--max_new_tokens", type=int | None, default=None, help="token cap (default: the recipe's)")
     p.add_argument("--dtype", type=str, default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--device", type=str, default="cpu", help="torch device of the model (cpu, cuda)")
+    p.add_argument("--family_args", type=dict | None, default=None,
+                   help="settings of a dataset family the artifact was adapted on (the harvest's family_args of it)")
     p.add_argument("--out", type=str | None, default=None, help="JSONL output (default: stdout)")
     return p
 
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)  # a bad --device fails before anything loads
         except ValueError as err:
             raise GenerateError(f"--device: {err}") from None
-        family = _family_of(args.adapted)  # before the model loads
+        family = _family_of(args.adapted, args.family_args)  # before the model loads
         from maml_stop.live.stopping import LiveStopping
 
         model, tok = load_model(args.model, args.dtype, device=args.device)
