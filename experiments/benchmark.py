@@ -1,6 +1,6 @@
 """The one benchmark suite (issue 15): every speed figure of the README from one command, one run.
 
-    python experiments/benchmark.py [--model /work/models/qwen05] [--quick] [--out experiments/results/benchmark]
+    python experiments/benchmark.py [--model MODEL_DIR_OR_HUB_ID] [--quick] [--out experiments/results/benchmark]
     python experiments/benchmark.py --model MODEL_DIR --device cuda --dtype bfloat16 --sections generation
 
 Writes ``benchmark.json`` (every figure and the settings) and ``benchmark.md`` (the tables) under

@@ -1,7 +1,7 @@
 """Benchmark: ``generate()`` with :class:`~maml_stop.live.stopping.LiveStopping` in each live mode against
 plain ``generate()``, on the same model, prompts and batch (issue 10).
 
-    python experiments/benchmark_live.py --model /work/models/qwen05 --dtype float32
+    python experiments/benchmark_live.py --model "$(bash scripts/fetch_models.sh qwen05)" --dtype float32
 
 For each mode (every, free, gated) two runs: a threshold that never fires (the overhead of watching:
 every mode probes on its schedule, and ``every``/``gated`` force answers) and a rule that fires (every

@@ -20,7 +20,7 @@ if [[ -z "$MODEL" ]]; then
     exit 64
 fi
 if [[ ! -d "$MODEL" ]]; then
-    echo "gpu_check: model folder $MODEL does not exist (give a local model folder, e.g. /work/models/qwen05)" >&2
+    echo "gpu_check: model folder $MODEL does not exist (give a local model folder, e.g. the folder that bash scripts/fetch_models.sh qwen05 prints)" >&2
     exit 66
 fi
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi

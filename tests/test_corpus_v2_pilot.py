@@ -1,4 +1,4 @@
-"""The family choice of corpus v2 (experiments/corpus_v2_pilot.py) on hand-made pilot figures: each drop
+"""The family choice of corpus v2 (experiments/studies/corpus_v2_pilot.py) on hand-made pilot figures: each drop
 rule, the cap rule (highest cap first, families outside the EM band before those inside), and the split
 of the kept families into two harvest lists of about equal work."""
 

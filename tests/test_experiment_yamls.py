@@ -12,7 +12,7 @@ import yaml
 from test_configs import CONFIGS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-ALL = sorted(EXPERIMENTS.glob("*.yaml"))
+ALL = sorted([*EXPERIMENTS.glob("*.yaml"), *EXPERIMENTS.glob("studies/*.yaml")])
 
 
 def config_chain(path: Path, command: str) -> list[str]:
@@ -47,7 +47,7 @@ def _kind(path: Path) -> str:
     if "space" in cfg:
         return "tune"  # maml-stop tune --space (the Optuna search space)
     if "max_cap_share" in cfg:
-        return "pilot"  # experiments/corpus_v2_pilot.py (the family choice of corpus v2)
+        return "pilot"  # experiments/studies/corpus_v2_pilot.py (the family choice of corpus v2)
     if "states" in cfg and "views" in cfg:
         return "probe signal"  # python -m maml_stop.evaluate.probe_signal_study (issue 30's pilot)
     if "stream" in cfg and "online" in cfg:
@@ -55,7 +55,7 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-@pytest.mark.parametrize("path", ALL, ids=[p.name for p in ALL])
+@pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(EXPERIMENTS)) for p in ALL])
 def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
     kind = _kind(path)
     assert kind != "unknown", f"{path.name}: no maml-stop command reads this YAML"

@@ -1,7 +1,7 @@
 """Seconds per decode step of a local model in float32 and bfloat16 at one batch size (prints figures;
 not a test). On CPUs without AMX / AVX512-BF16, bf16 matmuls are emulated and much slower.
 
-    python experiments/bench_dtype.py --model /work/models/qwen05 --batch 32
+    python experiments/studies/bench_dtype.py --model "$(bash scripts/fetch_models.sh qwen05)" --batch 32
 """
 
 from __future__ import annotations

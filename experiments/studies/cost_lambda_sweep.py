@@ -16,7 +16,7 @@ half, ``best.ckpt`` = lowest ``val/loss``; no EM/token callback). Each checkpoin
 Both commands run in this process (``maml_stop.cli.main``, the console script's dispatcher): on a loaded
 machine importing torch and Lightning costs more than a short fit.
 
-    python experiments/cost_lambda_sweep.py --lambdas 0 0.1 0.5 2 8 --steps 100 --episodes 20
+    python experiments/studies/cost_lambda_sweep.py --lambdas 0 0.1 0.5 2 8 --steps 100 --episodes 20
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> int:
         print(f"done {loss} lambda={lam} ({time.time() - t0:.0f} s): "
               + ", ".join(f"{th} saved {f['saved']:.1f}% drop {f['em_drop']:.1f}" for th, f in rows[-1]["fig"].items()),
               flush=True)
-    command = (f"python experiments/cost_lambda_sweep.py --lambdas {' '.join(f'{x:g}' for x in args.lambdas)} "
+    command = (f"python experiments/studies/cost_lambda_sweep.py --lambdas {' '.join(f'{x:g}' for x in args.lambdas)} "
                f"--losses {' '.join(args.losses)} --steps {args.steps} --shots {args.shots} --episodes {args.episodes}")
     minutes = round((time.time() - started) / 60, 1)
     (report / "rows.json").write_text(json.dumps({"command": command, "minutes": minutes, "shots": args.shots,

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Commit the shards of a running harvest every few minutes (only the corpus folder), so that an
-# interrupted session loses at most one interval. usage: experiments/commit_corpus.sh DIR [SECONDS]
+# interrupted session loses at most one interval. usage: experiments/studies/commit_corpus.sh DIR [SECONDS]
 # A corpus with a datasheet (DIR/datasheet.json) gets it regenerated before each commit
 # (tests/test_datasheet.py recomputes it from the shards, so shards and datasheet must move together):
 # the datasheet is rebuilt until the list of shards is the same before and after it, and only those
 # shards are committed with it (a shard that a harvest finishes meanwhile waits for the next commit).
 set -u
 DIR=${1:-experiments/corpus/qwen05}; EVERY=${2:-600}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 shards() { ls "$DIR"/shards/*/*.parquet 2>/dev/null; }
 while true; do
   sleep "$EVERY"

@@ -1,6 +1,6 @@
 """Speed of the task families: build, draw 400 train / 400 test questions, extract and score answers.
 
-    python experiments/bench_tasks.py [--n 400] [--families gcd aiw ...]
+    python experiments/studies/bench_tasks.py [--n 400] [--families gcd aiw ...]
 
 Prints one line per family (seconds). The harvester draws a few hundred questions per family, so a
 draw should take well under a second; the first family also pays the reasoning-gym import (~1 s).
