@@ -2,7 +2,7 @@
 # Regenerate every committed report of the bundled corpus (experiments/results/) from scratch, in order:
 # the main job (scripts/main.sh), the full leave-one-family-out protocol, every stopping strategy on its
 # folds at K = 16 (the strategies, the cost-aware methods), the RL and cost-sensitive folds, the cross-model check and the ablations; then copy each
-# run's results.md and plots into experiments/results/<name>/ and rewrite the README tables from them. About
+# run's results.md and plots into experiments/results/<name>/ and rewrite the README and docs/results.md tables from them. About
 # two hours on this 2-core machine with harvests beside it.
 #   usage: bash scripts/reports.sh [main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations]
 set -euo pipefail
@@ -44,5 +44,5 @@ for step in $steps; do
     *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
   esac
 done
-.venv/bin/python -m maml_stop.commands.readme_tables README.md
+.venv/bin/python -m maml_stop.commands.readme_tables README.md docs/results.md
 echo "== done ($(date +%H:%M:%S))"

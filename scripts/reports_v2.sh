@@ -3,7 +3,7 @@
 # complete: the meta-learning study (experiments/meta_study.py; about 25 minutes of fits and an hour or more
 # of evaluation on this 2-core machine; --resume continues an interrupted run from the fits and fold
 # evaluations it finished) and cost-aware probing on v2's features (issue 10's follow-up); then copy each
-# report and its plots into experiments/results/<name>/ and rewrite the README tables from them.
+# report and its plots into experiments/results/<name>/ and rewrite the README and docs/results.md tables from them.
 #   usage: bash scripts/reports_v2.sh [meta_study v2_cost_aware]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +32,5 @@ for step in $steps; do
     *) echo "unknown step $step; valid: meta_study v2_cost_aware" >&2; exit 2 ;;
   esac
 done
-.venv/bin/python -m maml_stop.commands.readme_tables README.md
+.venv/bin/python -m maml_stop.commands.readme_tables README.md docs/results.md
 echo "== done ($(date +%H:%M:%S))"

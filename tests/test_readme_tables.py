@@ -1,4 +1,5 @@
-"""The README's result tables are the tables of the committed reports (maml_stop/readme_tables.py)."""
+"""The result tables of the README and docs/results.md are the tables of the committed reports
+(maml_stop/commands/readme_tables.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from maml_stop.commands.readme_tables import ReadmeTableError, blocks, sync, table_under
+from maml_stop.commands.readme_tables import DOCUMENTS, ReadmeTableError, blocks, sync, table_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +52,13 @@ def test_sync_rewrites_stale_blocks(tmp_path):
         sync(readme)
 
 
-def test_readme_tables_match_the_committed_reports():
-    text = (ROOT / "README.md").read_text()
-    found = blocks(text, ROOT)
-    assert found, "the README has no generated tables"
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_document_tables_match_the_committed_reports(document):
+    path = ROOT / document
+    found = blocks(path.read_text(), path.parent)
+    assert found, f"{document} has no generated tables"
     for match, table in found:
         assert match["body"] == table, (
-            f"README table from {match['source']} ({match['heading']}) is stale: run "
-            "`python -m maml_stop.commands.readme_tables README.md`"
+            f"{document} table from {match['source']} ({match['heading']}) is stale: run "
+            f"`python -m maml_stop.commands.readme_tables {document}`"
         )

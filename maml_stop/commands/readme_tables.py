@@ -1,15 +1,17 @@
-"""Tables in the README copied from the generated reports, so that the README shows what the code produced.
+"""Tables in the README and docs/results.md copied from the generated reports, so that the documents show
+what the code produced.
 
-A README block names its source report, the heading the table follows (a prefix of the heading's text)
-and optionally the first-column values of the rows to keep::
+A block names its source report (a path relative to the document, as a Markdown link would), the heading
+the table follows (a prefix of the heading's text) and optionally the first-column values of the rows to
+keep::
 
     <!-- table: experiments/results/main/results.md # K = 16: threshold # rows: mean -->
     | family | method | ... |
     ...
     <!-- /table -->
 
-``python -m maml_stop.commands.readme_tables README.md`` rewrites every block from its source;
-``tests/test_readme_tables.py`` fails when a block differs from its source.
+``python -m maml_stop.commands.readme_tables README.md docs/results.md`` (the default) rewrites every block
+from its source; ``tests/test_readme_tables.py`` fails when a block differs from its source.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ BLOCK = re.compile(
     r"(?P<body>.*?)<!-- /table -->",
     re.S,
 )
+
+
+DOCUMENTS = ("README.md", "docs/results.md")  # the documents with table blocks, relative to the repository
 
 
 class ReadmeTableError(ValueError):
@@ -82,9 +87,10 @@ def sync(readme_path: str | Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m maml_stop.commands.readme_tables", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("readme", nargs="?", default="README.md")
+    p.add_argument("documents", nargs="*", default=list(DOCUMENTS))
     args = p.parse_args(argv)
-    print(f"{sync(args.readme)} table(s) updated in {args.readme}")
+    for doc in args.documents:
+        print(f"{sync(doc)} table(s) updated in {doc}")
     return 0
 
 
