@@ -78,8 +78,8 @@ def read_questions(path: str, field: str = "question", gold_field: str = "gold")
 
 def _family_of(adapted_path: str, family_args: dict | None = None):
     """The family named by the artifact's recipe (it renders the prompts and scores answers): a registry
-    family, or a ``dataset`` family stored under its own name, rebuilt from ``family_args`` (the harvest's
-    ``family_args`` of it: ``{path: ..., answer_format: ..., name: ...}``)."""
+    family, or one rebuilt from ``family_args``, the harvest's ``family_args`` (``{dataset: {path: ...,
+    answer_format: ..., name: ...}}``: a ``dataset`` family is stored under its own name)."""
     from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
     from tasks import get_family
     from tasks.base import TaskError
@@ -91,17 +91,18 @@ def _family_of(adapted_path: str, family_args: dict | None = None):
                          "`maml-stop adapt --corpus <corpus>`")
     name = adapted.recipe["extraction"]["family"]
     try:
-        if family_args:  # a dataset family, as the harvest built it
-            family = get_family("dataset", **family_args)
-            if family.name != name:
-                raise GenerateError(f"--family_args build family {family.name!r}, but {adapted_path} was adapted "
-                                    f"on {name!r}: give the harvest's family_args of {name!r}")
-            return family
+        for registered, settings in (family_args or {}).items():  # the harvest's family_args, as it built them
+            family = get_family(registered, **(settings or {}))
+            if family.name == name:
+                return family
+        if family_args:
+            raise GenerateError(f"--family_args build no family named {name!r}, the family {adapted_path} was "
+                                f"adapted on: give the harvest's family_args")
         return get_family(name)
     except TaskError as err:
         raise GenerateError(f"{adapted_path} was adapted on family {name!r}, which is not in the task registry: "
                             f"generate needs it to render prompts ({err}); for a dataset family give "
-                            "--family_args '{path: ..., answer_format: ..., name: ...}' as in the harvest") from None
+                            "--family_args '{dataset: {path: ..., answer_format: ..., name: ...}}' as in the harvest") from None
 
 
 def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], family, tokenizer,
@@ -204,7 +205,7 @@ def _parser():
     p.add_argument("--dtype", type=str, default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--device", type=str, default="cpu", help="torch device of the model (cpu, cuda)")
     p.add_argument("--family_args", type=dict | None, default=None,
-                   help="settings of a dataset family the artifact was adapted on (the harvest's family_args of it)")
+                   help="the harvest's family_args, to rebuild a dataset family the artifact was adapted on")
     p.add_argument("--out", type=str | None, default=None, help="JSONL output (default: stdout)")
     return p
 
