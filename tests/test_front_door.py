@@ -131,6 +131,27 @@ def test_own_model_commands_name_real_options():
         assert not unknown, f"maml-stop {argv[1]}: options it lacks: {unknown}"
 
 
+def test_generate_rebuilds_a_dataset_family_from_the_harvests_family_args(tmp_path, monkeypatch):
+    """`maml-stop generate --family_args` (the own-model path): an artifact adapted on a dataset family
+    names it by its own name, which is not in the registry; the harvest's family_args rebuild it."""
+    from types import SimpleNamespace
+
+    from maml_stop.live import artifact
+    from maml_stop.live.generate import GenerateError, _family_of
+
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(30)]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(artifact, "load_adapted", lambda _: SimpleNamespace(recipe={"extraction": {"family": "mine"}}))
+    monkeypatch.setattr(artifact, "missing_recipe_fields", lambda _: [])
+    mine = {"path": str(path), "answer_format": "gsm8k", "name": "mine"}
+    assert _family_of("a.pt", {"dataset": mine}).name == "mine"
+    with pytest.raises(GenerateError, match="no family named 'mine'"):
+        _family_of("a.pt", {"dataset": {**mine, "name": "other"}})
+    with pytest.raises(GenerateError, match="--family_args"):
+        _family_of("a.pt")
+
+
 # what the tiny model needs to finish in seconds, appended to each command of the section (the last value
 # wins); the tiny random model ends most traces of some families before their first probe, so its harvest
 # keeps the families where it reaches the probes
