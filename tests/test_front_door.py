@@ -73,7 +73,7 @@ def test_every_experiment_file_is_indexed_or_used_by_a_script():
 
 def _checked_files() -> list[Path]:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    for folder in ("maml_stop", "tasks"):
+    for folder in ("maml_stop", "tasks", "scripts", "notebooks"):
         files += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     files += sorted(p for p in EXPERIMENTS.rglob("*") if p.is_file()
                     and p.relative_to(EXPERIMENTS).parts[0] not in DATA_DIRS and "__pycache__" not in p.parts)
