@@ -337,7 +337,7 @@ def _evaluate_family(family: str) -> tuple[dict, dict]:
 def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     from maml_stop.data.corpus import TraceCorpus
     from maml_stop.evaluate.compare import compare
-    from maml_stop.evaluate.config import parse_config
+    from maml_stop.evaluate.command import parse_config
     from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
     from maml_stop.evaluate.protocol import fork_map, write_results
     from maml_stop.evaluate.report import summarise

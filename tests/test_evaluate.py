@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from maml_stop.evaluate import report as R
-from maml_stop.evaluate.config import EvaluateConfig, main
+from maml_stop.evaluate.command import main
+from maml_stop.evaluate.config import EvaluateConfig
 from maml_stop.evaluate.protocol import run
 from maml_stop.learn.module import CheckpointError
 from trace_helpers import write_tiny_checkpoint
@@ -134,7 +135,7 @@ def test_feature_mismatch_is_refused(tiny_corpus, tmp_path):
 
 
 def test_config_yaml_parses(tiny_corpus):
-    from maml_stop.evaluate.config import _parser
+    from maml_stop.evaluate.command import _parser
 
     root = Path(__file__).resolve().parents[1]
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])

@@ -73,11 +73,11 @@ def test_fold_split_is_familysplits_rule():
 
 
 def test_fold_data_settings_follow_repeated_configs(tmp_path):
-    from maml_stop.evaluate.folds import _data_settings
+    from maml_stop.evaluate.folds import data_settings
 
     (tmp_path / "a.yaml").write_text("data: {val_families: [x], k: 4}\n")
     (tmp_path / "b.yaml").write_text("trainer: {max_steps: 2}\ndata: {val_families: [y]}\n")
-    assert _data_settings([tmp_path / "a.yaml", tmp_path / "b.yaml"]) == {"val_families": ["y"], "k": 4}
+    assert data_settings([tmp_path / "a.yaml", tmp_path / "b.yaml"]) == {"val_families": ["y"], "k": 4}
 
 
 def test_calibration_section_is_the_metrics_calibration_bins():

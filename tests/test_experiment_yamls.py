@@ -60,12 +60,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
     kind = _kind(path)
     assert kind != "unknown", f"{path.name}: no maml-stop command reads this YAML"
     if kind == "evaluate":
-        from maml_stop.evaluate.config import _parser
+        from maml_stop.evaluate.command import _parser
 
         ns = _parser().parse_args(["--config", str(path), "--corpus", tiny_corpus])
         assert ns.episodes >= 50 and ns.delta == 0.01
     elif kind == "evaluate override":
-        from maml_stop.evaluate.config import _parser
+        from maml_stop.evaluate.command import _parser
 
         chain = config_chain(path, "evaluate")
         assert chain[0] == "evaluate.yaml", f"{path.name}: overrides are read after experiments/evaluate.yaml"

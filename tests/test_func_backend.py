@@ -226,7 +226,7 @@ def test_evaluation_runs_on_the_torch_func_backend(tiny_corpus, tmp_path):
     ``backend``; a bad name is refused naming the valid ones."""
     from pathlib import Path
 
-    from maml_stop.evaluate.config import main as evaluate_main
+    from maml_stop.evaluate.command import main as evaluate_main
 
     args = ["--config", str(Path(__file__).resolve().parents[1] / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus, "--families", "[fam_c]",
             "--source_families", "[fam_a, fam_b]", "--shots", "[4]", "--episodes", "2",

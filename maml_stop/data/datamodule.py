@@ -61,6 +61,7 @@ from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.batches import WEIGHTINGS, DataError, ProbeBatch, TraceTensors, check_cost_lambda
 from maml_stop.data import store
 from maml_stop.data.episodes import Episode, EpisodeSampler, FamilySplit, rank_share
+from maml_stop.probe.features import feature_cost
 
 __all__ = ["TraceDataModule", "EpisodeBatch", "DEFAULT_CORPUS", "FEATURE_SHORTHANDS", "resolve_features",
            "select_features"]
@@ -95,8 +96,6 @@ def resolve_features(spec: str | list[str] | None, names: list[str], costs: dict
     >>> resolve_features("paid", ["h0", "entropy_mean", "run_length"])
     ['run_length']
     """
-    from maml_stop.probe.features import feature_cost
-
     names = list(names)
     if spec is None or spec == "all":
         return names

@@ -42,6 +42,7 @@ from maml_stop.data.episodes import rank_share
 from maml_stop.evaluate import metrics as M
 from maml_stop.decide.policies import DEFAULT_TAUS, OraclePolicy, ProbePolicy, evaluate_policy, sweep_policy
 from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.evaluate.report.plots import pyplot
 
 __all__ = ["EMTokenEvaluation"]
 
@@ -158,8 +159,6 @@ class EMTokenEvaluation(Callback):
 
     @rank_zero_only
     def _save_curve(self, folder: Path, epoch: int, curve: Mapping[str, list], figures: Mapping[str, float]) -> None:
-        from maml_stop.evaluate.report.plots import pyplot
-
         plt = pyplot()
         folder.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(4.5, 3.6))

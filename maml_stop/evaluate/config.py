@@ -1,4 +1,5 @@
-"""The settings of ``maml-stop evaluate`` (:class:`EvaluateConfig`) and its command line.
+"""The settings of ``maml-stop evaluate`` (:class:`EvaluateConfig`); the command is
+:mod:`maml_stop.evaluate.command`.
 
 Tuned values (the K grid, the episode count, every threshold grid) live in ``experiments/evaluate.yaml``;
 experiment files add overrides on top of it (several ``--config`` files are read in order, the last
@@ -14,17 +15,16 @@ The defaults here are small and safe (short grids, for a quick look); the protoc
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from maml_stop.evaluate.methods import DEFAULT_METHODS, METHODS, NEEDS_CHECKPOINT
+from maml_stop.learn.adapter import BACKENDS
 
-__all__ = ["EvaluateConfig", "check_config", "main"]
+__all__ = ["EvaluateConfig", "check_config", "DEFAULT_METHODS"]
+
+# the methods run when none are listed (every method: maml_stop.evaluate.methods.METHODS)
+DEFAULT_METHODS: tuple[str, ...] = ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned",
+                                    "scratch", "maml", "oracle", "oracle_equal_em")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class EvaluateConfig:
     query: int | None = None  # query questions per episode (None: every question not in support)
     seed: int = 0  # seed of the fixed episodes
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # the cost-aware ones only when listed
-    # first = headline; valid: thresholds.SELECTORS (fixed, em_target, ltt, cost, em_target_backoff)
+    # first = headline; valid: maml_stop.decide.registry.SELECTORS (fixed, em_target, ltt, cost, em_target_backoff)
     threshold_methods: list[str] = field(default_factory=lambda: ["em_target", "ltt", "fixed"])
     delta: float = 0.01  # EM-drop target as a fraction (0.01 = 1 point)
     # em_target_backoff: episodes per source family on which each fold calibrates its back-off (evaluate/backoff.py)
@@ -95,7 +95,7 @@ class EvaluateConfig:
     # ensembles (maml_stop.decide.policies.ensemble; listed in ``methods`` to run them)
     ensemble_learner: str = "maml"  # ensemble_*: the learned part, maml (the checkpoint) | scratch (trained on support)
     ensemble_window: int = 3  # the consistency part's score: run of identical answers / this, capped at 1
-    ensemble_part_selector: str = "em_target"  # each part's own threshold (what ensemble_vote counts); thresholds.SELECTORS
+    ensemble_part_selector: str = "em_target"  # each part's own threshold (what ensemble_vote counts); registry.SELECTORS
     ensemble_shares: list[float] = field(default_factory=lambda: [1.0, 0.5])  # ensemble_vote: required weight shares swept
     ensemble_default_share: float = 0.5  # ensemble_vote: the share of the 'fixed' threshold method
     # complexity budgets (maml_stop.decide.policies.complexity; listed in ``methods`` to run them)
@@ -140,12 +140,8 @@ class EvaluateConfig:
 
 
 def check_config(cfg: EvaluateConfig) -> None:
-    """Raise a ``ValueError`` naming the valid choices when a setting cannot be run."""
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
-    from maml_stop.learn.adapter import BACKENDS
-
+    """Raise a ``ValueError`` naming the valid choices when a setting cannot be run (the methods asked
+    for: :func:`maml_stop.evaluate.methods.check_methods`)."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown adaptation backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
     if not cfg.shots or any(k < 1 for k in cfg.shots):
@@ -156,62 +152,7 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ValueError(f"episodes must be >= 1; got {cfg.episodes}")
     if cfg.backoff_episodes < 1:
         raise ValueError(f"backoff_episodes must be >= 1; got {cfg.backoff_episodes}")
-    given = [x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]
-    if len(given) > 1:
+    if len([x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]) > 1:
         raise ValueError("give at most one of checkpoint, checkpoints and train_config")
-    if not given and any(m in NEEDS_CHECKPOINT for m in cfg.methods):
-        raise ValueError(
-            "method 'maml' needs a meta-trained checkpoint: pass --checkpoint, --checkpoints or --train_config, "
-            f"or leave 'maml' out of --methods (valid methods: {', '.join(METHODS)})"
-        )
-    rl = [m for m in cfg.methods if m in ("rl", "rl_unadapted")]
     if cfg.rl_checkpoint and cfg.rl_train_config:
         raise ValueError("give at most one of rl_checkpoint and rl_train_config")
-    if rl and not (cfg.rl_checkpoint or cfg.rl_train_config):
-        raise ValueError(f"methods {rl} need an RL checkpoint: set rl_checkpoint (experiments/rl_evaluate.yaml) "
-                         "or rl_train_config (experiments/lofo_rl_evaluate.yaml) "
-                         f"or leave them out of --methods (valid methods: {', '.join(METHODS)})")
-
-
-def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="maml-stop evaluate",
-        description="Leave-one-family-out EM/token evaluation of every stopping method on fixed episodes.",
-    )
-    parser.add_argument("--config", action=ActionConfigFile,
-                        help="YAML settings, repeatable (experiments/evaluate.yaml, then overrides)")
-    parser.add_argument("--report_only", type=str | None, default=None,
-                        help="rebuild results.md and the plots from this results.json and exit")
-    parser.add_class_arguments(EvaluateConfig)
-    return parser
-
-
-def parse_config(argv: list[str]) -> EvaluateConfig:
-    """The :class:`EvaluateConfig` of a command line (``--config`` files and flags)."""
-    ns = _parser().parse_args(argv)
-    return EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
-
-
-def main(argv: list[str] | None = None) -> int:
-    from maml_stop.evaluate.protocol import run, write_results
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--report_only", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.report_only:  # no evaluation: the corpus and the rest of the settings are not needed
-        path = Path(known.report_only)
-        paths = write_results(json.loads(path.read_text()), path.parent)
-        print(f"report written: {paths['table']}")
-        return 0
-    cfg = parse_config(argv)
-    results = run(cfg)
-    print(f"results: {Path(cfg.out) / 'results.json'}; report: {Path(cfg.out) / 'results.md'} ({results['seconds']} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

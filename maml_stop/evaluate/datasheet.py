@@ -23,11 +23,11 @@ import numpy as np
 
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data import accounting, store
+from maml_stop.decide.policies import FirstProbe, OraclePolicy, evaluate_policy, oracle_at_equal_em
+from maml_stop.evaluate.report.plots import plot_probe_accuracy
 
 
 def family_stats(traces: list[Trace]) -> dict[str, Any]:
-    from maml_stop.decide.policies import FirstProbe, OraclePolicy, evaluate_policy, oracle_at_equal_em
-
     oracle = evaluate_policy(OraclePolicy(), traces)
     first = evaluate_policy(FirstProbe(), traces)
     equal_em_tokens = float(sum(o.total_tokens for o in oracle_at_equal_em(traces)))
@@ -131,8 +131,6 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
 
 
 def write_datasheet(root: str | Path) -> dict[str, Any]:
-    from maml_stop.evaluate.report.plots import plot_probe_accuracy
-
     corpus = TraceCorpus.load(root, min_probes=0)
     stats = corpus_stats(root, corpus)
     plot_probe_accuracy({f: corpus.traces(f) for f in corpus.families}, Path(root, "probe_accuracy.png"))

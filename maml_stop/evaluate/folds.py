@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.datamodule import resolve_features
 from maml_stop.data.episodes import FamilySplit
 from maml_stop.evaluate.config import EvaluateConfig
+from maml_stop.learn.cli import cli_main
+from maml_stop.learn.module import CheckpointError, load_predictor
 
-__all__ = ["Fold", "load_checkpoint", "train_fold", "resolve_folds"]
+__all__ = ["Fold", "load_checkpoint", "data_settings", "train_fold", "resolve_folds"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +51,6 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
     (``train``/``val``/``test`` resolved against the corpus families; empty when not recorded).
     Raises when the corpus lacks a feature the checkpoint was trained on (its ``feature_names``: every
     column of its corpus, or the ``data.features`` subset it was trained on)."""
-    from maml_stop.learn.module import CheckpointError, load_predictor
-
     _, adapter, meta = load_predictor(path)
     names = meta.get("feature_names")
     missing = [n for n in names or () if n not in corpus.feature_names]
@@ -68,11 +71,9 @@ def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any]
     return adapter, meta, split
 
 
-def _data_settings(configs: Sequence[str]) -> dict[str, Any]:
+def data_settings(configs: Sequence[str]) -> dict[str, Any]:
     """The ``data`` section of LightningCLI config files read in order (a later file's key wins, as
     with repeated ``--config``)."""
-    import yaml
-
     data: dict[str, Any] = {}
     for path in configs:
         data.update((yaml.safe_load(Path(path).read_text()) or {}).get("data", {}) or {})
@@ -86,12 +87,8 @@ def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path,
     configs' validation families; checkpoints and CSV/TensorBoard logs go under ``out/<folds>/<family>``
     (its output root, whatever paths the config names; a rerun replaces the folder). Returns the best
     (else last) checkpoint."""
-    import shutil
-
-    from maml_stop.learn.cli import cli_main
-
     configs = list(cfg.train_configs if configs is None else configs)
-    data = _data_settings(configs)
+    data = data_settings(configs)
     split = FamilySplit.holding_out(corpus.families, family, data.get("val_families"), data.get("n_val_families", 1))
     folder = out / folds / family
     shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier evaluation survives in the fold

@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 
 from maml_stop.data.episodes import FamilySplit
+from tasks.base import TaskError
+from tasks.reasoning_gym_families import generator_of
 
 __all__ = ["GroupedFold", "group_of", "family_groups", "grouped_folds", "resolve_counts", "ALL"]
 
@@ -43,9 +45,6 @@ ALL = "all"  # the count meaning every remaining family of a fold
 
 def group_of(family: str) -> str:
     """The group of a family: its reasoning-gym generator, or the family itself for any other family."""
-    from tasks.base import TaskError
-    from tasks.reasoning_gym_families import generator_of
-
     try:
         return generator_of(family)
     except TaskError:

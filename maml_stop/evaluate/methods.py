@@ -12,9 +12,12 @@ the order asked. The candidate grids come from the settings (``experiments/evalu
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import torch
+
+from maml_stop.data import store
 
 from maml_stop.decide.policies import (
     AnswerConfidence,
@@ -27,6 +30,7 @@ from maml_stop.decide.policies import (
     StoppingPolicy,
     TokenBudget,
 )
+from maml_stop.decide.policies import complexity as CX
 from maml_stop.decide.policies.cost_aware import (
     FeatureView,
     GatedProbe,
@@ -37,27 +41,31 @@ from maml_stop.decide.policies.cost_aware import (
 )
 from maml_stop.decide.policies.ensemble import Ensemble
 from maml_stop.decide.policies.hybrid import Both, Capped, Either, Floored
+from maml_stop.decide.policies.rl import RLPolicy, RLProbePolicy
 from maml_stop.decide.registry import make_selector
 from maml_stop.decide.thresholds import FixedThreshold
-from maml_stop.learn.predictor import fresh_copy
+from maml_stop.evaluate.config import DEFAULT_METHODS, EvaluateConfig
+from maml_stop.evaluate.folds import load_checkpoint
+from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.learn.module import CheckpointError
+from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor, fresh_copy
+from maml_stop.probe.question_features import QuestionFeaturizer
 
-from maml_stop.evaluate.report.tables import PROBE_METHODS  # the learned probes (calibration is reported): one home
+__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "ENSEMBLE_METHODS", "COMPLEXITY_METHODS",
+           "RL_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies", "check_methods"]
 
-if TYPE_CHECKING:
-    from maml_stop.evaluate.config import EvaluateConfig
-    from maml_stop.learn.predictor import PredictorConfig
-
-__all__ = ["METHODS", "DEFAULT_METHODS", "COST_AWARE_METHODS", "HYBRID_METHODS", "ENSEMBLE_METHODS", "COMPLEXITY_METHODS", "NEEDS_CHECKPOINT", "PROBE_METHODS", "BUILDERS", "MethodContext", "build_policies"]
+PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")  # the learned probes (their calibration is reported)
+NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 
 @dataclass
 class MethodContext:
     """What a method's policy is built from (one held-out family)."""
 
-    cfg: "EvaluateConfig"
+    cfg: EvaluateConfig
     adapter: Any | None  # meta-trained InnerLoopAdapter (None without a checkpoint)
     pooled: torch.nn.Module | None  # probe trained on the pooled source families
-    predictor_config: "PredictorConfig"  # the architecture of a probe from scratch
+    predictor_config: PredictorConfig  # the architecture of a probe from scratch
     inner_loss: str = "balanced"  # the adapter's inner loss, used by every adapted probe
     maml_steps: int | None = None  # inner steps of the meta-trained adapter at evaluation
     rl_checkpoint: str | None = None  # the held-out family's RL checkpoint (methods rl, rl_unadapted)
@@ -68,8 +76,6 @@ class MethodContext:
         """The columns of the traces the policies see (the fold's subset, else the corpus's ``meta.json``
         names), which the cost-aware methods select from."""
         if self._feature_names is None:
-            from maml_stop.data import store
-
             self._feature_names = list(store.read_meta(self.cfg.corpus)["feature_names"])
         return self._feature_names
 
@@ -83,19 +89,14 @@ class MethodContext:
 
 
 def _finetuned(c: MethodContext) -> StoppingPolicy:
-    from maml_stop.learn.adapter import InnerLoopAdapter
-
     tuner = InnerLoopAdapter(fresh_copy(c.pooled), algorithm="maml", inner_lr=c.cfg.finetune_lr,
                              inner_steps=c.cfg.finetune_steps, first_order=True, loss=c.inner_loss,
                              backend=c.cfg.backend)
     return ProbePolicy(adapter=tuner, name="finetuned", **c.probe, **c.adapted)
 
 
-def _scratch_adapter(c: MethodContext, config: "PredictorConfig") -> Any:
+def _scratch_adapter(c: MethodContext, config: PredictorConfig) -> InnerLoopAdapter:
     """An adapter that trains a seeded fresh predictor of ``config`` on the support set."""
-    from maml_stop.learn.adapter import InnerLoopAdapter
-    from maml_stop.learn.predictor import StoppingPredictor
-
     with torch.random.fork_rng():
         torch.manual_seed(c.cfg.seed)
         fresh = StoppingPredictor.from_config(config)
@@ -253,20 +254,14 @@ BUILDERS: dict[str, Callable[[MethodContext], StoppingPolicy]] = {
 # predicted from the question text (and a start probe's free features); run only when listed.
 
 
-def _complexity_features(c: MethodContext) -> Any:
-    from maml_stop.data import store
-    from maml_stop.decide.policies import complexity as CX
-    from maml_stop.probe.question_features import QuestionFeaturizer
-
+def _complexity_features(c: MethodContext) -> CX.ComplexityFeatures:
     start = CX.start_features(store.read_meta(c.cfg.corpus), c.feature_names) if c.cfg.complexity_start_probe else []
     questions = CX.QuestionTable.load(c.cfg.corpus, c.cfg.source_corpus)
     return CX.ComplexityFeatures(QuestionFeaturizer(c.feature_names, start), questions)
 
 
 def _complexity_budget(c: MethodContext, selector: Any = None, name: str = "complexity_budget") -> StoppingPolicy:
-    from maml_stop.decide.policies.complexity import ComplexityBudget
-
-    return ComplexityBudget(_complexity_features(c), selector, scales=c.cfg.complexity_scales,
+    return CX.ComplexityBudget(_complexity_features(c), selector, scales=c.cfg.complexity_scales,
                             default_scale=c.cfg.complexity_default_scale, alpha=c.cfg.complexity_ridge, name=name,
                             **c.adapted)
 
@@ -275,10 +270,7 @@ def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
     """Held-out family -> the meta-initialisation's source traces by family: ``source_families``, else the
     checkpoint's training families, else every other family of the source corpus (as the pooled probe's)."""
     def sources(family: str) -> dict:
-        from maml_stop.evaluate.folds import load_checkpoint
-        from maml_stop.decide.policies.complexity import load_corpus
-
-        corpus = load_corpus(str(c.cfg.source_corpus or c.cfg.corpus), c.cfg.min_probes)
+        corpus = CX.load_corpus(str(c.cfg.source_corpus or c.cfg.corpus), c.cfg.min_probes)
         path = (c.cfg.checkpoints or {}).get(family) or c.cfg.checkpoint
         split = load_checkpoint(path, corpus)[2] if path else {}
         held_out = [family, *([] if c.cfg.checkpoints or c.cfg.train_config else (c.cfg.families or split.get("test") or []))]
@@ -288,11 +280,7 @@ def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
 
 
 def _complexity_adapted(c: MethodContext) -> StoppingPolicy:
-    from maml_stop.decide.policies.complexity import ComplexityAdapted, ComplexityView
-    from maml_stop.learn.adapter import InnerLoopAdapter
-    from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
-
-    view = ComplexityView(_complexity_features(c))
+    view = CX.ComplexityView(_complexity_features(c))
     with torch.random.fork_rng():
         torch.manual_seed(c.cfg.seed)
         fresh = StoppingPredictor.from_config(PredictorConfig(n_features=view.width, **c.cfg.predictor))
@@ -302,7 +290,7 @@ def _complexity_adapted(c: MethodContext) -> StoppingPolicy:
     probe = ProbePolicy(adapter=adapter, name="complexity_adapted", **c.probe, **c.adapted)
     meta = dict(steps=c.cfg.complexity_meta_steps, lr=c.cfg.complexity_meta_lr, k=c.cfg.complexity_meta_k,
                 seed=c.cfg.seed)
-    return ComplexityAdapted(probe, view, _complexity_sources(c), meta, name="complexity_adapted")
+    return CX.ComplexityAdapted(probe, view, _complexity_sources(c), meta, name="complexity_adapted")
 
 
 def _complexity_capped_maml(c: MethodContext) -> StoppingPolicy:
@@ -325,9 +313,6 @@ COST_AWARE_METHODS = ("free_probe", "gated_probe", "sparse", "free_give_up", "pr
 HYBRID_METHODS = ("hybrid_budget", "hybrid_floor", "either_consistency_confidence", "both_consistency_confidence")
 ENSEMBLE_METHODS = ("ensemble_average", "ensemble_vote")
 METHODS: tuple[str, ...] = tuple(BUILDERS)  # every valid method
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in COST_AWARE_METHODS + HYBRID_METHODS
-                                         + ENSEMBLE_METHODS + COMPLEXITY_METHODS)  # run when none are listed
-NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 
 # -- the RL stopping policy (maml_stop.learn.rl, issue 13 item 5): cfg.rl_checkpoint, read through the same road
@@ -336,13 +321,6 @@ NEEDS_CHECKPOINT = ("maml",)  # methods that need a meta-trained adapter
 
 
 def _rl(c: MethodContext, name: str) -> StoppingPolicy:
-    from types import SimpleNamespace
-
-    from maml_stop.data import store
-    from maml_stop.evaluate.folds import load_checkpoint
-    from maml_stop.decide.policies.rl import RLPolicy, RLProbePolicy
-    from maml_stop.learn.module import CheckpointError
-
     path = c.rl_checkpoint or (c.cfg.rl_checkpoint if isinstance(c.cfg.rl_checkpoint, str) else None)
     if not path:
         raise ValueError(f"method {name!r} needs an RL checkpoint (maml-stop fit --config experiments/quickstart.yaml "
@@ -369,11 +347,11 @@ METHODS = (*METHODS, *RL_METHODS)  # valid; run only when listed (not in DEFAULT
 
 
 def build_policies(
-    cfg: "EvaluateConfig",
+    cfg: EvaluateConfig,
     methods: Sequence[str],
     adapter: Any | None,
     pooled: torch.nn.Module | None,
-    predictor_config: "PredictorConfig",
+    predictor_config: PredictorConfig,
     inner_loss: str = "balanced",
     maml_steps: int | None = None,
     rl_checkpoint: str | None = None,
@@ -391,3 +369,20 @@ def build_policies(
             raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
         policies[name] = BUILDERS[name](context)
     return policies
+
+
+def check_methods(cfg: EvaluateConfig) -> None:
+    """Raise a ``ValueError`` naming the valid methods when the methods asked for cannot be run."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    if not (cfg.checkpoint or cfg.checkpoints or cfg.train_config) and any(m in NEEDS_CHECKPOINT for m in cfg.methods):
+        raise ValueError(
+            "method 'maml' needs a meta-trained checkpoint: pass --checkpoint, --checkpoints or --train_config, "
+            f"or leave 'maml' out of --methods (valid methods: {', '.join(METHODS)})"
+        )
+    rl = [m for m in cfg.methods if m in RL_METHODS]
+    if rl and not (cfg.rl_checkpoint or cfg.rl_train_config):
+        raise ValueError(f"methods {rl} need an RL checkpoint: set rl_checkpoint (experiments/rl_evaluate.yaml) "
+                         "or rl_train_config (experiments/lofo_rl_evaluate.yaml) "
+                         f"or leave them out of --methods (valid methods: {', '.join(METHODS)})")

@@ -9,8 +9,9 @@ query set against full generation of the same traces. Writes into ``out``:
 * ``results.md``: tables (per family and mean, 95% intervals over episodes) and the written analysis;
 * ``curves_k<K>.png`` (EM vs tokens per family, every method), ``savings_vs_k.png``, ``calibration.png``.
 
-Settings: :mod:`maml_stop.evaluate.config` (and its command line); held-out families and their adapters:
-:mod:`maml_stop.evaluate.folds`; the methods: :mod:`maml_stop.evaluate.methods`. This module is the loop
+Settings: :mod:`maml_stop.evaluate.config` (the command line: :mod:`maml_stop.evaluate.command`); held-out
+families and their adapters: :mod:`maml_stop.evaluate.folds`; the methods: :mod:`maml_stop.evaluate.methods`. This
+module is the loop
 over families, K and episodes, and the results file.
 
 >>> from maml_stop.evaluate.config import EvaluateConfig                            # doctest: +SKIP
@@ -29,13 +30,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from maml_stop.evaluate import metrics as M
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.datamodule import select_features
-from maml_stop.evaluate.config import EvaluateConfig, check_config
-from maml_stop.evaluate.folds import resolve_folds
-from maml_stop.evaluate.methods import PROBE_METHODS, build_policies
+from maml_stop.data.episodes import EpisodeSampler
 from maml_stop.decide.policies import (
     ProbePolicy,
     StoppingPolicy,
@@ -46,6 +45,12 @@ from maml_stop.decide.policies import (
 from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
+from maml_stop.evaluate import metrics as M
+from maml_stop.evaluate.backoff import calibrate_backoff
+from maml_stop.evaluate.config import EvaluateConfig, check_config
+from maml_stop.evaluate.folds import data_settings, resolve_folds
+from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
+from maml_stop.evaluate.report import write_report
 from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
@@ -137,10 +142,6 @@ def evaluate_family(
     ((method, K) -> selectors) replaces ``selectors`` for that method and K (a fold's calibrated
     ``em_target_backoff``).
     """
-    from tqdm.auto import tqdm
-
-    from maml_stop.data.episodes import EpisodeSampler
-
     sampler = EpisodeSampler({family: list(traces)}, k=min(shots), q=query, seed=seed)
     out: dict[str, dict[str, Any]] = {}
     for k in shots:
@@ -199,6 +200,7 @@ def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the protocol; write results.json, results.md and the plots; return the results."""
     check_config(cfg)
+    check_methods(cfg)
     torch.set_num_threads(1)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,8 +316,6 @@ def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies
     thresholded method, on the fold's source families, when ``em_target_backoff`` is asked for."""
     if "em_target_backoff" not in selectors:
         return {}
-    from maml_stop.evaluate.backoff import calibrate_backoff
-
     by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
     out = {}
     for name, policy in policies.items():
@@ -331,10 +331,8 @@ def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies
 def _may_read_subset(cfg: EvaluateConfig) -> bool:
     """Whether a fold may read a feature subset: ``features`` set, a checkpoint (its own subset), or a
     fit config with ``data.features``."""
-    from maml_stop.evaluate.folds import _data_settings
-
     return (cfg.features is not None or bool(cfg.checkpoint or cfg.checkpoints)
-            or _data_settings(cfg.train_configs).get("features") is not None)
+            or data_settings(cfg.train_configs).get("features") is not None)
 
 
 def _check_columns(fold, corpus: TraceCorpus, source: TraceCorpus, cfg: EvaluateConfig) -> tuple[TraceCorpus, TraceCorpus]:
@@ -394,8 +392,6 @@ def _json_safe(x: Any) -> Any:
 
 def write_results(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """results.json plus the report (tables, analysis, plots) in ``out``."""
-    from maml_stop.evaluate.report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"

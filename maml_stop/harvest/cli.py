@@ -33,6 +33,8 @@ from maml_stop.probe.labels import final_answer
 from maml_stop.harvest.model import load_model, model_identity, resolve_device
 from maml_stop.probe.schedule import ProbeSchedule
 from maml_stop.probe.think import check_think_trigger, count_think_tokens, think_schedule
+from tasks import get_family
+from tasks.base import check_reasoning_format, think_trigger
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,6 @@ def harvest(
     schedule, features, generation settings, question order (``n_per_family``, ``seed``) and the
     settings of every family already stored (``family_args``); any difference is refused, naming it.
     """
-    from tasks import get_family
-
     torch.set_num_threads(num_threads)
     if not families:
         raise ValueError("no task families given")
@@ -256,8 +256,6 @@ def harvest(
         raise ValueError(f"worker must be in 0..num_workers-1 and num_workers >= 1; got worker={worker!r}, "
                          f"num_workers={num_workers!r}")
     resolve_device(device)  # a bad device string, or CUDA on a machine without it, fails before anything loads
-    from tasks.base import check_reasoning_format, think_trigger
-
     check_reasoning_format(reasoning_format)
     if reasoning_format == "think":
         check_think_trigger(answer_trigger)

@@ -50,6 +50,7 @@ from maml_stop.data.batches import DataError
 from maml_stop.data.datamodule import EpisodeBatch
 from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
+from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 
 __all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "CheckpointError", "CKPT_KEY"]
 
@@ -300,8 +301,6 @@ def load_predictor(
 
     Check the corpus you adapt on with ``check_feature_names(meta["feature_names"], corpus.feature_names)``.
     """
-    from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
-
     path = str(checkpoint_path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")

@@ -36,6 +36,7 @@ import yaml
 from maml_stop.data import store
 from maml_stop.data.episodes import FamilySplit
 from maml_stop.learn.adapter import LOSSES, parse_loss
+from maml_stop.learn.cli import cli_main
 
 __all__ = ["DEFAULT_SPACE", "HeldOutReadError", "TuneResult", "load_space", "corpus_view", "tune", "main"]
 
@@ -138,8 +139,6 @@ def tune(
     """Run the study (module docstring) and write the best trial's fit-ready YAML to ``out``."""
     import optuna
     from lightning.pytorch.callbacks import Callback
-
-    from maml_stop.learn.cli import cli_main
 
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1; got {n_trials}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from maml_stop.learn.cli import cli_main
 
 __all__ = ["save_zero_step", "main"]
 
@@ -41,8 +42,6 @@ def save_zero_step(fit_args: Sequence[str], path: str | Path) -> str:
     (a temporary name, then ``os.replace``): a checkpoint at ``path`` is a complete one. Raises ``RuntimeError`` if a
     parameter moved or the normalisation is not the meta-training families'."""
     from lightning.pytorch import Trainer
-
-    from maml_stop.learn.cli import cli_main
 
     path = Path(path)
     root = path.parent

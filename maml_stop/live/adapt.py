@@ -34,12 +34,13 @@ import torch
 from maml_stop.data import store
 from maml_stop.data.accounting import savings
 from maml_stop.data.corpus import Trace, TraceCorpus
-from maml_stop.data.episodes import QuestionGroups
+from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.decide.policies import ProbePolicy, evaluate_policy
 from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.learn.predictor import fresh_copy
 from maml_stop.data.datamodule import select_features
+from maml_stop.learn.module import CheckpointError, load_predictor
 from maml_stop.live.artifact import (FORMAT, AdaptedPredictor, AdaptError, check_names, load_adapted, probe_recipe,
                                      save_adapted)
 
@@ -97,9 +98,6 @@ def adapt(
     crossfit: bool = False,
 ) -> AdaptedPredictor:
     """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold."""
-    from maml_stop.learn.module import load_predictor
-    from maml_stop.data.episodes import split_support_query
-
     if threshold_method not in SELECTORS:
         raise AdaptError(f"unknown threshold method {threshold_method!r}; valid methods: {', '.join(SELECTORS)}")
     if k < 1:
@@ -186,8 +184,6 @@ def _parser():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    from maml_stop.learn.module import CheckpointError
-
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         adapted = adapt(

@@ -29,6 +29,7 @@ from maml_stop import SCHEMA_VERSION
 from maml_stop.decide.rule import reached
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
+from maml_stop.probe.features import feature_cost
 
 __all__ = ["AdaptedPredictor", "AdaptError", "load_adapted", "save_adapted", "check_names", "probe_recipe",
            "live_mode", "missing_recipe_fields", "FORMAT", "RECIPE_FIELDS", "FEATURIZER_FIELDS"]
@@ -44,8 +45,6 @@ def live_mode(feature_names: Sequence[str], costs: dict[str, str] | None = None)
     """The live mode a predictor on ``feature_names`` runs in: ``"free"`` when every feature is free
     (``costs``, the corpus ``feature_costs``, else :func:`~maml_stop.probe.features.feature_cost`; a
     name of no known class counts as paid), else ``"every"``."""
-    from maml_stop.probe.features import feature_cost
-
     def cost(name: str) -> str:
         try:
             return (costs or {}).get(name) or feature_cost(name)

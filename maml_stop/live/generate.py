@@ -31,6 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from maml_stop.harvest.model import load_model, resolve_device
+from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
+from maml_stop.live.stopping import LiveStopping
+from maml_stop.probe.forcing import eos_ids
+from maml_stop.probe.think import count_think_tokens
+from tasks import get_family
+from tasks.base import Question, TaskError, question_id, split_of
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GenerateError", "InputQuestion", "read_questions", "generate_answers", "result_row", "main"]
@@ -80,10 +88,6 @@ def _family_of(adapted_path: str, family_args: dict | None = None):
     """The family named by the artifact's recipe (it renders the prompts and scores answers): a registry
     family, or one rebuilt from ``family_args``, the harvest's ``family_args`` (``{dataset: {path: ...,
     answer_format: ..., name: ...}}``: a ``dataset`` family is stored under its own name)."""
-    from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
-    from tasks import get_family
-    from tasks.base import TaskError
-
     adapted = load_adapted(adapted_path)
     missing = missing_recipe_fields(adapted.recipe)
     if missing:
@@ -129,8 +133,6 @@ def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], fami
     forced = [int(round(float(v[k]))) + trigger for v, f in zip(criteria.features[row], criteria.forced[row]) if f]
     think = {}
     if getattr(criteria, "reasoning_format", "plain") == "think":
-        from maml_stop.probe.think import count_think_tokens
-
         count = count_think_tokens(tokenizer, list(generated)[:reasoning])
         think = {"think_tokens": count.think_tokens, "after_think_tokens": count.after_think_tokens,
                  "think_closed": count.closed}
@@ -154,9 +156,6 @@ def generate_answers(criteria, model, tokenizer, family, questions: Sequence[Inp
     the model's)."""
     import torch
     from transformers import StoppingCriteriaList
-
-    from maml_stop.probe.forcing import eos_ids
-    from tasks.base import Question, question_id, split_of
 
     qs = [Question(q.id or question_id(family.name, q.text), family.name, split_of(q.text), q.text, q.gold or "")
           for q in questions]
@@ -213,8 +212,6 @@ def _parser():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from maml_stop.live.artifact import AdaptError
-
     def fail(msg) -> int:
         print(f"maml-stop generate: {msg}", file=sys.stderr)
         return 2
@@ -228,15 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                      else read_questions(args.questions, args.field, args.gold_field))
         if not Path(args.adapted).is_file():
             raise GenerateError(f"adapted file {args.adapted} does not exist")
-        from maml_stop.harvest.model import load_model, resolve_device
-
         try:
             resolve_device(args.device)  # a bad --device fails before anything loads
         except ValueError as err:
             raise GenerateError(f"--device: {err}") from None
         family = _family_of(args.adapted, args.family_args)  # before the model loads
-        from maml_stop.live.stopping import LiveStopping
-
         model, tok = load_model(args.model, args.dtype, device=args.device)
         criteria = LiveStopping.from_adapted(args.adapted, model, tok, max_new_tokens=args.max_new_tokens)
     except (GenerateError, AdaptError, FileNotFoundError, OSError) as err:

@@ -12,17 +12,16 @@ from torch import nn
 
 from maml_stop.probe.features import ProbeFeaturizer
 from maml_stop.probe.schedule import ProbeSchedule
+from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
+from tasks import get_family
+from tasks.answers import extract_probe
+from tasks.base import TaskError
 
 
 def live_parts(path, model: nn.Module) -> dict[str, Any]:
     """The constructor arguments of ``LiveStopping`` for ``model``, from the adapted file ``path``.
     Raises :class:`~maml_stop.live.artifact.AdaptError` for an artifact without a complete recipe (naming
     the missing fields), a model of another hidden size, or features the recipe does not make."""
-    from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
-    from tasks import get_family
-    from tasks.answers import extract_probe
-    from tasks.base import TaskError
-
     adapted = load_adapted(path)
     recipe = adapted.recipe
     missing = missing_recipe_fields(recipe)

@@ -70,6 +70,8 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
+from maml_stop.live.recipe import live_parts
+from maml_stop.live.rule import MODES, Replay, StopRule, _Row, replay  # Replay, replay: re-exported
 from maml_stop.probe.forcing import (RowSchedule, answer_end_test, encode_trigger, eos_ids, force_answers,
                                      forced_features, probe_reason, sub_cache, unforced_features)
 from maml_stop.probe.features import ProbeFeaturizer, entropy_from_logits
@@ -80,7 +82,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LiveStopping", "StopRule", "replay", "Replay", "MODES"]
 
-from maml_stop.live.rule import MODES, Replay, StopRule, _Row, replay  # noqa: E402  (Replay, replay: re-exported)
 
 def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "model", None) or getattr(model, "base_model", None)
@@ -204,8 +205,6 @@ class LiveStopping(StoppingCriteria):
         >>> model.generate(**enc, max_new_tokens=criteria.max_new_tokens,
         ...                stopping_criteria=StoppingCriteriaList([criteria]))                   # doctest: +SKIP
         """
-        from maml_stop.live.recipe import live_parts
-
         parts = live_parts(path, model)
         return cls(model, tokenizer, parts.pop("predictor"), parts.pop("threshold"), None, parts.pop("feature_names"),
                    parts.pop("featurizer"), parts.pop("schedule"), **{**parts, "mode": mode or parts["mode"],

@@ -46,12 +46,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from maml_stop.data import store
+from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace, TraceCorpus
+from maml_stop.data.episodes import EpisodeSampler, QuestionGroups, split_support_query
 from maml_stop.decide.policies.base import StopOutcome, ThresholdedPolicy, full_generation_outcome, probe_outcome
 from maml_stop.decide.policies.baselines import TokenBudget
 from maml_stop.decide.policies.cost_aware import ViewProbe
 from maml_stop.decide.policies.learned import ProbePolicy
 from maml_stop.decide.selector import StopSelector
+from maml_stop.probe.features import feature_cost
 from maml_stop.probe.question_features import QuestionFeaturizer
 
 log = logging.getLogger(__name__)
@@ -98,8 +102,6 @@ def start_features(meta: Mapping, feature_names: Sequence[str]) -> list[str]:
     :func:`~maml_stop.probe.features.feature_cost`."""
     if not (meta.get("schedule") or {}).get("at_start"):
         return []
-    from maml_stop.probe.features import feature_cost
-
     costs = meta.get("feature_costs") or {}
     return [n for n in feature_names if (costs.get(n) or feature_cost(n)) == "free"]
 
@@ -114,8 +116,6 @@ class QuestionTable:
     def load(cls, *roots: str | Path | None) -> "QuestionTable":
         """The questions of every shard of the corpora ``roots`` (None entries skipped)."""
         import pyarrow.parquet as pq
-
-        from maml_stop.data import store
 
         out: dict[str, str] = {}
         for root in roots:
@@ -215,8 +215,6 @@ class ComplexityBudget(ThresholdedPolicy):
         return RidgeRegressor(self.alpha).fit(self.features.matrix(traces), y)
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:
-        from maml_stop.data.episodes import QuestionGroups, split_support_query
-
         self._support = {}
         if self.crossfit and len(QuestionGroups(support)) >= 2:
             n = len(QuestionGroups(support))
@@ -279,9 +277,6 @@ def meta_initialise(adapter, traces_by_family: Mapping[str, Sequence[Trace]], st
     of ``traces_by_family`` (already :class:`ComplexityView` traces): normalisation from all of their
     features, then ``steps`` Adam steps on the mean query loss after adaptation
     (:meth:`InnerLoopAdapter.episode_losses`, tested equal to ``fit_support``). Returns the losses."""
-    from maml_stop.data.batches import collate_traces
-    from maml_stop.data.episodes import EpisodeSampler, QuestionGroups
-
     if steps < 0 or not lr > 0 or k < 1 or meta_batch < 1:
         raise ValueError(f"meta_initialise needs steps >= 0, lr > 0, k >= 1, meta_batch >= 1; got {steps}, {lr}, {k}, "
                          f"{meta_batch}")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
+from maml_stop.evaluate.methods import PROBE_METHODS
 from maml_stop.evaluate.report.stats import ORACLES, fmt_ci, summarise
 
-__all__ = ["PROBE_METHODS", "METHOD_LABELS", "pct", "markdown_tables", "within_target", "versus_best_table", "backoff_table"]
+__all__ = ["METHOD_LABELS", "pct", "markdown_tables", "within_target", "versus_best_table", "backoff_table"]
 
-PROBE_METHODS = ("pooled", "finetuned", "scratch", "maml")
 METHOD_LABELS = {
     "full": "full generation",
     "first_probe": "stop at the first probe",
