@@ -129,10 +129,11 @@ def test_bad_settings_name_the_valid_choices():
         RLConfig(baseline="mean", samples=1)
     with pytest.raises(ValueError, match="lam .* >= 0"):
         RLStoppingModule(n_features=3, lam=-1.0)
-    from maml_stop.evaluate.config import EvaluateConfig, check_config
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.methods import check_methods
 
     with pytest.raises(ValueError, match=r"methods \['rl'\] need an RL checkpoint"):
-        check_config(EvaluateConfig(corpus="c", methods=["full", "rl"]))
+        check_methods(EvaluateConfig(corpus="c", methods=["full", "rl"]))
 
 
 def test_cli_picks_the_model_class(tiny_corpus, tmp_path):
@@ -269,6 +270,7 @@ def test_rl_checkpoint_per_family_is_the_fold_of_that_family(tiny_corpus, tmp_pa
     cfg = EvaluateConfig(corpus=tiny_corpus, methods=["full", "rl"], families=["fam_b", "fam_c"],
                          rl_checkpoint={"fam_b": "b.ckpt", "fam_c": "c.ckpt"})
     check_config(cfg)
+    methods.check_methods(cfg)
     assert rl_checkpoints(cfg, ["fam_b", "fam_c"], corpus, tmp_path) == ["b.ckpt", "c.ckpt"]
     with pytest.raises(ValueError, match=r"no RL checkpoint for held-out families \['fam_a'\].*\['fam_b', 'fam_c'\]"):
         rl_checkpoints(cfg, ["fam_a", "fam_b"], corpus, tmp_path)
@@ -287,4 +289,4 @@ def test_rl_checkpoint_per_family_is_the_fold_of_that_family(tiny_corpus, tmp_pa
     with pytest.raises(ValueError, match="at most one of rl_checkpoint and rl_train_config"):
         check_config(EvaluateConfig(corpus=tiny_corpus, methods=["rl"], rl_checkpoint="x", rl_train_config="y.yaml"))
     with pytest.raises(ValueError, match="rl_train_config"):
-        check_config(EvaluateConfig(corpus=tiny_corpus, methods=["rl"]))
+        methods.check_methods(EvaluateConfig(corpus=tiny_corpus, methods=["rl"]))
