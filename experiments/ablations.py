@@ -15,7 +15,7 @@ checkpoint it evaluated and that checkpoint's optimiser step. A meta-trained var
 (:mod:`maml_stop.learn.zero_step`: the random initialisation with the meta-training families'
 normalisation, no optimiser step), adapted by the same adapter.
 
-    python experiments/ablations.py --shots 16 --episodes 50
+    python experiments/ablations.py --k 16 --episodes 50
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def ran(kind: str, ckpt: Path) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--k", type=int, default=16)
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
@@ -85,13 +85,13 @@ def main() -> int:
         shutil.rmtree(run, ignore_errors=True)
         ckpt, cmd = checkpoint_of(kind, run, [*FIT_CONFIGS, *extra, *args.fit_args], exe)
         evaluate = [str(exe), "evaluate", "--config", "experiments/evaluate.yaml", "--config", "experiments/main_evaluate.yaml",
-                    f"--out={run}/evaluate", f"--checkpoint={ckpt}", f"--shots=[{args.shots}]",
+                    f"--out={run}/evaluate", f"--checkpoint={ckpt}", f"--k=[{args.k}]",
                     f"--episodes={args.episodes}", "--threshold_methods=[em_target]", "--progress=false"]
         subprocess.run(evaluate, check=True, stdout=subprocess.DEVNULL)
         what = ran(kind, ckpt)
         commands.append((name, what, cmd, evaluate))
         results = json.loads((run / "evaluate" / "results.json").read_text())
-        s = summarise(results)[str(args.shots)]
+        s = summarise(results)[str(args.k)]
         for method in ("maml", "finetuned", "pooled", "confidence", "oracle", "oracle_equal_em"):
             m = s[method]["mean"]
             rows.append((name if method == "maml" else "", what if method == "maml" else "", method,
@@ -107,7 +107,7 @@ def main() -> int:
     def shell(cmd: list[str]) -> str:
         return " ".join(Path(c).name if j == 0 else c for j, c in enumerate(cmd))
 
-    lines = [f"K={args.shots}, {args.episodes} episodes per held-out family, threshold em_target (1 point) on support",
+    lines = [f"K={args.k}, {args.episodes} episodes per held-out family, threshold em_target (1 point) on support",
              "", "## MAML-adapted probe per variant", "", *header, *(row(r) for r in rows if r[2] == "maml"),
              "", "## Every method per variant", "",
              "The pooled, fine-tuned and from-scratch probes use the variant's predictor architecture.", "",

@@ -49,11 +49,11 @@ def synthetic_rows(family: str, n: int, max_probes: int, seed: int) -> list[dict
     return rows
 
 
-def measure(traces: int = 400, probes: int = 16, episodes: int = 10, shots: list[int] | None = None,
+def measure(traces: int = 400, probes: int = 16, episodes: int = 10, k: list[int] | None = None,
             methods: list[str] | None = None) -> dict:
     """Run the protocol (cross-fitting, as in evaluate.yaml) on one held-out synthetic family and time it.
-    ``shots``/``methods``: default the :class:`EvaluateConfig` ones. Returns ``seconds`` (report included),
-    ``evaluation_seconds`` (the protocol's own), ``episodes``, ``seconds_per_episode``, ``shots``, ``methods``."""
+    ``k`` (the K values)/``methods``: default the :class:`EvaluateConfig` ones. Returns ``seconds`` (report
+    included), ``evaluation_seconds`` (the protocol's own), ``episodes``, ``seconds_per_episode``, ``k``, ``methods``."""
     from maml_stop.evaluate.protocol import EvaluateConfig, run
     from maml_stop.learn.module import MetaStoppingModule
 
@@ -68,15 +68,15 @@ def measure(traces: int = 400, probes: int = 16, episodes: int = 10, shots: list
                 "datamodule_hyper_parameters": {"val_families": ["fam_b"], "test_families": ["fam_c"]}}
         module.on_save_checkpoint(ckpt)
         torch.save(ckpt, Path(tmp) / "tiny.ckpt")
-        extra = {k: v for k, v in (("shots", shots), ("methods", methods)) if v is not None}
+        extra = {name: value for name, value in (("k", k), ("methods", methods)) if value is not None}
         cfg = EvaluateConfig(corpus=str(root), checkpoint=str(Path(tmp) / "tiny.ckpt"), out=str(Path(tmp) / "out"),
                              episodes=episodes, progress=False, crossfit=True, **extra)  # as in evaluate.yaml
         start = time.perf_counter()
         results = run(cfg)
         seconds = time.perf_counter() - start
-    n = episodes * len(cfg.shots)
+    n = episodes * len(cfg.k)
     return {"seconds": seconds, "evaluation_seconds": results["seconds"], "episodes": n,
-            "seconds_per_episode": seconds / n, "shots": list(cfg.shots), "methods": list(cfg.methods)}
+            "seconds_per_episode": seconds / n, "k": list(cfg.k), "methods": list(cfg.methods)}
 
 
 def main() -> None:
@@ -88,11 +88,11 @@ def main() -> None:
     torch.set_num_threads(1)
     res = measure(args.traces, args.probes, args.episodes)
     print(f"{args.traces} traces/family, <= {args.probes} probes, {len(res['methods'])} methods, "
-          f"K in {res['shots']}: {res['seconds']:.1f} s for {res['episodes']} episodes of one family "
+          f"K in {res['k']}: {res['seconds']:.1f} s for {res['episodes']} episodes of one family "
           f"({res['seconds_per_episode']:.2f} s/episode, report included; evaluation alone "
           f"{res['evaluation_seconds']:.1f} s)")
-    projected = res["seconds_per_episode"] * 50 * len(res["shots"]) * N_FAMILIES_IN_RECIPE
-    print(f"projected full protocol (50 episodes x {len(res['shots'])} K x {N_FAMILIES_IN_RECIPE} held-out families): "
+    projected = res["seconds_per_episode"] * 50 * len(res["k"]) * N_FAMILIES_IN_RECIPE
+    print(f"projected full protocol (50 episodes x {len(res['k'])} K x {N_FAMILIES_IN_RECIPE} held-out families): "
           f"{projected / 60:.0f} min")
 
 

@@ -99,7 +99,7 @@ class EvaluateSettings:
     traces: int = 400  # synthetic traces per family
     probes: int = 16  # at most, per trace
     episodes: int = 5  # per K
-    shots: list[int] = field(default_factory=lambda: [16])
+    k: list[int] = field(default_factory=lambda: [16])
     methods: list[str] | None = None  # default: EvaluateConfig's (maml_stop.evaluate.methods.DEFAULT_METHODS)
 
 
@@ -318,7 +318,7 @@ def run_evaluate(cfg: BenchmarkConfig) -> dict:
     import bench_evaluate
 
     e = cfg.evaluate
-    return bench_evaluate.measure(e.traces, e.probes, e.episodes, shots=list(e.shots), methods=e.methods)
+    return bench_evaluate.measure(e.traces, e.probes, e.episodes, k=list(e.k), methods=e.methods)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def render_markdown(results: dict) -> str:
                      f"{cpu} (Python peak {corpus['python_peak_mib']:.0f} MiB, measured in a second load) |")
     ev = results.get("evaluate")
     if ev:
-        other.append(f"| evaluation per episode ({len(ev['methods'])} methods, K in {ev['shots']}, cross-fitting, "
+        other.append(f"| evaluation per episode ({len(ev['methods'])} methods, K in {ev['k']}, cross-fitting, "
                      f"synthetic corpus, report included) | {ev['seconds_per_episode']:.2f} s |")
     mem = results["memory"]
     other.append(f"| peak resident memory (after each section: "

@@ -219,15 +219,15 @@ def _write_json(path: Path, data: Any) -> None:
 # evaluation (the maml-stop evaluate machinery, every checkpoint of a cell on the same episodes)
 
 
-def adapted_query_loss(adapter, model_or_none, traces, family, shots, episodes, seed, query, steps) -> dict[str, list[float]]:
+def adapted_query_loss(adapter, model_or_none, traces, family, ks, episodes, seed, query, steps) -> dict[str, list[float]]:
     """Per K, per episode: ``adapter.loss`` on the query set of the model adapted on the support set
     (``model_or_none`` given: that model, unadapted). The episodes are ``evaluate_family``'s."""
     from maml_stop.data.batches import collate_traces
     from maml_stop.data.episodes import EpisodeSampler
 
-    sampler = EpisodeSampler({family: list(traces)}, k=min(shots), q=query, seed=seed)
+    sampler = EpisodeSampler({family: list(traces)}, k=min(ks), q=query, seed=seed)
     out: dict[str, list[float]] = {}
-    for k in shots:
+    for k in ks:
         losses = []
         for ep in sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query):
             model = model_or_none if model_or_none is not None else adapter.fit_support(ep.support, steps=steps)
@@ -320,9 +320,9 @@ def _evaluate_family(family: str) -> tuple[dict, dict]:
     torch.set_num_threads(1)
     traces = [t for t in view.traces(family) if ecfg.splits is None or t.split in ecfg.splits]
     log.info("fold %d, %d meta-training families: evaluating %s", fold.index, len(split.train), family)
-    cells = evaluate_family(family, traces, policies, selectors, ecfg.shots, ecfg.episodes, ecfg.seed,
+    cells = evaluate_family(family, traces, policies, selectors, ecfg.k, ecfg.episodes, ecfg.seed,
                             ecfg.query, ecfg.delta, ecfg.calibration_bins, ecfg.progress, None)
-    args = (traces, family, ecfg.shots, ecfg.episodes, ecfg.seed, ecfg.query)
+    args = (traces, family, ecfg.k, ecfg.episodes, ecfg.seed, ecfg.query)
     losses = {name: adapted_query_loss(adapter, None, *args, (meta.get("hyper_parameters") or {}).get("eval_inner_steps"))
               for name, (adapter, meta) in loaded.items()}
     if pooled is not None:
@@ -339,7 +339,8 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
     from maml_stop.evaluate.compare import compare
     from maml_stop.evaluate.command import parse_config
     from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
-    from maml_stop.evaluate.protocol import fork_map, write_results
+    from maml_stop.evaluate.protocol import fork_map
+    from maml_stop.evaluate.results_file import write_results
     from maml_stop.evaluate.report import summarise
     torch.set_num_threads(1)
     started = time.time()
@@ -415,7 +416,7 @@ def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
         oracles = [m for m in base if m.startswith("oracle")]
         methods = [m for m in base if m not in oracles] + names + oracles  # the oracles last, as in maml-stop evaluate
         results = {
-            "corpus": cfg.corpus, "source_corpus": None, "families": families, "shots": list(ecfg.shots),
+            "corpus": cfg.corpus, "source_corpus": None, "families": families, "k": list(ecfg.k),
             "methods": methods, "threshold_methods": list(ecfg.threshold_methods), "episodes": ecfg.episodes,
             "delta": ecfg.delta, "ltt_delta": ecfg.delta if ecfg.ltt_delta is None else ecfg.ltt_delta,
             "ltt_alpha": ecfg.ltt_alpha, "config": dataclasses.asdict(ecfg), "feature_names": corpus.feature_names,
@@ -443,8 +444,9 @@ def rebuild(path: Path) -> dict[str, Any]:
     from maml_stop.evaluate.config import EvaluateConfig
     from maml_stop.evaluate.grouped_folds import GroupedFold
     from maml_stop.evaluate.report import summarise
+    from maml_stop.evaluate.results_file import read_results
 
-    old = json.loads(path.read_text())
+    old = _migrate_study(json.loads(path.read_text()))
     if not all((path.parent / f"n_{c}" / "results.json").is_file() for c in old["counts"]):
         log.info("no per-count results.json beside %s: report.md and plots from its stored figures", path)
         plot_study(old, path.parent)
@@ -453,12 +455,22 @@ def rebuild(path: Path) -> dict[str, Any]:
     cfg, ecfg = StudyConfig(**old["config"]), EvaluateConfig(**old["evaluate"])
     folds = [GroupedFold(**f) for f in old["folds"]]
     labels = [int(c) if c.isdigit() else c for c in old["counts"]]
-    per_count = {c: json.loads((path.parent / f"n_{c}" / "results.json").read_text()) for c in old["counts"]}
+    per_count = {c: read_results(path.parent / f"n_{c}" / "results.json") for c in old["counts"]}
     study = summarise_study(cfg, ecfg, folds, labels, old["n_train"], per_count, summarise, compare)
     study["seconds"] = old["seconds"]
     path.write_text(json.dumps(study, indent=1, default=_jsonable))
     plot_study(study, path.parent)
     (path.parent / "report.md").write_text(report_markdown(study))
+    return study
+
+
+def _migrate_study(study: dict[str, Any]) -> dict[str, Any]:
+    """A study results.json written before issue 31's names (``shots`` for ``k``, ``fixed_tau`` for ``tau``)."""
+    from maml_stop.evaluate.results_file import migrate_config
+
+    if "shots" in study:
+        study["k"] = study.pop("shots")
+    migrate_config(study.get("evaluate") or {})
     return study
 
 
@@ -492,7 +504,7 @@ def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, com
         results = per_count[key]
         s = summarise(results, headline)
         curve[key] = {}
-        for k in results["shots"]:
+        for k in results["k"]:
             curve[key][str(k)] = {}
             for m in results["methods"]:
                 row = s[str(k)][m]["mean"]
@@ -510,7 +522,7 @@ def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, com
                 other = f"zero_step_{v}" if b == "zero_step" else b
                 if other not in results["methods"]:
                     continue
-                table = compare(results, results, v, other, headline, results["shots"], None, cfg.n_resamples, cfg.seed)
+                table = compare(results, results, v, other, headline, results["k"], None, cfg.n_resamples, cfg.seed)
                 rows = table["rows"]
                 mean = [r for r in rows if r["family"] == "mean"] or rows  # one family: its own row
                 for r in mean:
@@ -518,7 +530,7 @@ def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, com
     return {
         "config": dataclasses.asdict(cfg), "evaluate": dataclasses.asdict(ecfg), "threshold": headline,
         "folds": [dataclasses.asdict(f) for f in folds], "counts": [str(c) for c in labels],
-        "n_train": n_train, "shots": list(ecfg.shots), "methods": per_count[str(labels[0])]["methods"],
+        "n_train": n_train, "k": list(ecfg.k), "methods": per_count[str(labels[0])]["methods"],
         "variants": variants, "curve": curve, "paired": paired,
     }
 
@@ -536,17 +548,17 @@ def plot_study(study: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shots, counts = study["shots"], study["counts"]
+    ks, counts = study["k"], study["counts"]
     xs = [_x(study, c) for c in counts]
     shown = [m for m in study["methods"] if m not in ("full", "oracle", "oracle_equal_em")]
     target = 100 * study["evaluate"]["delta"]
     for rows, name in (([("savings", "% tokens saved\n(support-chosen threshold)"), ("em_drop", "EM drop (points)")],
                         "savings_vs_families.png"),
                        ([("query_loss", "adapted query loss")], "query_loss_vs_families.png")):
-        fig, axes = plt.subplots(len(rows), len(shots), figsize=(4.2 * len(shots), 3.4 * len(rows)),
+        fig, axes = plt.subplots(len(rows), len(ks), figsize=(4.2 * len(ks), 3.4 * len(rows)),
                                  squeeze=False, sharex=True)
         for r, (figure, ylabel) in enumerate(rows):
-            for ax, k in zip(axes[r], shots):
+            for ax, k in zip(axes[r], ks):
                 for m in shown:
                     ys = [study["curve"][c][str(k)][m][figure] for c in counts]
                     if all(y is None for y in ys):
@@ -576,7 +588,7 @@ def criterion(study: dict[str, Any]) -> list[dict[str, Any]]:
     rows = {(r["count"], r["k"], r["variant"], r["baseline"]): r for r in study["paired"] if r["figure"] == "savings"}
     out = []
     for c in study["counts"]:
-        for k in (k for k in study["shots"] if k <= CRITERION_MAX_K):
+        for k in (k for k in study["k"] if k <= CRITERION_MAX_K):
             for v in study["variants"]:
                 z, p = rows.get((c, k, v, "zero_step")), rows.get((c, k, v, "pooled"))
                 if z is None or p is None:
@@ -595,13 +607,13 @@ def _yes(flag: bool, bold: bool = False) -> str:
 
 
 def report_markdown(study: dict[str, Any]) -> str:
-    cfg, shots, counts = study["config"], study["shots"], study["counts"]
+    cfg, ks, counts = study["config"], study["k"], study["counts"]
     lines = [
         "# Meta-learning study: savings against the number of meta-training families", "",
         f"Corpus `{cfg['corpus']}`; {len(study['folds'])} grouped folds (seed {cfg['seed']}; variants of one "
         f"generator held out together), {cfg['val_families']} validation family per fold (whole groups); "
         f"meta-training families per fold: {', '.join(counts)} (nested subsets); fit configs "
-        f"{' + '.join(cfg['fit_configs'])} + the study's fragments; K in {shots}; {study['evaluate']['episodes']} fixed "
+        f"{' + '.join(cfg['fit_configs'])} + the study's fragments; K in {ks}; {study['evaluate']['episodes']} fixed "
         f"episodes per held-out family and K, every method on the same episodes; threshold `{study['threshold']}` "
         f"chosen on support (EM drop <= {100 * study['evaluate']['delta']:g} point); {study['seconds']} s.", "",
         "Zero-step baselines (`zero_step_<algorithm>`): the algorithm's random initialisation with the meta-training "
@@ -615,12 +627,12 @@ def report_markdown(study: dict[str, Any]) -> str:
         f"{c}: {study['n_train'][c]}" for c in counts), ""]
     for figure, title, fmt in (("savings", "% of tokens saved (EM drop in points), mean over held-out families", None),
                                ("query_loss", "Adapted query loss (pooled: unadapted), mean over held-out families", None)):
-        lines += [f"## {title}", "", "| method | families | " + " | ".join(f"K={k}" for k in shots) + " |",
-                  "|---|---|" + "---|" * len(shots)]
+        lines += [f"## {title}", "", "| method | families | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|---|" + "---|" * len(ks)]
         for m in study["methods"]:
             for c in counts:
                 cells = []
-                for k in shots:
+                for k in ks:
                     v = study["curve"][c][str(k)][m]
                     if figure == "savings":
                         cells.append(f"{v['savings']:.1f} ± {v['savings_ci']:.1f} ({v['em_drop']:.1f})")
@@ -638,7 +650,7 @@ def report_markdown(study: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     rows = {(r["count"], r["k"], r["variant"], r["baseline"], r["figure"]): r for r in study["paired"]}
     for c in counts:
-        for k in shots:
+        for k in ks:
             for v in study["variants"]:
                 for b in cfg["baselines"]:
                     s, e = rows.get((c, k, v, b, "savings")), rows.get((c, k, v, b, "em_drop"))
@@ -651,7 +663,7 @@ def report_markdown(study: dict[str, Any]) -> str:
                   "", "| variant | K | " + " | ".join(f"- {b}" for b in cfg["baselines"]) + " |",
                   "|---|---|" + "---|" * len(cfg["baselines"])]
         for v in study["variants"]:
-            for k in shots:
+            for k in ks:
                 cells = []
                 for b in cfg["baselines"]:
                     s, e = rows.get((c, k, v, b, "savings")), rows.get((c, k, v, b, "em_drop"))

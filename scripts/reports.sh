@@ -39,7 +39,7 @@ for step in $steps; do
            > experiments/results/lofo_cost_sensitive/compare_vs_plain.md ;;  # after lofo: paired against the plain folds
     cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
         && copy runs/cross_model/evaluate cross_model ;;
-    ablations) .venv/bin/python experiments/ablations.py --shots 16 --episodes 50 \
+    ablations) .venv/bin/python experiments/ablations.py --k 16 --episodes 50 \
         && cp runs/ablations/ablations.md experiments/results/ablations.md ;;
     *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
   esac

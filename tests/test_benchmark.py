@@ -85,7 +85,7 @@ def test_quick_benchmark_writes_every_section_and_the_targets(tiny_corpus, tmp_p
     assert "fresh predictor" in adapt["predictor"]
     assert res["decision"]["probes"] > 0 and res["decision"]["ms_per_probe"] > 0
     assert res["corpus"]["traces"] == 180 and res["corpus"]["seconds"] > 0
-    assert res["evaluate"]["seconds_per_episode"] > 0 and res["evaluate"]["shots"] == [4]
+    assert res["evaluate"]["seconds_per_episode"] > 0 and res["evaluate"]["k"] == [4]
     assert max(res["memory"]["peak_rss_mib_after"].values()) > 0
     # targets: one adaptation line per backend, the decision line and the live free mode's line, PASS or
     # FAIL against the numbers

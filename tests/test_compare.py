@@ -20,7 +20,7 @@ N = 40  # episodes per family and K
 def _results(figures: dict[str, dict[str, dict[str, list[float]]]], seed: int = 0, full_tokens: float = 100.0) -> dict:
     """A results.json-shaped dict: figures[family][method] = {"savings": [N], "em_drop": [N]} at K = 4."""
     rng = np.random.default_rng(123)  # full generation's per-episode figures: the same for every file
-    out: dict = {"families": list(figures), "shots": [4], "threshold_methods": ["em_target", "fixed"],
+    out: dict = {"families": list(figures), "k": [4], "threshold_methods": ["em_target", "fixed"],
                  "episodes": N, "config": {"corpus": "corpus", "seed": seed, "episodes": N, "query": None,
                                           "splits": None, "min_probes": 1}, "results": {}}
     methods: list[str] = []
@@ -146,7 +146,7 @@ def test_choices_are_named():
     with pytest.raises(ValueError, match="threshold rule 'ltt' is not in results A; its rules: em_target, fixed"):
         C.compare(a, b, "maml", threshold="ltt")
     with pytest.raises(ValueError, match=r"K \[8\] not in both results; shared K: \[4\]"):
-        C.compare(a, b, "maml", shots=[8])
+        C.compare(a, b, "maml", k=[8])
     with pytest.raises(ValueError, match=r"families \['gcd'\] not in both"):
         C.compare(a, b, "maml", families=["gcd"])
     only_a = C.compare(a, b, "maml", families=["fam_a"], n_resamples=200)
@@ -186,9 +186,9 @@ def test_cli_markdown_json_and_one_file(tmp_path, capsys):
 @pytest.mark.skipif(not REF_RESULTS.exists(), reason="runs/ref_main/evaluate/results.json is not here")
 def test_real_results_same_run_no_difference_and_two_methods():
     res = json.loads(REF_RESULTS.read_text())
-    same = C.compare(res, copy.deepcopy(res), "maml", shots=[16], n_resamples=500)
+    same = C.compare(res, copy.deepcopy(res), "maml", k=[16], n_resamples=500)
     assert all(r["difference"] == 0.0 and r["verdict"] == "no difference at 95%" for r in same["rows"])
-    two = C.compare(res, res, "maml", "pooled", shots=[16], n_resamples=500)
+    two = C.compare(res, res, "maml", "pooled", k=[16], n_resamples=500)
     assert {r["family"] for r in two["rows"]} == set(res["families"]) | {"mean"}
 
 

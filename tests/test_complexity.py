@@ -178,7 +178,7 @@ def test_evaluate_runs_the_complexity_methods(tiny_corpus, tmp_path):
     assert not set(COMPLEXITY_METHODS) & set(DEFAULT_METHODS)  # run only when listed
     ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")  # test family fam_c, validation fam_b
     methods = ["full", "budget", "maml", *COMPLEXITY_METHODS, "oracle"]
-    cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path / "out"), checkpoint=ckpt, shots=[4], episodes=2,
+    cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path / "out"), checkpoint=ckpt, k=[4], episodes=2,
                          methods=methods, progress=False, crossfit=True, predictor={"hidden": 8, "depth": 1},
                          complexity_meta_steps=5, complexity_meta_k=4)
     cells = run(cfg)["results"]["fam_c"]["4"]

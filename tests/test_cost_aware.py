@@ -223,7 +223,7 @@ def test_evaluate_runs_the_cost_aware_methods(tmp_path):
     for k, fam in enumerate(("fam_a", "fam_b", "fam_c")):
         store.write_shard(root, fam, "all", make_trace_rows(fam, 40, seed=k, shift=0.3 * k))
     methods = ["full", "scratch", *COST_AWARE_METHODS, "oracle"]
-    cfg = EvaluateConfig(corpus=str(root), out=str(tmp_path / "out"), families=["fam_c"], shots=[4], episodes=2,
+    cfg = EvaluateConfig(corpus=str(root), out=str(tmp_path / "out"), families=["fam_c"], k=[4], episodes=2,
                          methods=methods, scratch_steps=10, progress=False, crossfit=True)
     results = run(cfg)
     cells = results["results"]["fam_c"]["4"]

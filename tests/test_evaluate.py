@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def evaluated(tiny_corpus, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     code = main([
-        "--corpus", tiny_corpus, "--checkpoint", tiny_checkpoint, "--out", str(out), "--shots", "[4, 8]",
+        "--corpus", tiny_corpus, "--checkpoint", tiny_checkpoint, "--out", str(out), "--k", "[4, 8]",
         "--episodes", "4", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
         "--progress", "false", "--threshold_methods", "[em_target, ltt, fixed]", "--ltt_delta", "0.1",
     ])
@@ -106,6 +106,19 @@ def test_report_only_rebuilds_from_json(evaluated, tmp_path):
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
 
 
+def test_report_only_reads_a_file_written_before_the_names_k_and_tau(evaluated, tmp_path):
+    """Older results.json say shots (K) and config.fixed_tau (tau): read, renamed, rendered the same."""
+    out, results = evaluated
+    old = json.loads(json.dumps(results))
+    old["shots"] = old.pop("k")
+    old["config"]["shots"], old["config"]["fixed_tau"] = old["config"].pop("k"), old["config"].pop("tau")
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert main(["--report_only", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    again = json.loads((tmp_path / "results.json").read_text())  # rewritten with today's names
+    assert again["k"] == [4, 8] and "shots" not in again and again["config"]["tau"] == 0.5
+
+
 def test_mean_ci_and_t_quantile():
     x = [0.1, 0.3, 0.2, 0.5, 0.4]
     m, h = R.mean_ci(x)
@@ -131,7 +144,7 @@ def test_errors_name_valid_choices(tiny_corpus, tiny_checkpoint, tmp_path):
 def test_feature_mismatch_is_refused(tiny_corpus, tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "other.ckpt", feature_names=[f"g{i}" for i in range(8)])
     with pytest.raises(CheckpointError, match="other features"):
-        run(EvaluateConfig(corpus=tiny_corpus, checkpoint=ckpt, out=str(tmp_path), episodes=1, shots=[4]))
+        run(EvaluateConfig(corpus=tiny_corpus, checkpoint=ckpt, out=str(tmp_path), episodes=1, k=[4]))
 
 
 def test_config_yaml_parses(tiny_corpus):
@@ -139,7 +152,7 @@ def test_config_yaml_parses(tiny_corpus):
 
     root = Path(__file__).resolve().parents[1]
     ns = _parser().parse_args(["--config", str(root / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus])
-    assert ns.shots == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
+    assert ns.k == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.evaluate.protocol import _selectors
@@ -204,7 +217,7 @@ def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
         "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
         "data: {val_families: [fam_a], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
     )
-    results = run(EvaluateConfig(corpus=tiny_corpus, train_config=str(config), out=str(tmp_path / "out"), shots=[4],
+    results = run(EvaluateConfig(corpus=tiny_corpus, train_config=str(config), out=str(tmp_path / "out"), k=[4],
                                  episodes=2, pooled_steps=5, scratch_steps=3, progress=False))
     assert results["families"] == ["fam_a", "fam_b", "fam_c"]
     for fam in results["families"]:
@@ -223,7 +236,7 @@ def test_source_corpus_gives_a_cross_model_check(tiny_corpus, tiny_checkpoint, t
     other = write_tiny_corpus(tmp_path / "other_model", families=("fam_c",), n=40)
     results = run(EvaluateConfig(
         corpus=other, source_corpus=tiny_corpus, checkpoint=tiny_checkpoint, out=str(tmp_path / "out"),
-        shots=[4], episodes=2, pooled_steps=5, scratch_steps=3, finetune_steps=2, progress=False,
+        k=[4], episodes=2, pooled_steps=5, scratch_steps=3, finetune_steps=2, progress=False,
         methods=["full", "pooled", "maml", "oracle"],
     ))
     assert results["families"] == ["fam_c"] and results["source_corpus"] == tiny_corpus
@@ -232,12 +245,12 @@ def test_source_corpus_gives_a_cross_model_check(tiny_corpus, tiny_checkpoint, t
     assert len(cell["savings"]) == 2
     # without the source corpus, the checkpoint's training family is missing from the held-out corpus
     with pytest.raises(ValueError, match="families in the corpus"):
-        run(EvaluateConfig(corpus=other, checkpoint=tiny_checkpoint, out=str(tmp_path / "o2"), shots=[4],
+        run(EvaluateConfig(corpus=other, checkpoint=tiny_checkpoint, out=str(tmp_path / "o2"), k=[4],
                            episodes=1, progress=False, methods=["full", "pooled"]))
     wide = write_tiny_corpus(tmp_path / "wide", families=("fam_c",), n=40, n_features=9)
     with pytest.raises(ValueError, match="other features"):
         run(EvaluateConfig(corpus=wide, source_corpus=tiny_corpus, checkpoint=tiny_checkpoint,
-                           out=str(tmp_path / "o3"), shots=[4], episodes=1, progress=False))
+                           out=str(tmp_path / "o3"), k=[4], episodes=1, progress=False))
 
 
 def test_versus_best_table_recomputed(evaluated):
@@ -285,7 +298,7 @@ def test_workers_give_the_serial_results(tiny_corpus, tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         code = main([
-            "--corpus", tiny_corpus, "--families", "[fam_a, fam_b]", "--out", str(out), "--shots", "[4]",
+            "--corpus", tiny_corpus, "--families", "[fam_a, fam_b]", "--out", str(out), "--k", "[4]",
             "--episodes", "3", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
             "--progress", "false", "--methods", json.dumps([m for m in ALL if m != "maml"]),
             "--workers", str(workers),
@@ -326,9 +339,17 @@ def test_train_config_folds_read_a_feature_shorthand(tmp_path):
         "data: {val_families: [fam_b], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
     )
     results = run(EvaluateConfig(corpus=corpus, train_config=str(config), features="free", families=["fam_a"],
-                                 out=str(tmp_path / "out"), shots=[4], episodes=1, progress=False,
+                                 out=str(tmp_path / "out"), k=[4], episodes=1, progress=False,
                                  methods=["full", "maml", "free_probe"], cost_aware_learner="maml"))
     names = load_predictor(results["checkpoints"]["fam_a"])[2]["feature_names"]
     assert names == [n for n in meta["feature_names"] if n not in paid] == results["feature_names"]
     # the cost-aware methods select from the fold's columns (they once indexed the corpus's full list)
     assert results["results"]["fam_a"]["4"]["free_probe"]["thresholds"]["em_target"]["savings"]
+
+
+def test_results_file_doctest():
+    import doctest
+
+    from maml_stop.evaluate import results_file
+
+    assert doctest.testmod(results_file).failed == 0

@@ -30,7 +30,7 @@ def _kind(path: Path) -> str:
     cfg = yaml.safe_load(path.read_text()) or {}
     if path in CONFIGS:
         return "lightning"
-    if "shots" in cfg and "methods" in cfg:
+    if "k" in cfg and "methods" in cfg:
         return "evaluate"
     if "targets" in cfg and "generation" in cfg:
         return "benchmark"  # experiments/benchmark.py (the one benchmark suite)
@@ -102,7 +102,7 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
             cfg = module.StudyConfig.load(path, quick=quick)
             assert all((EXPERIMENTS.parent / p).is_file() for p in cfg.fit_configs + cfg.evaluate_configs)
         cfg = module.StudyConfig.load(path)
-        assert cfg.folds == 5 and cfg.counts == [6, 12, "all"] and cfg.evaluate["shots"] == [4, 8, 16, 32]  # issue 11
+        assert cfg.folds == 5 and cfg.counts == [6, 12, "all"] and cfg.evaluate["k"] == [4, 8, 16, 32]  # issue 11
         assert {"maml", "anil", "metasgd"} <= set(cfg.algorithms) and "zero_step" in cfg.baselines
         assert f"python experiments/meta_study.py --config experiments/{path.name}" in path.read_text()
     elif kind == "drift":

@@ -57,7 +57,7 @@ def test_checkpoint_on_a_subset_is_evaluated_on_its_columns(tiny_corpus, tmp_pat
     that holds only those columns: the held-out traces and the pooled/scratch probes read the subset."""
     ckpt = write_tiny_checkpoint(tmp_path / "sub.ckpt", feature_names=SUBSET)
     narrow = write_narrowed_corpus(tmp_path / "narrow", SUBSET)
-    args = dict(checkpoint=ckpt, shots=[4], episodes=2, pooled_steps=10, scratch_steps=5, finetune_steps=2,
+    args = dict(checkpoint=ckpt, k=[4], episodes=2, pooled_steps=10, scratch_steps=5, finetune_steps=2,
                 progress=False, methods=METHODS)
     on_full = run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path / "a"), **args))
     on_narrow = run(EvaluateConfig(corpus=narrow, out=str(tmp_path / "b"), **args))
@@ -77,7 +77,7 @@ def test_checkpoint_on_a_subset_is_evaluated_on_its_columns(tiny_corpus, tmp_pat
 
 def test_features_key_without_checkpoint(tiny_corpus, tmp_path):
     narrow = write_narrowed_corpus(tmp_path / "narrow", SUBSET)
-    args = dict(families=["fam_c"], shots=[4], episodes=2, pooled_steps=10, scratch_steps=5, finetune_steps=2,
+    args = dict(families=["fam_c"], k=[4], episodes=2, pooled_steps=10, scratch_steps=5, finetune_steps=2,
                 progress=False, methods=["full", "pooled", "scratch", "oracle"])
     subset = run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path / "a"), features=SUBSET, **args))
     plain = run(EvaluateConfig(corpus=narrow, out=str(tmp_path / "b"), **args))

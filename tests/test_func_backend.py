@@ -229,7 +229,7 @@ def test_evaluation_runs_on_the_torch_func_backend(tiny_corpus, tmp_path):
     from maml_stop.evaluate.command import main as evaluate_main
 
     args = ["--config", str(Path(__file__).resolve().parents[1] / "experiments" / "evaluate.yaml"), "--corpus", tiny_corpus, "--families", "[fam_c]",
-            "--source_families", "[fam_a, fam_b]", "--shots", "[4]", "--episodes", "2",
+            "--source_families", "[fam_a, fam_b]", "--k", "[4]", "--episodes", "2",
             "--methods", "[full, pooled, finetuned, scratch]", "--progress", "false"]
     assert evaluate_main(args + ["--backend", "torch_func", "--out", str(tmp_path / "tf")]) == 0
     assert (tmp_path / "tf" / "results.md").is_file()

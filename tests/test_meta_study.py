@@ -324,7 +324,7 @@ def _hand_made_study() -> dict:
                        "baselines": ["zero_step", "pooled"], "n_resamples": 99},
             "evaluate": {"episodes": 5, "delta": 0.01}, "threshold": "em_target", "seconds": 1.0,
             "folds": [{"index": 0, "test": ["x"], "val": ["y"], "train": ["z"]}], "counts": ["all"],
-            "n_train": {"all": [1]}, "shots": [8, 16, 32], "methods": methods, "variants": ["maml", "anil"],
+            "n_train": {"all": [1]}, "k": [8, 16, 32], "methods": methods, "variants": ["maml", "anil"],
             "curve": curve, "paired": paired}
 
 

@@ -35,7 +35,7 @@ def _cell(drops_by_selector: dict[str, list[float]], params: list | None) -> dic
 def _results() -> dict:
     none = {"em_target": [0.0] * 4, "ltt": [0.0] * 4}
     return {
-        "shots": [4], "families": ["fa", "fb"], "methods": ["full", "probe"], "episodes": 4,
+        "k": [4], "families": ["fa", "fb"], "methods": ["full", "probe"], "episodes": 4,
         "threshold_methods": ["em_target", "ltt"], "delta": 0.01, "ltt_delta": 0.1, "ltt_alpha": 0.1,
         "results": {
             "fa": {"4": {"full": _cell(none, None),

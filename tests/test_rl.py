@@ -248,7 +248,7 @@ def test_rl_train_config_trains_one_rl_fold_per_held_out_family(tiny_corpus, tmp
 
     out = tmp_path / "out"
     results = run(EvaluateConfig(corpus=tiny_corpus, rl_train_config=str(_rl_fit_config(tmp_path)), out=str(out),
-                                 shots=[4], episodes=2, methods=["full", "rl", "rl_unadapted"], progress=False))
+                                 k=[4], episodes=2, methods=["full", "rl", "rl_unadapted"], progress=False))
     assert results["families"] == ["fam_a", "fam_b", "fam_c"]
     for fam in results["families"]:
         ckpt = Path(results["rl_checkpoints"][fam])

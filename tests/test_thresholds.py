@@ -167,7 +167,7 @@ def test_cost_runs_in_evaluate(tiny_corpus, tmp_path):
     from maml_stop.evaluate.protocol import run
 
     results = run(EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency", "budget"],
-                                 families=["fam_c"], shots=[4], episodes=2, threshold_methods=["em_target", "cost"],
+                                 families=["fam_c"], k=[4], episodes=2, threshold_methods=["em_target", "cost"],
                                  progress=False))
     cell = results["results"]["fam_c"]["4"]["consistency"]["thresholds"]["cost"]
     assert len(cell["savings"]) == 2 and (tmp_path / "results.md").exists()
@@ -273,7 +273,7 @@ def test_backoff_calibrated_on_source_families_in_evaluate(tiny_corpus, tmp_path
     from maml_stop.learn.predictor import PredictorConfig
 
     cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency", "scratch"],
-                         families=["fam_c"], shots=[4], episodes=3, backoff_episodes=2, scratch_steps=5,
+                         families=["fam_c"], k=[4], episodes=3, backoff_episodes=2, scratch_steps=5,
                          threshold_methods=["em_target", "em_target_backoff"], progress=False)
     results = run(cfg)
     cell = results["results"]["fam_c"]["4"]

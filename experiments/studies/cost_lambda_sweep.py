@@ -8,7 +8,7 @@ the main config's own ``balanced`` loss (lambda-free), all with ``--steps`` meta
 half, ``best.ckpt`` = lowest ``val/loss``; no EM/token callback). Each checkpoint is evaluated with
 
     maml-stop evaluate --config experiments/evaluate.yaml --config experiments/main_evaluate.yaml \\
-        --checkpoint <run>/checkpoints/best.ckpt --shots [16] --episodes N
+        --checkpoint <run>/checkpoints/best.ckpt --k [16] --episodes N
 
 (methods ``full, maml, oracle``; thresholds ``em_target`` (1 point, chosen on support) and ``fixed``
 (tau = 0.5: the predictor's own probability scale, which lambda moves most directly)). Writes
@@ -65,22 +65,22 @@ def fit(run: Path, loss: str, lam: float | None, steps: int, extra: list[str]) -
     return ckpt, cmd
 
 
-def evaluate(run: Path, ckpt: Path, shots: int, episodes: int) -> tuple[dict, list[str]]:
-    cmd = ["maml-stop", "evaluate", *EVAL_CONFIGS, f"--checkpoint={ckpt}", f"--shots=[{shots}]", f"--episodes={episodes}",
+def evaluate(run: Path, ckpt: Path, k: int, episodes: int) -> tuple[dict, list[str]]:
+    cmd = ["maml-stop", "evaluate", *EVAL_CONFIGS, f"--checkpoint={ckpt}", f"--k=[{k}]", f"--episodes={episodes}",
            f"--out={run}/evaluate", "--methods=[full, maml, oracle]", f"--threshold_methods=[{', '.join(THRESHOLDS)}]",
            "--progress=false"]
     maml_stop(cmd)
     return json.loads((run / "evaluate" / "results.json").read_text()), cmd
 
 
-def figures(results: dict, shots: int) -> dict[str, dict[str, float]]:
+def figures(results: dict, k: int) -> dict[str, dict[str, float]]:
     """Per threshold method: the MAML probe's mean saved % / EM drop (points) / within-1-point share over the
     held-out families, the half-widths, and the oracle's saved %."""
     from maml_stop.evaluate.report import summarise
 
     out = {}
     for th in THRESHOLDS:
-        s = summarise(results, th)[str(shots)]
+        s = summarise(results, th)[str(k)]
         m = s["maml"]["mean"]
         out[th] = {"saved": 100 * m["savings"][0], "saved_hw": 100 * m["savings"][1],
                    "em_drop": 100 * m["em_drop"][0], "em_drop_hw": 100 * m["em_drop"][1],
@@ -141,7 +141,7 @@ def main() -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 0.5, 2.0, 8.0])
     p.add_argument("--losses", nargs="+", default=["balanced/cost", "balanced/expected_cost"])
     p.add_argument("--steps", type=int, default=100, help="meta-steps per fit")
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--k", type=int, default=16)
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--runs", default="runs/cost_lambda")
     p.add_argument("--report", default="experiments/results/cost_lambda")
@@ -166,19 +166,19 @@ def main() -> int:
         run = runs / f"v{i}"
         t0 = time.time()
         ckpt, fit_cmd = fit(run, loss, lam, args.steps, args.fit_args)
-        results, eval_cmd = evaluate(run, ckpt, args.shots, args.episodes)
+        results, eval_cmd = evaluate(run, ckpt, args.k, args.episodes)
         from maml_stop.learn.module import load_predictor
 
         step = load_predictor(ckpt)[2]["global_step"]
-        rows.append({"loss": loss, "lambda": lam, "fig": figures(results, args.shots), "step": step,
+        rows.append({"loss": loss, "lambda": lam, "fig": figures(results, args.k), "step": step,
                      "fit": fit_cmd, "evaluate": eval_cmd, "families": results["families"]})
         print(f"done {loss} lambda={lam} ({time.time() - t0:.0f} s): "
               + ", ".join(f"{th} saved {f['saved']:.1f}% drop {f['em_drop']:.1f}" for th, f in rows[-1]["fig"].items()),
               flush=True)
     command = (f"python experiments/studies/cost_lambda_sweep.py --lambdas {' '.join(f'{x:g}' for x in args.lambdas)} "
-               f"--losses {' '.join(args.losses)} --steps {args.steps} --shots {args.shots} --episodes {args.episodes}")
+               f"--losses {' '.join(args.losses)} --steps {args.steps} --k {args.k} --episodes {args.episodes}")
     minutes = round((time.time() - started) / 60, 1)
-    (report / "rows.json").write_text(json.dumps({"command": command, "minutes": minutes, "shots": args.shots,
+    (report / "rows.json").write_text(json.dumps({"command": command, "minutes": minutes, "k": args.k,
                                                   "episodes": args.episodes, "steps": args.steps, "rows": rows}, indent=1))
     write_report(rows, command, minutes, report)
     return 0
@@ -191,15 +191,15 @@ def write_report(rows: list[dict], command: str, minutes: float, report: Path) -
     def shell(cmd: list[str]) -> str:
         return " ".join(f"'{c}'" if " " in c else c for c in cmd)
 
-    def arg(cmd: list[str], name: str) -> str:
-        return next(c.split("=", 1)[1] for c in cmd if c.startswith(f"--{name}="))
+    def arg(cmd: list[str], *names: str) -> str:  # the first of ``names`` given (older runs: --shots for --k)
+        return next(c.split("=", 1)[1] for name in names for c in cmd if c.startswith(f"--{name}="))
 
     first = rows[0]
     lines = [
         "# Cost-sensitive meta-training: the trade-off curve over lambda",
         "",
         f"Held-out families {', '.join(first['families'])} (experiments/main.yaml's test families), "
-        f"K = {arg(first['evaluate'], 'shots').strip('[]')}, {arg(first['evaluate'], 'episodes')} fixed episodes per "
+        f"K = {arg(first['evaluate'], 'k', 'shots').strip('[]')}, {arg(first['evaluate'], 'episodes')} fixed episodes per "
         f"family (the same for every row), mean over the families (± combined 95% half-width over episodes). Every fit: "
         f"{arg(first['fit'], 'trainer.max_steps')} meta-steps of experiments/main.yaml's settings, best.ckpt by "
         "val/loss (its own query loss). Inner loss always `balanced` (so evaluation adapts exactly as "

@@ -10,7 +10,6 @@ Tuned values live in ``experiments/evaluate.yaml``; experiment files add overrid
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from maml_stop.evaluate.config import EvaluateConfig
-from maml_stop.evaluate.protocol import run, write_results
+from maml_stop.evaluate.protocol import run
+from maml_stop.evaluate.results_file import read_results, write_results
 
 __all__ = ["main", "parse_config"]
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = pre.parse_known_args(argv)
     if known.report_only:  # no evaluation: the corpus and the rest of the settings are not needed
         path = Path(known.report_only)
-        paths = write_results(json.loads(path.read_text()), path.parent)
+        paths = write_results(read_results(path), path.parent)
         print(f"report written: {paths['table']}")
         return 0
     cfg = parse_config(argv)

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
+from maml_stop.evaluate.results_file import read_results
+
 __all__ = ["paired_bootstrap", "stratified_paired_bootstrap", "verdict", "check_same_episodes", "compare", "to_markdown", "main"]
 
 # figure -> (what A > B means, what A < B means); figures are per-episode fractions, reported in points
@@ -106,14 +108,14 @@ def _cell(results: dict, family: str, k: int, method: str, threshold: str) -> di
     return None if entry is None else entry["thresholds"].get(threshold)
 
 
-def check_same_episodes(a: dict, b: dict, families: Sequence[str], shots: Sequence[int], methods: tuple[str, str],
+def check_same_episodes(a: dict, b: dict, families: Sequence[str], ks: Sequence[int], methods: tuple[str, str],
                         threshold: str) -> None:
     """Raise a ``ValueError`` naming what differs when ``a`` and ``b`` do not hold the same episodes."""
     settings = [{**{key: r.get(key) for key in ("corpus", "episodes")}, **r.get("config", {})} for r in (a, b)]
     diffs = [f"{key}: {settings[0].get(key)!r} vs {settings[1].get(key)!r}"
              for key in EPISODE_SETTINGS if settings[0].get(key) != settings[1].get(key)]
     for family in families:
-        for k in shots:
+        for k in ks:
             xa, xb = _cell(a, family, k, methods[0], threshold), _cell(b, family, k, methods[1], threshold)
             if xa is None or xb is None:
                 continue
@@ -147,7 +149,7 @@ def _choose(asked: Sequence | None, a: Sequence, b: Sequence, what: str) -> list
 
 def compare(
     a: dict, b: dict, method_a: str = "maml", method_b: str | None = None, threshold: str | None = None,
-    shots: Sequence[int] | None = None, families: Sequence[str] | None = None, n_resamples: int = 9999,
+    k: Sequence[int] | None = None, families: Sequence[str] | None = None, n_resamples: int = 9999,
     seed: int = 0, confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Rows of the A/B comparison (per figure, K and family, plus each K's ``mean`` over families).
@@ -165,12 +167,11 @@ def compare(
             raise ValueError(f"threshold rule {threshold!r} is not in results {name}; "
                              f"its rules: {', '.join(res['threshold_methods'])}")
     families = _choose(families, a["families"], b["families"], "families")
-    shots = _choose(None if shots is None else [int(k) for k in shots], [int(k) for k in a["shots"]],
-                    [int(k) for k in b["shots"]], "K")
-    check_same_episodes(a, b, families, shots, (method_a, method_b), threshold)
+    ks = _choose(None if k is None else [int(x) for x in k], [int(x) for x in a["k"]], [int(x) for x in b["k"]], "K")
+    check_same_episodes(a, b, families, ks, (method_a, method_b), threshold)
     rows = []
     for figure in FIGURES:
-        for k in shots:
+        for k in ks:
             pairs = {}
             for family in families:
                 xa, xb = _cell(a, family, k, method_a, threshold), _cell(b, family, k, method_b, threshold)
@@ -190,7 +191,7 @@ def compare(
                 rows.append(_row(figure, k, "mean", np.array([va]), np.array([vb]), est, low, high, confidence,
                                  episodes=sum(len(p[0]) for p in pairs.values())))
     return {"method_a": method_a, "method_b": method_b, "threshold": threshold, "families": families,
-            "shots": shots, "n_resamples": n_resamples, "seed": seed, "confidence": confidence,
+            "k": ks, "n_resamples": n_resamples, "seed": seed, "confidence": confidence,
             "unit": "percentage points", "rows": rows}
 
 
@@ -240,8 +241,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path_b = args.results_b or args.results_a
-    a = json.loads(Path(args.results_a).read_text())
-    b = a if path_b == args.results_a else json.loads(Path(path_b).read_text())
+    a = read_results(args.results_a)
+    b = a if path_b == args.results_a else read_results(path_b)
     if path_b == args.results_a and (args.method_b or args.method_a) == args.method_a:
         print("maml-stop compare: one file and one method: name another file or --method_b", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.learn.adapter import BACKENDS
 
 __all__ = ["EvaluateConfig", "check_config", "DEFAULT_METHODS"]
@@ -49,7 +50,7 @@ class EvaluateConfig:
     # checkpoint's own subset (its feature_names) is what its folds read; given both, they must agree.
     # With train_config, the folds are meta-trained on it (--data.features).
     features: list[str] | str | None = None
-    shots: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # K (support questions)
+    k: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # K (support questions per episode), each run
     episodes: int = 50  # fixed episodes per family and K
     query: int | None = None  # query questions per episode (None: every question not in support)
     seed: int = 0  # seed of the fixed episodes
@@ -61,13 +62,13 @@ class EvaluateConfig:
     backoff_episodes: int = 20
     ltt_delta: float | None = None  # EM-drop target of Learn-then-Test (default: delta)
     ltt_alpha: float = 0.1  # LTT risk level
-    fixed_tau: float = 0.5  # probe threshold of the 'fixed' method
+    tau: float = 0.5  # probe threshold of the 'fixed' method
     # the 'cost' method: mean token_price * tokens + wrong_answer_cost * (1 - EM) on support, lowest wins
     token_price: float = 0.001  # price of one generated token (probes included)
     wrong_answer_cost: float = 1.0  # cost of one wrong answer (here: worth 1000 tokens)
     crossfit: bool = False  # adapted probes: choose tau on out-of-sample support scores (two halves)
-    # candidate grids (tuned grids: experiments/evaluate.yaml; these short ones only keep a bare run cheap)
-    taus: list[float] = field(default_factory=lambda: [0.9, 0.5, 0.1])  # probe thresholds swept
+    # candidate grids (tuned grids: experiments/evaluate.yaml; the short ones here only keep a bare run cheap)
+    taus: list[float] = field(default_factory=lambda: list(DEFAULT_TAUS))  # probe thresholds swept: the one default grid
     consistency_windows: list[int] = field(default_factory=lambda: [4, 2])  # agreeing probe answers
     confidence_levels: list[float] = field(default_factory=lambda: [0.99, 0.9])  # forced-answer probability
     budget_quantiles: list[float] = field(default_factory=lambda: [1.0, 0.5])  # of the support's full costs
@@ -144,8 +145,8 @@ def check_config(cfg: EvaluateConfig) -> None:
     for: :func:`maml_stop.evaluate.methods.check_methods`)."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown adaptation backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
-    if not cfg.shots or any(k < 1 for k in cfg.shots):
-        raise ValueError(f"shots must be a non-empty list of K >= 1; got {cfg.shots}")
+    if not cfg.k or any(k < 1 for k in cfg.k):
+        raise ValueError(f"k must be a non-empty list of K >= 1; got {cfg.k}")
     if cfg.workers < 1:
         raise ValueError(f"workers must be >= 1 (1: serial); got {cfg.workers}")
     if cfg.episodes < 1:

@@ -81,7 +81,7 @@ class MethodContext:
 
     @property
     def probe(self) -> dict[str, Any]:  # the threshold grid every learned probe shares
-        return dict(taus=self.cfg.taus, default_tau=self.cfg.fixed_tau)
+        return dict(taus=self.cfg.taus, tau=self.cfg.tau)
 
     @property
     def adapted(self) -> dict[str, Any]:  # how an adapted probe scores its support set
@@ -219,7 +219,7 @@ def _ensemble(c: MethodContext, combine: str) -> StoppingPolicy:
         part.selector = make_selector(c.cfg.ensemble_part_selector, delta=c.cfg.delta, alpha=c.cfg.ltt_alpha,
                                       value=None, token_price=c.cfg.token_price,
                                       wrong_answer_cost=c.cfg.wrong_answer_cost)
-    return Ensemble(parts, combine=combine, taus=c.cfg.taus, default_tau=c.cfg.fixed_tau,
+    return Ensemble(parts, combine=combine, taus=c.cfg.taus, tau=c.cfg.tau,
                     shares=c.cfg.ensemble_shares, default_share=c.cfg.ensemble_default_share,
                     window=c.cfg.ensemble_window, name=name)
 

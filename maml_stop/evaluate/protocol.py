@@ -20,9 +20,7 @@ over families, K and episodes, and the results file.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -50,13 +48,13 @@ from maml_stop.evaluate.backoff import calibrate_backoff
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import data_settings, resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
-from maml_stop.evaluate.report import write_report
+from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_episode", "evaluate_family", "run", "write_results"]
+__all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_episode", "evaluate_family", "run"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,7 +121,7 @@ def evaluate_family(
     traces: Sequence[Trace],
     policies: Mapping[str, StoppingPolicy],
     selectors: Mapping[str, StopSelector],
-    shots: Sequence[int],
+    ks: Sequence[int],
     episodes: int,
     seed: int,
     query: int | None,
@@ -142,9 +140,9 @@ def evaluate_family(
     ((method, K) -> selectors) replaces ``selectors`` for that method and K (a fold's calibrated
     ``em_target_backoff``).
     """
-    sampler = EpisodeSampler({family: list(traces)}, k=min(shots), q=query, seed=seed)
+    sampler = EpisodeSampler({family: list(traces)}, k=min(ks), q=query, seed=seed)
     out: dict[str, dict[str, Any]] = {}
-    for k in shots:
+    for k in ks:
         eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
         cells: dict[str, dict[str, Any]] = {}
         curves: dict[str, M.EMTokensCurve] = {}
@@ -166,7 +164,7 @@ def evaluate_family(
                 if "probs" in rec:
                     cell.setdefault("brier", []).append(rec["brier"])
                     cell.setdefault("ece", []).append(rec["ece"])
-                    if calibration is not None and k == max(shots) and name in calibration:
+                    if calibration is not None and k == max(ks) and name in calibration:
                         calibration[name].append((rec["probs"], rec["labels"]))
         for name, curve in curves.items():
             c = curve.compute()
@@ -219,7 +217,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "corpus": cfg.corpus,
         "source_corpus": cfg.source_corpus,
         "families": [f.family for f in folds],
-        "shots": list(cfg.shots),
+        "k": list(cfg.k),
         "methods": list(cfg.methods),
         "threshold_methods": list(cfg.threshold_methods),
         "episodes": cfg.episodes,
@@ -302,7 +300,7 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
     method_selectors = {key: {**selectors, "em_target_backoff": BackoffEMTarget(cfg.delta, c.backoff)}
                         for key, c in backoffs.items()}
     family_results = evaluate_family(
-        family, traces, policies, selectors, cfg.shots, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
+        family, traces, policies, selectors, cfg.k, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
         cfg.calibration_bins, cfg.progress, collected, method_selectors,
     )
     for (name, k), c in backoffs.items():
@@ -320,7 +318,7 @@ def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies
     out = {}
     for name, policy in policies.items():
         if isinstance(policy, ThresholdedPolicy):
-            for k in cfg.shots:
+            for k in cfg.k:
                 out[name, k] = calibrate_backoff(policy, by_family, k, cfg.backoff_episodes, cfg.query, cfg.seed,
                                                  cfg.delta, cfg.progress)
                 log.info("%s, held-out %s, K=%d: em_target back-off %d (worst source-family EM drop %.1f pts)",
@@ -376,26 +374,3 @@ def calibration_section(collected: Mapping[str, list[tuple[torch.Tensor, torch.T
             "ece": float(M.expected_calibration_error(probs, labels, n_bins)),
         }
     return section
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _json_safe(x.item())
-    return x
-
-
-def write_results(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """results.json plus the report (tables, analysis, plots) in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(_json_safe(results), indent=1))
-    paths = write_report(results, out)
-    paths["json"] = path
-    return paths

@@ -126,7 +126,7 @@ def adapt(
         support, heldout = split_support_query(pool, k, None, np.random.default_rng(seed), family=family)
     steps = steps if steps is not None else (ckpt_meta.get("hyper_parameters") or {}).get("eval_inner_steps")
     selector = make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
-    policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), default_tau=tau, adapt_steps=steps,
+    policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), tau=tau, adapt_steps=steps,
                          crossfit=crossfit, seed=seed, name="maml")
     policy.fit(support)
     predictor = fresh_copy(policy.model).eval()

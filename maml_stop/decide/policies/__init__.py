@@ -7,6 +7,7 @@
   :meth:`maml_stop.learn.adapter.InnerLoopAdapter.fit_support`);
 * :mod:`.cost_aware`: policies that run fewer forced answers and say which (free probe, gated probe,
   sparse schedule, give up early), over :class:`FeatureView` column selections of the traces;
+* :mod:`.views`: :class:`FeatureView` (the columns and labels a learned part reads), :func:`subtrace`;
 * :mod:`.hybrid`: a policy under a token cap or floor, and either/both combinations of two policies;
 * :mod:`.ensemble`: :class:`Ensemble`, the weighted average or vote of several policies' per-probe scores.
 

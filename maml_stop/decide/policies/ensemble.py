@@ -24,7 +24,7 @@ its in-sample scores look better than they are, and it gets more weight than it 
 Combination rules, per probe t, with weights ``w`` (summing to 1):
 
 * ``combine="average"``: score(t) = sum_j w_j s_j(t); stop at the first probe with score >= tau. The
-  parameter is tau (grid ``taus``, conservative -> aggressive; default ``default_tau``).
+  parameter is tau (grid ``taus``, conservative -> aggressive; default ``tau``).
 * ``combine="vote"``: part j has fired by probe t when its own score reached its own support-chosen
   parameter at some probe <= t (its own first-hit rule, its parameter chosen by its own selector in its
   ``fit``; a part whose selector says "never stop early" never fires; a fired part stays fired, as in
@@ -106,7 +106,7 @@ class Ensemble(FirstHitPolicy):
         combine: str = "average",
         selector: StopSelector | None = None,
         taus: Sequence[float] = DEFAULT_TAUS,
-        default_tau: float = 0.5,
+        tau: float = 0.5,
         shares: Sequence[float] = DEFAULT_SHARES,
         default_share: float = 0.5,
         window: int = 3,
@@ -128,7 +128,7 @@ class Ensemble(FirstHitPolicy):
             raise ValueError(f"window must be a positive integer; got {window}")
         self.parts, self.combine, self.window = list(parts), combine, int(window)
         self.grid = sorted(grid, reverse=True)  # high tau / share = conservative
-        self.default = float(default_tau if combine == "average" else default_share)
+        self.default = float(tau if combine == "average" else default_share)
         self.name = name or f"ensemble_{combine}"
         self.weights = np.full(len(self.parts), 1.0 / len(self.parts))  # set by fit
         self._support_raw: dict[str, list[np.ndarray]] = {}  # trace_id -> each part's raw support scores

@@ -31,7 +31,8 @@ class ProbePolicy(FirstHitPolicy):
     around the right initial predictor). ``renormalise=True`` first sets the predictor's normalisation
     from the support features (for a predictor trained from scratch, which has no source statistics).
 
-    ``crossfit=True`` chooses the threshold on out-of-sample support scores
+    ``taus`` is the grid the selectors choose from (sorted conservative -> aggressive); ``tau`` is the one
+    the ``fixed`` rule uses (``FixedThreshold()``). ``crossfit=True`` chooses tau on out-of-sample support scores
     (:func:`~maml_stop.decide.scores.crossfit_probabilities`, seeded by ``seed``: each half of the
     support questions scored by the predictor adapted on the other half); the policy then uses the
     predictor adapted on all K. Without it, the threshold is chosen on the very traces the predictor
@@ -44,7 +45,7 @@ class ProbePolicy(FirstHitPolicy):
         adapter: SupportAdapter | None = None,
         selector: StopSelector | None = None,
         taus: Sequence[float] = DEFAULT_TAUS,
-        default_tau: float = 0.5,
+        tau: float = 0.5,
         renormalise: bool = False,
         adapt_steps: int | None = None,
         crossfit: bool = False,
@@ -58,7 +59,7 @@ class ProbePolicy(FirstHitPolicy):
         self.predictor = predictor if predictor is not None else adapter.predictor  # type: ignore[union-attr]
         self.adapter = adapter
         self.taus = sorted(taus, reverse=True)  # high tau = conservative
-        self.default_tau = default_tau
+        self.tau = tau
         self.renormalise = renormalise
         self.adapt_steps = adapt_steps
         self.crossfit = crossfit
@@ -74,7 +75,7 @@ class ProbePolicy(FirstHitPolicy):
 
     @property
     def default_param(self) -> float | None:
-        return self.default_tau
+        return self.tau
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:
         self._probs = {}

@@ -39,10 +39,10 @@ class RLProbePolicy(ProbePolicy):
     selectors), with the held-out check."""
 
     def __init__(self, adapter: SupportAdapter, seen_families: Sequence[str] = (), checkpoint: str | None = None,
-                 taus: Sequence[float] = DEFAULT_TAUS, default_tau: float = 0.5, adapt_steps: int | None = None,
+                 taus: Sequence[float] = DEFAULT_TAUS, tau: float = 0.5, adapt_steps: int | None = None,
                  crossfit: bool = False, seed: int = 0, name: str = "rl") -> None:
         self.seen_families, self.checkpoint = list(seen_families), checkpoint
-        super().__init__(adapter=adapter, taus=taus, default_tau=default_tau, adapt_steps=adapt_steps,
+        super().__init__(adapter=adapter, taus=taus, tau=tau, adapt_steps=adapt_steps,
                          crossfit=crossfit, seed=seed, name=name)
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:

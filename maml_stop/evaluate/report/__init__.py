@@ -82,21 +82,21 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         f"Corpus `{results.get('corpus', '?')}`"
         + (f" (meta-training and pooled-probe families from `{results['source_corpus']}`)"
            if results.get("source_corpus") else "") + f"; held-out families {', '.join(results['families'])}; "
-        f"K in {results['shots']}; {results['episodes']} fixed episodes per family and K (every method on the "
+        f"K in {results['k']}; {results['episodes']} fixed episodes per family and K (every method on the "
         f"same episodes). Savings are against full generation of the same query traces; total tokens include "
         "every probe a policy ran. Adapted probes choose their threshold on "
         + ("cross-fitted support scores (each half of the support scored by the probe adapted on the other half)."
            if results.get("config", {}).get("crossfit") else "the support traces they were adapted on (in-sample)."),
         "",
         markdown_tables(results),
-        *[versus_best_table(results, k) for k in results["shots"]],
+        *[versus_best_table(results, k) for k in results["k"]],
         analysis(results),
         *([risk] if (risk := risk_tables(results)) else []),
         *([table] if (table := backoff_table(results)) else []),
     ]
     paths["table"] = out / "results.md"
     paths["table"].write_text("\n".join(text))
-    for k in results["shots"]:
+    for k in results["k"]:
         paths[f"curves_k{k}"] = plot_curves(results, out / f"curves_k{k}.png", k)
     paths["savings_vs_k"] = plot_savings_vs_k(results, out / "savings_vs_k.png")
     paths["calibration"] = plot_calibration(results, out / "calibration.png")

@@ -22,7 +22,7 @@ def analysis(results: dict, method: str = "maml") -> str:
     threshold = results["threshold_methods"][0]
     summary = summarise(results, threshold)
     delta = results["delta"]
-    shots = results["shots"]
+    ks = results["k"]
     rivals = [m for m in results["methods"] if m not in (method, "full", *ORACLES)]
     lines = [f"## Where {METHOD_LABELS.get(method, method)} wins and loses", ""]
     lines.append(
@@ -32,7 +32,7 @@ def analysis(results: dict, method: str = "maml") -> str:
         "per-episode difference excludes 0."
     )
     lines.append("")
-    for k in shots:
+    for k in ks:
         m = summary[str(k)].get(method, {}).get("mean")
         if m is None:
             continue
@@ -59,7 +59,7 @@ def analysis(results: dict, method: str = "maml") -> str:
     lines.append("")
     wins, losses = [], []
     for family in results["families"]:
-        for k in shots:
+        for k in ks:
             for r in rivals:
                 d = paired(results, family, k, method, r, "savings", threshold)
                 if d is None or not math.isfinite(d[0]):
@@ -79,7 +79,7 @@ def analysis(results: dict, method: str = "maml") -> str:
             for fam, k, r, d, drop in items
         ]
 
-    n_cmp = len(results["families"]) * len(shots) * len(rivals)
+    n_cmp = len(results["families"]) * len(ks) * len(rivals)
     lines.append(f"{method} saves more tokens than a rival in {len(wins)} and fewer in {len(losses)} of {n_cmp} "
                  "(family, K, rival) comparisons.")
     if wins:
@@ -101,7 +101,7 @@ def analysis(results: dict, method: str = "maml") -> str:
             "conservative operating point rather than a worse one."
         )
     over = [
-        (f, k) for f in results["families"] for k in shots
+        (f, k) for f in results["families"] for k in ks
         if f in summary[str(k)].get(method, {})
         and not within_target(summary[str(k)], method, f, results["families"], delta)
     ]
@@ -110,8 +110,8 @@ def analysis(results: dict, method: str = "maml") -> str:
             f"The support-chosen threshold misses the EM target on average in {len(over)} (family, K) cells: "
             + ", ".join(f"{f} K={k}" for f, k in over[:10]) + ("..." if len(over) > 10 else "") + "."
         )
-    if len(shots) > 1:
-        lo, hi = str(shots[0]), str(shots[-1])
+    if len(ks) > 1:
+        lo, hi = str(ks[0]), str(ks[-1])
         trend = []
         for m in [method, *[r for r in ("finetuned", "scratch", "pooled") if r in results["methods"]]]:
             a = summary[lo].get(m, {}).get("mean")
@@ -122,15 +122,15 @@ def analysis(results: dict, method: str = "maml") -> str:
             lines.append(f"From K={lo} to K={hi}, mean savings move: " + "; ".join(trend) + ".")
     cal = []
     for m in [method, "pooled", "finetuned", "scratch"]:
-        row = summary[str(shots[-1])].get(m, {}).get("mean")
+        row = summary[str(ks[-1])].get(m, {}).get("mean")
         if row is not None and math.isfinite(row["brier"][0]):
             cal.append(f"{m} Brier {row['brier'][0]:.3f}, ECE {row['ece'][0]:.3f}")
     if cal:
-        lines.append(f"Calibration at K={shots[-1]}: " + "; ".join(cal) + ".")
+        lines.append(f"Calibration at K={ks[-1]}: " + "; ".join(cal) + ".")
     if "ltt" in results["threshold_methods"]:
         ltt = summarise(results, "ltt")
         stopped = [
-            ltt[str(k)].get(method, {}).get("mean", {}).get("savings", (float("nan"),))[0] for k in shots
+            ltt[str(k)].get(method, {}).get("mean", {}).get("savings", (float("nan"),))[0] for k in ks
         ]
         if all(math.isfinite(x) and abs(x) < 1e-12 for x in stopped):
             lines.append(

@@ -69,7 +69,7 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
 def plot_curves(results: dict, path: str | Path, k: int | None = None) -> Path:
     """EM-vs-tokens curves (pooled over episodes) per held-out family, every method, at one K."""
     plt = pyplot()
-    k = k if k is not None else results["shots"][-1]
+    k = k if k is not None else results["k"][-1]
     families = results["families"]
     rows, cols = _grid(len(families))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -99,16 +99,16 @@ def plot_savings_vs_k(results: dict, path: str | Path) -> Path:
     plt = pyplot()
     summary = summarise(results)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    shots = results["shots"]
+    ks = results["k"]
     colors = method_colors(results["methods"])
     for method in results["methods"]:
-        pts = [summary[str(k)].get(method, {}).get("mean") for k in shots]
+        pts = [summary[str(k)].get(method, {}).get("mean") for k in ks]
         if any(p is None for p in pts):
             continue
-        ax.errorbar(shots, [100 * p["savings"][0] for p in pts], yerr=[100 * p["savings"][1] for p in pts],
+        ax.errorbar(ks, [100 * p["savings"][0] for p in pts], yerr=[100 * p["savings"][1] for p in pts],
                     marker=POINT_MARKERS.get(method, "o"), capsize=3, label=method, color=colors[method])
     ax.set_xscale("log", base=2)
-    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (support questions)")
     ax.set_ylabel("% tokens saved (threshold chosen on support)")
     ax.grid(alpha=0.3)
@@ -130,7 +130,7 @@ def plot_calibration(results: dict, path: str | Path) -> Path:
         ax.plot(conf[keep], freq[keep], "o-", ms=3, label=method)
     ax.set_xlabel("predicted P(stop keeps the answer)")
     ax.set_ylabel("observed frequency")
-    ax.set_title(f"calibration (K={results['shots'][-1]})")
+    ax.set_title(f"calibration (K={results['k'][-1]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, path)

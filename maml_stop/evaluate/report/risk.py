@@ -46,7 +46,7 @@ def violation_rates(results: dict) -> dict[str, dict[str, dict[str, dict[str, di
     :func:`maml_stop.evaluate.report.stats.summarise`.
     """
     out: dict = {}
-    for k in results["shots"]:
+    for k in results["k"]:
         out[str(k)] = {}
         for method in results["methods"]:
             if not _thresholded(results, k, method):
@@ -125,8 +125,8 @@ def risk_tables(results: dict) -> str:
         "listed; `all` pools every held-out family's episodes.",
         "",
     ]
-    shots = results["shots"]
-    for k in shots:
+    ks = results["k"]
+    for k in ks:
         em_rows = [
             (m, f, r["em_target"]["rate"]) for m, fam in rates[str(k)].items() for f, r in fam.items()
             if f != "all" and "em_target" in r and r["em_target"]["episodes"]
@@ -161,18 +161,18 @@ def risk_tables(results: dict) -> str:
         "",
         "### Violation rate per method and rule over K, every held-out family's episodes pooled",
         "",
-        "| method | rule (target) | " + " | ".join(f"K={k}" for k in shots) + " |",
-        "|---|---|" + "---|" * len(shots),
+        "| method | rule (target) | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
     ]
-    methods = [m for m in results["methods"] if any(m in rates[str(k)] for k in shots)]
+    methods = [m for m in results["methods"] if any(m in rates[str(k)] for k in ks)]
     for method in methods:
         for s in selectors:
             cells = [
-                _rate(rates[str(k)][method]["all"][s]) if method in rates[str(k)] else "n/a" for k in shots
+                _rate(rates[str(k)][method]["all"][s]) if method in rates[str(k)] else "n/a" for k in ks
             ]
             lines.append(f"| {method} | {s} ({targets[s]}) | " + " | ".join(cells) + " |")
     lines.append("")
-    for k in shots:
+    for k in ks:
         if not rates[str(k)]:
             continue
         lines += [

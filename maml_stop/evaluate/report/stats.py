@@ -89,7 +89,7 @@ def summarise(results: dict, threshold: str | None = None) -> dict[str, dict[str
     """
     threshold = threshold or results["threshold_methods"][0]
     out: dict = {}
-    for k in results["shots"]:
+    for k in results["k"]:
         out[str(k)] = {}
         oracle_means: dict[str, dict[str, float]] = {name: {} for name in ORACLES}
         for name in ORACLES:

@@ -45,12 +45,12 @@ def markdown_tables(results: dict) -> str:
             f"### Mean over held-out families: % of tokens saved (threshold: `{threshold}` on support), "
             f"EM drop in points in brackets",
             "",
-            "| method | " + " | ".join(f"K={k}" for k in results["shots"]) + " |",
-            "|---|" + "---|" * len(results["shots"]),
+            "| method | " + " | ".join(f"K={k}" for k in results["k"]) + " |",
+            "|---|" + "---|" * len(results["k"]),
         ]
         for method in results["methods"]:
             cells = []
-            for k in results["shots"]:
+            for k in results["k"]:
                 row = summary[str(k)].get(method, {}).get("mean")
                 cells.append("n/a" if row is None else f"{fmt_ci(*row['savings'])} ({fmt_ci(*row['em_drop'])})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -63,7 +63,7 @@ def markdown_tables(results: dict) -> str:
         "saved % (best τ in hindsight) | % of oracle | " + ("% of oracle at equal EM | " if equal_em else "")
         + "reasoning saved % | AUC |"
     )
-    for k in results["shots"]:
+    for k in results["k"]:
         lines += [
             f"### K = {k}: threshold `{threshold}` chosen on the K support traces, {results['episodes']} episodes "
             f"per family, 95% intervals over episodes",
@@ -88,12 +88,12 @@ def markdown_tables(results: dict) -> str:
         lines += [
             "### Calibration of the probes on query probe points (mean over families)",
             "",
-            "| method | " + " | ".join(f"Brier K={k} | ECE K={k}" for k in results["shots"]) + " |",
-            "|---|" + "---|---|" * len(results["shots"]),
+            "| method | " + " | ".join(f"Brier K={k} | ECE K={k}" for k in results["k"]) + " |",
+            "|---|" + "---|---|" * len(results["k"]),
         ]
         for method in probe:
             cells = []
-            for k in results["shots"]:
+            for k in results["k"]:
                 row = summary[str(k)].get(method, {}).get("mean")
                 cells += ["n/a", "n/a"] if row is None else [
                     fmt_ci(*row["brier"], scale=1.0, digits=3), fmt_ci(*row["ece"], scale=1.0, digits=3)
@@ -176,7 +176,7 @@ def backoff_table(results: dict) -> str:
     and mean source-family savings at it), or ``""`` when no fold calibrated one."""
     rows = []
     for family in results["families"]:
-        for k in results["shots"]:
+        for k in results["k"]:
             for method, cell in (results["results"][family].get(str(k)) or {}).items():
                 calib = cell.get("backoff") if isinstance(cell, dict) else None
                 if not calib:

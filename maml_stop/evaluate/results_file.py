@@ -1,0 +1,74 @@
+"""The results file of ``maml-stop evaluate`` (``results.json``): written with its report, read back with
+the migrations of older files.
+
+Names (issue 31): K is ``k`` and the fixed threshold ``tau``. Files written before that say ``shots``
+(top level and ``config``) and ``fixed_tau`` (``config``); :func:`migrate_results` renames them on read,
+so that every older report renders as it did.
+
+>>> migrate_results({"shots": [4, 16], "config": {"shots": [4, 16], "fixed_tau": 0.5}})
+{'config': {'k': [4, 16], 'tau': 0.5}, 'k': [4, 16]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maml_stop.evaluate.report import write_report
+
+__all__ = ["read_results", "migrate_results", "migrate_config", "write_results", "json_safe"]
+
+RENAMED = {"shots": "k"}  # top level
+RENAMED_CONFIG = {"shots": "k", "fixed_tau": "tau"}
+
+
+def migrate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An :class:`~maml_stop.evaluate.config.EvaluateConfig` dict with older names renamed (in place)."""
+    for old, new in RENAMED_CONFIG.items():
+        if old in config:
+            config.setdefault(new, config.pop(old))
+    return config
+
+
+def migrate_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the names of older files renamed (in place, and returned)."""
+    for old, new in RENAMED.items():
+        if old in results:
+            results.setdefault(new, results.pop(old))
+    if isinstance(results.get("config"), dict):
+        migrate_config(results["config"])
+    return results
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``results.json`` (of ``maml-stop evaluate``), migrated (:func:`migrate_results`)."""
+    return migrate_results(json.loads(Path(path).read_text()))
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN and inf as None and NumPy scalars as Python numbers (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return json_safe(x.item())
+    return x
+
+
+def write_results(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """results.json plus the report (tables, analysis, plots) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    migrate_results(results)
+    path.write_text(json.dumps(json_safe(results), indent=1))
+    paths = write_report(results, out)
+    paths["json"] = path
+    return paths
