@@ -387,25 +387,6 @@ def extract_probe(text: str, numeric: bool = False, kind: str | None = None) -> 
     return _shape(lines[0], kind)
 
 
-__all__ = [
-    "ANSWER_KINDS",
-    "THINK_CLOSE",
-    "THINK_OPEN",
-    "answer_part",
-    "DURATION_TOL_S",
-    "NUMBER_ABS_TOL",
-    "NUMBER_REL_TOL",
-    "AnswerFormatError",
-    "canonical",
-    "check_kind",
-    "clean",
-    "exact_match",
-    "extract_final",
-    "extract_probe",
-    "normalise",
-    "numbers_equal",
-    "parse_number",
-    "pick_number",
-    "signs_differ",
-    "strip_boxed",
-]
+__all__ = ["ANSWER_KINDS", "THINK_CLOSE", "THINK_OPEN", "answer_part", "DURATION_TOL_S", "NUMBER_ABS_TOL", "NUMBER_REL_TOL",
+           "AnswerFormatError", "canonical", "check_kind", "clean", "exact_match", "extract_final", "extract_probe",
+           "normalise", "numbers_equal", "parse_number", "pick_number", "signs_differ", "strip_boxed"]
