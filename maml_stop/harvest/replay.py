@@ -32,6 +32,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
+from maml_stop.data import store
+from maml_stop.harvest.model import DTYPES
+from tasks import get_family
+from tasks.base import Question
+
 REPRESENTATIONS = ("last", "mean", "trigger", "answer")
 FREE_REPRESENTATIONS = ("last", "mean")
 
@@ -129,11 +134,6 @@ def replay_corpus(corpus: str, out: str, families: Sequence[str], layers: Sequen
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tqdm import tqdm
 
-    from maml_stop.data import store
-    from maml_stop.harvest.model import DTYPES
-    from tasks import get_family
-    from tasks.base import Question
-
     torch.set_num_threads(num_threads)
     meta = store.read_meta(corpus)
     unknown = sorted(set(families) - set(meta["families"]))
@@ -192,8 +192,6 @@ def replay_corpus(corpus: str, out: str, families: Sequence[str], layers: Sequen
 def _rows(corpus: str, family: str) -> list[dict]:
     """Every stored trace of ``family``, in shard order."""
     import pyarrow.parquet as pq
-
-    from maml_stop.data import store
 
     rows: list[dict] = []
     for path in store.shard_paths(corpus, family):
