@@ -136,14 +136,14 @@ def test_generate_rebuilds_a_dataset_family_from_the_harvests_family_args(tmp_pa
     names it by its own name, which is not in the registry; the harvest's family_args rebuild it."""
     from types import SimpleNamespace
 
-    from maml_stop.live import artifact
+    from maml_stop.live import generate
     from maml_stop.live.generate import GenerateError, _family_of
 
     rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(30)]
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(artifact, "load_adapted", lambda _: SimpleNamespace(recipe={"extraction": {"family": "mine"}}))
-    monkeypatch.setattr(artifact, "missing_recipe_fields", lambda _: [])
+    monkeypatch.setattr(generate, "load_adapted", lambda _: SimpleNamespace(recipe={"extraction": {"family": "mine"}}))
+    monkeypatch.setattr(generate, "missing_recipe_fields", lambda _: [])
     mine = {"path": str(path), "answer_format": "gsm8k", "name": "mine"}
     assert _family_of("a.pt", {"dataset": mine}).name == "mine"
     with pytest.raises(GenerateError, match="no family named 'mine'"):
