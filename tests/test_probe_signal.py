@@ -67,6 +67,8 @@ def test_hindsight_savings_uses_the_one_accounting_and_keeps_full_generation():
     # free: stop at probe 1 (20 + 5) and probe 0 (10 + 5): 1 - 40/80; paid: 20 + 10 and 10 + 5: 1 - 45/80
     assert hindsight_savings(traces, perfect, paid=False) == pytest.approx(0.5)
     assert hindsight_savings(traces, perfect, paid=True) == pytest.approx(1 - 45 / 80)
+    # the published methods' count (reasoning tokens only, labelled so in the report): 1 - (20 + 10) / 80
+    assert hindsight_savings(traces, perfect, paid=True, count_probes=False) == pytest.approx(1 - 30 / 80)
     wrong_first = [np.array([1.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0])]  # stopping loses trace 0: drop 50 points
     assert hindsight_savings(traces, wrong_first, paid=False) == 0.0  # only full generation is within 1 point
 

@@ -222,14 +222,18 @@ def discrimination(scores: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> 
 
 
 def first_hit_curve(traces: Sequence[Trace], scores: Sequence[np.ndarray], taus: np.ndarray,
-                    paid: bool) -> tuple[np.ndarray, np.ndarray]:
+                    paid: bool, count_probes: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """EM and tokens (traces, taus) of "stop at the first probe with score >= tau, else run to the end",
     priced by :mod:`maml_stop.data.accounting`: a paid policy ran every forced answer up to its stop (all of
-    them when it never fires), a free one only the answer it stops on (none when it never fires)."""
+    them when it never fires), a free one only the answer it stops on (none when it never fires).
+    ``count_probes=False`` counts reasoning tokens only (how DEER and Dynasor-CoT count: labelled so)."""
     em = np.zeros((len(traces), len(taus)))
     tokens = np.zeros((len(traces), len(taus)))
     for i, (t, s) in enumerate(zip(traces, scores)):
-        if paid:
+        if not count_probes:
+            at_probe = np.asarray(t.positions, dtype=np.int64)
+            at_end = int(t.reasoning_tokens)
+        elif paid:
             at_probe = accounting.stop_costs(t)[0]
             at_end = accounting.stop_cost(t, None)[0]
         else:
@@ -243,12 +247,14 @@ def first_hit_curve(traces: Sequence[Trace], scores: Sequence[np.ndarray], taus:
     return em, tokens
 
 
-def hindsight_savings(traces: Sequence[Trace], scores: Sequence[np.ndarray], paid: bool, delta: float = 0.01) -> float:
+def hindsight_savings(traces: Sequence[Trace], scores: Sequence[np.ndarray], paid: bool, delta: float = 0.01,
+                      count_probes: bool = True) -> float:
     """Largest savings of any single threshold with mean EM drop <= ``delta`` on these traces (full
-    generation, savings 0, always qualifies)."""
+    generation, savings 0, always qualifies); ``count_probes=False``: reasoning tokens only, against the
+    full run's reasoning tokens."""
     flat = np.concatenate([np.asarray(s) for s in scores]) if scores else np.zeros(0)
     taus = np.unique(np.concatenate([np.quantile(flat, np.linspace(0, 1, 201)), [np.inf]])) if flat.size else np.array([np.inf])
-    em, tokens = first_hit_curve(traces, scores, taus, paid)
+    em, tokens = first_hit_curve(traces, scores, taus, paid, count_probes)
     full_em = torch.tensor([float(t.final_em) for t in traces], dtype=torch.float64)
-    full = torch.tensor([float(t.full_cost) for t in traces], dtype=torch.float64)
+    full = torch.tensor([float(t.full_cost if count_probes else t.reasoning_tokens) for t in traces], dtype=torch.float64)
     return float(savings_at_em_drop(torch.as_tensor(em), torch.as_tensor(tokens), full_em, full, delta=delta))
