@@ -157,6 +157,34 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, path: Path) -> Path:
+    """ROC-AUC of ``correct`` (held-out mean) against hindsight savings, one point per view and probe: free
+    representations in one colour, paid in another, the issue's two criteria as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for paid, colour, label in ((False, "tab:blue", "free (no forced answer until the stop)"),
+                                (True, "tab:red", "paid (a forced answer at every probe)")):
+        cells = [c for c in results["views"].values() if c["paid"] == paid]
+        ax.scatter([c["correct_roc_auc"] for c in cells], [c["hindsight_savings"] * 100 for c in cells], c=colour,
+                   label=label, s=18)
+        ax.scatter([c["correct_roc_auc"] for c in cells], [c["hindsight_reasoning_savings"] * 100 for c in cells],
+                   facecolors="none", edgecolors=colour, s=18)
+    ax.axvline(0.85, color="grey", ls="--", lw=1)
+    ax.axhline(10, color="grey", ls=":", lw=1)
+    ax.set_xlabel("ROC-AUC, this forced answer is right (held-out families, mean)")
+    ax.set_ylabel("% saved, best threshold in hindsight")
+    ax.set_title("Filled: probe tokens paid; hollow: probe tokens not counted", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -171,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, default=float).encode())
     atomic_write_bytes(out / "report.md", render(results).encode())
+    plot(results, out / "roc_auc_vs_savings.png")
     print(out / "report.md")
     return 0
 
