@@ -102,7 +102,11 @@ class Service:
         self.worker.start()
 
     def stop(self) -> None:
+        """Stop the model thread (the queued learning steps run first); the store stays readable."""
         self.worker.stop()
+
+    def close(self) -> None:
+        self.stop()
         self.store.close()
 
     def accept(self, question: str) -> Job:
