@@ -68,6 +68,14 @@ def post_all(c, prompts: list[str]) -> list[dict]:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def parse_metrics(text: str) -> dict[str, dict[str, float]]:
     """Prometheus text -> {name: {labels: value}}; checks every sample's metric has HELP and TYPE."""
     declared, out = set(), {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,17 +20,11 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from serve_helpers import model_dir, questions  # noqa: E402
+from serve_helpers import free_port, model_dir, questions  # noqa: E402
 from test_feature_subsets import harvested  # noqa: E402,F401  (a fixture)
 from test_generate_cmd import artifact  # noqa: E402,F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict | str]:
@@ -67,7 +60,7 @@ def test_kill_9_loses_no_acknowledged_feedback(harvested, artifact, tmp_path):  
     db = tmp_path / "crash.sqlite"
     args = ["--model", model_dir(harvested), "--artifact", artifact, "--db", str(db), "--online.sample_rate", "0.3"]
     qs = questions(24, seed=3)
-    port = _port()
+    port = free_port()
     with open(tmp_path / "serve1.log", "wb") as log:
         proc = _start(args, port, log)
         try:
@@ -111,7 +104,7 @@ def test_kill_9_loses_no_acknowledged_feedback(harvested, artifact, tmp_path):  
     assert acknowledged <= stored, f"lost {len(acknowledged - stored)} acknowledged feedback rows"
     print(f"killed with {len(acknowledged)} of {len(ids)} feedbacks acknowledged; {len(stored)} rows stored; "
           f"{len(acknowledged - stored)} acknowledged rows lost")
-    port = _port()
+    port = free_port()
     with open(tmp_path / "serve2.log", "wb") as log:
         proc = _start(args, port, log)
         try:

@@ -39,7 +39,7 @@ def _loop(config: ServeConfig, arms=("A",)) -> OnlineLoop:
 
 def _run(answers=("1", "2"), final="2") -> dict:
     """A stored feedback run: two probes (answers ``answers``), its final answer ``final``."""
-    return {"id": "r", "family": FAMILY, "features": [[0.0, 0.0], [1.0, 1.0]], "positions": [4, 8],
+    return {"id": "r", "family": FAMILY, "n_features": 2, "features": [[0.0, 0.0], [1.0, 1.0]], "positions": [4, 8],
             "probe_tokens": [3, 3], "probe_answers": list(answers), "logprob_mean": [0.0, 0.0],
             "reasoning_tokens": 12, "hit_cap": False, "cap_probe": None}
 

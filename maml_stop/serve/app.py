@@ -165,7 +165,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render(service.worker.states, service.store.totals(), service.worker.queued()),
+        return PlainTextResponse(render(service.worker.states, service.store.totals(), service.worker.stats()),
                                  media_type=CONTENT_TYPE)
 
     @app.get("/api/state")

@@ -82,7 +82,8 @@ def live_trace(criteria: LiveStopping, row: int, result: dict[str, Any], trace_i
     k = names.index("answer_tokens")
     lp = feats[:, names.index("logprob_mean")] if "logprob_mean" in names else np.zeros(len(feats))
     reasons = criteria.reasons[row]
-    return {"id": trace_id, "family": family, "features": feats[:, criteria.rule.columns].tolist(),
+    return {"id": trace_id, "family": family, "n_features": len(criteria.rule.columns),
+            "features": feats[:, criteria.rule.columns].tolist(),
             "positions": list(criteria.positions[row]),
             "probe_tokens": [int(round(float(v))) + len(criteria.trigger_ids) for v in feats[:, k]],
             "probe_answers": list(criteria.probe_answers[row]), "logprob_mean": lp.tolist(),
@@ -110,7 +111,9 @@ class ModelWorker:
         self._lock = threading.Lock()  # a feedback's commit and its place in the queue go together
         self._thread = threading.Thread(target=self._run, name="maml-stop-model", daemon=True)
         self.states: dict[str, Any] = loop.states()  # refreshed by the thread after each batch and step
-        self.batches = 0
+        self.batches = 0  # windows served
+        self.generate_calls = self.generate_rows = 0
+        self.generate_s = 0.0  # wall time inside generate()
 
     # -- from the HTTP threads ------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +125,11 @@ class ModelWorker:
 
     def queued(self) -> int:
         return self._q.qsize()
+
+    def stats(self) -> dict[str, float]:
+        """The model thread's counters: queue depth, generate() calls, their rows and wall time."""
+        return {"queued": self._q.qsize(), "batches": self.batches, "generate_calls": self.generate_calls,
+                "generate_rows": self.generate_rows, "generate_s": self.generate_s}
 
     def submit(self, job: Job) -> cf.Future:
         if self._q.qsize() >= self.max_queue:
@@ -214,10 +222,14 @@ class ModelWorker:
                                     featurizer, schedule, **rest, mode=mode)
             criteria.row_thresholds = [j.plan.threshold for j in jobs]
         watch = _Watch(criteria, width, self.eos, lambda r, ids: self._finish(jobs[r], r, ids, criteria))
+        started = time.perf_counter()
         try:
             with torch.no_grad():
                 seqs = self.model.generate(**enc, max_new_tokens=self.cap, do_sample=False, pad_token_id=self.pad,
                                            stopping_criteria=StoppingCriteriaList([watch]))
+            self.generate_s += time.perf_counter() - started
+            self.generate_calls += 1
+            self.generate_rows += len(jobs)
             for r, job in enumerate(jobs):
                 if r not in watch.reported:
                     self._finish(job, r, seqs[r, width:].tolist(), criteria)
@@ -226,6 +238,15 @@ class ModelWorker:
                 criteria.remove_hooks()
 
     def _finish(self, job: Job, r: int, ids: list[int], criteria: LiveStopping | None) -> None:
+        """Account, store and answer one row (a failure answers that request alone with the error)."""
+        try:
+            self._account(job, r, ids, criteria)
+        except Exception as err:
+            log.exception("request %s could not be finished", job.request_id)
+            if not job.future.done():
+                job.future.set_exception(err)
+
+    def _account(self, job: Job, r: int, ids: list[int], criteria: LiveStopping | None) -> None:
         if criteria is not None:
             res = result_row(criteria, r, ids, self.eos, self.family, self.tokenizer, self.cap)
         else:

@@ -124,7 +124,7 @@ class Arm:
 def trace_from_json(t: dict[str, Any]) -> Trace:
     """A stored feedback run (``decisions.trace``) as a :class:`Trace` (labels 0 until feedback)."""
     p = len(t["positions"])
-    feats = np.asarray(t["features"], dtype=np.float32).reshape(p, -1)
+    feats = np.asarray(t["features"], dtype=np.float32).reshape(p, int(t["n_features"]))
     return Trace(trace_id=t["id"], family=t["family"], split="live", features=feats,
                  labels=np.zeros(p, dtype=np.float32), positions=np.asarray(t["positions"], dtype=np.int64),
                  probe_tokens=np.asarray(t["probe_tokens"], dtype=np.int64), probe_answers=list(t["probe_answers"]),
@@ -179,7 +179,7 @@ class OnlineLoop:
         """The decision columns of a feedback run: the policy's counterfactual stop and the paired costs."""
         if plan.kind != "feedback" or trace is None:
             return {}
-        decision = self.arms[plan.arm].decide(trace)
+        decision = self.arms[plan.arm].decide(trace) if trace.n_probes else None
         return {"decision": decision, "full_cost": full_cost(trace), "stop_cost": stop_cost(trace, decision)[0]}
 
     # -- learning ---------------------------------------------------------------------------------
@@ -190,8 +190,9 @@ class OnlineLoop:
 
     def learn(self, row: dict[str, Any]) -> int | None:
         """One learning step from a stored feedback run (``row``: its decision with ``trace`` and the
-        feedback's ``gold``/``correct``); returns ``d`` (None when the request was not a feedback run)."""
-        if row.get("plan") != "feedback" or row.get("trace") is None:
+        feedback's ``gold``/``correct``); returns ``d`` (None when the request was not a feedback run, or one
+        that ended before its first probe: it tells nothing about stopping)."""
+        if row.get("plan") != "feedback" or row.get("trace") is None or not row["trace"]["positions"]:
             return None
         trace = trace_from_json(row["trace"])
         if self.config.online.feedback == "gold":

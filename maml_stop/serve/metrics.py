@@ -6,7 +6,8 @@ policy in force chose saves against the same run's full generation), not a count
 the requests that stopped: their full length is never seen.
 
 >>> text = render({"delta": 0.05, "arms": {}, "ab": None}, {"requests": 0, "feedback": 0, "by_plan": [],
-...               "paired": [], "em": []}, queued=0)
+...               "paired": [], "em": []},
+...               {"queued": 0, "generate_calls": 0, "generate_rows": 0, "generate_s": 0.0})
 >>> "maml_stop_delta 0.05" in text
 True
 """
@@ -49,9 +50,9 @@ class _Text:
         self.lines += [f"{name}{_labels(labels)} {_value(v)}" for labels, v in samples]
 
 
-def render(states: dict[str, Any], totals: dict[str, Any], queued: int) -> str:
-    """The exposition text from the model thread's ``states`` (:meth:`OnlineLoop.states`) and the
-    store's ``totals`` (:meth:`Store.totals`)."""
+def render(states: dict[str, Any], totals: dict[str, Any], worker: dict[str, float]) -> str:
+    """The exposition text from the model thread's ``states`` (:meth:`OnlineLoop.states`) and counters
+    (:meth:`ModelWorker.stats`), and the store's ``totals`` (:meth:`Store.totals`)."""
     t = _Text()
     plans = totals["by_plan"]
     t.metric("maml_stop_requests_total", "counter", "requests served, by arm and plan (stop, full, feedback)",
@@ -91,5 +92,10 @@ def render(states: dict[str, Any], totals: dict[str, Any], queued: int) -> str:
         t.metric("maml_stop_ab_verdict", "gauge", "the A/B verdict (1 on the one reached; none until then)",
                  [({"verdict": ab["verdict"]}, 1)] if ab["verdict"] else [])
     t.metric("maml_stop_queue_depth", "gauge", "requests and learning steps waiting for the model thread",
-             [({}, queued)])
+             [({}, worker["queued"])])
+    t.metric("maml_stop_generate_calls_total", "counter", "generate() calls since start", [({}, worker["generate_calls"])])
+    t.metric("maml_stop_generate_rows_total", "counter", "rows of those calls (their mean batch size: rows / calls)",
+             [({}, worker["generate_rows"])])
+    t.metric("maml_stop_generate_seconds_total", "counter", "wall time inside generate() since start",
+             [({}, worker["generate_s"])])
     return "\n".join(t.lines) + "\n"

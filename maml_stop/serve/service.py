@@ -4,6 +4,7 @@ the online state from it, and start the model thread."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -94,6 +95,10 @@ class Service:
                  time.monotonic() - started)
         self.worker = ModelWorker(model, tokenizer, self.family, parts, self.loop, self.store, config.batch,
                                   config.limits.max_queue)
+        # the HTTP threads render and count prompts with their own copy: a fast tokenizer used from two
+        # threads at once fails ("Already borrowed"), and the model thread uses this one throughout generate
+        self._prompt_tok = copy.deepcopy(tokenizer)
+        self._prompt_lock = threading.Lock()
         self._seq_lock = threading.Lock()
         self._next_seq = self.store.next_seq()
         self.model_name = config.model
@@ -111,9 +116,10 @@ class Service:
 
     def accept(self, question: str) -> Job:
         """Render, number, plan and store one request; the job to submit (the caller checks its size)."""
-        prompt = self.family.render_prompt(_question(self.family, question), self.tokenizer,
-                                           self.worker.parts["A"][2]["reasoning_format"])
-        n_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with self._prompt_lock:
+            prompt = self.family.render_prompt(_question(self.family, question), self._prompt_tok,
+                                               self.worker.parts["A"][2]["reasoning_format"])
+            n_tokens = len(self._prompt_tok(prompt, add_special_tokens=False)["input_ids"])
         with self._seq_lock:
             seq = self._next_seq
             self._next_seq += 1
