@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level and service")
     p.add_argument("--modes", nargs="+", default=["idle", "never", "stop"], choices=["idle", "never", "stop"])
-    p.add_argument("--window_ms", type=float, default=10.0, help="the service's batching window")
+    p.add_argument("--window_ms", type=float, default=10.0, help="the service's batching gap (batch.window_ms)")
+    p.add_argument("--max_wait_ms", type=float, default=50.0, help="the service's batch.max_wait_ms")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{"concurrency": c, "service": "plain generate()", **b} for c, b in base.items()]
         for mode in args.modes:  # one service per mode, max_batch = the highest concurrency
             extra = ["--online.sample_rate", "0", "--batch.max_batch", str(max(args.concurrency)),
-                     "--batch.window_ms", str(args.window_ms)]
+                     "--batch.window_ms", str(args.window_ms), "--batch.max_wait_ms", str(args.max_wait_ms)]
             with server(model_dir, artifacts[mode], root / f"{mode}.sqlite", extra) as port:
                 for c, qs in levels.items():
                     r = serve_level(port, [q.question for q in qs], c)

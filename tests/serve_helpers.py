@@ -20,7 +20,7 @@ def make_config(harvested, artifact: str, db, **overrides):
     online = overrides.pop("online", {})
     monitor = online.pop("monitor", {})
     base = ServeConfig(model=model_dir(harvested), artifact=artifact, db=str(db),
-                       batch=BatchConfig(window_ms=50.0, max_batch=8),
+                       batch=BatchConfig(window_ms=50.0, max_wait_ms=100.0, max_batch=8),
                        online=OnlineConfig(**{"sample_rate": 0.0, "window": 8, "refit_every": 2, "delta": 0.2,
                                               "monitor": MonitorConfig(**{"window": 10, "min_feedback": 3,
                                                                           "bound": "lower", **monitor}),

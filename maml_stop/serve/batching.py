@@ -1,8 +1,9 @@
 """Dynamic batching on one model thread: requests that arrive within a short window go into one
 ``generate()`` with live stopping, and a row that stops (or ends) is answered at once while the others go on.
 
-The thread owns the model and the online state: it takes the first waiting request, waits up to
-``window_ms`` for more (``max_batch`` at most), and runs them; learning steps (feedback) queue behind
+The thread owns the model and the online state: it takes the first waiting request and gathers more
+until none came for ``window_ms`` (at most ``max_wait_ms`` after the first, ``max_batch`` in all), and
+runs them; learning steps (feedback) queue behind
 and run between batches, in the order their feedback was committed, so that the state a restart
 replays from the store is the state that served. A batch whose rows follow different policies runs as
 one generate() per arm and kind of criterion: rows of one arm that stop at tau and feedback runs (never
@@ -155,9 +156,10 @@ class ModelWorker:
                 self._task(item)
                 continue
             jobs, tasks, stop = [item], [], False
-            deadline = time.monotonic() + self.batch.window_ms / 1000.0
+            first = last = time.monotonic()
+            gap, most = self.batch.window_ms / 1000.0, self.batch.max_wait_ms / 1000.0
             while len(jobs) < self.batch.max_batch:
-                wait = deadline - time.monotonic()
+                wait = min(last + gap, first + most) - time.monotonic()
                 if wait <= 0:
                     break
                 try:
@@ -167,7 +169,11 @@ class ModelWorker:
                 if nxt is None:
                     stop = True
                     break
-                (jobs if isinstance(nxt, Job) else tasks).append(nxt)
+                if isinstance(nxt, Job):
+                    jobs.append(nxt)
+                    last = time.monotonic()
+                else:
+                    tasks.append(nxt)
             self._serve(jobs)
             for task in tasks:
                 self._task(task)

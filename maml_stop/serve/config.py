@@ -12,14 +12,17 @@ __all__ = ["BatchConfig", "LimitsConfig", "ServeConfig"]
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Dynamic batching: requests that arrive within ``window_ms`` of the first go into one generate()."""
+    """Dynamic batching: a batch closes when no request came for ``window_ms``, when ``max_wait_ms`` have
+    passed since its first request, or when it holds ``max_batch`` requests; then it runs as one generate()."""
 
-    window_ms: float = 10.0  # how long the first request of a batch waits for others
+    window_ms: float = 10.0  # the gap after the latest request that closes a batch
+    max_wait_ms: float = 50.0  # the longest the first request of a batch waits for others
     max_batch: int = 8  # rows of one generate() call
 
     def __post_init__(self) -> None:
-        if not self.window_ms >= 0.0 or self.max_batch < 1:
-            raise ValueError(f"need window_ms >= 0 and max_batch >= 1; got {self.window_ms}, {self.max_batch}")
+        if not (self.window_ms >= 0.0 and self.max_wait_ms >= self.window_ms) or self.max_batch < 1:
+            raise ValueError(f"need 0 <= window_ms <= max_wait_ms and max_batch >= 1; got {self.window_ms}, "
+                             f"{self.max_wait_ms}, {self.max_batch}")
 
 
 @dataclass(frozen=True)
