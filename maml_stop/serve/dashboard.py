@@ -56,7 +56,7 @@ async function refresh(){
   const arms = Object.keys(st.states.arms), dec = st.series.decisions, states = st.series.states;
   let cards = `<div class="card">requests<b>${st.totals.requests}</b></div><div class="card">feedback<b>${st.totals.feedback}</b></div>`;
   for (const a of arms){ const s = st.states.arms[a];
-    cards += `<div class="card">arm ${esc(a)}: tau<b>${s.tau === null ? "never" : s.tau.toFixed(3)}</b>${s.fallback ? "FALLBACK" : (s.idle ? "idle" : "stopping")}</div>`;
+    cards += `<div class="card">arm ${esc(a)}: tau<b>${s.tau === null ? "never" : s.tau.toPrecision(3)}</b>${s.fallback ? "FALLBACK" : (s.idle ? "idle" : "stopping")}</div>`;
     if (s.policy_savings !== null) cards += `<div class="card">arm ${esc(a)}: policy savings<b>${(100 * s.policy_savings).toFixed(1)}%</b></div>`; }
   if (st.states.ab) cards += `<div class="card">A/B (${st.states.ab.pairs} pairs)<b>${esc(st.states.ab.verdict || "no verdict yet")}</b></div>`;
   document.getElementById("cards").innerHTML = cards;
