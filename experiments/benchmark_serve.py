@@ -2,7 +2,7 @@
 latency, tokens/s against plain batched ``generate()`` on the same prompts, requests stopped early.
 
     .venv/bin/python experiments/benchmark_serve.py                        # the tiny local model (built here)
-    .venv/bin/python experiments/benchmark_serve.py --model /work/models/qwen05 --artifact runs/adapted/gcd.pt \\
+    .venv/bin/python experiments/benchmark_serve.py --model "$(bash scripts/fetch_models.sh qwen05)" --artifact runs/adapted/gcd.pt \\
         --concurrency 1 2 4 8 16 --requests 64 --out experiments/results/serve_bench.json
 
 Three services, each a ``maml-stop serve`` on a free loopback port, fed by a closed loop of ``c`` clients

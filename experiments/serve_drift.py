@@ -52,6 +52,7 @@ class ServeDriftConfig:
     """experiments/serve_drift.yaml."""
 
     serve_config: str = "experiments/serve.yaml"  # the service's own YAML (model, corpus, online, batch)
+    model: str | None = None  # overrides the serve YAML's (offline: the folder of scripts/fetch_models.sh)
     artifact: str = "runs/serve_drift/artifact.pt"  # adapted on the first family when absent
     checkpoint: str = "runs/main/checkpoints/best.ckpt"
     corpus: str = "experiments/corpus/qwen05"
@@ -141,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--tiny", action="store_true", help="the tiny local model (a smoke run of the road)")
     p.add_argument("--segment", type=int, default=None)
+    p.add_argument("--model", default=None, help="the model (default: the serve YAML's)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    cfg = ServeDriftConfig.load(args.config, segment=args.segment, out=args.out)
+    cfg = ServeDriftConfig.load(args.config, segment=args.segment, out=args.out, model=args.model)
     from tasks import get_family
 
     out = Path(cfg.out if not args.tiny or args.out else tempfile.mkdtemp(prefix="serve_drift_"))
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, artifact = tiny_setup(Path(tmp.name))
         extra += ["--corpus", str(Path(tmp.name) / "corpus"), "--online.sample_rate", "0.2"]
     else:
-        model_dir, artifact = None, make_artifact(cfg)  # the model is the serve YAML's
+        model_dir, artifact = cfg.model, make_artifact(cfg)  # None: the serve YAML's model
     s = cfg.stream
     qs = [q for j, fam in enumerate(s.families) for q in get_family(fam).questions("test", s.segment, seed=s.seed + j)]
     db = out / "serve.sqlite"

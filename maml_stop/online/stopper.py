@@ -46,6 +46,7 @@ from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.decide.thresholds import FixedThreshold
 from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.learn.predictor import fresh_copy
 from maml_stop.online.labels import FEEDBACK, feedback_trace
 from maml_stop.online.monitor import DropMonitor, MonitorConfig
 
@@ -242,6 +243,4 @@ class OnlineStopper:
     def live_predictor(self):
         """The predictor in force as a plain :class:`~maml_stop.learn.predictor.StoppingPredictor` (what
         :class:`~maml_stop.live.stopping.LiveStopping` runs)."""
-        from maml_stop.evaluate.policies import fresh_copy
-
         return fresh_copy(self.policy.model).eval()

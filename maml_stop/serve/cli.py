@@ -1,6 +1,6 @@
 """``maml-stop serve``: live stopping as an HTTP service that keeps itself tuned (see :mod:`maml_stop.serve`).
 
-    maml-stop serve --model /work/models/qwen05 --artifact runs/adapted/gcd.pt --db runs/serve.sqlite \\
+    maml-stop serve --model Qwen/Qwen2.5-Coder-0.5B-Instruct --artifact runs/adapted/gcd.pt --db runs/serve.sqlite \\
         --corpus experiments/corpus/qwen05 --port 8000 [--config experiments/serve.yaml]
 
 Every field of :class:`~maml_stop.serve.config.ServeConfig` is an option (nested ones dotted:
