@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("maml_stop.evaluate.compare", "A/B comparison of two methods on the same episodes (paired bootstrap)"),
     "adapt": ("maml_stop.live.adapt", "adapt a meta-trained predictor to a new family from K labelled traces"),
     "generate": ("maml_stop.live.generate", "answer questions with live stopping from an adapted artifact (JSONL out)"),
+    "serve": ("maml_stop.serve.cli", "serve live stopping over HTTP: batching, feedback, monitor, A/B, dashboard"),
 }
 
 

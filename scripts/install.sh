@@ -7,7 +7,7 @@
 #  - the pinned dependencies from setup.cfg, then learn2learn 0.2.0 the only way it builds on
 #    Python 3.11 (Cython regenerates its C files; --no-deps keeps pip from swapping torch for a CUDA
 #    build and pulling torchvision/gym/qpth/gsutil). torchvision is never installed.
-#  - the project itself (editable) with the extras given in EXTRAS (default: harvest,notebooks,test).
+#  - the project itself (editable) with the extras given in EXTRAS (default: harvest,notebooks,test,serve).
 # Without learn2learn: `bash scripts/install.sh --no-learn2learn` (or MAML_STOP_NO_L2L=1) skips its
 #    special build (and the Cython it needs); then adapt with the torch.func backend, which needs only
 #    torch and gives the same results: `model.backend: torch_func` in the YAML (a learn2learn-backend
@@ -26,7 +26,7 @@ done
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-harvest,notebooks,test}
+EXTRAS=${EXTRAS:-harvest,notebooks,test,serve}
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip setuptools wheel

@@ -117,7 +117,7 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("runtime", ["live", "online", "decide"])
+@pytest.mark.parametrize("runtime", ["live", "online", "decide", "serve"])
 def test_the_runtime_imports_nothing_from_the_research_harness(runtime):
     bad = {f"{p.relative_to(PACKAGE)}: {m}" for p in (PACKAGE / runtime).rglob("*.py")
            for m in _imports(p) if m.startswith("maml_stop.evaluate")}

@@ -52,6 +52,10 @@ def _kind(path: Path) -> str:
         return "probe signal"  # python -m maml_stop.evaluate.probe_signal_study (issue 30's pilot)
     if "stream" in cfg and "online" in cfg:
         return "drift"  # experiments/drift_simulation.py (online stopping under domain drift)
+    if "artifact" in cfg and "online" in cfg:
+        return "serve"  # maml-stop serve --config (issue 27)
+    if "serve_config" in cfg and "stream" in cfg:
+        return "serve drift"  # experiments/serve_drift.py (live drift through the service)
     return "unknown"
 
 
@@ -114,6 +118,20 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         assert set(cfg.stream.families) <= {"gcd", "gsm_symbolic", "letter_counting"}  # held out of meta-training
         assert len(cfg.stream.families) >= 4 and cfg.online.feedback in ("gold", "agreement")
         assert all(a in module.SERVERS and b in module.SERVERS for a, b in cfg.ab_pairs)
+    elif kind == "serve":
+        pytest.importorskip("fastapi")
+        from maml_stop.serve.cli import parse_config
+
+        cfg = parse_config(["--config", str(path)])  # builds the nested configs: checks every value
+        assert f"maml-stop serve --config experiments/{path.name}" in path.read_text()
+        assert cfg.online.sample_rate == 0.2 and cfg.corpus and cfg.batch.max_batch >= 8
+    elif kind == "serve drift":
+        from experiment_scripts import load_script
+
+        module = load_script("serve_drift")
+        cfg = module.ServeDriftConfig.load(path)
+        assert f"python experiments/serve_drift.py --config experiments/{path.name}" in path.read_text()
+        assert (EXPERIMENTS.parent / cfg.serve_config).is_file() and len(set(cfg.stream.families)) == 3
     elif kind == "tune":
         from maml_stop.learn.tune import load_space
 

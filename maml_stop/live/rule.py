@@ -54,6 +54,7 @@ class _Row:
     forced: list[np.ndarray] = field(default_factory=list)  # forced probe points only (full vectors)
     stop_p: list[float | None] = field(default_factory=list)  # per probe point: stop predictor's P (None: not asked)
     gate_p: list[float | None] = field(default_factory=list)  # per probe point: gate's P (gated mode only)
+    threshold: float | None = None  # this row's stop threshold (None: the rule's; serve mixes policies in a batch)
 
 
 class StopRule:
@@ -97,8 +98,14 @@ class StopRule:
             raise ValueError(f"mode={self.mode!r}: the {who} must read free features only "
                              f"(maml_stop.probe.features.feature_cost), but it reads the paid features {paid}")
 
-    def new_row(self) -> _Row:
-        return _Row()
+    def new_row(self, threshold: float | None = None) -> _Row:
+        """A row's state; ``threshold`` overrides the rule's for this row (inf: never stop)."""
+        if threshold is not None:
+            _check_threshold("threshold", threshold)
+        return _Row(threshold=threshold)
+
+    def _tau(self, row: _Row) -> float:
+        return self.threshold if row.threshold is None else row.threshold
 
     def before_answer(self, row: _Row, vec: np.ndarray) -> tuple[bool, bool]:
         """A new probe point whose free features are ``vec``'s: (force its answer?, stop here?)."""
@@ -109,7 +116,7 @@ class StopRule:
             return True, False
         if self.mode == "free":
             p = row.stop_p[-1] = _probability(self.predictor, np.stack(row.every)[:, self.columns])
-            stop = reached(p, self.threshold)
+            stop = reached(p, self._tau(row))
             return stop, stop
         g = row.gate_p[-1] = _probability(self.gate, np.stack(row.every)[:, self.gate_columns])
         return reached(g, self.gate_threshold), False
@@ -122,7 +129,7 @@ class StopRule:
             return False
         seq = row.every if self.mode == "every" else row.forced
         p = row.stop_p[-1] = _probability(self.predictor, np.stack(seq)[:, self.columns])
-        return reached(p, self.threshold)
+        return reached(p, self._tau(row))
 
 
 @dataclass

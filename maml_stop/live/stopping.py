@@ -165,6 +165,8 @@ class LiveStopping(StoppingCriteria):
             log.warning("the schedule probes at the cap (at_cap), but LiveStopping was not given max_new_tokens: "
                         "no cap probe will run")
         self.expected_prompt_length = prompt_length  # checked against each prefill; None: not checked
+        # per-row thresholds of the next generations (None: ``threshold``; inf: never stops); see serve/
+        self.row_thresholds: list[float] | None = None
         self.prompt_length: int | None = None  # of the current generation, read from its prefill
         self.featurizer, self.schedule = featurizer, schedule
         self.answer_max_tokens, self.max_new_tokens = answer_max_tokens, max_new_tokens
@@ -232,6 +234,7 @@ class LiveStopping(StoppingCriteria):
         self.probe_answers: list[list[str | None]] = []  # per probe: the extracted answer (None: none, or not forced)
         self.answers: list[str | None] = []  # per row: the forced answer it stopped with, or its cap answer
         self.stopped_at: list[int | None] = []  # per row: tokens generated when it stopped (None: did not stop)
+        self.positions: list[list[int]] = []  # per row and probe: tokens generated before it (0: the start probe)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -285,9 +288,13 @@ class LiveStopping(StoppingCriteria):
                 )
             self.state = self.featurizer.new_state(b)
             self._clock = [RowSchedule() for _ in range(b)]
-            self._rows = [self.rule.new_row() for _ in range(b)]
+            rows = self.row_thresholds if self.row_thresholds is not None else [None] * b
+            if len(rows) != b:
+                raise ValueError(f"row_thresholds has {len(rows)} entries for a batch of {b} rows")
+            self._rows = [self.rule.new_row(t) for t in rows]
             self._done = [False] * b
-            for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers"):
+            for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers",
+                         "positions"):
                 setattr(self, name, [[] for _ in range(b)])
             self.answers, self.stopped_at = [None] * b, [None] * b
             self._observed = torch.zeros(b, dtype=torch.long)
@@ -373,6 +380,7 @@ class LiveStopping(StoppingCriteria):
             self.features[r].append(vecs[r])
             self.forced[r].append(r in answers)
             self.reasons[r].append(reason)
+            self.positions[r].append(n)
             self.probe_answers[r].append(answer)
             self.probabilities[r].append(self._rows[r].stop_p[-1])
             self.gate_probabilities[r].append(self._rows[r].gate_p[-1])

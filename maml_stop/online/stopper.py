@@ -46,6 +46,7 @@ from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.decide.thresholds import FixedThreshold
 from maml_stop.learn.adapter import InnerLoopAdapter
+from maml_stop.learn.predictor import fresh_copy
 from maml_stop.online.labels import FEEDBACK, feedback_trace
 from maml_stop.online.monitor import DropMonitor, MonitorConfig
 
@@ -231,3 +232,15 @@ class OnlineStopper:
             self.idle = not savings(out.total_tokens.sum(), out.full_tokens.sum()) > 0.0
         else:
             self.idle = False
+
+    def learn(self, trace: Trace, decision: int | None, final_answer: str | None = None) -> int:
+        """Feedback on a request served live (``maml_stop.serve``): ``trace`` ran to its end with every probe
+        forced, ``decision`` is the stop index the policy in force chose on it before any feedback. The
+        feedback step of :meth:`serve` (monitor, threshold, window, re-adaptation); returns ``d``."""
+        self.n_requests += 1
+        return self._learn(trace, decision, final_answer)
+
+    def live_predictor(self):
+        """The predictor in force as a plain :class:`~maml_stop.learn.predictor.StoppingPredictor` (what
+        :class:`~maml_stop.live.stopping.LiveStopping` runs)."""
+        return fresh_copy(self.policy.model).eval()

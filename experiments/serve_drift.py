@@ -1,0 +1,193 @@
+"""Live drift through ``maml-stop serve`` (issue 27, "Done when"): a stream of questions from three
+families with family switches, served with live stopping and gold feedback on the service's feedback runs
+(``online.sample_rate``: 20%); does the served EM come back to the full runs' EM within the window?
+
+    .venv/bin/python experiments/serve_drift.py --config experiments/serve_drift.yaml     # the real model
+    .venv/bin/python experiments/serve_drift.py --tiny --segment 8                        # a smoke run
+
+It adapts the artifact on the first family when ``artifact`` does not exist (``maml-stop adapt``'s
+road: ``checkpoint``, ``corpus``, K, ``em_target`` at delta), starts ``maml-stop serve --config
+<serve_config>`` on a loopback port, streams ``segment`` questions of each family (the families' own
+generators, test split, seeded) from ``concurrency`` clients, and sends the gold answer of every
+request the service asks feedback for. Each answer is scored by its own family's checker. Written to
+``out``: ``results.json`` (every request: family, plan, EM, tokens, tau, fallback), ``report.md`` (per
+segment: served EM, the feedback runs' full-generation EM, tokens per request, share stopped early and in
+fallback; per switch: the first request after which the rolling served EM is within delta of the rolling
+full EM) and ``dashboard.png`` (headless Chromium, when installed). ``--tiny`` runs the tiny local model
+of tests/tiny_lm.py on a corpus harvested here: it checks the road, its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(ROOT / "tests")]
+
+from benchmark_serve import server, tiny_setup  # noqa: E402
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    families: tuple[str, ...] = ("gcd", "gsm_symbolic", "letter_counting")  # one segment each, in order
+    segment: int = 200  # questions per family
+    seed: int = 0
+    concurrency: int = 8  # closed-loop clients
+    window: int = 50  # requests of the rolling EM in the recovery figure
+
+
+@dataclass(frozen=True)
+class ServeDriftConfig:
+    """experiments/serve_drift.yaml."""
+
+    serve_config: str = "experiments/serve.yaml"  # the service's own YAML (model, corpus, online, batch)
+    model: str | None = None  # overrides the serve YAML's (offline: the folder of scripts/fetch_models.sh)
+    artifact: str = "runs/serve_drift/artifact.pt"  # adapted on the first family when absent
+    checkpoint: str = "runs/main/checkpoints/best.ckpt"
+    corpus: str = "experiments/corpus/qwen05"
+    k: int = 16
+    delta: float = 0.05  # EM-drop target of the adaptation and of the recovery figure
+    out: str = "experiments/results/serve_drift"
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> "ServeDriftConfig":
+        raw = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+        stream = raw.pop("stream", {}) or {}
+        for key in list(overrides):
+            if key in {f.name for f in fields(StreamConfig)} and overrides[key] is not None:
+                stream[key] = overrides.pop(key)
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        for kind, got in ((cls, raw), (StreamConfig, stream)):
+            unknown = sorted(set(got) - {f.name for f in fields(kind)} - ({"stream"} if kind is cls else set()))
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {unknown} for {kind.__name__}; valid: "
+                                 f"{sorted(f.name for f in fields(kind))}")
+        if "families" in stream:
+            stream["families"] = tuple(stream["families"])
+        return cls(**raw, stream=StreamConfig(**stream))
+
+
+def make_artifact(cfg: ServeDriftConfig) -> str:
+    from maml_stop.live.adapt import adapt, save_adapted
+
+    if not Path(cfg.artifact).is_file():
+        adapted = adapt(cfg.checkpoint, cfg.stream.families[0], cfg.k, corpus=cfg.corpus, delta=cfg.delta)
+        save_adapted(adapted, cfg.artifact)
+    return cfg.artifact
+
+
+async def stream(port: int, questions: list, concurrency: int) -> list[dict]:
+    import httpx
+
+    from tasks import get_family
+
+    rows: list[dict | None] = [None] * len(questions)
+    order = list(range(len(questions)))[::-1]
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while order:
+            i = order.pop()
+            q = questions[i]
+            body = (await c.post("/v1/completions", json={"prompt": q.question})).raise_for_status().json()
+            m = body["maml_stop"]
+            em = bool(get_family(q.family).score(body["choices"][0]["text"], q))
+            if m["feedback_requested"]:
+                (await c.post("/feedback", json={"request_id": body["id"], "gold": q.gold})).raise_for_status()
+            rows[i] = {"i": i, "family": q.family, "plan": m["served_by"], "em": em, "tokens": body["usage"]["completion_tokens"],
+                       "stopped_early": m["stopped_early"], "fallback": m["fallback"], "tau": m["tau"]}
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3600) as c:
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+    return rows
+
+
+def report(rows: list[dict], cfg: ServeDriftConfig) -> dict:
+    s = cfg.stream
+    seg = []
+    for j, fam in enumerate(s.families):
+        part = rows[j * s.segment:(j + 1) * s.segment]
+        full = [r["em"] for r in part if r["plan"] == "feedback"]
+        seg.append({"family": fam, "served_em": float(np.mean([r["em"] for r in part])),
+                    "full_em_feedback_runs": float(np.mean(full)) if full else None, "n_feedback_runs": len(full),
+                    "tokens_per_request": float(np.mean([r["tokens"] for r in part])),
+                    "stopped_early": float(np.mean([r["stopped_early"] for r in part])),
+                    "fallback": float(np.mean([r["fallback"] for r in part]))})
+    switches = []
+    for j in range(1, len(s.families)):
+        start, recovered = j * s.segment, None
+        for n in range(s.window, s.segment + 1):
+            part = rows[start + n - s.window:start + n]
+            full = [r["em"] for r in part if r["plan"] == "feedback"]
+            if full and np.mean([r["em"] for r in part]) >= np.mean(full) - cfg.delta:
+                recovered = n
+                break
+        switches.append({"to": s.families[j], "recovered_after": recovered})
+    return {"segments": seg, "switches": switches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--tiny", action="store_true", help="the tiny local model (a smoke run of the road)")
+    p.add_argument("--segment", type=int, default=None)
+    p.add_argument("--model", default=None, help="the model (default: the serve YAML's)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cfg = ServeDriftConfig.load(args.config, segment=args.segment, out=args.out, model=args.model)
+    from tasks import get_family
+
+    out = Path(cfg.out if not args.tiny or args.out else tempfile.mkdtemp(prefix="serve_drift_"))
+    out.mkdir(parents=True, exist_ok=True)
+    extra = ["--config", cfg.serve_config] if not args.tiny else []
+    tmp = tempfile.TemporaryDirectory()
+    if args.tiny:
+        model_dir, artifact = tiny_setup(Path(tmp.name))
+        extra += ["--corpus", str(Path(tmp.name) / "corpus"), "--online.sample_rate", "0.2"]
+    else:
+        model_dir, artifact = cfg.model, make_artifact(cfg)  # None: the serve YAML's model
+    s = cfg.stream
+    qs = [q for j, fam in enumerate(s.families) for q in get_family(fam).questions("test", s.segment, seed=s.seed + j)]
+    db = out / "serve.sqlite"
+    if db.exists():
+        db.unlink()
+    with server(model_dir, artifact, db, extra) as port:
+        rows = asyncio.run(stream(port, qs, s.concurrency))
+        shot = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+        if shot:
+            subprocess.run([shot, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,760",
+                            "--virtual-time-budget=4000", f"--screenshot={out / 'dashboard.png'}",
+                            f"http://127.0.0.1:{port}/"], capture_output=True, timeout=120)
+    figures = report(rows, cfg)
+    (out / "results.json").write_text(json.dumps({"config": str(args.config), "tiny": args.tiny, **figures,
+                                                  "requests": rows}, indent=1))
+    lines = [f"# Live drift through maml-stop serve ({'tiny local model: checks the road only' if args.tiny else model_dir or cfg.serve_config})",
+             "", "| family | served EM | full EM (feedback runs) | tokens/request | stopped early | fallback |",
+             "|---|---|---|---|---|---|"]
+    for r in figures["segments"]:
+        full = "n/a" if r["full_em_feedback_runs"] is None else f"{r['full_em_feedback_runs']:.3f} ({r['n_feedback_runs']})"
+        lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {r['tokens_per_request']:.1f} | "
+                     f"{r['stopped_early']:.2f} | {r['fallback']:.2f} |")
+    lines += ["", *(f"- switch to {w['to']}: rolling served EM within {cfg.delta} of the full runs' after "
+                    f"{w['recovered_after'] if w['recovered_after'] is not None else 'never (within the segment)'} "
+                    f"requests (window {s.window})" for w in figures["switches"])]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"written: {out}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
