@@ -124,6 +124,10 @@ class EvaluateConfig:
     # held-out families evaluated side by side in forked worker processes (one thread each); the results
     # equal a serial run's (tests/test_evaluate.py). 1: serial, in this process
     workers: int = 1
+    # the fast path (issue 26): candidate outcomes in one vectorised pass (maml_stop.decide.outcomes),
+    # adapted probes of a family and K batched; false: the per-trace, per-episode reference path (the
+    # same results, tests/test_evalspeed.py)
+    batched: bool = True
 
     @property
     def train_configs(self) -> list[str]:

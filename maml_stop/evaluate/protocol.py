@@ -197,6 +197,13 @@ def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the protocol; write results.json, results.md and the plots; return the results."""
+    from maml_stop.decide.outcomes import vectorised
+
+    with vectorised(cfg.batched):
+        return _run(cfg)
+
+
+def _run(cfg: EvaluateConfig) -> dict[str, Any]:
     check_config(cfg)
     check_methods(cfg)
     torch.set_num_threads(1)

@@ -27,6 +27,7 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
+from maml_stop.decide import outcomes as V
 from maml_stop.decide.rule import first_hit, first_hits
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import FixedThreshold
@@ -189,11 +190,32 @@ class FirstHitPolicy(ThresholdedPolicy):
 _FITTED = object()  # evaluate_policy's default: the parameter the policy chose when fitted
 
 
+def _vectorisable(policy: StoppingPolicy) -> bool:
+    """Whether ``policy`` keeps the default first-hit accounting, so that :mod:`maml_stop.decide.outcomes`
+    gives its outcomes exactly (policies that pay other probes override these methods: the loop)."""
+    cls = type(policy)
+    return (V.is_enabled() and isinstance(policy, FirstHitPolicy)
+            and cls.outcomes_at is FirstHitPolicy.outcomes_at and cls.stop_index_at is FirstHitPolicy.stop_index_at
+            and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
+
+
+def _candidate_outcomes(policy: FirstHitPolicy, traces: Sequence[Trace], params: Sequence[float]):
+    scores = [policy.scores(t) for t in traces]  # after prepare(traces): cached, for learned probes
+    arrays = V.TraceArrays.of(traces)
+    return arrays, V.candidate_outcomes(arrays, V.pad_scores(scores), params)
+
+
 def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace], param: float | None = _FITTED) -> Outcomes:  # type: ignore[assignment]
     """Outcomes of a fitted policy on ``traces`` (with full generation of the same traces). ``param``
     (thresholded policies only): score at that parameter instead of the fitted one (None = never stop
     early), e.g. ``evaluate_policy(policy, query, param=policy.choose(other_selector))``."""
     policy.prepare(traces)
+    if _vectorisable(policy) and traces:
+        chosen = policy.param if param is _FITTED else param
+        if chosen is not None:
+            arrays, out = _candidate_outcomes(policy, traces, [chosen])  # type: ignore[arg-type]
+            return Outcomes(em=out.em[:, 0], total_tokens=out.total[:, 0], reasoning_tokens=out.reasoning[:, 0],
+                            full_em=arrays.full_em, full_tokens=arrays.full_tokens, stopped_early=out.stopped[:, 0])
     if param is _FITTED:
         results = [policy.outcome(t) for t in traces]
     elif isinstance(policy, ThresholdedPolicy):
@@ -216,6 +238,9 @@ def sweep_policy(
     """EM and total tokens of every candidate parameter on ``traces``: (N, J) arrays."""
     cands = list(policy.candidates if candidates is None else candidates)
     policy.prepare(traces)
+    if _vectorisable(policy) and traces and cands:
+        arrays, out = _candidate_outcomes(policy, traces, cands)  # type: ignore[arg-type]
+        return SupportSweep(em=out.em, tokens=out.total, full_em=arrays.full_em, full_tokens=arrays.full_tokens)
     em = np.zeros((len(traces), len(cands)))
     tokens = np.zeros((len(traces), len(cands)))
     for i, t in enumerate(traces):

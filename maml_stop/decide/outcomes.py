@@ -1,0 +1,135 @@
+"""Every candidate threshold of a first-hit policy on many traces in one pass (issue 26 item 2).
+
+A first-hit policy (:class:`~maml_stop.decide.policies.base.FirstHitPolicy` that keeps the default
+accounting) stops at the first probe whose score reaches the candidate (the one rule,
+:func:`maml_stop.decide.rule.first_hits`). With the traces' accounting arrays padded into a
+:class:`TraceArrays` (each trace's rows computed once and kept on the trace: features, labels and costs
+never change), :func:`candidate_outcomes` gives the EM, total and reasoning tokens and whether it stopped
+of every trace at every candidate at once, gathered by index from the accounting of
+:mod:`maml_stop.data.accounting` (a stop pays every probe up to it; a policy that never fires pays every
+probe and returns the final answer). The per-trace Python loop of ``outcomes_at`` is the reference it
+equals exactly (tests/test_outcomes.py): the figures are integers and 0/1, so no float order changes.
+
+:func:`vectorised` (a context manager) switches the fast path off for a reference run
+(``batched: false`` in the evaluate config).
+
+>>> import numpy as np
+>>> from types import SimpleNamespace as T
+>>> t = T(positions=np.array([10, 20]), probe_tokens=np.array([5, 6]), reasoning_tokens=40,
+...       labels=np.array([0.0, 1.0]), final_em=True, cap_probe=None)
+>>> out = candidate_outcomes(TraceArrays.of([t]), pad_scores([np.array([0.3, 0.8])]), [0.9, 0.5, 0.2])
+>>> out.em.tolist(), out.total.tolist(), out.stopped.tolist()
+([[1.0, 1.0, 0.0]], [[51.0, 31.0, 15.0]], [[False, True, True]])
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from maml_stop.data import accounting
+from maml_stop.decide.rule import NEVER, first_hits
+
+__all__ = ["TraceArrays", "CandidateOutcomes", "candidate_outcomes", "pad_scores", "vectorised", "is_enabled"]
+
+_ENABLED = [True]  # the fast path's switch (a list: set in place by :func:`vectorised`)
+_ROW = "_accounting_row"  # the attribute a trace keeps its accounting row under
+
+
+def is_enabled() -> bool:
+    """Whether the vectorised path is on (the default)."""
+    return _ENABLED[0]
+
+
+@contextmanager
+def vectorised(enabled: bool) -> Iterator[None]:
+    """Within the block, the policies take the vectorised path (``True``) or the per-trace reference loop."""
+    before = _ENABLED[0]
+    _ENABLED[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED[0] = before
+
+
+def _row(trace) -> tuple:
+    """(labels (P,) 0/1, stop total (P,), stop reasoning (P,), never total, never reasoning, full EM, full
+    tokens) of one trace, from the accounting, computed once and kept on the trace."""
+    row = getattr(trace, "__dict__", {}).get(_ROW)
+    if row is None:
+        total, reasoning = accounting.stop_costs(trace)
+        never_total, never_reasoning = accounting.stop_cost(trace, None)
+        row = ((np.asarray(trace.labels) > 0.5).astype(np.float64), total.astype(np.float64),
+               reasoning.astype(np.float64), float(never_total), float(never_reasoning),
+               float(bool(trace.final_em)), float(accounting.full_cost(trace)))
+        try:
+            trace.__dict__[_ROW] = row
+        except AttributeError:  # a trace without a __dict__ (slots): recomputed each time
+            pass
+    return row
+
+
+@dataclass
+class TraceArrays:
+    """The accounting of N traces padded to the longest one's P probes."""
+
+    labels: np.ndarray  # (N, P) float 0/1: EM of stopping at each probe (0 past a trace's last probe)
+    stop_total: np.ndarray  # (N, P) total tokens of stopping at each probe having run every probe up to it
+    stop_reasoning: np.ndarray  # (N, P) reasoning tokens of the same
+    mask: np.ndarray  # (N, P) bool: the probe exists
+    never_total: np.ndarray  # (N,) tokens of a probing policy that never fires (every probe run)
+    never_reasoning: np.ndarray  # (N,)
+    full_em: np.ndarray  # (N,) EM of full generation
+    full_tokens: np.ndarray  # (N,) tokens of plain full generation (no probes)
+
+    @classmethod
+    def of(cls, traces: Sequence) -> "TraceArrays":
+        rows = [_row(t) for t in traces]
+        n, p = len(rows), max((len(r[0]) for r in rows), default=0)
+        labels, total, reasoning = np.zeros((n, p)), np.zeros((n, p)), np.zeros((n, p))
+        mask = np.zeros((n, p), dtype=bool)
+        for i, r in enumerate(rows):
+            m = len(r[0])
+            labels[i, :m], total[i, :m], reasoning[i, :m], mask[i, :m] = r[0], r[1], r[2], True
+        scalars = np.array([r[3:] for r in rows], dtype=np.float64).reshape(n, 4)
+        return cls(labels, total, reasoning, mask, *scalars.T.copy())
+
+    def __len__(self) -> int:
+        return int(self.full_em.shape[0])
+
+
+@dataclass
+class CandidateOutcomes:
+    """Outcomes of every trace at every candidate (J candidates, in the order given)."""
+
+    em: np.ndarray  # (N, J) float 0/1
+    total: np.ndarray  # (N, J) total tokens (probes included)
+    reasoning: np.ndarray  # (N, J) reasoning tokens
+    stopped: np.ndarray  # (N, J) bool: stopped at a probe
+
+
+def pad_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, P) float64 scores, -inf past each trace's last probe (never a hit)."""
+    p = max((len(s) for s in scores), default=0)
+    out = np.full((len(scores), p), -np.inf)
+    for i, s in enumerate(scores):
+        out[i, : len(s)] = s
+    return out
+
+
+def candidate_outcomes(arrays: TraceArrays, scores: np.ndarray, candidates: Sequence[float]) -> CandidateOutcomes:
+    """Stop at the first probe whose score (``scores`` (N, P), :func:`pad_scores`) reaches each candidate."""
+    taus = np.asarray(list(candidates), dtype=np.float64)  # (J,)
+    first = first_hits(scores[:, None, :], taus, mask=arrays.mask[:, None, :])  # (N, J), NEVER where none
+    stopped = first != NEVER
+    at = np.where(stopped, first, 0)
+    rows = np.arange(len(arrays))[:, None]
+    return CandidateOutcomes(
+        em=np.where(stopped, arrays.labels[rows, at], arrays.full_em[:, None]),
+        total=np.where(stopped, arrays.stop_total[rows, at], arrays.never_total[:, None]),
+        reasoning=np.where(stopped, arrays.stop_reasoning[rows, at], arrays.never_reasoning[:, None]),
+        stopped=stopped,
+    )

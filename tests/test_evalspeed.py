@@ -1,0 +1,61 @@
+"""The fast evaluation path (issue 26) against the reference path: the same results.json to the last
+digit on a small run of every default method, cross-fitting included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from maml_stop.decide import outcomes as V
+from maml_stop.decide.policies import AnswerConsistency, evaluate_policy, sweep_policy
+from maml_stop.evaluate.config import main
+from trace_helpers import write_tiny_checkpoint
+
+ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml",
+       "oracle", "oracle_equal_em"]
+
+
+def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
+    code = main([
+        "--corpus", tiny_corpus, "--checkpoint", ckpt, "--out", str(out), "--shots", "[4, 8]",
+        "--episodes", "3", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
+        "--progress", "false", "--threshold_methods", "[em_target, ltt, fixed, cost]", "--ltt_delta", "0.1",
+        "--crossfit", "true", "--methods", json.dumps(ALL), "--batched", str(batched).lower(),
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    results.pop("seconds")
+    results["config"].pop("batched")
+    results["config"].pop("out")
+    return results
+
+
+def test_fast_path_gives_the_reference_results(tiny_corpus, tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    reference = _run(tiny_corpus, ckpt, tmp_path / "reference", batched=False)
+    fast = _run(tiny_corpus, ckpt, tmp_path / "fast", batched=True)
+    assert reference["results"] and set(reference["methods"]) == set(ALL)
+    for family in reference["results"]:
+        for k in reference["results"][family]:
+            for method in ALL:
+                assert fast["results"][family][k][method] == reference["results"][family][k][method], (family, k, method)
+    assert fast == reference  # calibration, checkpoints, sources: all of it
+
+
+def test_candidate_outcomes_equal_the_per_trace_loop(tiny_corpus):
+    from maml_stop.data.corpus import TraceCorpus
+
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_a")[:25]
+    policy = AnswerConsistency(windows=[4, 3, 2, 1]).fit(traces[:8])
+    fast = sweep_policy(policy, traces)
+    with V.vectorised(False):
+        slow = sweep_policy(policy, traces)
+        slow_out = evaluate_policy(policy, traces, param=2)
+    fast_out = evaluate_policy(policy, traces, param=2)
+    for a, b in ((fast.em, slow.em), (fast.tokens, slow.tokens), (fast.full_tokens, slow.full_tokens)):
+        np.testing.assert_array_equal(a, b)
+    for field in ("em", "total_tokens", "reasoning_tokens", "full_em", "full_tokens", "stopped_early"):
+        np.testing.assert_array_equal(getattr(fast_out, field), getattr(slow_out, field), err_msg=field)
+    assert fast.em.shape == (25, 4) and V.is_enabled()
