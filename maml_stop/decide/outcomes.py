@@ -37,6 +37,8 @@ __all__ = ["TraceArrays", "CandidateOutcomes", "candidate_outcomes", "pad_scores
 
 _ENABLED = [True]  # the fast path's switch (a list: set in place by :func:`vectorised`)
 _ROW = "_accounting_row"  # the attribute a trace keeps its accounting row under
+_RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their TraceArrays): the last _KEEP
+_KEEP = 4
 
 
 def is_enabled() -> bool:
@@ -87,6 +89,18 @@ class TraceArrays:
 
     @classmethod
     def of(cls, traces: Sequence) -> "TraceArrays":
+        """The arrays of ``traces``; the last few lists asked for are kept (an episode's query set is
+        swept by every method and scored at every selector's choice)."""
+        key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
+        hit = _RECENT.get(key)
+        if hit is None:
+            hit = _RECENT[key] = cls._build(traces)
+            while len(_RECENT) > _KEEP:
+                _RECENT.pop(next(iter(_RECENT)))
+        return hit[1]
+
+    @classmethod
+    def _build(cls, traces: Sequence) -> tuple[tuple, "TraceArrays"]:
         rows = [_row(t) for t in traces]
         n, p = len(rows), max((len(r[0]) for r in rows), default=0)
         labels, total, reasoning = np.zeros((n, p)), np.zeros((n, p)), np.zeros((n, p))
@@ -95,7 +109,7 @@ class TraceArrays:
             m = len(r[0])
             labels[i, :m], total[i, :m], reasoning[i, :m], mask[i, :m] = r[0], r[1], r[2], True
         scalars = np.array([r[3:] for r in rows], dtype=np.float64).reshape(n, 4)
-        return cls(labels, total, reasoning, mask, *scalars.T.copy())
+        return tuple(traces), cls(labels, total, reasoning, mask, *scalars.T.copy())
 
     def __len__(self) -> int:
         return int(self.full_em.shape[0])

@@ -212,10 +212,14 @@ def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace], param: floa
     policy.prepare(traces)
     if _vectorisable(policy) and traces:
         chosen = policy.param if param is _FITTED else param
-        if chosen is not None:
-            arrays, out = _candidate_outcomes(policy, traces, [chosen])  # type: ignore[arg-type]
-            return Outcomes(em=out.em[:, 0], total_tokens=out.total[:, 0], reasoning_tokens=out.reasoning[:, 0],
-                            full_em=arrays.full_em, full_tokens=arrays.full_tokens, stopped_early=out.stopped[:, 0])
+        if chosen is None:  # never stop early: plain full generation, no probes
+            a = V.TraceArrays.of(traces)
+            return Outcomes(em=a.full_em.copy(), total_tokens=a.full_tokens.copy(), reasoning_tokens=a.full_tokens.copy(),
+                            full_em=a.full_em.copy(), full_tokens=a.full_tokens.copy(),
+                            stopped_early=np.zeros(len(traces), dtype=bool))
+        arrays, out = _candidate_outcomes(policy, traces, [chosen])  # type: ignore[arg-type]
+        return Outcomes(em=out.em[:, 0], total_tokens=out.total[:, 0], reasoning_tokens=out.reasoning[:, 0],
+                        full_em=arrays.full_em.copy(), full_tokens=arrays.full_tokens.copy(), stopped_early=out.stopped[:, 0])
     if param is _FITTED:
         results = [policy.outcome(t) for t in traces]
     elif isinstance(policy, ThresholdedPolicy):
@@ -240,7 +244,7 @@ def sweep_policy(
     policy.prepare(traces)
     if _vectorisable(policy) and traces and cands:
         arrays, out = _candidate_outcomes(policy, traces, cands)  # type: ignore[arg-type]
-        return SupportSweep(em=out.em, tokens=out.total, full_em=arrays.full_em, full_tokens=arrays.full_tokens)
+        return SupportSweep(em=out.em, tokens=out.total, full_em=arrays.full_em.copy(), full_tokens=arrays.full_tokens.copy())
     em = np.zeros((len(traces), len(cands)))
     tokens = np.zeros((len(traces), len(cands)))
     for i, t in enumerate(traces):
