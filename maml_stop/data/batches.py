@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maml_stop.data import fastpath
 from maml_stop.data.accounting import savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 
@@ -200,7 +201,7 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
         _check_trace(t, width)
     lengths = torch.tensor([t.n_probes for t in traces], dtype=torch.long)
     trace_index = torch.repeat_interleave(torch.arange(len(traces)), lengths)
-    rows = [_loss_rows(t, weighting, cost_lambda) for t in traces]  # (weights, cost weights, penalty) per trace
+    rows = [_loss_rows(t, weighting, cost_lambda, keep=fastpath.enabled()) for t in traces]  # (weights, cost weights, penalty)
     return ProbeBatch(
         features=torch.from_numpy(np.concatenate([t.features for t in traces]).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate([t.labels for t in traces]).astype(np.float32)),
@@ -215,11 +216,11 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
 _ROWS = "_loss_rows"  # the attribute a trace keeps its loss rows under, by (weighting, cost_lambda)
 
 
-def _loss_rows(trace: Trace, weighting: str, cost_lambda: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weights, cost weights, stop penalty) of one trace, each (P,) float32, computed once per weighting and
-    ``cost_lambda`` and kept on the trace (labels and costs never change; issue 26 item 3): evaluation
-    collates the same query traces for every method and episode."""
-    cache = trace.__dict__.setdefault(_ROWS, {}) if hasattr(trace, "__dict__") else {}
+def _loss_rows(trace: Trace, weighting: str, cost_lambda: float, keep: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, cost weights, stop penalty) of one trace, each (P,) float32; ``keep``: computed once per
+    weighting and ``cost_lambda`` and kept on the trace (labels and costs never change; issue 26 item 3):
+    evaluation collates the same query traces for every method and episode."""
+    cache = trace.__dict__.setdefault(_ROWS, {}) if keep and hasattr(trace, "__dict__") else {}
     key = (weighting, float(cost_lambda))
     if key not in cache:
         c = trace_costs(trace)  # once per trace: the weights and penalties share them

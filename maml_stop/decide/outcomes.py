@@ -10,8 +10,8 @@ of every trace at every candidate at once, gathered by index from the accounting
 probe and returns the final answer). The per-trace Python loop of ``outcomes_at`` is the reference it
 equals exactly (tests/test_outcomes.py): the figures are integers and 0/1, so no float order changes.
 
-:func:`vectorised` (a context manager) switches the fast path off for a reference run
-(``batched: false`` in the evaluate config).
+:func:`vectorised` (:func:`maml_stop.data.fastpath.fast_path`) switches the fast path off for a reference
+run (``batched: false`` in the evaluate config).
 
 >>> import numpy as np
 >>> from types import SimpleNamespace as T
@@ -24,37 +24,27 @@ equals exactly (tests/test_outcomes.py): the figures are integers and 0/1, so no
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from maml_stop.data import accounting
+from maml_stop.data import accounting, fastpath
 from maml_stop.decide.rule import NEVER, first_hits
 
 __all__ = ["TraceArrays", "CandidateOutcomes", "candidate_outcomes", "pad_scores", "vectorised", "is_enabled"]
 
-_ENABLED = [True]  # the fast path's switch (a list: set in place by :func:`vectorised`)
 _ROW = "_accounting_row"  # the attribute a trace keeps its accounting row under
 _RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their TraceArrays): the last _KEEP
 _KEEP = 4
 
 
 def is_enabled() -> bool:
-    """Whether the vectorised path is on (the default)."""
-    return _ENABLED[0]
+    """Whether the vectorised path is on (:func:`maml_stop.data.fastpath.enabled`, the default)."""
+    return fastpath.enabled()
 
 
-@contextmanager
-def vectorised(enabled: bool) -> Iterator[None]:
-    """Within the block, the policies take the vectorised path (``True``) or the per-trace reference loop."""
-    before = _ENABLED[0]
-    _ENABLED[0] = bool(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED[0] = before
+vectorised = fastpath.fast_path  # the switch: ``with vectorised(False):`` runs the reference loops
 
 
 def _row(trace) -> tuple:
