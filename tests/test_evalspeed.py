@@ -32,16 +32,35 @@ def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
     return results
 
 
+def _differences(a, b, path=()) -> list[tuple]:
+    """(path, a, b) of every leaf where ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [(path, sorted(a), sorted(b))]
+        return [d for k in a for d in _differences(a[k], b[k], (*path, k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, (*path, i))]
+    return [] if a == b else [(path, a, b)]
+
+
+# The batched inner loop (maml_stop/evaluate/batched.py) sums in batched matrix products, in another order
+# than the per-episode loop: adapted weights, and so the float32 probabilities, can differ by an ulp (6e-8
+# relative; seen: 1.3e-9 relative in an ECE, 5e-11 absolute in a Brier score). Every decision (the chosen
+# thresholds, EM, tokens, savings, curves) must be equal; the probability summaries (Brier, ECE, the
+# reliability diagram) equal to 1e-6 relative, far below their printed digits (three decimals).
+PROBABILITY_FIGURES = {"brier", "ece", "confidence", "frequency"}
+
+
 def test_fast_path_gives_the_reference_results(tiny_corpus, tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
     reference = _run(tiny_corpus, ckpt, tmp_path / "reference", batched=False)
     fast = _run(tiny_corpus, ckpt, tmp_path / "fast", batched=True)
     assert reference["results"] and set(reference["methods"]) == set(ALL)
-    for family in reference["results"]:
-        for k in reference["results"][family]:
-            for method in ALL:
-                assert fast["results"][family][k][method] == reference["results"][family][k][method], (family, k, method)
-    assert fast == reference  # calibration, checkpoints, sources: all of it
+    differences = _differences(fast, reference)
+    exact = [d for d in differences if not PROBABILITY_FIGURES & {str(x) for x in d[0]}]
+    assert not exact, exact[:5]
+    for path, a, b in differences:
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
 
 
 def test_candidate_outcomes_equal_the_per_trace_loop(tiny_corpus):

@@ -20,7 +20,7 @@ from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 
-__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_probabilities"]
+__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_halves", "crossfit_probabilities"]
 
 
 class SupportAdapter(Protocol):
@@ -45,6 +45,17 @@ def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.nd
     return [probs[index == i] for i in range(len(traces))]
 
 
+def crossfit_halves(support: Sequence[Trace], seed: int = 0) -> list[tuple[list[Trace], list[Trace]]]:
+    """The cross-fitting of ``support``: ``[(half_a, half_b), (half_b, half_a)]`` as (fit on, score) pairs,
+    the questions split in two halves by the one split function seeded by ``seed``; empty with fewer than
+    2 questions. :func:`crossfit_probabilities` and the episode-batched evaluation both read it."""
+    n_questions = len(QuestionGroups(support))
+    if n_questions < 2:
+        return []
+    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
+    return [(half_a, half_b), (half_b, half_a)]
+
+
 def crossfit_probabilities(
     adapter: SupportAdapter,
     support: Sequence[Trace],
@@ -56,12 +67,8 @@ def crossfit_probabilities(
     in two halves (the one split function, seeded by ``seed``), and each half is scored by the predictor
     adapted (``adapter.fit_support``) on the other half. Empty with fewer than 2 questions.
     With ``renormalise`` the predictor's normalisation is left at the second half's statistics."""
-    n_questions = len(QuestionGroups(support))
-    if n_questions < 2:
-        return {}
-    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
     out: dict[str, np.ndarray] = {}
-    for fit_on, score in ((half_a, half_b), (half_b, half_a)):
+    for fit_on, score in crossfit_halves(support, seed):
         with torch.no_grad():  # first-order inner steps, a detached clone
             model = adapter.fit_support(fit_on, steps=steps, renormalise=renormalise)
         out.update(zip([t.trace_id for t in score], trace_probabilities(model, score)))

@@ -45,6 +45,7 @@ from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.backoff import calibrate_backoff
+from maml_stop.evaluate.batched import batchable, prefit
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import data_settings, resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
@@ -146,9 +147,12 @@ def evaluate_family(
         eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
         cells: dict[str, dict[str, Any]] = {}
         curves: dict[str, M.EMTokensCurve] = {}
+        presets = {name: prefit(p, [ep.support for ep in eps]) for name, p in policies.items() if batchable(p)}
         bar = tqdm(eps, desc=f"{family} K={k}", disable=not progress, leave=False)
-        for ep in bar:
+        for e, ep in enumerate(bar):
             for name, policy in policies.items():
+                if name in presets:  # adapted with every other episode at once (evaluate/batched.py)
+                    policy.preset(*presets[name][e])
                 chosen = (method_selectors or {}).get((name, k), selectors)
                 rec = evaluate_episode(policy, ep.support, ep.query, chosen, delta, n_bins)
                 cell = cells.setdefault(name, {"thresholds": {s: {} for s in selectors}, "curve_savings": [], "auc": []})
