@@ -119,6 +119,7 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
            "pooled_training_s": {"wall": pooled_wall, "cpu": pooled_cpu, "steps": cfg.pooled_steps},
            "methods": rows, "together": together,
            "equal": {"decision_differences": len(decisions), "first": [list(map(str, d)) for d in decisions[:3]],
+                     "by_method": {m: sum(1 for d in decisions if len(d[0]) > 1 and d[0][1] == m) for m in s.methods},
                      "probability_max_rel_difference": max(prob, default=0.0)}}
     out["projections"] = {name: project(r, out) for name, r in s.reports.items()}
     return out
@@ -159,9 +160,11 @@ def markdown(r: dict) -> list[str]:
         lines.append(f"| {name} | {ref['episodes_per_s']:.2f} | {fast['episodes_per_s']:.2f} | {row['speedup']:.1f}x "
                      f"| {row['cpu_speedup']:.1f}x | {ref['wall_s'] / n:.3f} | {fast['wall_s'] / n:.3f} |")
     eq = r["equal"]
+    by = ", ".join(f"{m} {c}" for m, c in eq.get("by_method", {}).items() if c)
     lines += ["", f"Results of the two runs of every method together: {eq['decision_differences']} decision figures "
-              f"differ (thresholds, EM, tokens, savings, curves); the probability summaries (Brier, ECE) differ by "
-              f"at most {eq['probability_max_rel_difference']:.1e} relative (float order of the batched inner loop).", ""]
+              f"differ (thresholds, EM, tokens, savings, curves){f': {by}' if by else ''}; the probability summaries "
+              f"(Brier, ECE) differ by at most {eq['probability_max_rel_difference']:.1e} relative (float order of the "
+              "batched inner loop).", ""]
     if r.get("projections"):
         lines += ["Projected evaluation time of committed reports (measured rates at the K above, times episodes, "
                   "K and families; plus the pooled probe per fold; fold meta-training not included):", "",

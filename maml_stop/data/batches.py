@@ -197,11 +197,15 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
     if not traces:
         raise DataError("cannot collate an empty list of traces")
     width = traces[0].features.shape[-1]
+    keep = fastpath.enabled()
     for t in traces:
-        _check_trace(t, width)
+        if not (keep and t.__dict__.get(_CHECKED) == (id(t.features), width)):
+            _check_trace(t, width)
+            if keep:  # the same features array checked once (issue 26 item 3)
+                t.__dict__[_CHECKED] = (id(t.features), width)
     lengths = torch.tensor([t.n_probes for t in traces], dtype=torch.long)
     trace_index = torch.repeat_interleave(torch.arange(len(traces)), lengths)
-    rows = [_loss_rows(t, weighting, cost_lambda, keep=fastpath.enabled()) for t in traces]  # (weights, cost weights, penalty)
+    rows = [_loss_rows(t, weighting, cost_lambda, keep=keep) for t in traces]  # (weights, cost weights, penalty)
     return ProbeBatch(
         features=torch.from_numpy(np.concatenate([t.features for t in traces]).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate([t.labels for t in traces]).astype(np.float32)),
@@ -213,6 +217,7 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
     )
 
 
+_CHECKED = "_checked_width"  # the attribute a trace keeps (id of its features, width) under once checked
 _ROWS = "_loss_rows"  # the attribute a trace keeps its loss rows under, by (weighting, cost_lambda)
 
 

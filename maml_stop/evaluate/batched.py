@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["batchable", "adapt_many", "prefit"]
 
-_CHUNK = 256  # adaptations per batched inner loop (bounds the padded (A, N, in) inputs)
+_CHUNK = 32  # adaptations per batched inner loop, of similar lengths (little padding)
 
 
 def batchable(policy: object) -> bool:
@@ -60,26 +60,27 @@ def adapt_many(adapter, supports: Sequence[Sequence[Trace]], steps: int | None =
     own support set, and the predictor is left at the last one's (as the loop leaves it)."""
     predictor = adapter.predictor
     names = [n for n, _ in predictor.named_parameters()]
-    models: list[nn.Module] = []
-    for start in range(0, len(supports), _CHUNK):
-        chunk = supports[start:start + _CHUNK]
-        batches, inputs, stats = [], [], []
-        for s in chunk:
-            batch = collate_traces(s, weighting=adapter.weighting)
-            if renormalise:
-                adapter.renormalise(batch)
-                stats.append((predictor.feature_mean.clone(), predictor.feature_std.clone()))
-            batches.append(batch)
-            inputs.append(predictor.inputs(batch))
+    batches, inputs, stats = [], [], []
+    for s in supports:  # in the given order: each renormalisation is the one the loop would make
+        batch = collate_traces(s, weighting=adapter.weighting)
+        if renormalise:
+            adapter.renormalise(batch)
+            stats.append((predictor.feature_mean.clone(), predictor.feature_std.clone()))
+        batches.append(batch)
+        inputs.append(predictor.inputs(batch))
+    models: list[nn.Module | None] = [None] * len(supports)
+    order = sorted(range(len(supports)), key=lambda i: len(batches[i]))  # similar lengths pad little
+    for start in range(0, len(order), _CHUNK):
+        chunk = order[start:start + _CHUNK]
         with torch.no_grad():
-            adapted = adapter.adapt_episodes(batches, steps, inputs=inputs)
+            adapted = adapter.adapt_episodes([batches[i] for i in chunk], steps, inputs=[inputs[i] for i in chunk])
         fast = dict(adapted.named_parameters())
-        for e in range(len(chunk)):
+        for e, i in enumerate(chunk):
             model = with_parameters(predictor, {n: fast[n][e].detach() for n in names})
             if renormalise:  # its own statistics (with_parameters shares the buffers dict: a copy per model)
-                model._buffers = dict(model._buffers, feature_mean=stats[e][0], feature_std=stats[e][1])
-            models.append(model)
-    return models
+                model._buffers = dict(model._buffers, feature_mean=stats[i][0], feature_std=stats[i][1])
+            models[i] = model
+    return models  # type: ignore[return-value]
 
 
 def prefit(policy: ProbePolicy, supports: Sequence[Sequence[Trace]]) -> list[tuple[nn.Module, dict[str, np.ndarray]]]:

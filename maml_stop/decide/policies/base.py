@@ -149,6 +149,7 @@ class ThresholdedPolicy(StoppingPolicy):
     def fit(self, support: Sequence[Trace]) -> "ThresholdedPolicy":
         if not support:
             raise ValueError(f"{self.name}: cannot fit on an empty support set")
+        self.__dict__.pop(_SWEPT, None)  # scores change with the fit
         self._fit_scores(support)
         self.support_sweep = sweep_policy(self, support)  # kept so other selectors can reuse it
         self.param = self.choose(self.selector)
@@ -200,9 +201,23 @@ def _vectorisable(policy: StoppingPolicy) -> bool:
 
 
 def _candidate_outcomes(policy: FirstHitPolicy, traces: Sequence[Trace], params: Sequence[float]):
+    """(arrays, outcomes) of ``traces`` at ``params``; the last sweep of the fitted policy is kept, so that
+    scoring it at a selector's choice on the same traces reads its column (``fit`` forgets it)."""
+    ids, params = tuple(map(id, traces)), tuple(params)
+    memo = policy.__dict__.get(_SWEPT)
+    if memo is not None and memo[0] == ids and all(p in memo[2] for p in params):
+        cols = [memo[2].index(p) for p in params]
+        out = memo[4]
+        return memo[3], V.CandidateOutcomes(out.em[:, cols], out.total[:, cols], out.reasoning[:, cols], out.stopped[:, cols])
     scores = [policy.scores(t) for t in traces]  # after prepare(traces): cached, for learned probes
     arrays = V.TraceArrays.of(traces)
-    return arrays, V.candidate_outcomes(arrays, V.pad_scores(scores), params)
+    out = V.candidate_outcomes(arrays, V.pad_scores(scores), params)
+    if len(params) > 1:  # a sweep: kept with the traces themselves (their ids stay valid)
+        policy.__dict__[_SWEPT] = (ids, tuple(traces), params, arrays, out)
+    return arrays, out
+
+
+_SWEPT = "_last_sweep"  # the attribute a policy keeps its last sweep under (cleared by fit)
 
 
 def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace], param: float | None = _FITTED) -> Outcomes:  # type: ignore[assignment]
