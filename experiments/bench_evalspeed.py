@@ -95,7 +95,8 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     def run(methods: list[str]) -> tuple[dict, float, float]:
         policies = build_policies(cfg, methods, adapter, pooled, config, loss, feature_names=corpus.feature_names)
         return _timed(lambda: evaluate_family(s.family, traces, policies, selectors, s.shots, s.episodes, cfg.seed,
-                                              cfg.query, cfg.delta, cfg.calibration_bins, progress=False))
+                                              cfg.query, cfg.delta, cfg.calibration_bins, progress=False,
+                                              batch_max_steps=cfg.batch_max_steps))
 
     rows: dict[str, dict] = {}
     together: dict[str, dict] = {}

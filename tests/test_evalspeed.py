@@ -78,3 +78,21 @@ def test_candidate_outcomes_equal_the_per_trace_loop(tiny_corpus):
     for field in ("em", "total_tokens", "reasoning_tokens", "full_em", "full_tokens", "stopped_early"):
         np.testing.assert_array_equal(getattr(fast_out, field), getattr(slow_out, field), err_msg=field)
     assert fast.em.shape == (25, 4) and V.is_enabled()
+
+
+def test_token_budget_outcomes_equal_the_per_trace_loop(tiny_corpus):
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.decide.policies import TokenBudget
+
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_b")[:30]
+    policy = TokenBudget(quantiles=[1.0, 0.7, 0.4, 0.1, 0.0]).fit(traces[:10])
+    fast = sweep_policy(policy, traces)
+    with V.vectorised(False):
+        slow = sweep_policy(policy, traces)
+        slow_out = evaluate_policy(policy, traces, param=policy.candidates[2])
+    fast_out = evaluate_policy(policy, traces, param=policy.candidates[2])
+    np.testing.assert_array_equal(fast.em, slow.em)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    for field in ("em", "total_tokens", "reasoning_tokens", "stopped_early"):
+        np.testing.assert_array_equal(getattr(fast_out, field), getattr(slow_out, field), err_msg=field)
+    assert 0 < fast_out.stopped_early.sum() < len(traces)  # both branches taken

@@ -48,15 +48,17 @@ vectorised = fastpath.fast_path  # the switch: ``with vectorised(False):`` runs 
 
 
 def _row(trace) -> tuple:
-    """(labels (P,) 0/1, stop total (P,), stop reasoning (P,), never total, never reasoning, full EM, full
-    tokens) of one trace, from the accounting, computed once and kept on the trace."""
+    """(labels (P,) 0/1, stop total (P,), stop reasoning (P,), positions (P,), probe tokens (P,), never total,
+    never reasoning, full EM, full tokens, reasoning tokens) of one trace, from the accounting, computed once
+    and kept on the trace."""
     row = getattr(trace, "__dict__", {}).get(_ROW)
     if row is None:
         total, reasoning = accounting.stop_costs(trace)
         never_total, never_reasoning = accounting.stop_cost(trace, None)
         row = ((np.asarray(trace.labels) > 0.5).astype(np.float64), total.astype(np.float64),
-               reasoning.astype(np.float64), float(never_total), float(never_reasoning),
-               float(bool(trace.final_em)), float(accounting.full_cost(trace)))
+               reasoning.astype(np.float64), np.asarray(trace.positions, dtype=np.float64),
+               np.asarray(trace.probe_tokens, dtype=np.float64), float(never_total), float(never_reasoning),
+               float(bool(trace.final_em)), float(accounting.full_cost(trace)), float(trace.reasoning_tokens))
         try:
             trace.__dict__[_ROW] = row
         except AttributeError:  # a trace without a __dict__ (slots): recomputed each time
@@ -71,11 +73,14 @@ class TraceArrays:
     labels: np.ndarray  # (N, P) float 0/1: EM of stopping at each probe (0 past a trace's last probe)
     stop_total: np.ndarray  # (N, P) total tokens of stopping at each probe having run every probe up to it
     stop_reasoning: np.ndarray  # (N, P) reasoning tokens of the same
+    positions: np.ndarray  # (N, P) reasoning tokens before each probe
+    probe_tokens: np.ndarray  # (N, P) what each probe costs (0 past a trace's last probe)
     mask: np.ndarray  # (N, P) bool: the probe exists
     never_total: np.ndarray  # (N,) tokens of a probing policy that never fires (every probe run)
     never_reasoning: np.ndarray  # (N,)
     full_em: np.ndarray  # (N,) EM of full generation
     full_tokens: np.ndarray  # (N,) tokens of plain full generation (no probes)
+    reasoning_tokens: np.ndarray  # (N,) every reasoning token of the run
 
     @classmethod
     def of(cls, traces: Sequence) -> "TraceArrays":
@@ -93,13 +98,14 @@ class TraceArrays:
     def _build(cls, traces: Sequence) -> tuple[tuple, "TraceArrays"]:
         rows = [_row(t) for t in traces]
         n, p = len(rows), max((len(r[0]) for r in rows), default=0)
-        labels, total, reasoning = np.zeros((n, p)), np.zeros((n, p)), np.zeros((n, p))
+        per_probe = np.zeros((5, n, p))  # labels, stop total, stop reasoning, positions, probe tokens
         mask = np.zeros((n, p), dtype=bool)
         for i, r in enumerate(rows):
             m = len(r[0])
-            labels[i, :m], total[i, :m], reasoning[i, :m], mask[i, :m] = r[0], r[1], r[2], True
-        scalars = np.array([r[3:] for r in rows], dtype=np.float64).reshape(n, 4)
-        return tuple(traces), cls(labels, total, reasoning, mask, *scalars.T.copy())
+            per_probe[:, i, :m] = r[:5]
+            mask[i, :m] = True
+        scalars = np.array([r[5:] for r in rows], dtype=np.float64).reshape(n, 5).T.copy()
+        return tuple(traces), cls(*per_probe, mask, *scalars)
 
     def __len__(self) -> int:
         return int(self.full_em.shape[0])

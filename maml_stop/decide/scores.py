@@ -36,7 +36,7 @@ class SupportAdapter(Protocol):
 def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
     """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
     no gradients): list of (P_i,) float64."""
-    batch = collate_traces(traces)
+    batch = _collated(traces)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -46,6 +46,23 @@ def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.nd
         return np.split(probs, np.cumsum([t.n_probes for t in traces])[:-1])
     index = batch.trace_index.numpy()
     return [probs[index == i] for i in range(len(traces))]
+
+
+_RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their batch): the last few scored
+_KEEP = 4
+
+
+def _collated(traces: Sequence[Trace]):
+    """``collate_traces(traces)``; on the fast path the last few lists scored are kept (read only here: an
+    episode's query set is scored by every learned method)."""
+    if not fastpath.enabled():
+        return collate_traces(traces)
+    key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
+    if key not in _RECENT:
+        _RECENT[key] = (tuple(traces), collate_traces(traces))
+        while len(_RECENT) > _KEEP:
+            _RECENT.pop(next(iter(_RECENT)))
+    return _RECENT[key][1]
 
 
 def crossfit_halves(support: Sequence[Trace], seed: int = 0) -> list[tuple[list[Trace], list[Trace]]]:

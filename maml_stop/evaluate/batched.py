@@ -40,16 +40,20 @@ __all__ = ["batchable", "adapt_many", "prefit"]
 _CHUNK = 32  # adaptations per batched inner loop, of similar lengths (little padding)
 
 
-def batchable(policy: object) -> bool:
+def batchable(policy: object, max_steps: int = 20) -> bool:
     """Whether ``policy`` is an adapted probe whose adaptations :func:`prefit` can batch: a plain
     :class:`ProbePolicy` with an :class:`~maml_stop.learn.adapter.InnerLoopAdapter` running MAML or
-    Meta-SGD on a predictor without recurrence or dropout, with the fast path on."""
+    Meta-SGD on a predictor without recurrence or dropout, in at most ``max_steps`` inner steps, with the
+    fast path on. Longer adaptations run per episode: the batched sums' last-bit differences grow with
+    the steps (measured on the bundled corpus, a probe from scratch: 6e-8 in the weights after 20 steps at
+    lr 0.5, 3e-4 after 100, enough to move a chosen threshold; experiments/benchmark.py counts them)."""
     from maml_stop.learn.adapter import InnerLoopAdapter
 
     if not fastpath.enabled() or type(policy) is not ProbePolicy or policy.adapter is None:
         return False
     adapter = policy.adapter
-    return (isinstance(adapter, InnerLoopAdapter) and adapter.algorithm in ("maml", "metasgd")
+    steps = adapter.inner_steps if policy.adapt_steps is None else policy.adapt_steps
+    return (isinstance(adapter, InnerLoopAdapter) and adapter.algorithm in ("maml", "metasgd") and steps <= max_steps
             and adapter.predictor.kind != "gru" and float(getattr(adapter.predictor, "dropout", 0.0)) == 0.0)
 
 

@@ -128,6 +128,9 @@ class EvaluateConfig:
     # adapted probes of a family and K batched; false: the per-trace, per-episode reference path (the
     # same results, tests/test_evalspeed.py)
     batched: bool = True
+    # the fast path adapts probes with at most this many inner steps for all episodes at once; longer ones
+    # (scratch: 100) per episode, where float-order differences would grow into other decisions
+    batch_max_steps: int = 20
 
     @property
     def train_configs(self) -> list[str]:

@@ -131,6 +131,7 @@ def evaluate_family(
     progress: bool = True,
     calibration: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     method_selectors: Mapping[tuple[str, int], Mapping[str, StopSelector]] | None = None,
+    batch_max_steps: int = 20,
 ) -> dict[str, dict[str, Any]]:
     """Every method on the same fixed episodes of ``family``, for every K.
 
@@ -139,7 +140,8 @@ def evaluate_family(
     "full_em": x}}}}`` where ``curve`` pools the query sets of all episodes. ``calibration`` (method ->
     list) collects the probes' query probabilities and labels at the largest K. ``method_selectors``
     ((method, K) -> selectors) replaces ``selectors`` for that method and K (a fold's calibrated
-    ``em_target_backoff``).
+    ``em_target_backoff``). ``batch_max_steps``: adapted probes with at most this many inner steps are
+    adapted for all episodes at once (:mod:`maml_stop.evaluate.batched`, on the fast path).
     """
     sampler = EpisodeSampler({family: list(traces)}, k=min(ks), q=query, seed=seed)
     out: dict[str, dict[str, Any]] = {}
@@ -147,7 +149,8 @@ def evaluate_family(
         eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
         cells: dict[str, dict[str, Any]] = {}
         curves: dict[str, M.EMTokensCurve] = {}
-        presets = {name: prefit(p, [ep.support for ep in eps]) for name, p in policies.items() if batchable(p)}
+        presets = {name: prefit(p, [ep.support for ep in eps]) for name, p in policies.items()
+                   if batchable(p, batch_max_steps)}
         bar = tqdm(eps, desc=f"{family} K={k}", disable=not progress, leave=False)
         for e, ep in enumerate(bar):
             for name, policy in policies.items():
@@ -312,7 +315,7 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
                         for key, c in backoffs.items()}
     family_results = evaluate_family(
         family, traces, policies, selectors, cfg.k, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
-        cfg.calibration_bins, cfg.progress, collected, method_selectors,
+        cfg.calibration_bins, cfg.progress, collected, method_selectors, cfg.batch_max_steps,
     )
     for (name, k), c in backoffs.items():
         family_results[str(k)][name]["backoff"] = c.to_json()

@@ -137,6 +137,16 @@ class ThresholdedPolicy(StoppingPolicy):
         """:meth:`outcome_at` for many parameters (subclasses vectorise it)."""
         return [self.outcome_at(trace, p) for p in params]
 
+    @property
+    def vectorised(self) -> bool:
+        """Whether :meth:`vector_outcomes` gives this policy's outcomes (exactly those of :meth:`outcomes_at`)."""
+        return False
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
+        """Outcomes of every trace at every parameter in one pass (:mod:`maml_stop.decide.outcomes`); only
+        where :attr:`vectorised`. ``arrays``: ``TraceArrays.of(traces)``, after ``prepare(traces)``."""
+        raise NotImplementedError(f"{self.name} has no vectorised outcomes")
+
     def stop_index(self, trace: Trace) -> int | None:
         return None if self.param is None else self.stop_index_at(trace, self.param)
 
@@ -171,6 +181,19 @@ class FirstHitPolicy(ThresholdedPolicy):
     def scores(self, trace: Trace) -> np.ndarray:
         raise NotImplementedError
 
+    def scores_of(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        """``[self.scores(t) for t in traces]`` (learned probes answer from one batch)."""
+        return [self.scores(t) for t in traces]
+
+    @property
+    def vectorised(self) -> bool:  # subclasses that pay other probes override these methods: the loop
+        cls = type(self)
+        return (cls.outcomes_at is FirstHitPolicy.outcomes_at and cls.stop_index_at is FirstHitPolicy.stop_index_at
+                and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
+        return V.candidate_outcomes(arrays, V.pad_scores(self.scores_of(traces)), params)
+
     def stop_index_at(self, trace: Trace, param: float) -> int | None:
         return first_hit(self.scores(trace), param)
 
@@ -192,15 +215,11 @@ _FITTED = object()  # evaluate_policy's default: the parameter the policy chose 
 
 
 def _vectorisable(policy: StoppingPolicy) -> bool:
-    """Whether ``policy`` keeps the default first-hit accounting, so that :mod:`maml_stop.decide.outcomes`
-    gives its outcomes exactly (policies that pay other probes override these methods: the loop)."""
-    cls = type(policy)
-    return (V.is_enabled() and isinstance(policy, FirstHitPolicy)
-            and cls.outcomes_at is FirstHitPolicy.outcomes_at and cls.stop_index_at is FirstHitPolicy.stop_index_at
-            and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
+    """Whether the fast path is on and ``policy`` has a vectorised form of its outcomes."""
+    return V.is_enabled() and isinstance(policy, ThresholdedPolicy) and policy.vectorised
 
 
-def _candidate_outcomes(policy: FirstHitPolicy, traces: Sequence[Trace], params: Sequence[float]):
+def _candidate_outcomes(policy: ThresholdedPolicy, traces: Sequence[Trace], params: Sequence[float]):
     """(arrays, outcomes) of ``traces`` at ``params``; the last sweep of the fitted policy is kept, so that
     scoring it at a selector's choice on the same traces reads its column (``fit`` forgets it)."""
     ids, params = tuple(map(id, traces)), tuple(params)
@@ -209,9 +228,8 @@ def _candidate_outcomes(policy: FirstHitPolicy, traces: Sequence[Trace], params:
         cols = [memo[2].index(p) for p in params]
         out = memo[4]
         return memo[3], V.CandidateOutcomes(out.em[:, cols], out.total[:, cols], out.reasoning[:, cols], out.stopped[:, cols])
-    scores = [policy.scores(t) for t in traces]  # after prepare(traces): cached, for learned probes
     arrays = V.TraceArrays.of(traces)
-    out = V.candidate_outcomes(arrays, V.pad_scores(scores), params)
+    out = policy.vector_outcomes(traces, arrays, params)
     if len(params) > 1:  # a sweep: kept with the traces themselves (their ids stay valid)
         policy.__dict__[_SWEPT] = (ids, tuple(traces), params, arrays, out)
     return arrays, out

@@ -121,3 +121,6 @@ class ProbePolicy(FirstHitPolicy):
 
     def scores(self, trace: Trace) -> np.ndarray:
         return self.probabilities([trace])[0]
+
+    def scores_of(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        return self.probabilities(traces)
