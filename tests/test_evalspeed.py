@@ -96,3 +96,25 @@ def test_token_budget_outcomes_equal_the_per_trace_loop(tiny_corpus):
     for field in ("em", "total_tokens", "reasoning_tokens", "stopped_early"):
         np.testing.assert_array_equal(getattr(fast_out, field), getattr(slow_out, field), err_msg=field)
     assert 0 < fast_out.stopped_early.sum() < len(traces)  # both branches taken
+
+
+def test_pooled_probe_cache_returns_the_trained_weights(tiny_corpus, tmp_path):
+    import torch
+
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.evaluate.cache import pooled_probe, traces_digest
+    from maml_stop.learn.pooled import train_predictor
+    from maml_stop.learn.predictor import PredictorConfig
+
+    traces = TraceCorpus.load(tiny_corpus).traces("fam_a")[:20]
+    config = PredictorConfig(n_features=traces[0].features.shape[1], hidden=8, depth=1)
+    trained = train_predictor(traces, config, 5, 0.5)
+    first = pooled_probe(str(tmp_path), traces, config, 5, 0.5)  # trained and stored
+    again = pooled_probe(str(tmp_path), traces, config, 5, 0.5)  # read back
+    assert len(list((tmp_path / "pooled").glob("*.pt"))) == 1
+    for a, b, c in zip(trained.state_dict().values(), first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    pooled_probe(str(tmp_path), traces, config, 6, 0.5)  # other settings: another entry
+    pooled_probe(str(tmp_path), traces[:19], config, 5, 0.5)  # other traces: another entry
+    assert len(list((tmp_path / "pooled").glob("*.pt"))) == 3
+    assert traces_digest(traces) != traces_digest(traces[::-1])

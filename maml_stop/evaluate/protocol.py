@@ -46,11 +46,11 @@ from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.backoff import calibrate_backoff
 from maml_stop.evaluate.batched import batchable, prefit
+from maml_stop.evaluate.cache import pooled_probe
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import data_settings, resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.results_file import write_results
-from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,8 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
     pooled = None
     if any(m in cfg.methods for m in ("pooled", "finetuned")):
         source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
-        pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
-                                 backend=cfg.backend)
+        pooled = pooled_probe(cfg.cache_dir, source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss,
+                              seed=cfg.seed, backend=cfg.backend)  # read from cache_dir when trained before
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
