@@ -21,6 +21,9 @@ Writes ``benchmark.json`` (every figure and the settings) and ``benchmark.md`` (
   (``StopRule`` in mode ``every``), over the probes of stored traces.
 * ``corpus``: load time and the Python peak (tracemalloc) of ``TraceCorpus.load``.
 * ``evaluate``: wall seconds per evaluation episode (``bench_evaluate.measure``, synthetic corpus).
+* ``evalspeed``: episodes per second per method of the evaluation's reference path and fast path side by
+  side on the corpus, their results compared, and the projected time of committed reports
+  (``bench_evalspeed.measure``, issue 26).
 * peak resident memory (``resource.getrusage``) after every section; CUDA peak when on a GPU.
 
 Targets (issue 5), printed PASS/FAIL: adaptation <= 50 ms for K=16; decision <= 1 ms per probe.
@@ -51,9 +54,11 @@ sys.path[:0] = [str(ROOT / "experiments"), str(ROOT / "tests")]  # sibling scrip
 # the sibling scripts (benchmark_harvest, benchmark_live, benchmark_meta, bench_evaluate) are imported in
 # the sections that use them: reading the settings imports neither transformers nor Lightning
 
+from bench_evalspeed import EvalSpeedSettings  # noqa: E402  (settings only: imports torch, nothing heavier)
+
 log = logging.getLogger(__name__)
 
-SECTIONS = ("generation", "meta", "adaptation", "decision", "corpus", "evaluate")
+SECTIONS = ("generation", "meta", "adaptation", "decision", "corpus", "evaluate", "evalspeed")
 DEFAULT_CONFIG = ROOT / "experiments" / "benchmark.yaml"
 
 
@@ -121,6 +126,7 @@ class BenchmarkConfig:
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    evalspeed: EvalSpeedSettings = field(default_factory=EvalSpeedSettings)
     targets: Targets = field(default_factory=Targets)
 
     @classmethod
@@ -429,6 +435,10 @@ def render_markdown(results: dict) -> str:
                  f"{max(mem['peak_rss_mib_after'].values(), default=0):.0f} MiB |")
     if mem.get("cuda_peak_mib") is not None:
         other.append(f"| CUDA peak allocated | {mem['cuda_peak_mib']:.0f} MiB |")
+    if results.get("evalspeed"):
+        import bench_evalspeed
+
+        out += bench_evalspeed.markdown(results["evalspeed"])
     out += ["## Other figures", "", "| what | value |", "|---|---:|"] + other + [""]
     return "\n".join(out)
 
@@ -473,7 +483,7 @@ def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tupl
         mem["generation"] = peak_rss_mib()
         done("generation")
     corpus = None
-    if {"corpus", "meta", "adaptation", "decision"} & set(sections):
+    if {"corpus", "meta", "adaptation", "decision", "evalspeed"} & set(sections):
         corpus, info = run_corpus_load(cfg.corpus)
         if "corpus" in sections:
             results["corpus"] = info
@@ -485,7 +495,7 @@ def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tupl
         results["meta"] = run_meta(cfg, by_family)
         mem["meta"] = peak_rss_mib()
         done("meta")
-    if {"adaptation", "decision"} & set(sections):
+    if {"adaptation", "decision", "evalspeed"} & set(sections):
         adapter, described = load_adapter(cfg.checkpoint, corpus)
         if "adaptation" in sections:
             results["adaptation"] = {**run_adaptation(cfg, adapter, by_family), "predictor": described}
@@ -495,6 +505,12 @@ def run(cfg: BenchmarkConfig, model_dir: str | None, device: str, sections: tupl
             results["decision"] = {**run_decision(cfg, adapter, corpus, hidden_size), "predictor": described}
             mem["decision"] = peak_rss_mib()
             done("decision")
+    if "evalspeed" in sections:
+        import bench_evalspeed
+
+        results["evalspeed"] = bench_evalspeed.measure(cfg.evalspeed, corpus, adapter, described)
+        mem["evalspeed"] = peak_rss_mib()
+        done("evalspeed")
     if "evaluate" in sections:
         results["evaluate"] = run_evaluate(cfg)
         mem["evaluate"] = peak_rss_mib()

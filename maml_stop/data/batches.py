@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maml_stop.data import fastpath
 from maml_stop.data.accounting import savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 
@@ -196,20 +197,41 @@ def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lam
     if not traces:
         raise DataError("cannot collate an empty list of traces")
     width = traces[0].features.shape[-1]
+    keep = fastpath.enabled()
     for t in traces:
-        _check_trace(t, width)
+        if not (keep and t.__dict__.get(_CHECKED) == (id(t.features), width)):
+            _check_trace(t, width)
+            if keep:  # the same features array checked once (issue 26 item 3)
+                t.__dict__[_CHECKED] = (id(t.features), width)
     lengths = torch.tensor([t.n_probes for t in traces], dtype=torch.long)
     trace_index = torch.repeat_interleave(torch.arange(len(traces)), lengths)
-    costs = [trace_costs(t) for t in traces]  # once per trace: the weights and penalties below share them
+    rows = [_loss_rows(t, weighting, cost_lambda, keep=keep) for t in traces]  # (weights, cost weights, penalty)
     return ProbeBatch(
         features=torch.from_numpy(np.concatenate([t.features for t in traces]).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate([t.labels for t in traces]).astype(np.float32)),
         trace_index=trace_index,
         probe_index=_segment_positions(trace_index),
-        weights=torch.from_numpy(np.concatenate([trace_weights(t, weighting, cost_lambda, c) for t, c in zip(traces, costs)])),
-        cost_weights=torch.from_numpy(np.concatenate([trace_weights(t, "cost", cost_lambda, c) for t, c in zip(traces, costs)])),
-        stop_penalty=torch.from_numpy(np.concatenate([trace_stop_penalty(t, cost_lambda, c) for t, c in zip(traces, costs)])),
+        weights=torch.from_numpy(np.concatenate([r[0] for r in rows])),
+        cost_weights=torch.from_numpy(np.concatenate([r[1] for r in rows])),
+        stop_penalty=torch.from_numpy(np.concatenate([r[2] for r in rows])),
     )
+
+
+_CHECKED = "_checked_width"  # the attribute a trace keeps (id of its features, width) under once checked
+_ROWS = "_loss_rows"  # the attribute a trace keeps its loss rows under, by (weighting, cost_lambda)
+
+
+def _loss_rows(trace: Trace, weighting: str, cost_lambda: float, keep: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, cost weights, stop penalty) of one trace, each (P,) float32; ``keep``: computed once per
+    weighting and ``cost_lambda`` and kept on the trace (labels and costs never change; issue 26 item 3):
+    evaluation collates the same query traces for every method and episode."""
+    cache = trace.__dict__.setdefault(_ROWS, {}) if keep and hasattr(trace, "__dict__") else {}
+    key = (weighting, float(cost_lambda))
+    if key not in cache:
+        c = trace_costs(trace)  # once per trace: the weights and penalties share them
+        cache[key] = (trace_weights(trace, weighting, cost_lambda, c), trace_weights(trace, "cost", cost_lambda, c),
+                      trace_stop_penalty(trace, cost_lambda, c))
+    return cache[key]
 
 
 class TraceTensors:

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from maml_stop.data import fastpath
 from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 
-__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_probabilities"]
+__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_halves", "crossfit_probabilities"]
 
 
 class SupportAdapter(Protocol):
@@ -35,14 +36,44 @@ class SupportAdapter(Protocol):
 def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
     """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
     no gradients): list of (P_i,) float64."""
-    batch = collate_traces(traces)
+    batch = _collated(traces)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
     model.train(was_training)
+    if fastpath.enabled():  # rows of a trace are contiguous, in order: split at the trace lengths
+        return np.split(probs, np.cumsum([t.n_probes for t in traces])[:-1])
     index = batch.trace_index.numpy()
     return [probs[index == i] for i in range(len(traces))]
+
+
+_RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their batch): the last few scored
+_KEEP = 4
+
+
+def _collated(traces: Sequence[Trace]):
+    """``collate_traces(traces)``; on the fast path the last few lists scored are kept (read only here: an
+    episode's query set is scored by every learned method)."""
+    if not fastpath.enabled():
+        return collate_traces(traces)
+    key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
+    if key not in _RECENT:
+        _RECENT[key] = (tuple(traces), collate_traces(traces))
+        while len(_RECENT) > _KEEP:
+            _RECENT.pop(next(iter(_RECENT)))
+    return _RECENT[key][1]
+
+
+def crossfit_halves(support: Sequence[Trace], seed: int = 0) -> list[tuple[list[Trace], list[Trace]]]:
+    """The cross-fitting of ``support``: ``[(half_a, half_b), (half_b, half_a)]`` as (fit on, score) pairs,
+    the questions split in two halves by the one split function seeded by ``seed``; empty with fewer than
+    2 questions. :func:`crossfit_probabilities` and the episode-batched evaluation both read it."""
+    n_questions = len(QuestionGroups(support))
+    if n_questions < 2:
+        return []
+    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
+    return [(half_a, half_b), (half_b, half_a)]
 
 
 def crossfit_probabilities(
@@ -56,12 +87,8 @@ def crossfit_probabilities(
     in two halves (the one split function, seeded by ``seed``), and each half is scored by the predictor
     adapted (``adapter.fit_support``) on the other half. Empty with fewer than 2 questions.
     With ``renormalise`` the predictor's normalisation is left at the second half's statistics."""
-    n_questions = len(QuestionGroups(support))
-    if n_questions < 2:
-        return {}
-    half_a, half_b = split_support_query(support, n_questions // 2, None, np.random.default_rng(seed))
     out: dict[str, np.ndarray] = {}
-    for fit_on, score in ((half_a, half_b), (half_b, half_a)):
+    for fit_on, score in crossfit_halves(support, seed):
         with torch.no_grad():  # first-order inner steps, a detached clone
             model = adapter.fit_support(fit_on, steps=steps, renormalise=renormalise)
         out.update(zip([t.trace_id for t in score], trace_probabilities(model, score)))

@@ -124,6 +124,16 @@ class EvaluateConfig:
     # held-out families evaluated side by side in forked worker processes (one thread each); the results
     # equal a serial run's (tests/test_evaluate.py). 1: serial, in this process
     workers: int = 1
+    # the fast path (issue 26): candidate outcomes in one vectorised pass (maml_stop.decide.outcomes),
+    # adapted probes of a family and K batched; false: the per-trace, per-episode reference path (the
+    # same results, tests/test_evalspeed.py)
+    batched: bool = True
+    # the fast path adapts probes with at most this many inner steps for all episodes at once; longer ones
+    # (scratch: 100) per episode, where float-order differences would grow into other decisions
+    batch_max_steps: int = 20
+    # pooled probes kept under cache_dir/pooled, keyed by the content hash of their inputs, reused by any
+    # later run with the same ones (maml_stop.evaluate.cache); None: trained in every run
+    cache_dir: str | None = None
 
     @property
     def train_configs(self) -> list[str]:

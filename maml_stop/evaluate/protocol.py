@@ -45,11 +45,12 @@ from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.backoff import calibrate_backoff
+from maml_stop.evaluate.batched import batchable, prefit
+from maml_stop.evaluate.cache import pooled_probe
 from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.folds import data_settings, resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.results_file import write_results
-from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def evaluate_family(
     progress: bool = True,
     calibration: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     method_selectors: Mapping[tuple[str, int], Mapping[str, StopSelector]] | None = None,
+    batch_max_steps: int = 20,
 ) -> dict[str, dict[str, Any]]:
     """Every method on the same fixed episodes of ``family``, for every K.
 
@@ -138,7 +140,8 @@ def evaluate_family(
     "full_em": x}}}}`` where ``curve`` pools the query sets of all episodes. ``calibration`` (method ->
     list) collects the probes' query probabilities and labels at the largest K. ``method_selectors``
     ((method, K) -> selectors) replaces ``selectors`` for that method and K (a fold's calibrated
-    ``em_target_backoff``).
+    ``em_target_backoff``). ``batch_max_steps``: adapted probes with at most this many inner steps are
+    adapted for all episodes at once (:mod:`maml_stop.evaluate.batched`, on the fast path).
     """
     sampler = EpisodeSampler({family: list(traces)}, k=min(ks), q=query, seed=seed)
     out: dict[str, dict[str, Any]] = {}
@@ -146,9 +149,13 @@ def evaluate_family(
         eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
         cells: dict[str, dict[str, Any]] = {}
         curves: dict[str, M.EMTokensCurve] = {}
+        presets = {name: prefit(p, [ep.support for ep in eps]) for name, p in policies.items()
+                   if batchable(p, batch_max_steps)}
         bar = tqdm(eps, desc=f"{family} K={k}", disable=not progress, leave=False)
-        for ep in bar:
+        for e, ep in enumerate(bar):
             for name, policy in policies.items():
+                if name in presets:  # adapted with every other episode at once (evaluate/batched.py)
+                    policy.preset(*presets[name][e])
                 chosen = (method_selectors or {}).get((name, k), selectors)
                 rec = evaluate_episode(policy, ep.support, ep.query, chosen, delta, n_bins)
                 cell = cells.setdefault(name, {"thresholds": {s: {} for s in selectors}, "curve_savings": [], "auc": []})
@@ -197,6 +204,13 @@ def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the protocol; write results.json, results.md and the plots; return the results."""
+    from maml_stop.decide.outcomes import vectorised
+
+    with vectorised(cfg.batched):
+        return _run(cfg)
+
+
+def _run(cfg: EvaluateConfig) -> dict[str, Any]:
     check_config(cfg)
     check_methods(cfg)
     torch.set_num_threads(1)
@@ -290,8 +304,8 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
     pooled = None
     if any(m in cfg.methods for m in ("pooled", "finetuned")):
         source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
-        pooled = train_predictor(source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
-                                 backend=cfg.backend)
+        pooled = pooled_probe(cfg.cache_dir, source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss,
+                              seed=cfg.seed, backend=cfg.backend)  # read from cache_dir when trained before
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
@@ -301,7 +315,7 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
                         for key, c in backoffs.items()}
     family_results = evaluate_family(
         family, traces, policies, selectors, cfg.k, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
-        cfg.calibration_bins, cfg.progress, collected, method_selectors,
+        cfg.calibration_bins, cfg.progress, collected, method_selectors, cfg.batch_max_steps,
     )
     for (name, k), c in backoffs.items():
         family_results[str(k)][name]["backoff"] = c.to_json()

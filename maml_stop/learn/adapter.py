@@ -236,10 +236,15 @@ class InnerLoopAdapter(nn.Module):
         Gradients as in :meth:`adapt`: call it under ``torch.no_grad()`` for a detached clone."""
         batch = support if isinstance(support, ProbeBatch) else collate_traces(support, weighting=self.weighting)
         if renormalise:
-            mean = batch.features.mean(0)  # (F,)
-            std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
-            self.predictor.set_normalisation(mean, std)
+            self.renormalise(batch)
         return self.adapt(batch, steps=steps)
+
+    def renormalise(self, batch: ProbeBatch) -> None:
+        """Set the predictor's normalisation from ``batch``'s features (what ``fit_support(...,
+        renormalise=True)`` does first; changes ``self.predictor``'s buffers)."""
+        mean = batch.features.mean(0)  # (F,)
+        std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
+        self.predictor.set_normalisation(mean, std)
 
     def episode_losses(self, episodes: Sequence[tuple[ProbeBatch, ProbeBatch]], steps: int | None = None) -> Tensor:
         """Query loss after adapting on the support set, for each ``(support, query)`` pair. (E,)
@@ -263,20 +268,22 @@ class InnerLoopAdapter(nn.Module):
             return expected_cost(logits, positions, wq, n_traces)  # (E,)
         return (F.binary_cross_entropy_with_logits(logits, yq, reduction="none") * wq).sum(dim=1)  # (E,)
 
-    def adapt_episodes(self, supports: Sequence[ProbeBatch], steps: int | None = None) -> nn.Module:
+    def adapt_episodes(self, supports: Sequence[ProbeBatch], steps: int | None = None,
+                       inputs: Sequence[Tensor] | None = None) -> nn.Module:
         """:meth:`adapt` on E support sets at once: one clone (the predictor; its head for ANIL) whose
         parameters carry a leading episode axis E, slice ``e`` being the adaptation on ``supports[e]``.
         Support sets are zero-padded to (E, N, in) with zero loss weight on padding, one learn2learn
         ``adapt`` per inner step for all episodes (the inner loss is the sum of per-episode losses, so
         each episode's slice gets its own gradient; the torch_func backend batches the same way). Not for
-        ``kind="gru"``."""
+        ``kind="gru"``. ``inputs``: each support set's :meth:`StoppingPredictor.inputs` when computed
+        elsewhere (under each episode's own normalisation, maml_stop.evaluate.batched)."""
         if self.predictor.kind == "gru":
             raise ValueError("kind='gru' has no episode-batched form: adapt each support set with fit_support")
         self._check_can_adapt(supports)
         steps = self.inner_steps if steps is None else steps
         outer = torch.is_grad_enabled()
         first_order = self.first_order or not outer
-        xs, ys, ws = self._padded(supports, self.inner_kind)  # (E, Ns, in), (E, Ns), (E, Ns)
+        xs, ys, ws = self._padded(supports, self.inner_kind, inputs)  # (E, Ns, in), (E, Ns), (E, Ns)
         with torch.enable_grad():
             if self.algorithm == "anil":
                 emb = self.predictor.embed_inputs(xs)  # (E, Ns, H) shared body, computed once
@@ -289,10 +296,11 @@ class InnerLoopAdapter(nn.Module):
                 lambda m: F.binary_cross_entropy_with_logits(logits_of(m), ys, weight=ws, reduction="sum"),
                 steps, first_order, episodes=len(supports))
 
-    def _padded(self, batches: Sequence[ProbeBatch], kind: str) -> tuple[Tensor, Tensor, Tensor]:
-        """Inputs, labels and the loss weights of ``kind`` (its stop penalties for ``expected_cost``) of
-        several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
-        x = pad_sequence([self.predictor.inputs(b) for b in batches], batch_first=True)
+    def _padded(self, batches: Sequence[ProbeBatch], kind: str,
+                inputs: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs (``inputs`` when given), labels and the loss weights of ``kind`` (its stop penalties for
+        ``expected_cost``) of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
+        x = pad_sequence([self.predictor.inputs(b) for b in batches] if inputs is None else list(inputs), batch_first=True)
         y = pad_sequence([b.labels for b in batches], batch_first=True)
         per = stop_penalty if kind == "expected_cost" else (lambda b: loss_weights(b, kind))  # noqa: E731
         w = pad_sequence([per(b) for b in batches], batch_first=True)

@@ -27,6 +27,7 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
+from maml_stop.decide import outcomes as V
 from maml_stop.decide.rule import first_hit, first_hits
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import FixedThreshold
@@ -136,6 +137,16 @@ class ThresholdedPolicy(StoppingPolicy):
         """:meth:`outcome_at` for many parameters (subclasses vectorise it)."""
         return [self.outcome_at(trace, p) for p in params]
 
+    @property
+    def vectorised(self) -> bool:
+        """Whether :meth:`vector_outcomes` gives this policy's outcomes (exactly those of :meth:`outcomes_at`)."""
+        return False
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
+        """Outcomes of every trace at every parameter in one pass (:mod:`maml_stop.decide.outcomes`); only
+        where :attr:`vectorised`. ``arrays``: ``TraceArrays.of(traces)``, after ``prepare(traces)``."""
+        raise NotImplementedError(f"{self.name} has no vectorised outcomes")
+
     def stop_index(self, trace: Trace) -> int | None:
         return None if self.param is None else self.stop_index_at(trace, self.param)
 
@@ -148,6 +159,7 @@ class ThresholdedPolicy(StoppingPolicy):
     def fit(self, support: Sequence[Trace]) -> "ThresholdedPolicy":
         if not support:
             raise ValueError(f"{self.name}: cannot fit on an empty support set")
+        self.__dict__.pop(_SWEPT, None)  # scores change with the fit
         self._fit_scores(support)
         self.support_sweep = sweep_policy(self, support)  # kept so other selectors can reuse it
         self.param = self.choose(self.selector)
@@ -169,6 +181,19 @@ class FirstHitPolicy(ThresholdedPolicy):
     def scores(self, trace: Trace) -> np.ndarray:
         raise NotImplementedError
 
+    def scores_of(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        """``[self.scores(t) for t in traces]`` (learned probes answer from one batch)."""
+        return [self.scores(t) for t in traces]
+
+    @property
+    def vectorised(self) -> bool:  # subclasses that pay other probes override these methods: the loop
+        cls = type(self)
+        return (cls.outcomes_at is FirstHitPolicy.outcomes_at and cls.stop_index_at is FirstHitPolicy.stop_index_at
+                and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
+        return V.candidate_outcomes(arrays, V.pad_scores(self.scores_of(traces)), params)
+
     def stop_index_at(self, trace: Trace, param: float) -> int | None:
         return first_hit(self.scores(trace), param)
 
@@ -189,11 +214,45 @@ class FirstHitPolicy(ThresholdedPolicy):
 _FITTED = object()  # evaluate_policy's default: the parameter the policy chose when fitted
 
 
+def _vectorisable(policy: StoppingPolicy) -> bool:
+    """Whether the fast path is on and ``policy`` has a vectorised form of its outcomes."""
+    return V.is_enabled() and isinstance(policy, ThresholdedPolicy) and policy.vectorised
+
+
+def _candidate_outcomes(policy: ThresholdedPolicy, traces: Sequence[Trace], params: Sequence[float]):
+    """(arrays, outcomes) of ``traces`` at ``params``; the last sweep of the fitted policy is kept, so that
+    scoring it at a selector's choice on the same traces reads its column (``fit`` forgets it)."""
+    ids, params = tuple(map(id, traces)), tuple(params)
+    memo = policy.__dict__.get(_SWEPT)
+    if memo is not None and memo[0] == ids and all(p in memo[2] for p in params):
+        cols = [memo[2].index(p) for p in params]
+        out = memo[4]
+        return memo[3], V.CandidateOutcomes(out.em[:, cols], out.total[:, cols], out.reasoning[:, cols], out.stopped[:, cols])
+    arrays = V.TraceArrays.of(traces)
+    out = policy.vector_outcomes(traces, arrays, params)
+    if len(params) > 1:  # a sweep: kept with the traces themselves (their ids stay valid)
+        policy.__dict__[_SWEPT] = (ids, tuple(traces), params, arrays, out)
+    return arrays, out
+
+
+_SWEPT = "_last_sweep"  # the attribute a policy keeps its last sweep under (cleared by fit)
+
+
 def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace], param: float | None = _FITTED) -> Outcomes:  # type: ignore[assignment]
     """Outcomes of a fitted policy on ``traces`` (with full generation of the same traces). ``param``
     (thresholded policies only): score at that parameter instead of the fitted one (None = never stop
     early), e.g. ``evaluate_policy(policy, query, param=policy.choose(other_selector))``."""
     policy.prepare(traces)
+    if _vectorisable(policy) and traces:
+        chosen = policy.param if param is _FITTED else param
+        if chosen is None:  # never stop early: plain full generation, no probes
+            a = V.TraceArrays.of(traces)
+            return Outcomes(em=a.full_em.copy(), total_tokens=a.full_tokens.copy(), reasoning_tokens=a.full_tokens.copy(),
+                            full_em=a.full_em.copy(), full_tokens=a.full_tokens.copy(),
+                            stopped_early=np.zeros(len(traces), dtype=bool))
+        arrays, out = _candidate_outcomes(policy, traces, [chosen])  # type: ignore[arg-type]
+        return Outcomes(em=out.em[:, 0], total_tokens=out.total[:, 0], reasoning_tokens=out.reasoning[:, 0],
+                        full_em=arrays.full_em.copy(), full_tokens=arrays.full_tokens.copy(), stopped_early=out.stopped[:, 0])
     if param is _FITTED:
         results = [policy.outcome(t) for t in traces]
     elif isinstance(policy, ThresholdedPolicy):
@@ -216,6 +275,9 @@ def sweep_policy(
     """EM and total tokens of every candidate parameter on ``traces``: (N, J) arrays."""
     cands = list(policy.candidates if candidates is None else candidates)
     policy.prepare(traces)
+    if _vectorisable(policy) and traces and cands:
+        arrays, out = _candidate_outcomes(policy, traces, cands)  # type: ignore[arg-type]
+        return SupportSweep(em=out.em, tokens=out.total, full_em=arrays.full_em.copy(), full_tokens=arrays.full_tokens.copy())
     em = np.zeros((len(traces), len(cands)))
     tokens = np.zeros((len(traces), len(cands)))
     for i, t in enumerate(traces):

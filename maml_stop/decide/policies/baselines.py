@@ -21,6 +21,7 @@ from maml_stop.decide.policies.base import (
     full_generation_outcome,
     probe_outcome,
 )
+from maml_stop.decide.outcomes import CandidateOutcomes, TraceArrays
 from maml_stop.decide.selector import StopSelector
 
 __all__ = ["FullGeneration", "FirstProbe", "OraclePolicy", "oracle_at_equal_em", "EqualEMOracle", "TokenBudget",
@@ -163,6 +164,26 @@ class TokenBudget(ThresholdedPolicy):
         if index is None:
             return full_generation_outcome(trace)
         return probe_outcome(trace, index, ran=[index])  # the one forced answer at the cut-off
+
+    @property
+    def vectorised(self) -> bool:
+        return type(self) is TokenBudget
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: TraceArrays, params: Sequence[float]) -> CandidateOutcomes:
+        """:meth:`outcome_at` at every budget at once: the last probe at or before it (else the first),
+        paying that one probe; full generation where the run ends within it or has no probes."""
+        budgets = np.asarray(list(params), dtype=np.float64)  # (J,)
+        full = (arrays.reasoning_tokens[:, None] <= budgets) | ~arrays.mask.any(axis=1)[:, None]  # (N, J)
+        before = arrays.mask[:, None, :] & (arrays.positions[:, None, :] <= budgets[None, :, None])  # (N, J, P)
+        p = before.shape[2]
+        at = np.where(before.any(axis=2), p - 1 - before[..., ::-1].argmax(axis=2), 0)  # (N, J) last such probe
+        rows = np.arange(len(arrays))[:, None]
+        return CandidateOutcomes(
+            em=np.where(full, arrays.full_em[:, None], arrays.labels[rows, at]),
+            total=np.where(full, arrays.full_tokens[:, None], arrays.positions[rows, at] + arrays.probe_tokens[rows, at]),
+            reasoning=np.where(full, arrays.full_tokens[:, None], arrays.positions[rows, at]),
+            stopped=~full,
+        )
 
 
 class AnswerConsistency(FirstHitPolicy):

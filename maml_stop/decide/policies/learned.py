@@ -77,8 +77,20 @@ class ProbePolicy(FirstHitPolicy):
     def default_param(self) -> float | None:
         return self.tau
 
+    def preset(self, model: nn.Module, support_probs: dict[str, np.ndarray]) -> None:
+        """Make the next :meth:`fit` use ``model`` (the predictor adapted on that support set) and
+        ``support_probs`` (its cross-fitted support scores, by trace id) instead of adapting: what
+        episode-batched evaluation (:mod:`maml_stop.evaluate.batched`) computed for all episodes at once."""
+        self._preset = (model, dict(support_probs))
+
     def _fit_scores(self, support: Sequence[Trace]) -> None:
         self._probs = {}
+        preset, self._preset = getattr(self, "_preset", None), None
+        if preset is not None:
+            self.model, probs = preset
+            if self.crossfit:
+                self._probs = probs
+            return
         if self.adapter is None:
             self.model = self.predictor
             return
@@ -109,3 +121,6 @@ class ProbePolicy(FirstHitPolicy):
 
     def scores(self, trace: Trace) -> np.ndarray:
         return self.probabilities([trace])[0]
+
+    def scores_of(self, traces: Sequence[Trace]) -> list[np.ndarray]:
+        return self.probabilities(traces)
