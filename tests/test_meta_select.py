@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from maml_stop.decide.meta.calibration import conformal_margin, meta_calibrate, needed_margin
-from maml_stop.decide.meta.features import SupportStats, infer_stopped
+from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats, by_family, infer_stopped
 from maml_stop.decide.meta.outcomes import CandidateOutcomes, EpisodeSweeps, TraceTable, candidate_outcomes, episode_masks
 from maml_stop.decide.meta.rules import EmpiricalBayesSelector, LearnedMapSelector, SupportDrop, SupportLTT
-from maml_stop.evaluate.thresholds import EMTargetThreshold, LTTThreshold, SupportSweep
+from maml_stop.decide.registry import make_selector, selector_from_state
+from maml_stop.decide.selector import SelectorEpisode, SupportSweep
+from maml_stop.decide.thresholds import EMTargetThreshold, LTTThreshold
 
 DELTA = 0.01
 J = 6
@@ -31,6 +33,10 @@ def synthetic_family(rng, n: int, loss: np.ndarray, gain: np.ndarray, p_full: fl
     return EpisodeSweeps(episode_masks(n, support), out)
 
 
+def fam(sweeps: EpisodeSweeps) -> FamilyEpisodes:
+    return FamilyEpisodes.from_sweeps(sweeps)
+
+
 def drawn_family(rng, k: int = 16, episodes: int = 20) -> EpisodeSweeps:
     """A family from an exchangeable distribution: full EM, and how fast losses grow with aggressiveness."""
     ramp = np.arange(J) / (J - 1)
@@ -47,7 +53,7 @@ def probe_and_traces(tiny_corpus):
     import torch
 
     from maml_stop.data.corpus import TraceCorpus
-    from maml_stop.evaluate.policies import ProbePolicy
+    from maml_stop.decide.policies import ProbePolicy
     from maml_stop.learn.predictor import StoppingPredictor
 
     torch.manual_seed(0)
@@ -58,7 +64,7 @@ def probe_and_traces(tiny_corpus):
 
 
 def test_vectorised_outcomes_equal_the_per_candidate_sweep(probe_and_traces):
-    from maml_stop.evaluate.policies import sweep_policy
+    from maml_stop.decide.policies import sweep_policy
 
     policy, traces = probe_and_traces
     reference = sweep_policy(policy, traces)
@@ -71,14 +77,14 @@ def test_vectorised_outcomes_equal_the_per_candidate_sweep(probe_and_traces):
 
 
 def test_episode_sums_give_the_protocols_support_choices(probe_and_traces):
-    from maml_stop.evaluate.policies import sweep_policy
+    from maml_stop.decide.policies import sweep_policy
 
     policy, traces = probe_and_traces
     out = candidate_outcomes(TraceTable.from_traces(traces, policy.probabilities(traces)), policy.candidates)
     rng = np.random.default_rng(0)
     supports = [rng.choice(len(traces), size=30, replace=False) for _ in range(8)]
     stats = SupportStats.from_sums(EpisodeSweeps(episode_masks(len(traces), supports), out).support_sums())
-    em_target, ltt = SupportDrop(0.1).decide(stats), SupportLTT(0.1, alpha=0.1).decide(stats)
+    em_target, ltt = SupportDrop(0.1, family_alpha=None).decide(stats), SupportLTT(0.1, alpha=0.1).decide(stats)
     for e, idx in enumerate(supports):
         sweep = sweep_policy(policy, [traces[i] for i in idx])
         np.testing.assert_allclose(stats.drop[e], sweep.em_drop(), atol=1e-12)
@@ -87,7 +93,7 @@ def test_episode_sums_give_the_protocols_support_choices(probe_and_traces):
             chosen = slow.select(policy.candidates, sweep, None)
             assert (None if fast[e] == 0 else policy.candidates[fast[e] - 1]) == chosen
         # the ThresholdSelector road (a deployment's one support sweep) gives the batched choice
-        got = SupportDrop(0.1).select(policy.candidates, sweep, None)
+        got = SupportDrop(0.1, family_alpha=None).select(policy.candidates, sweep, None)
         assert got == (None if em_target[e] == 0 else policy.candidates[em_target[e] - 1])
 
 
@@ -95,8 +101,11 @@ def test_episode_sums_give_the_protocols_support_choices(probe_and_traces):
 
 
 def _selectors(train):
-    return [SupportDrop(DELTA), SupportLTT(DELTA), EmpiricalBayesSelector(DELTA).fit(train),
-            LearnedMapSelector(DELTA).fit(train)]
+    families = {f"f{i}": fam(sw) for i, sw in enumerate(train)}
+    return [SupportDrop(DELTA, family_alpha=None), SupportLTT(DELTA),
+            EmpiricalBayesSelector(DELTA, family_alpha=None).fit_families(families),
+            LearnedMapSelector(DELTA, family_alpha=None).fit_families(families),
+            EmpiricalBayesSelector(DELTA, family_alpha=0.3).fit_families(families)]
 
 
 def test_a_family_where_stopping_always_hurts_gets_full_generation():
@@ -122,13 +131,15 @@ def test_a_family_where_stopping_always_helps_stops_at_the_first_probe():
 def test_the_meta_calibrated_margin_makes_a_hurting_training_set_careful():
     rng = np.random.default_rng(3)
     ramp = np.arange(J) / (J - 1)
-    families = {f"f{i}": synthetic_family(rng, 160, 0.05 + 0.3 * ramp, np.zeros(J), 0.3, 16, 20) for i in range(9)}
-    calib = meta_calibrate(lambda: SupportDrop(DELTA), families, alpha=0.1)
+    families = {f"f{i}": fam(synthetic_family(rng, 160, 0.05 + 0.3 * ramp, np.zeros(J), 0.3, 16, 20))
+                for i in range(9)}
+    calib = meta_calibrate(lambda: SupportDrop(DELTA, family_alpha=None), families, alpha=0.1)
     assert calib.margin == max(calib.needed.values()) > 0.0  # rank ceil(10 * 0.9) = 9 of 9: the largest
-    for f, sw in families.items():
-        drop = sw.query_figures()[0]
-        chosen = SupportDrop(DELTA, calib.margin).decide(SupportStats.from_sums(sw.support_sums()))
-        assert drop[np.arange(len(chosen)), chosen].mean() <= DELTA + 1e-9, f
+    selector = SupportDrop(DELTA, family_alpha=0.1).fit_families(families)
+    assert selector.margin == calib.margin and selector.calibration["needed"] == calib.needed
+    for f, family in families.items():
+        chosen = selector.decide(family.stats)
+        assert family.query_drop[np.arange(len(chosen)), chosen].mean() <= DELTA + 1e-9, f
 
 
 # -- the cross-family guarantee ------------------------------------------------------------------------
@@ -150,10 +161,10 @@ def test_the_cross_family_guarantee_holds_its_stated_rate(alpha, draws):
     rng = np.random.default_rng(4)
     held = []
     for _ in range(draws):
-        families = {f"f{i}": drawn_family(rng) for i in range(10)}
+        families = {f"f{i}": fam(drawn_family(rng)) for i in range(10)}
         new = families.pop("f9")
-        margin = meta_calibrate(lambda: SupportDrop(DELTA), families, alpha).margin
-        held.append(needed_margin(SupportDrop(DELTA), new) <= margin)
+        margin = meta_calibrate(lambda: SupportDrop(DELTA, family_alpha=None), families, alpha).margin
+        held.append(needed_margin(SupportDrop(DELTA, family_alpha=None), new) <= margin)
     rate = float(np.mean(held))
     assert rate >= 1 - alpha - 2 * np.sqrt(alpha * (1 - alpha) / draws), rate
     assert rate < 1.0  # the margin is not trivially full generation
@@ -165,52 +176,100 @@ def test_the_guarantee_with_a_fitted_selector_over_draws():
     rng = np.random.default_rng(5)
     alpha, draws, held = 0.3, 40, []
     for _ in range(draws):
-        families = {f"f{i}": drawn_family(rng, episodes=10) for i in range(8)}
+        families = {f"f{i}": fam(drawn_family(rng, episodes=10)) for i in range(8)}
         new = families.pop("f7")
-        calib = meta_calibrate(lambda: EmpiricalBayesSelector(DELTA), families, alpha)
-        selector = EmpiricalBayesSelector(DELTA).fit(list(families.values()))
-        held.append(needed_margin(selector, new) <= calib.margin)
+        selector = EmpiricalBayesSelector(DELTA, family_alpha=alpha).fit_families(families)
+        held.append(needed_margin(selector, new) <= selector.margin)
     assert np.mean(held) >= 1 - alpha - 2 * np.sqrt(alpha * (1 - alpha) / draws)
 
 
 # -- state round-trips: the same decision offline and from a restored state --------------------------
 
 
-@pytest.mark.parametrize("cls", [EmpiricalBayesSelector, LearnedMapSelector])
-def test_a_fitted_selector_round_trips_through_json(cls):
+@pytest.mark.parametrize("cls", [EmpiricalBayesSelector, LearnedMapSelector, SupportDrop])
+def test_a_fitted_selector_round_trips_through_the_registry(cls):
     rng = np.random.default_rng(6)
-    train = [drawn_family(rng) for _ in range(5)]
-    selector = cls(DELTA, margin=0.02).fit(train)
-    restored = cls(DELTA).load_state_dict(json.loads(json.dumps(selector.state_dict())))
-    new = drawn_family(rng)
-    stats = SupportStats.from_sums(new.support_sums())
+    families = {f"f{i}": fam(drawn_family(rng)) for i in range(5)}
+    selector = cls(DELTA, family_alpha=0.3).fit_families(families)
+    state = json.loads(json.dumps(selector.state_dict()))
+    restored = selector_from_state(state)
+    assert type(restored) is cls and restored.margin == selector.margin
+    stats = fam(drawn_family(rng)).stats
     np.testing.assert_array_equal(selector.decide(stats), restored.decide(stats))
-    with pytest.raises(ValueError, match="meta_"):
-        (LearnedMapSelector if cls is EmpiricalBayesSelector else EmpiricalBayesSelector)().load_state_dict(
-            selector.state_dict())
+    assert make_selector(cls.name, delta=0.05).delta == 0.05  # selectable by name, like today's rules
+
+
+def _episodes(family: str, sweeps: EpisodeSweeps) -> list[SelectorEpisode]:
+    """The protocol's form of a simulation: one support and one query sweep per episode."""
+    o, out = sweeps.out, []
+    for mask in sweeps.support:
+        parts = []
+        for idx in (np.flatnonzero(mask), np.flatnonzero(1 - mask)):
+            sweep = SupportSweep(o.em[idx], o.tokens[idx], o.full_em[idx], o.full_tokens[idx])
+            sweep.stopped = o.stopped[idx]  # what a first-hit policy knows; without it, inferred from tokens
+            parts.append(sweep)
+        out.append(SelectorEpisode(family, *parts))
+    return out
+
+
+def test_fit_on_the_protocols_episodes_equals_fit_on_the_simulation():
+    rng = np.random.default_rng(7)
+    sims = {f"f{i}": drawn_family(rng, episodes=6) for i in range(4)}
+    episodes = [ep for f, sw in sims.items() for ep in _episodes(f, sw)]
+    grouped = by_family(episodes)
+    for f, sw in sims.items():
+        np.testing.assert_allclose(grouped[f].stats.drop, fam(sw).stats.drop)
+        np.testing.assert_allclose(grouped[f].query_drop, fam(sw).query_drop, atol=1e-12)
+    candidates = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    a = LearnedMapSelector(DELTA, family_alpha=0.3).fit(candidates, episodes)
+    b = LearnedMapSelector(DELTA, family_alpha=0.3).fit_families({f: fam(sw) for f, sw in sims.items()})
+    np.testing.assert_allclose(a.weights, b.weights)
+    assert a.margin == b.margin
 
 
 def test_select_on_one_support_sweep_equals_the_batched_decision():
-    rng = np.random.default_rng(7)
-    train = [drawn_family(rng) for _ in range(5)]
-    selector = EmpiricalBayesSelector(DELTA).fit(train)
+    rng = np.random.default_rng(8)
+    selector = EmpiricalBayesSelector(DELTA, family_alpha=None).fit_families(
+        {f"f{i}": fam(drawn_family(rng)) for i in range(5)})
     new = drawn_family(rng)
-    stats = SupportStats.from_sums(new.support_sums())
-    batched = selector.decide(stats)
+    batched = selector.decide(fam(new).stats)
     candidates = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
-    o = new.out
-    for e in range(len(batched)):
-        idx = np.flatnonzero(new.support[e])
-        sweep = SupportSweep(o.em[idx], o.tokens[idx], o.full_em[idx], o.full_tokens[idx])
-        sweep.stopped = o.stopped[idx]  # what a first-hit policy knows; without it, inferred from tokens
-        chosen = selector.select(candidates, sweep, None)
+    for e, ep in enumerate(_episodes("new", new)):
+        chosen = selector.select(candidates, ep.support, None)
         assert chosen == (None if batched[e] == 0 else candidates[batched[e] - 1])
 
 
 def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="delta"):
         SupportDrop(delta=2.0)
+    with pytest.raises(ValueError, match="family_alpha"):
+        SupportDrop(family_alpha=1.5)
     with pytest.raises(ValueError, match="alpha"):
         SupportLTT(alpha=0.0)
     with pytest.raises(RuntimeError, match="fit"):
-        LearnedMapSelector().predicted_drop(SupportStats.from_sums(drawn_family(np.random.default_rng(0)).support_sums()))
+        LearnedMapSelector().predicted_drop(fam(drawn_family(np.random.default_rng(0))).stats)
+
+
+# -- maml-stop evaluate: the meta-learned rules by name, fitted on each fold's source families --------
+
+
+@pytest.mark.slow
+def test_meta_selectors_run_by_name_in_evaluate(tiny_corpus, tmp_path):
+    from maml_stop.evaluate.config import EvaluateConfig
+    from maml_stop.evaluate.protocol import run
+
+    cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency"],
+                         families=["fam_c"], shots=[8], episodes=3, backoff_episodes=3,
+                         threshold_methods=["em_target", "em_target_margin", "meta_eb", "meta_map"], progress=False)
+    results = run(cfg)
+    cell = results["results"]["fam_c"]["8"]
+    for name in ("consistency",):
+        states = cell[name]["selector_states"]
+        assert set(states) == {"em_target_margin", "meta_eb", "meta_map"}
+        # fitted on the two source families (leave-one-out margins over them)
+        assert set(states["meta_eb"]["calibration"]["needed"]) == set(results["sources"]["fam_c"])
+        restored = selector_from_state(states["meta_map"])
+        assert restored.weights is not None
+        params = cell[name]["thresholds"]["meta_map"]["param"]
+        assert len(params) == 3
+    assert "selector_states" not in cell["full"]

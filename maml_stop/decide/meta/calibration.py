@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from maml_stop.decide.meta.features import SupportStats
-from maml_stop.decide.meta.outcomes import EpisodeSweeps
-from maml_stop.decide.meta.rules import MetaSelector
+from maml_stop.decide.meta.features import FamilyEpisodes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from maml_stop.decide.meta.rules import MetaSelector
 
 __all__ = ["MARGINS", "MarginCalibration", "conformal_margin", "needed_margin", "meta_calibrate"]
 
@@ -48,13 +49,12 @@ def conformal_margin(needed: np.ndarray, alpha: float) -> float:
     return float(needed[rank - 1]) if rank <= len(needed) else math.inf
 
 
-def needed_margin(selector: MetaSelector, family: EpisodeSweeps, margins: Sequence[float] = MARGINS) -> float:
+def needed_margin(selector: "MetaSelector", family: FamilyEpisodes, margins: Sequence[float] = MARGINS) -> float:
     """The smallest grid margin from which on ``family``'s mean query drop at the selector's choices stays
     within its ``delta`` (+inf: not even the largest grid margin keeps it)."""
-    stats = SupportStats.from_sums(family.support_sums())
-    drop = family.query_figures()[0]  # (E, J + 1)
+    drop = family.query_drop  # (E, J + 1)
     rows = np.arange(drop.shape[0])
-    over = np.array([drop[rows, selector.decide(stats, m)].mean() > selector.delta + _TOL for m in margins])
+    over = np.array([drop[rows, selector.decide(family.stats, m)].mean() > selector.delta + _TOL for m in margins])
     if not over.any():
         return float(margins[0])
     last = int(np.flatnonzero(over)[-1])
@@ -80,17 +80,17 @@ class MarginCalibration:
 
 
 def meta_calibrate(
-    make: Callable[[], MetaSelector],
-    families: Mapping[str, EpisodeSweeps],
+    make: Callable[[], "MetaSelector"],
+    families: Mapping[str, FamilyEpisodes],
     alpha: float,
     margins: Sequence[float] = MARGINS,
 ) -> MarginCalibration:
-    """Leave each training family out, fit ``make()`` on the rest, take its needed margin; the margin is
-    their conformal quantile (:func:`conformal_margin`)."""
+    """Leave each training family out, fit ``make()`` (:meth:`MetaSelector.learn`, no margin) on the rest,
+    take its needed margin; the margin is their conformal quantile (:func:`conformal_margin`)."""
     if len(families) < 2:
         raise ValueError(f"meta-calibration needs at least 2 training families; got {sorted(families)}")
     needed = {}
     for f, sweeps in families.items():
-        selector = make().fit([s for g, s in families.items() if g != f])
+        selector = make().learn([s for g, s in families.items() if g != f])
         needed[f] = needed_margin(selector, sweeps, margins)
     return MarginCalibration(conformal_margin(np.array(list(needed.values())), alpha), alpha, needed)

@@ -1,5 +1,10 @@
 """What a support set says about each candidate, as arrays (the meta-selectors' inputs).
 
+:class:`FamilyEpisodes` is what a meta-selector learns from, per training family: every simulated
+episode's support statistics and query drop, and the family's loss and gain rates. It is built from a
+simulation's :class:`~.outcomes.EpisodeSweeps` (exact) or from the protocol's
+:class:`~maml_stop.decide.selector.SelectorEpisode` lists (:func:`by_family`; rates from the queries).
+
 :class:`SupportStats` holds, for E episodes and J candidates (conservative -> aggressive), the paired
 support counts against full generation: losses (full right, candidate wrong), gains (full wrong,
 candidate right), stops, stops at a wrong answer, and the token savings. It is built from the summed
@@ -18,13 +23,17 @@ sweeps of a simulation (:meth:`~.outcomes.EpisodeSweeps.support_sums`) or from o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from maml_stop.data import accounting
 
-__all__ = ["SupportStats", "infer_stopped"]
+if TYPE_CHECKING:  # pragma: no cover
+    from maml_stop.decide.meta.outcomes import EpisodeSweeps
+    from maml_stop.decide.selector import SelectorEpisode
+
+__all__ = ["SupportStats", "FamilyEpisodes", "by_family", "infer_stopped"]
 
 
 def _logit(count: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -84,3 +93,50 @@ def infer_stopped(tokens: np.ndarray) -> np.ndarray:
     stopped)."""
     tokens = np.asarray(tokens, dtype=np.float64)
     return (tokens < tokens.max(axis=1, keepdims=True)).astype(np.float64)
+
+
+def _smoothed(hits: np.ndarray, trials: float) -> np.ndarray:
+    return (np.asarray(hits, dtype=np.float64) + 0.5) / (float(trials) + 1.0)
+
+
+@dataclass
+class FamilyEpisodes:
+    """One training family's simulated episodes (E) at J candidates."""
+
+    stats: SupportStats  # the support statistics of every episode
+    query_drop: np.ndarray  # (E, J + 1) query EM drop: full generation (0), then every candidate
+    loss_rate: np.ndarray  # (J,) the family's rate of losses among questions full generation gets right
+    gain_rate: np.ndarray  # (J,) its rate of gains among questions full generation gets wrong
+    full_em: float  # the family's full-generation EM
+
+    @classmethod
+    def from_sweeps(cls, sweeps: "EpisodeSweeps") -> "FamilyEpisodes":
+        o = sweeps.out
+        right = float(o.full_em.sum())
+        return cls(SupportStats.from_sums(sweeps.support_sums()), sweeps.query_figures()[0],
+                   _smoothed((o.full_em[:, None] * (1 - o.em)).sum(0), right),
+                   _smoothed(((1 - o.full_em[:, None]) * o.em).sum(0), len(o.full_em) - right),
+                   float(o.full_em.mean()))
+
+    @classmethod
+    def from_episodes(cls, episodes: Sequence["SelectorEpisode"]) -> "FamilyEpisodes":
+        """From one family's episodes (support and query sweeps); rates pooled over the query sets."""
+        if not episodes:
+            raise ValueError("no episodes to learn from")
+        parts = [SupportStats.from_sweep(ep.support, getattr(ep.support, "stopped", None)) for ep in episodes]
+        stats = SupportStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in SupportStats.__dataclass_fields__))
+        drops = [np.concatenate([[0.0], ep.query.em_drop()]) for ep in episodes]
+        right = sum(float(ep.query.full_em.sum()) for ep in episodes)
+        wrong = sum(float((1 - ep.query.full_em).sum()) for ep in episodes)
+        loss = sum(ep.query.losses().sum(0) for ep in episodes)
+        gain = sum(((1 - ep.query.full_em[:, None]) * ep.query.em).sum(0) for ep in episodes)
+        full = float(np.mean([ep.query.full_em.mean() for ep in episodes]))
+        return cls(stats, np.stack(drops), _smoothed(loss, right), _smoothed(gain, wrong), full)
+
+
+def by_family(episodes: Sequence["SelectorEpisode"]) -> dict[str, FamilyEpisodes]:
+    """The protocol's simulated episodes grouped by family (in first-seen order)."""
+    groups: dict[str, list] = {}
+    for ep in episodes:
+        groups.setdefault(ep.family, []).append(ep)
+    return {f: FamilyEpisodes.from_episodes(eps) for f, eps in groups.items()}

@@ -1,44 +1,45 @@
-"""Meta-learned threshold selectors (issue 25 items 2a-2c).
+"""Meta-learned threshold selectors (issue 25 items 2a-2c), behind :class:`~maml_stop.decide.selector.StopSelector`.
 
 Each selector predicts, for every candidate of a support set, the net paired EM drop the candidate will
 have on the family's queries, and takes the candidate with the largest support savings whose predicted
 drop plus ``margin`` is within ``delta`` (:func:`decide`; none: full generation, always a candidate).
-What they learn across the meta-training families' simulated episodes (:mod:`.simulate`):
+What they learn across the meta-training families' simulated episodes (:class:`~.features.FamilyEpisodes`):
 
-* :class:`EmpiricalBayesSelector` (2a): the drop is ``p * r_j - (1 - p) * q_j`` with ``p`` the
-  family's full-generation EM, ``r_j`` its loss rate among questions full generation gets right, ``q_j``
-  its gain rate among those it gets wrong. Each rate has a Beta prior whose mean is a logistic function
-  of the support statistics (:meth:`SupportStats.design`: the precision of the candidate's support
-  stops, the support EM, the stop rate, the candidate's rank), fitted to the training families' true
-  rates, and whose concentration maximises the beta-binomial likelihood of their support counts; the
-  support's own counts update it. ``meta=False`` is its twin without meta-training: uniform priors.
-* :class:`LearnedMapSelector` (2b): a ridge regression from support statistics (and their pairwise
-  products) to the query drop of each (episode, candidate).
-* :class:`SupportDrop`: the support drop itself (``em_target``'s estimate), the twin with nothing learned;
-  :class:`SupportLTT`: Learn-then-Test on the support alone.
+* :class:`EmpiricalBayesSelector` (``meta_eb``, 2a): the drop is ``p * r_j - (1 - p) * q_j`` with ``p``
+  the family's full-generation EM, ``r_j`` its loss rate among questions full generation gets right,
+  ``q_j`` its gain rate among those it gets wrong. Each rate has a Beta prior whose mean is a logistic
+  function of the support statistics (:meth:`~.features.SupportStats.design`: the precision of the
+  candidate's support stops, the support EM, the stop rate, the candidate's rank), fitted to the
+  training families' rates, and whose concentration maximises the beta-binomial likelihood of their
+  support counts; the support's own counts update it. ``meta=False`` is its twin without meta-training.
+* :class:`LearnedMapSelector` (``meta_map``, 2b): a ridge regression from support statistics (and their
+  pairwise products) to the query drop of each (episode, candidate).
+* :class:`SupportDrop` (``em_target_margin``): the support drop itself, ``em_target``'s estimate.
 
-The margin (2c) is set by :func:`meta_calibrate`.
+With ``family_alpha`` set, :meth:`MetaSelector.fit` also meta-calibrates the margin (2c,
+:mod:`.calibration`): the selector then keeps the held-out family's mean drop within ``delta`` with
+probability >= 1 - family_alpha over exchangeable families. :class:`SupportLTT` is Learn-then-Test on
+the support alone, batched over episodes (the study's risk-controlled selector without meta-training).
 
->>> sel = EmpiricalBayesSelector(delta=0.01).fit(sweeps_of_training_families)     # doctest: +SKIP
->>> sel.margin = meta_calibrate(EmpiricalBayesSelector, by_family, delta=0.01, alpha=0.1).margin  # doctest: +SKIP
->>> sel.select(policy.candidates, policy.support_sweep, default=None)              # doctest: +SKIP
+>>> sel = EmpiricalBayesSelector(delta=0.01, family_alpha=0.1).fit(policy.candidates, episodes)  # doctest: +SKIP
+>>> sel.select(policy.candidates, policy.support_sweep, default=None)                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy.special import betaln, expit
 
-from maml_stop.decide.meta.features import SupportStats
-from maml_stop.decide.meta.outcomes import EpisodeSweeps
-from maml_stop.evaluate.thresholds import ThresholdSelector
+from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats, by_family
+from maml_stop.decide.selector import SelectorEpisode, StopSelector, check_inputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decide", "MetaSelector", "SupportDrop", "SupportLTT", "EmpiricalBayesSelector", "LearnedMapSelector", "META_SELECTORS"]
+__all__ = ["decide", "MetaSelector", "SupportDrop", "SupportLTT", "EmpiricalBayesSelector", "LearnedMapSelector",
+           "META_SELECTORS"]
 
 _TOL = 1e-9
 KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)  # prior concentrations tried
@@ -52,20 +53,48 @@ def decide(pred_drop: np.ndarray, savings: np.ndarray, delta: float, margin: flo
     return np.where(ok.any(1), best + 1, 0)
 
 
-class MetaSelector(ThresholdSelector):
-    """A selector that predicts each candidate's query drop; ``fit`` learns across families' episodes."""
+class MetaSelector(StopSelector):
+    """A selector that predicts each candidate's query drop from support statistics; ``fit`` learns
+    across families' episodes and, with ``family_alpha``, meta-calibrates the margin."""
 
     name = "meta"
+    params: tuple[str, ...] = ("delta", "margin", "family_alpha")
+    fitted: tuple[str, ...] = ()  # names of the fitted attributes recorded by state_dict
 
-    def __init__(self, delta: float = 0.01, margin: float = 0.0) -> None:
+    def __init__(self, delta: float = 0.01, margin: float = 0.0, family_alpha: float | None = None) -> None:
         if not 0.0 <= delta < 1.0:
             raise ValueError(f"delta is an EM drop as a fraction in [0, 1) (0.01 = 1 point); got {delta}")
+        if family_alpha is not None and not 0.0 < family_alpha < 1.0:
+            raise ValueError(f"family_alpha is a miss rate over families in (0, 1), or None; got {family_alpha}")
         self.delta = float(delta)
         self.margin = float(margin)
+        self.family_alpha = family_alpha
+        self.calibration: dict[str, Any] | None = None
 
-    def fit(self, families: Sequence[EpisodeSweeps]) -> "MetaSelector":
+    # -- learning across families
+    def learn(self, families: Sequence[FamilyEpisodes]) -> "MetaSelector":
+        """Fit what the rule learns (prior, map) on the training families; no margin."""
         return self
 
+    def fit_families(self, families: Mapping[str, FamilyEpisodes]) -> "MetaSelector":
+        """:meth:`learn` on every family, then, with ``family_alpha``, the conformal margin over them."""
+        self.learn(list(families.values()))
+        if self.family_alpha is not None:
+            from maml_stop.decide.meta.calibration import meta_calibrate
+
+            calib = meta_calibrate(lambda: type(self)(**self._settings()), families, self.family_alpha)
+            self.margin = calib.margin
+            self.calibration = calib.to_json()
+        return self
+
+    def fit(self, candidates: Sequence[float], episodes: Sequence[SelectorEpisode]) -> "MetaSelector":
+        return self.fit_families(by_family(episodes))
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor settings without the margin calibration (the leave-one-family-out fits)."""
+        return {**{p: getattr(self, p) for p in self.params}, "family_alpha": None}
+
+    # -- the decision
     def predicted_drop(self, stats: SupportStats) -> np.ndarray:
         raise NotImplementedError
 
@@ -74,43 +103,55 @@ class MetaSelector(ThresholdSelector):
         return decide(self.predicted_drop(stats), stats.savings, self.delta, self.margin if margin is None else margin)
 
     def select(self, candidates: Sequence[float], sweep, default: float | None) -> float | None:
-        if sweep.em.shape[1] != len(candidates):
-            raise ValueError(f"the sweep has {sweep.em.shape[1]} columns but there are {len(candidates)} candidates")
+        check_inputs(candidates, sweep)
         choice = int(self.decide(SupportStats.from_sweep(sweep, getattr(sweep, "stopped", None)))[0])
         return None if choice == 0 else float(candidates[choice - 1])
 
+    # -- what an artifact records
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "delta": self.delta, "margin": self.margin}
+        fitted = {f: (v.tolist() if isinstance(v, np.ndarray) else v) for f in self.fitted
+                  for v in [getattr(self, f)]}
+        return {**super().state_dict(), **fitted}
 
-    def load_state_dict(self, state: dict[str, Any]) -> "MetaSelector":
-        if state.get("name") != self.name:
-            raise ValueError(f"state of selector {state.get('name')!r} loaded into {self.name!r}")
-        self.delta, self.margin = float(state["delta"]), float(state["margin"])
-        return self
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "MetaSelector":
+        state = dict(state)
+        fitted = {f: state.pop(f) for f in cls.fitted if f in state}
+        selector = super().from_state(state)
+        for f, v in fitted.items():
+            setattr(selector, f, np.asarray(v, dtype=np.float64) if isinstance(v, list) else v)
+        return selector  # type: ignore[return-value]
 
 
 class SupportDrop(MetaSelector):
-    """The support drop as the prediction: ``em_target`` with a margin; nothing learned."""
+    """The support drop as the prediction: ``em_target`` plus a margin (meta-calibrated with ``family_alpha``)."""
 
-    name = "support_drop"
+    name = "em_target_margin"
+
+    def __init__(self, delta: float = 0.01, margin: float = 0.0, family_alpha: float | None = 0.1) -> None:
+        super().__init__(delta, margin, family_alpha)
 
     def predicted_drop(self, stats: SupportStats) -> np.ndarray:
         return stats.drop
 
 
 class SupportLTT(MetaSelector):
-    """Learn-then-Test on the support alone, vectorised over episodes (the risk-controlled selector
-    without meta-training; :class:`~maml_stop.evaluate.thresholds.LTTThreshold` per episode): binomial
-    tail p-values of the support loss counts, fixed-sequence testing from conservative to aggressive,
-    the largest support savings among the certified candidates."""
+    """Learn-then-Test on the support alone, batched over episodes (per episode the same choice as
+    :class:`~maml_stop.decide.thresholds.LTTThreshold`): binomial-tail p-values of the support loss
+    counts, fixed-sequence testing from conservative to aggressive, the largest support savings among
+    the certified candidates. Learns nothing across families."""
 
-    name = "ltt"
+    name = "ltt_batched"
+    params = ("delta", "alpha")
 
-    def __init__(self, delta: float = 0.01, margin: float = 0.0, alpha: float = 0.1) -> None:
-        super().__init__(delta, margin)
+    def __init__(self, delta: float = 0.01, alpha: float = 0.1) -> None:
+        super().__init__(delta)
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha is a probability in (0, 1); got {alpha}")
         self.alpha = float(alpha)
+
+    def fit_families(self, families: Mapping[str, FamilyEpisodes]) -> "SupportLTT":
+        return self
 
     def decide(self, stats: SupportStats, margin: float | None = None) -> np.ndarray:
         from scipy import stats as scipy_stats
@@ -142,58 +183,43 @@ def _fit_kappa(mean: np.ndarray, trials: np.ndarray, hits: np.ndarray) -> float:
     return float(KAPPAS[int(np.argmax(ll))])
 
 
-def _true_rates(sw: EpisodeSweeps) -> tuple[np.ndarray, np.ndarray, float]:
-    """(J,) loss rate among full-right questions, (J,) gain rate among full-wrong ones, full EM: of the
-    whole family (smoothed by one half)."""
-    o = sw.out
-    right = o.full_em.sum()
-    wrong = len(o.full_em) - right
-    r = ((o.full_em[:, None] * (1 - o.em)).sum(0) + 0.5) / (right + 1)
-    q = (((1 - o.full_em[:, None]) * o.em).sum(0) + 0.5) / (wrong + 1)
-    return r, q, float(o.full_em.mean())
-
-
 class EmpiricalBayesSelector(MetaSelector):
     """Support-conditioned empirical Bayes on the loss and gain rates (module docstring)."""
 
     name = "meta_eb"
+    params = ("delta", "margin", "family_alpha", "ridge", "meta")
+    fitted = ("w_loss", "w_gain", "kappa_loss", "kappa_gain", "full_prior", "calibration")
 
-    def __init__(self, delta: float = 0.01, margin: float = 0.0, ridge: float = 0.01, meta: bool = True) -> None:
-        super().__init__(delta, margin)
+    def __init__(self, delta: float = 0.01, margin: float = 0.0, family_alpha: float | None = 0.1,
+                 ridge: float = 0.01, meta: bool = True) -> None:
+        super().__init__(delta, margin, family_alpha)
         self.ridge = float(ridge)
         self.meta = bool(meta)
         n = 7  # SupportStats.design width
         # uniform priors until fitted (the twin without meta-training keeps them): mean 1/2, kappa 2
         self.w_loss, self.w_gain = np.zeros(n), np.zeros(n)
         self.kappa_loss = self.kappa_gain = 2.0
-        self.full_prior = (1.0, 1.0)
+        self.full_prior = [1.0, 1.0]
 
-    def fit(self, families: Sequence[EpisodeSweeps]) -> "EmpiricalBayesSelector":
+    def learn(self, families: Sequence[FamilyEpisodes]) -> "EmpiricalBayesSelector":
         if not self.meta:
             return self
         if not families:
             raise ValueError(f"{self.name}: no training families to fit the prior on")
-        xs, r_t, q_t, right, wrong, loss, gain, full = [], [], [], [], [], [], [], []
-        for sw in families:
-            s = SupportStats.from_sums(sw.support_sums())
-            r, q, f = _true_rates(sw)
-            e = s.loss.shape[0]
-            xs.append(s.design())
-            r_t.append(np.broadcast_to(r, (e, len(r))))
-            q_t.append(np.broadcast_to(q, (e, len(q))))
-            right.append(np.broadcast_to(s.full_em[:, None], s.loss.shape))
-            wrong.append(np.broadcast_to((s.n - s.full_em)[:, None], s.loss.shape))
-            loss.append(s.loss)
-            gain.append(s.gain)
-            full.append(f)
-        x = np.concatenate(xs)
-        self.w_loss = _fit_logistic(x, np.concatenate(r_t), self.ridge)
-        self.w_gain = _fit_logistic(x, np.concatenate(q_t), self.ridge)
-        self.kappa_loss = _fit_kappa(expit(x @ self.w_loss), np.concatenate(right), np.concatenate(loss))
-        self.kappa_gain = _fit_kappa(expit(x @ self.w_gain), np.concatenate(wrong), np.concatenate(gain))
-        m, v = float(np.mean(full)), float(np.var(full)) + 1e-6  # Beta prior on full EM by moments
+        x = np.concatenate([f.stats.design() for f in families])
+        rates = lambda attr: np.concatenate([np.broadcast_to(getattr(f, attr), f.stats.loss.shape)  # noqa: E731
+                                             for f in families])
+        counts = lambda fn: np.concatenate([fn(f.stats) for f in families])  # noqa: E731
+        self.w_loss = _fit_logistic(x, rates("loss_rate"), self.ridge)
+        self.w_gain = _fit_logistic(x, rates("gain_rate"), self.ridge)
+        right = counts(lambda s: np.broadcast_to(s.full_em[:, None], s.loss.shape))
+        wrong = counts(lambda s: np.broadcast_to((s.n - s.full_em)[:, None], s.loss.shape))
+        self.kappa_loss = _fit_kappa(expit(x @ self.w_loss), right, counts(lambda s: s.loss))
+        self.kappa_gain = _fit_kappa(expit(x @ self.w_gain), wrong, counts(lambda s: s.gain))
+        full = np.array([f.full_em for f in families])
+        m, v = float(full.mean()), float(full.var()) + 1e-6  # Beta prior on full EM by moments
         k = max(m * (1 - m) / v - 1.0, 0.5)
-        self.full_prior = (k * m, k * (1 - m))
+        self.full_prior = [k * m, k * (1 - m)]
         return self
 
     def predicted_drop(self, stats: SupportStats) -> np.ndarray:
@@ -206,19 +232,6 @@ class EmpiricalBayesSelector(MetaSelector):
         a, b = self.full_prior
         p = (a + right) / (a + b + stats.n[:, None])
         return p * r - (1 - p) * q
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ridge": self.ridge, "meta": self.meta, "w_loss": self.w_loss.tolist(),
-                "w_gain": self.w_gain.tolist(), "kappa_loss": self.kappa_loss, "kappa_gain": self.kappa_gain,
-                "full_prior": list(self.full_prior)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> "EmpiricalBayesSelector":
-        super().load_state_dict(state)
-        self.ridge, self.meta = float(state["ridge"]), bool(state["meta"])
-        self.w_loss, self.w_gain = np.asarray(state["w_loss"]), np.asarray(state["w_gain"])
-        self.kappa_loss, self.kappa_gain = float(state["kappa_loss"]), float(state["kappa_gain"])
-        self.full_prior = tuple(float(v) for v in state["full_prior"])
-        return self
 
 
 def _map_design(stats: SupportStats) -> np.ndarray:
@@ -236,22 +249,23 @@ class LearnedMapSelector(MetaSelector):
     """Ridge regression from support statistics to each candidate's query drop (module docstring)."""
 
     name = "meta_map"
+    params = ("delta", "margin", "family_alpha", "ridge")
+    fitted = ("weights", "mean", "scale", "calibration")
 
-    def __init__(self, delta: float = 0.01, margin: float = 0.0, ridge: float = 0.01) -> None:
-        super().__init__(delta, margin)
+    def __init__(self, delta: float = 0.01, margin: float = 0.0, family_alpha: float | None = 0.1,
+                 ridge: float = 0.01) -> None:
+        super().__init__(delta, margin, family_alpha)
         self.ridge = float(ridge)
         self.weights: np.ndarray | None = None
         self.mean: np.ndarray | None = None
         self.scale: np.ndarray | None = None
 
-    def fit(self, families: Sequence[EpisodeSweeps]) -> "LearnedMapSelector":
+    def learn(self, families: Sequence[FamilyEpisodes]) -> "LearnedMapSelector":
         if not families:
             raise ValueError(f"{self.name}: no training families to fit the map on")
-        xs, ys = [], []
-        for sw in families:
-            xs.append(_map_design(SupportStats.from_sums(sw.support_sums())).reshape(-1, _width()))
-            ys.append(sw.query_figures()[0][:, 1:].reshape(-1))
-        x, y = np.concatenate(xs), np.concatenate(ys)
+        xs = [_map_design(f.stats) for f in families]
+        x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs])
+        y = np.concatenate([f.query_drop[:, 1:].reshape(-1) for f in families])
         self.mean, self.scale = x.mean(0), x.std(0) + 1e-9
         self.mean[0], self.scale[0] = 0.0, 1.0
         z = (x - self.mean) / self.scale
@@ -263,27 +277,9 @@ class LearnedMapSelector(MetaSelector):
             raise RuntimeError(f"{self.name}: fit it on the training families' episodes first")
         return ((_map_design(stats) - self.mean) / self.scale) @ self.weights
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ridge": self.ridge,
-                **{k: None if v is None else v.tolist() for k, v in
-                   (("weights", self.weights), ("mean", self.mean), ("scale", self.scale))}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> "LearnedMapSelector":
-        super().load_state_dict(state)
-        self.ridge = float(state["ridge"])
-        self.weights, self.mean, self.scale = (None if state[k] is None else np.asarray(state[k])
-                                               for k in ("weights", "mean", "scale"))
-        return self
-
-
-def _width() -> int:
-    d = 6 + 4  # design without the constant, plus drop, loss, gain, savings
-    return 1 + d + d * (d + 1) // 2
-
 
 META_SELECTORS: dict[str, type[MetaSelector]] = {
-    "support_drop": SupportDrop,
-    "ltt": SupportLTT,
+    "em_target_margin": SupportDrop,
     "meta_eb": EmpiricalBayesSelector,
     "meta_map": LearnedMapSelector,
 }

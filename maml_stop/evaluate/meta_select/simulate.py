@@ -43,7 +43,7 @@ class ProbeRecipe:
     backend: str = "torch_func"
 
     def train(self, traces: Sequence, n_features: int):
-        from maml_stop.evaluate.policies import train_predictor
+        from maml_stop.learn.pooled import train_predictor
         from maml_stop.learn.predictor import PredictorConfig
 
         config = PredictorConfig(n_features=n_features, hidden=self.hidden, depth=self.depth, kind=self.kind)
@@ -73,7 +73,7 @@ def episode_support(traces: Sequence, family: str, k: int, episodes: int, seed: 
 def _sweeps(model, traces: Sequence, family: str, taus: Sequence[float], shots: Sequence[int], episodes: int,
             seed: int) -> dict[int, EpisodeSweeps]:
     """K -> the episode sweeps of ``family`` scored by ``model`` (outcomes computed once for every K)."""
-    from maml_stop.learn.adapter import trace_probabilities
+    from maml_stop.decide.scores import trace_probabilities
 
     out = candidate_outcomes(TraceTable.from_traces(traces, trace_probabilities(model, traces)), taus)
     return {k: EpisodeSweeps(episode_masks(len(traces), episode_support(traces, family, k, episodes, seed)), out)

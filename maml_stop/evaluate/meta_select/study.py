@@ -3,7 +3,7 @@
 For every fold (leave-one-family-out, or grouped folds with ``folds: N``), the held-out families' fixed
 episodes (the protocol's: same sampler, same seed) and the training families' simulated episodes come
 from :func:`~.simulate.nested_sweeps`; every selector of :data:`STUDY_SELECTORS` is fitted on the
-training families only (its margin meta-calibrated there when its entry says so) and applied to each
+training families only (the ``_cal`` ones also meta-calibrate their margin there) and applied to each
 held-out episode's K support shots; the query figures are its outcome. Nothing is tuned on a held-out
 family. Writes ``results.json`` and ``results.md`` (:mod:`.summary`) into ``out``.
 
@@ -22,8 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from maml_stop.decide.meta.calibration import meta_calibrate
-from maml_stop.decide.meta.features import SupportStats
+from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats
 from maml_stop.decide.meta.outcomes import EpisodeSweeps
 from maml_stop.decide.meta.rules import EmpiricalBayesSelector, LearnedMapSelector, MetaSelector, SupportDrop, SupportLTT
 from maml_stop.evaluate.meta_select.simulate import ProbeRecipe, nested_sweeps
@@ -35,25 +34,23 @@ __all__ = ["MetaSelectConfig", "STUDY_SELECTORS", "run", "main"]
 
 @dataclass(frozen=True)
 class StudySelector:
-    """A selector of the study: how to build it, whether it is fitted on the training families, whether
-    its margin is meta-calibrated there, and its twin without meta-training (for the paired comparison)."""
+    """A selector of the study, built from (delta, family_alpha), and its twin without meta-training
+    (fitted on the held-out support alone) for the paired comparison."""
 
-    make: Callable[[float], MetaSelector]
-    meta: bool
-    calibrate: bool
+    make: Callable[[float, float], MetaSelector]
     twin: str
 
 
 STUDY_SELECTORS: dict[str, StudySelector] = {
-    "em_target": StudySelector(lambda d: SupportDrop(d), meta=False, calibrate=False, twin="em_target"),
-    "ltt": StudySelector(lambda d: SupportLTT(d), meta=False, calibrate=False, twin="ltt"),
-    "em_target_cal": StudySelector(lambda d: SupportDrop(d), meta=False, calibrate=True, twin="em_target"),
-    "eb_support_only": StudySelector(lambda d: EmpiricalBayesSelector(d, meta=False), meta=False, calibrate=False,
+    "em_target": StudySelector(lambda d, a: SupportDrop(d, family_alpha=None), twin="em_target"),
+    "ltt": StudySelector(lambda d, a: SupportLTT(d), twin="ltt"),
+    "em_target_cal": StudySelector(lambda d, a: SupportDrop(d, family_alpha=a), twin="em_target"),
+    "eb_support_only": StudySelector(lambda d, a: EmpiricalBayesSelector(d, family_alpha=None, meta=False),
                                      twin="eb_support_only"),
-    "meta_eb": StudySelector(lambda d: EmpiricalBayesSelector(d), meta=True, calibrate=False, twin="eb_support_only"),
-    "meta_eb_cal": StudySelector(lambda d: EmpiricalBayesSelector(d), meta=True, calibrate=True, twin="eb_support_only"),
-    "meta_map": StudySelector(lambda d: LearnedMapSelector(d), meta=True, calibrate=False, twin="em_target"),
-    "meta_map_cal": StudySelector(lambda d: LearnedMapSelector(d), meta=True, calibrate=True, twin="em_target"),
+    "meta_eb": StudySelector(lambda d, a: EmpiricalBayesSelector(d, family_alpha=None), twin="eb_support_only"),
+    "meta_eb_cal": StudySelector(lambda d, a: EmpiricalBayesSelector(d, family_alpha=a), twin="eb_support_only"),
+    "meta_map": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=None), twin="em_target"),
+    "meta_map_cal": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=a), twin="em_target"),
 }
 
 
@@ -73,7 +70,7 @@ class MetaSelectConfig:
     groups: int | None = None  # cross-fitting groups of training families (None: leave one out)
     seed: int = 0
     delta: float = 0.01  # the EM-drop target (1 point)
-    alpha: float = 0.1  # the meta-calibrated margin's miss rate over families
+    alpha: float = 0.1  # the meta-calibrated margin's miss rate over families (the selectors' family_alpha)
     taus: list[float] = field(default_factory=lambda: [0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4,
                                                         0.3, 0.2, 0.1])
     selectors: list[str] = field(default_factory=lambda: list(STUDY_SELECTORS))
@@ -136,20 +133,11 @@ def evaluate_fold(cfg: MetaSelectConfig, held: dict[str, dict[int, EpisodeSweeps
     results: dict = {h: {} for h in held}
     fitted: dict = {}
     for k in cfg.shots:
-        sims = {f: by_k[k] for f, by_k in train.items()}
+        families = {f: FamilyEpisodes.from_sweeps(by_k[k]) for f, by_k in train.items()}
         fitted[str(k)] = {}
         for name in cfg.selectors:
-            spec = STUDY_SELECTORS[name]
-            selector = spec.make(cfg.delta)
-            if spec.meta:
-                selector.fit(list(sims.values()))
-            record: dict[str, Any] = {}
-            if spec.calibrate:
-                calib = meta_calibrate(lambda: spec.make(cfg.delta), sims, cfg.alpha)
-                selector.margin = calib.margin
-                record["calibration"] = calib.to_json()
-            record["state"] = selector.state_dict()
-            fitted[str(k)][name] = record
+            selector = STUDY_SELECTORS[name].make(cfg.delta, cfg.alpha).fit_families(families)
+            fitted[str(k)][name] = selector.state_dict()
             for h, by_k in held.items():
                 stats = SupportStats.from_sums(by_k[k].support_sums())
                 results[h].setdefault(str(k), {})[name] = _figures(by_k[k], selector.decide(stats))
