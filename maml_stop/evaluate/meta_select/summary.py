@@ -143,6 +143,6 @@ def write_summary(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(results)
     results["summary"] = summary
-    (out / "results.json").write_text(json.dumps(_safe(results), indent=1))
+    (out / "results.json").write_text(json.dumps(_safe(results), separators=(",", ":")))
     (out / "results.md").write_text(markdown(results, summary))
     return {"json": out / "results.json", "md": out / "results.md"}
