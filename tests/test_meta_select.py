@@ -273,3 +273,18 @@ def test_meta_selectors_run_by_name_in_evaluate(tiny_corpus, tmp_path):
         params = cell[name]["thresholds"]["meta_map"]["param"]
         assert len(params) == 3
     assert "selector_states" not in cell["full"]
+
+
+@pytest.mark.parametrize("name", ["meta_select", "meta_select_v2"])
+def test_the_committed_report_is_rebuilt_from_its_results(name, tmp_path):
+    """Every figure of experiments/results/<name>/results.md comes from its results.json (bootstrap seeded)."""
+    from pathlib import Path
+
+    from maml_stop.evaluate.meta_select.summary import write_summary
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "results" / name
+    if not (folder / "results.json").is_file():
+        pytest.skip(f"{folder} not committed")
+    results = json.loads((folder / "results.json").read_text())
+    write_summary(results, tmp_path)
+    assert (tmp_path / "results.md").read_text() == (folder / "results.md").read_text()

@@ -123,7 +123,8 @@ def _hindsight(sweeps: EpisodeSweeps, delta: float) -> dict[str, list]:
     drop, savings = sweeps.query_figures()
     ok = drop.mean(0) <= delta + 1e-9
     j = int(np.argmax(np.where(ok, savings.mean(0), -np.inf)))
-    return _figures(sweeps, np.full(drop.shape[0], j))
+    return {**_figures(sweeps, np.full(drop.shape[0], j)), "curve_drop": drop.mean(0).tolist(),
+            "curve_savings": savings.mean(0).tolist()}
 
 
 def evaluate_fold(cfg: MetaSelectConfig, held: dict[str, dict[int, EpisodeSweeps]],

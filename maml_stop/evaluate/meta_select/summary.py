@@ -3,8 +3,8 @@
 Per selector, over the held-out families: mean % saved (mean of the family means), families whose mean
 query EM drop is within delta, % of episodes within, mean and worst-family drop, the violation rate over
 families with its one-sided 95% Clopper-Pearson bound, and a paired bootstrap (episodes resampled within
-each family, the same draws for both) of the difference in mean savings against ``em_target`` and against
-the selector's twin without meta-training.
+each family, the same draws for both) of the difference in mean savings against ``em_target``, against
+the selector's twin without meta-training, and against ``ltt`` (risk control on the support alone).
 
 >>> s = selector_summary({"a": {"16": {"x": {"savings": [0.3, 0.5], "em_drop": [0.0, 0.02]}}}}, "16", "x", 0.01)
 >>> round(s["saved"], 2), s["within"], s["episodes_within"]
@@ -84,6 +84,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 twin = STUDY_SELECTORS[name].twin
                 s["twin"] = twin
                 s["vs_twin"] = paired_bootstrap(per, k, name, twin, cfg["n_resamples"], cfg["seed"])
+                if "ltt" in cfg["selectors"]:  # the risk-controlled selector on the support alone
+                    s["vs_ltt"] = paired_bootstrap(per, k, name, "ltt", cfg["n_resamples"], cfg["seed"])
             out[k][name] = s
     return out
 
@@ -108,22 +110,50 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         n = next(iter(rows.values()))["families"]
         lines += [f"## K = {k}", "",
                   f"| selector | % saved | within (of {n}) | % episodes within | mean drop (pts) | worst family drop (pts) "
-                  "| violation rate [95% upper] | vs em_target (% saved, paired 95%) | vs twin |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| violation rate [95% upper] | vs em_target (% saved, paired 95%) | vs twin | vs ltt |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in rows.items():
             vs = _interval(s["vs_em_target"]) if "vs_em_target" in s else "n/a"
             twin = f"{_interval(s['vs_twin'])} ({s['twin']})" if "vs_twin" in s and s["twin"] != name else "n/a"
             lines.append(f"| {name} | {_pts(s['saved'])} | {s['within']} | {_pts(s['episodes_within'])} | "
                          f"{_pts(s['mean_drop'])} | {_pts(s['worst_drop'])} ({s['worst_family']}) | "
-                         f"{s['violation_rate']:.2f} [{s['violation_bound']:.2f}] | {vs} | {twin} |")
+                         f"{s['violation_rate']:.2f} [{s['violation_bound']:.2f}] | {vs} | {twin} | "
+                         f"{_interval(s['vs_ltt']) if 'vs_ltt' in s and name != 'ltt' else 'n/a'} |")
         names = list(rows)
         lines += ["", f"Per family at K = {k}: % saved / mean drop (pts).", "",
                   "| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for f in results["families"]:
             lines.append(f"| {f} | " + " | ".join(f"{_pts(rows[m]['family_saved'][f])} / {_pts(rows[m]['family_drop'][f])}"
                                                    for m in names) + " |")
-        lines.append("")
+        lines += [""] + _margins(results, k) + _curves(results, k)
     return "\n".join(lines)
+
+
+def _margins(results: dict[str, Any], k: str) -> list[str]:
+    """The margin each fold's meta-calibration chose (pts; inf: never stop early)."""
+    cal = [n for n in results["config"]["selectors"] if n.endswith("_cal")]
+    if not cal:
+        return []
+    lines = [f"Meta-calibrated margins (pts) per fold at K = {k} (held-out families of the fold).", "",
+             "| fold | " + " | ".join(cal) + " |", "|---" * (len(cal) + 1) + "|"]
+    for fold, fitted in results["fitted"].items():
+        cells = [fitted[k][n]["margin"] for n in cal]
+        lines.append(f"| {fold} | " + " | ".join("inf" if m in ("inf", None) or m == math.inf else f"{100 * m:.2f}"
+                                               for m in cells) + " |")
+    return lines + [""]
+
+
+def _curves(results: dict[str, Any], k: str) -> list[str]:
+    """Each held-out family's mean query drop (pts) at every candidate (the curve behind ``hindsight``)."""
+    per = results["results"]
+    if not all("curve_drop" in per[f][k]["hindsight"] for f in results["families"]):
+        return []
+    taus = results["config"]["taus"]
+    lines = [f"Mean query EM drop (pts) per candidate tau at K = {k}.", "",
+             "| family | " + " | ".join(f"{t:g}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
+    for f in results["families"]:
+        lines.append(f"| {f} | " + " | ".join(_pts(d) for d in per[f][k]["hindsight"]["curve_drop"][1:]) + " |")
+    return lines + [""]
 
 
 def _safe(x: Any) -> Any:
