@@ -288,3 +288,35 @@ def test_the_committed_report_is_rebuilt_from_its_results(name, tmp_path):
     results = json.loads((folder / "results.json").read_text())
     write_summary(results, tmp_path)
     assert (tmp_path / "results.md").read_text() == (folder / "results.md").read_text()
+
+
+# -- maml-stop adapt with a fitted selector: the artifact records it, live decides as offline --------
+
+
+@pytest.mark.slow
+def test_adapt_with_an_exported_selector_state(tiny_corpus, tmp_path):
+    from maml_stop.data.corpus import TraceCorpus
+    from maml_stop.decide.policies import ProbePolicy
+    from maml_stop.evaluate.meta_select.study import MetaSelectConfig, export_state
+    from maml_stop.learn.module import load_predictor
+    from maml_stop.live.adapt import AdaptError, adapt, load_adapted, save_adapted
+    from trace_helpers import write_tiny_checkpoint
+
+    cfg = MetaSelectConfig(corpus=tiny_corpus, families=["fam_a", "fam_b"], episodes=4, train_episodes=4,
+                           probe={"depth": 0, "steps": 20}, alpha=0.5)
+    path = tmp_path / "state.json"
+    state = export_state(cfg, "meta_eb_cal", 8, path)
+    assert state["name"] == "meta_eb" and set(state["calibration"]["needed"]) == {"fam_a", "fam_b"}
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    adapted = adapt(ckpt, "fam_c", k=8, corpus=tiny_corpus, selector_state=str(path))
+    assert adapted.meta["threshold_method"] == "meta_eb"
+    assert json.loads(json.dumps(adapted.meta["selector"]))["w_loss"] == state["w_loss"]
+    # the recorded rule, rebuilt, chooses the artifact's threshold from the same support (offline = live)
+    loaded = load_adapted(save_adapted(adapted, tmp_path / "c.pt"))
+    corpus = TraceCorpus.load(tiny_corpus)
+    support = [t for t in corpus.traces("fam_c") if t.trace_id in set(adapted.meta["support_trace_ids"])]
+    _, adapter, _ = load_predictor(ckpt)
+    policy = ProbePolicy(adapter=adapter, selector=selector_from_state(loaded.meta["selector"])).fit(support)
+    assert policy.param == loaded.threshold
+    with pytest.raises(AdaptError, match="selector_state"):
+        adapt(ckpt, "fam_c", k=8, corpus=tiny_corpus, selector_state=str(tmp_path / "missing.json"))

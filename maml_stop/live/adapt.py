@@ -95,11 +95,25 @@ def adapt(
     steps: int | None = None,
     seed: int = 0,
     crossfit: bool = False,
+    selector_state: str | None = None,
 ) -> AdaptedPredictor:
-    """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold."""
+    """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold.
+    ``selector_state``: a JSON file with a fitted selector's state (a meta-learned rule fitted across
+    families, ``maml-stop meta-select --export``), used instead of ``threshold_method``."""
     from maml_stop.learn.module import load_predictor
     from maml_stop.data.episodes import split_support_query
 
+    fitted = None
+    if selector_state is not None:
+        import json
+
+        from maml_stop.decide.registry import selector_from_state
+
+        try:
+            fitted = selector_from_state(json.loads(Path(selector_state).read_text()))
+        except (OSError, ValueError) as err:
+            raise AdaptError(f"--selector_state {selector_state}: not a selector state ({err})") from err
+        threshold_method = fitted.name
     if threshold_method not in SELECTORS:
         raise AdaptError(f"unknown threshold method {threshold_method!r}; valid methods: {', '.join(SELECTORS)}")
     if k < 1:
@@ -127,7 +141,7 @@ def adapt(
     else:
         support, heldout = split_support_query(pool, k, None, np.random.default_rng(seed), family=family)
     steps = steps if steps is not None else (ckpt_meta.get("hyper_parameters") or {}).get("eval_inner_steps")
-    selector = make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
+    selector = fitted if fitted is not None else make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
     policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), default_tau=tau, adapt_steps=steps,
                          crossfit=crossfit, seed=seed, name="maml")
     policy.fit(support)
@@ -179,6 +193,8 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the K-question draw")
     p.add_argument("--crossfit", type=bool, default=False,
                    help="choose the threshold on out-of-sample support scores (adapt on one half, score the other)")
+    p.add_argument("--selector_state", type=str | None, default=None,
+                   help="JSON state of a fitted selector (maml-stop meta-select --export); replaces --threshold_method")
     p.add_argument("--out", type=str, required=True, help="where to write the adapted predictor (.pt)")
     return p
 
@@ -194,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.family, args.k, corpus=args.corpus, traces=args.traces, meta=args.meta,
             threshold_method=args.threshold_method, delta=args.delta, alpha=args.alpha, tau=args.tau,
             taus=args.taus, steps=args.steps, seed=args.seed, crossfit=args.crossfit,
+            selector_state=args.selector_state,
         )
     except (AdaptError, store.CorpusError, CheckpointError, FileNotFoundError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)

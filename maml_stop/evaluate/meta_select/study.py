@@ -8,6 +8,7 @@ held-out episode's K support shots; the query figures are its outcome. Nothing i
 family. Writes ``results.json`` and ``results.md`` (:mod:`.summary`) into ``out``.
 
     maml-stop meta-select --config experiments/meta_select.yaml
+    maml-stop meta-select --config experiments/meta_select.yaml --export em_target_cal 16 runs/em_target_cal.json
 """
 
 from __future__ import annotations
@@ -177,11 +178,37 @@ def run(cfg: MetaSelectConfig) -> dict[str, Any]:
     return results
 
 
+def export_state(cfg: MetaSelectConfig, selector: str, k: int, path: str | Path) -> dict[str, Any]:
+    """Fit ``selector`` at K = ``k`` on every study family (nothing held out: a deployment's selector for a
+    new family) and write its state as JSON, for ``maml-stop adapt --selector_state``."""
+    import torch
+
+    from maml_stop.data.corpus import TraceCorpus
+
+    if selector not in STUDY_SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; valid: {', '.join(STUDY_SELECTORS)}")
+    torch.set_num_threads(1)
+    corpus = TraceCorpus.load(cfg.corpus, min_probes=cfg.min_probes)
+    families = list(cfg.families or (json.loads(Path(cfg.families_file).read_text())["kept"] if cfg.families_file
+                                     else corpus.families))
+    by_family = {f: corpus.traces(f) for f in families}
+    _, sims = nested_sweeps(by_family, [], families, cfg.probe, cfg.taus, [k], cfg.episodes, cfg.train_episodes,
+                            cfg.seed, cfg.groups)
+    fitted = STUDY_SELECTORS[selector].make(cfg.delta, cfg.alpha).fit_families(
+        {f: FamilyEpisodes.from_sweeps(by_k[k]) for f, by_k in sims.items()})
+    state = fitted.state_dict()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(state, indent=1, default=str))
+    return state
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a YAML of MetaSelectConfig settings")
     parser.add_argument("--report_only", default=None, help="rebuild results.md from this results.json")
     parser.add_argument("--out", default=None, help="override the config's out")
+    parser.add_argument("--export", nargs=3, metavar=("SELECTOR", "K", "STATE_JSON"), default=None,
+                        help="fit SELECTOR at K on every family and write its state (for maml-stop adapt --selector_state)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.report_only:
@@ -193,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.config:
         parser.error("--config is required (or --report_only)")
     cfg = MetaSelectConfig.from_yaml(args.config)
+    if args.export:
+        name, k, path = args.export
+        export_state(cfg, name, int(k), path)
+        return 0
     if args.out:
         cfg.out = args.out
     run(cfg)
