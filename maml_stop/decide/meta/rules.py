@@ -59,7 +59,7 @@ class MetaSelector(StopSelector):
 
     name = "meta"
     params: tuple[str, ...] = ("delta", "margin", "family_alpha")
-    fitted: tuple[str, ...] = ()  # names of the fitted attributes recorded by state_dict
+    fitted: tuple[str, ...] = ("calibration",)  # the fitted attributes state_dict records (the margin's, too)
 
     def __init__(self, delta: float = 0.01, margin: float = 0.0, family_alpha: float | None = None) -> None:
         if not 0.0 <= delta < 1.0:
@@ -143,6 +143,7 @@ class SupportLTT(MetaSelector):
 
     name = "ltt_batched"
     params = ("delta", "alpha")
+    fitted = ()
 
     def __init__(self, delta: float = 0.01, alpha: float = 0.1) -> None:
         super().__init__(delta)

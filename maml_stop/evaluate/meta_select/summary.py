@@ -134,13 +134,22 @@ def _margins(results: dict[str, Any], k: str) -> list[str]:
     cal = [n for n in results["config"]["selectors"] if n.endswith("_cal")]
     if not cal:
         return []
-    lines = [f"Meta-calibrated margins (pts) per fold at K = {k} (held-out families of the fold).", "",
+    lines = [f"Meta-calibrated margins (pts) per fold at K = {k} (held-out families of the fold), and the "
+             "training family that needed the largest margin (where the state recorded it).", "",
              "| fold | " + " | ".join(cal) + " |", "|---" * (len(cal) + 1) + "|"]
     for fold, fitted in results["fitted"].items():
-        cells = [fitted[k][n]["margin"] for n in cal]
-        lines.append(f"| {fold} | " + " | ".join("inf" if m in ("inf", None) or m == math.inf else f"{100 * m:.2f}"
-                                               for m in cells) + " |")
+        cells = []
+        for n in cal:
+            m, needed = fitted[k][n]["margin"], (fitted[k][n].get("calibration") or {}).get("needed")
+            worst = f" ({max(needed, key=lambda f: _margin_value(needed[f]))})" if needed else ""
+            cells.append(("inf" if _margin_value(m) == math.inf else f"{100 * _margin_value(m):.2f}") + worst)
+        lines.append(f"| {fold} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _margin_value(m: Any) -> float:
+    """A margin as written to results.json (+inf as "inf") back to a float."""
+    return math.inf if m in ("inf", None) else float(m)
 
 
 def _curves(results: dict[str, Any], k: str) -> list[str]:
