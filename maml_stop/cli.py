@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("maml_stop.learn.cli", "validate a checkpoint (LightningCLI)"),
     "test": ("maml_stop.learn.cli", "test a checkpoint (LightningCLI)"),
     "evaluate": ("maml_stop.evaluate.command", "leave-one-family-out EM/token evaluation with every baseline"),
+    "meta-select": ("maml_stop.evaluate.meta_select.study", "meta-learned threshold selectors on held-out families (nested simulation)"),
     "tune": ("maml_stop.learn.tune", "Optuna (TPE) over the model hyperparameters on the validation families; best trial as a fit YAML"),
     "compare": ("maml_stop.evaluate.compare", "A/B comparison of two methods on the same episodes (paired bootstrap)"),
     "adapt": ("maml_stop.live.adapt", "adapt a meta-trained predictor to a new family from K labelled traces"),

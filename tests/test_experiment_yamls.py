@@ -36,6 +36,8 @@ def _kind(path: Path) -> str:
         return "benchmark"  # experiments/benchmark.py (the one benchmark suite)
     if "algorithms" in cfg and "counts" in cfg:
         return "meta study"  # experiments/meta_study.py (issue 11: grouped folds, meta-training family counts)
+    if "selectors" in cfg or {"alpha", "train_episodes"} <= set(cfg):
+        return "meta select"  # maml-stop meta-select (issue 25: maml_stop/evaluate/meta_select)
     from dataclasses import fields
 
     from maml_stop.evaluate.config import EvaluateConfig
@@ -78,6 +80,12 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         assert ns.episodes >= 50 and ns.delta == 0.01
         base = _parser().parse_args(args[:-2])
         assert ns.out != base.out, f"{path.name} writes into the folder of the configs it overrides"
+    elif kind == "meta select":
+        from maml_stop.evaluate.meta_select.study import MetaSelectConfig
+
+        cfg = MetaSelectConfig.from_yaml(path)
+        assert cfg.delta == 0.01 and 16 in cfg.shots and cfg.episodes >= 20 and 0 < cfg.alpha < 1  # issue 25
+        assert f"maml-stop meta-select --config experiments/{path.name}" in path.read_text()
     elif kind == "pilot":
         from experiment_scripts import load_script
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from maml_stop.decide.meta.rules import META_SELECTORS
 from maml_stop.decide.selector import StopSelector
 from maml_stop.decide.thresholds import BackoffEMTarget, CostThreshold, EMTargetThreshold, FixedThreshold, LTTThreshold
 
@@ -25,6 +26,7 @@ SELECTORS: dict[str, type[StopSelector]] = {
     "ltt": LTTThreshold,
     "cost": CostThreshold,
     "em_target_backoff": BackoffEMTarget,  # back-off 0 until fitted on source families (maml_stop.evaluate.backoff)
+    **META_SELECTORS,  # meta-learned (issue 25): em_target_margin, meta_eb, meta_map; fitted across families
 }
 
 

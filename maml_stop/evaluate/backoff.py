@@ -36,7 +36,7 @@ from maml_stop.decide.policies import ThresholdedPolicy, sweep_policy
 from maml_stop.decide.selector import SelectorEpisode
 from maml_stop.decide.thresholds import BackoffEMTarget, backoff_table, choose_backoff
 
-__all__ = ["BackoffCalibration", "calibrate_backoff"]
+__all__ = ["BackoffCalibration", "calibrate_backoff", "simulate_episodes"]
 
 
 @dataclass
@@ -53,6 +53,28 @@ class BackoffCalibration:
     def to_json(self) -> dict[str, Any]:
         return {"backoff": self.backoff, "families": list(self.families), "episodes": self.episodes,
                 "drop": self.drop.tolist(), "savings": self.savings.tolist()}
+
+
+def simulate_episodes(
+    policy: ThresholdedPolicy,
+    by_family: Mapping[str, Sequence[Trace]],
+    k: int,
+    episodes: int,
+    query: int | None,
+    seed: int,
+    progress: bool = False,
+    what: str = "simulating",
+) -> list[SelectorEpisode]:
+    """``policy`` fitted on ``episodes`` fixed K-shot episodes of every family of ``by_family`` and scored
+    on each query: what a selector that learns across families is fitted on (:meth:`StopSelector.fit`)."""
+    sampler = EpisodeSampler({f: list(ts) for f, ts in by_family.items()}, k=k, q=query, seed=seed)
+    simulated: list[SelectorEpisode] = []
+    for family in by_family:
+        eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
+        for ep in tqdm(eps, desc=f"{what} {policy.name} on {family} K={k}", disable=not progress, leave=False):
+            policy.fit(ep.support)
+            simulated.append(SelectorEpisode(family, policy.support_sweep, sweep_policy(policy, ep.query)))
+    return simulated
 
 
 def calibrate_backoff(
@@ -75,12 +97,6 @@ def calibrate_backoff(
     if episodes < 1:
         raise ValueError(f"backoff_episodes must be at least 1; got {episodes}")
     selector = BackoffEMTarget(delta)
-    sampler = EpisodeSampler({f: list(ts) for f, ts in by_family.items()}, k=k, q=query, seed=seed)
-    simulated: list[SelectorEpisode] = []
-    for family in by_family:
-        eps = sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query)
-        for ep in tqdm(eps, desc=f"back-off {policy.name} on {family} K={k}", disable=not progress, leave=False):
-            policy.fit(ep.support)
-            simulated.append(SelectorEpisode(family, policy.support_sweep, sweep_policy(policy, ep.query)))
+    simulated = simulate_episodes(policy, by_family, k, episodes, query, seed, progress, what="back-off")
     families, drop, savings = backoff_table(selector, policy.candidates, simulated)
     return BackoffCalibration(families, episodes, drop, savings, choose_backoff(drop, delta))

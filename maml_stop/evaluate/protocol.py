@@ -309,17 +309,47 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
+    learned = _fit_across_families(cfg, fold, fold_source, policies, selectors)
     log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
     collected: dict[str, list] = {m: [] for m in calibration}
-    method_selectors = {key: {**selectors, "em_target_backoff": BackoffEMTarget(cfg.delta, c.backoff)}
-                        for key, c in backoffs.items()}
+    method_selectors = {key: {**selectors, **learned.get(key, {}),
+                              **({"em_target_backoff": BackoffEMTarget(cfg.delta, backoffs[key].backoff)}
+                                 if key in backoffs else {})}
+                        for key in {**backoffs, **learned}}
     family_results = evaluate_family(
         family, traces, policies, selectors, cfg.k, cfg.episodes, cfg.seed, cfg.query, cfg.delta,
         cfg.calibration_bins, cfg.progress, collected, method_selectors, cfg.batch_max_steps,
     )
     for (name, k), c in backoffs.items():
         family_results[str(k)][name]["backoff"] = c.to_json()
+    for (name, k), fitted in learned.items():
+        family_results[str(k)][name]["selector_states"] = {s: sel.state_dict() for s, sel in fitted.items()}
     return family_results, collected
+
+
+def _fit_across_families(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
+                         selectors: Mapping[str, StopSelector]) -> dict[tuple[str, int], dict[str, StopSelector]]:
+    """(method, K) -> the meta-learned selectors asked for (:data:`~maml_stop.decide.meta.rules.META_SELECTORS`),
+    each fitted on ``backoff_episodes`` simulated episodes of every source family of the fold. The
+    source families were in the fold's training (pooled, maml), so this is the deployment road, not the
+    nested simulation: ``maml-stop meta-select`` scores each family by a probe that never trained on it."""
+    import copy
+
+    from maml_stop.decide.meta.rules import META_SELECTORS
+    from maml_stop.evaluate.backoff import simulate_episodes
+
+    wanted = [s for s in selectors if s in META_SELECTORS]
+    if not wanted:
+        return {}
+    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
+    out: dict[tuple[str, int], dict[str, StopSelector]] = {}
+    for name, policy in policies.items():
+        if isinstance(policy, ThresholdedPolicy):
+            for k in cfg.k:
+                episodes = simulate_episodes(policy, by_family, k, cfg.backoff_episodes, cfg.query, cfg.seed,
+                                             cfg.progress, what="meta-selectors")
+                out[name, k] = {s: copy.deepcopy(selectors[s]).fit(policy.candidates, episodes) for s in wanted}
+    return out
 
 
 def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],

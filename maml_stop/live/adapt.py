@@ -23,6 +23,7 @@ figures are printed and stored in the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from maml_stop.data.accounting import savings
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.decide.policies import ProbePolicy, evaluate_policy
-from maml_stop.decide.registry import SELECTORS, make_selector
+from maml_stop.decide.registry import SELECTORS, make_selector, selector_from_state
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.learn.predictor import fresh_copy
 from maml_stop.data.datamodule import select_features
@@ -96,8 +97,18 @@ def adapt(
     steps: int | None = None,
     seed: int = 0,
     crossfit: bool = False,
+    selector_state: str | None = None,
 ) -> AdaptedPredictor:
-    """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold."""
+    """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold.
+    ``selector_state``: a JSON file with a fitted selector's state (a meta-learned rule fitted across
+    families, ``maml-stop meta-select --export``), used instead of ``threshold_method``."""
+    fitted = None
+    if selector_state is not None:
+        try:
+            fitted = selector_from_state(json.loads(Path(selector_state).read_text()))
+        except (OSError, ValueError) as err:
+            raise AdaptError(f"--selector_state {selector_state}: not a selector state ({err})") from err
+        threshold_method = fitted.name
     if threshold_method not in SELECTORS:
         raise AdaptError(f"unknown threshold method {threshold_method!r}; valid methods: {', '.join(SELECTORS)}")
     if k < 1:
@@ -125,7 +136,7 @@ def adapt(
     else:
         support, heldout = split_support_query(pool, k, None, np.random.default_rng(seed), family=family)
     steps = steps if steps is not None else (ckpt_meta.get("hyper_parameters") or {}).get("eval_inner_steps")
-    selector = make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
+    selector = fitted if fitted is not None else make_selector(threshold_method, delta=delta, alpha=alpha, value=tau)
     policy = ProbePolicy(adapter=adapter, selector=selector, taus=list(taus), tau=tau, adapt_steps=steps,
                          crossfit=crossfit, seed=seed, name="maml")
     policy.fit(support)
@@ -177,6 +188,8 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the K-question draw")
     p.add_argument("--crossfit", type=bool, default=False,
                    help="choose the threshold on out-of-sample support scores (adapt on one half, score the other)")
+    p.add_argument("--selector_state", type=str | None, default=None,
+                   help="JSON state of a fitted selector (maml-stop meta-select --export); replaces --threshold_method")
     p.add_argument("--out", type=str, required=True, help="where to write the adapted predictor (.pt)")
     return p
 
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.family, args.k, corpus=args.corpus, traces=args.traces, meta=args.meta,
             threshold_method=args.threshold_method, delta=args.delta, alpha=args.alpha, tau=args.tau,
             taus=args.taus, steps=args.steps, seed=args.seed, crossfit=args.crossfit,
+            selector_state=args.selector_state,
         )
     except (AdaptError, store.CorpusError, CheckpointError, FileNotFoundError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)
