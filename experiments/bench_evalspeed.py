@@ -9,7 +9,7 @@ probability summaries (Brier, ECE) differ by float order only (the largest relat
 reported). The pooled probe is trained once before (its time is reported apart: once per fold).
 
 The projection of a committed report: its evaluate configs parsed as ``maml-stop evaluate`` reads them;
-``episodes x len(shots) x families x`` the measured seconds per episode of its methods (each method's own
+``episodes x len(k) x families x`` the measured seconds per episode of its methods (each method's own
 rate at the measured K, summed) plus, per fold, the pooled probe's training when pooled or finetuned is
 listed. Meta-training folds (``train_config``) is not included: it is ``maml-stop fit``'s time.
 """
@@ -37,7 +37,7 @@ class ReportSettings:
 @dataclass
 class EvalSpeedSettings:
     family: str = "gcd"  # the held-out family timed
-    shots: list[int] = field(default_factory=lambda: [16])
+    k: list[int] = field(default_factory=lambda: [16])
     episodes: int = 10  # per K and path
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))  # timed alone and together
     configs: list[str] = field(default_factory=lambda: ["experiments/evaluate.yaml"])  # the other settings
@@ -74,7 +74,7 @@ def _timed(fn) -> tuple[Any, float, float]:
 def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     """Both paths on ``s.family`` of ``corpus`` with the meta-trained ``adapter``; see the module docstring."""
     from maml_stop.data.fastpath import fast_path
-    from maml_stop.evaluate.config import parse_config
+    from maml_stop.evaluate.command import parse_config
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.evaluate.protocol import _selectors, _json_safe, evaluate_family
     from maml_stop.learn.pooled import train_predictor
@@ -90,11 +90,11 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
         [t for f in sources for t in corpus.traces(f)], config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
         backend=cfg.backend))
     selectors = _selectors(cfg)
-    n = s.episodes * len(s.shots)
+    n = s.episodes * len(s.k)
 
     def run(methods: list[str]) -> tuple[dict, float, float]:
         policies = build_policies(cfg, methods, adapter, pooled, config, loss, feature_names=corpus.feature_names)
-        return _timed(lambda: evaluate_family(s.family, traces, policies, selectors, s.shots, s.episodes, cfg.seed,
+        return _timed(lambda: evaluate_family(s.family, traces, policies, selectors, s.k, s.episodes, cfg.seed,
                                               cfg.query, cfg.delta, cfg.calibration_bins, progress=False,
                                               batch_max_steps=cfg.batch_max_steps))
 
@@ -115,7 +115,7 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     for r in [*rows.values(), together]:
         r["speedup"] = r["reference"]["wall_s"] / r["fast"]["wall_s"]
         r["cpu_speedup"] = r["reference"]["cpu_s"] / r["fast"]["cpu_s"]
-    out = {"family": s.family, "shots": list(s.shots), "episodes": s.episodes, "episodes_timed": n,
+    out = {"family": s.family, "k": list(s.k), "episodes": s.episodes, "episodes_timed": n,
            "traces": len(traces), "predictor": described, "crossfit": cfg.crossfit,
            "pooled_training_s": {"wall": pooled_wall, "cpu": pooled_cpu, "steps": cfg.pooled_steps},
            "methods": rows, "together": together,
@@ -128,17 +128,17 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
 
 def project(report: ReportSettings, measured: dict) -> dict:
     """Projected evaluation minutes of a report on both paths (see the module docstring)."""
-    from maml_stop.evaluate.config import parse_config
+    from maml_stop.evaluate.command import parse_config
 
     cfg = parse_config([a for c in report.configs for a in ("--config", c)])
     families = len(cfg.families) if cfg.families else report.families
     missing = [m for m in cfg.methods if m not in measured["methods"]]
     if families is None:
         return {"error": "the configs list no families and the benchmark settings give none"}
-    episodes = cfg.episodes * len(cfg.shots) * families
+    episodes = cfg.episodes * len(cfg.k) * families
     pooled = (measured["pooled_training_s"]["wall"] * families if {"pooled", "finetuned"} & set(cfg.methods) else 0.0)
     n = measured["episodes_timed"]
-    out = {"configs": report.configs, "families": families, "shots": list(cfg.shots), "episodes": cfg.episodes,
+    out = {"configs": report.configs, "families": families, "k": list(cfg.k), "episodes": cfg.episodes,
            "methods": list(cfg.methods), "not_measured": missing, "pooled_training_min": pooled / 60}
     for path in ("reference", "fast"):
         per_episode = sum(measured["methods"][m][path]["wall_s"] / n for m in cfg.methods if m in measured["methods"])
@@ -149,7 +149,7 @@ def project(report: ReportSettings, measured: dict) -> dict:
 def markdown(r: dict) -> list[str]:
     """The section's tables."""
     lines = ["## Evaluation: reference path against fast path (issue 26)", "",
-             f"{r['episodes']} episodes per K in {r['shots']} of {r['family']} ({r['traces']} traces), "
+             f"{r['episodes']} episodes per K in {r['k']} of {r['family']} ({r['traces']} traces), "
              f"cross-fitting {'on' if r['crossfit'] else 'off'}, {r['predictor']}; pooled probe trained once "
              f"({r['pooled_training_s']['steps']} steps: {r['pooled_training_s']['wall']:.1f} s wall, "
              f"{r['pooled_training_s']['cpu']:.1f} s CPU, not in the rates below). One thread.", "",
@@ -175,7 +175,7 @@ def markdown(r: dict) -> list[str]:
                 lines.append(f"| {name} | {p['error']} | | | |")
                 continue
             note = f" ({len(p['not_measured'])} not measured: {', '.join(p['not_measured'])})" if p["not_measured"] else ""
-            lines.append(f"| {name} | {p['families']} x {len(p['shots'])} x {p['episodes']} | {len(p['methods'])}{note} "
+            lines.append(f"| {name} | {p['families']} x {len(p['k'])} x {p['episodes']} | {len(p['methods'])}{note} "
                          f"| {p['reference_min']:.1f} | {p['fast_min']:.1f} |")
         lines.append("")
     return lines

@@ -10,7 +10,7 @@ import pytest
 
 from maml_stop.decide import outcomes as V
 from maml_stop.decide.policies import AnswerConsistency, evaluate_policy, sweep_policy
-from maml_stop.evaluate.config import main
+from maml_stop.evaluate.command import main
 from trace_helpers import write_tiny_checkpoint
 
 ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml",
