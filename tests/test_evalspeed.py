@@ -19,7 +19,7 @@ ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "
 
 def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
     code = main([
-        "--corpus", tiny_corpus, "--checkpoint", ckpt, "--out", str(out), "--shots", "[4, 8]",
+        "--corpus", tiny_corpus, "--checkpoint", ckpt, "--out", str(out), "--k", "[4, 8]",
         "--episodes", "3", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
         "--progress", "false", "--threshold_methods", "[em_target, ltt, fixed, cost]", "--ltt_delta", "0.1",
         "--crossfit", "true", "--methods", json.dumps(ALL), "--batched", str(batched).lower(),

@@ -286,7 +286,9 @@ def test_the_committed_report_is_rebuilt_from_its_results(name, tmp_path):
     if not (folder / "results.json").is_file():
         pytest.skip(f"{folder} not committed")
     results = json.loads((folder / "results.json").read_text())
-    write_summary(results, tmp_path)
+    from maml_stop.evaluate.meta_select.study import TWINS
+
+    write_summary(results, tmp_path, TWINS)
     assert (tmp_path / "results.md").read_text() == (folder / "results.md").read_text()
 
 

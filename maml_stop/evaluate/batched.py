@@ -32,6 +32,7 @@ from maml_stop.data.corpus import Trace
 from maml_stop.decide.policies import ProbePolicy
 from maml_stop.decide.scores import crossfit_halves, trace_probabilities
 from maml_stop.learn.func_backend import with_parameters
+from maml_stop.learn.adapter import InnerLoopAdapter
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ def batchable(policy: object, max_steps: int = 20) -> bool:
     fast path on. Longer adaptations run per episode: the batched sums' last-bit differences grow with
     the steps (measured on the bundled corpus, a probe from scratch: 6e-8 in the weights after 20 steps at
     lr 0.5, 3e-4 after 100, enough to move a chosen threshold; experiments/benchmark.py counts them)."""
-    from maml_stop.learn.adapter import InnerLoopAdapter
 
     if not fastpath.enabled() or type(policy) is not ProbePolicy or policy.adapter is None:
         return False

@@ -52,6 +52,9 @@ from maml_stop.evaluate.folds import data_settings, resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.predictor import PredictorConfig
+from maml_stop.decide.outcomes import vectorised
+from maml_stop.decide.meta.rules import META_SELECTORS
+from maml_stop.evaluate.backoff import simulate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +207,6 @@ def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the protocol; write results.json, results.md and the plots; return the results."""
-    from maml_stop.decide.outcomes import vectorised
 
     with vectorised(cfg.batched):
         return _run(cfg)
@@ -335,8 +337,6 @@ def _fit_across_families(cfg: EvaluateConfig, fold, source: TraceCorpus, policie
     nested simulation: ``maml-stop meta-select`` scores each family by a probe that never trained on it."""
     import copy
 
-    from maml_stop.decide.meta.rules import META_SELECTORS
-    from maml_stop.evaluate.backoff import simulate_episodes
 
     wanted = [s for s in selectors if s in META_SELECTORS]
     if not wanted:

@@ -32,6 +32,7 @@ from maml_stop.serve.dashboard import PAGE
 from maml_stop.serve.metrics import CONTENT_TYPE, render
 from maml_stop.serve.service import Service
 from maml_stop.serve.store import DuplicateFeedback
+from tasks.base import Question
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,6 @@ def create_app(service: Service) -> FastAPI:
             if service.store.has_feedback(body.request_id):
                 raise _Refused(409, f"request {body.request_id} already has feedback; a request takes one")
             if body.gold is not None:
-                from tasks.base import Question
 
                 q = Question(body.request_id, service.family.name, "live", req["prompt"], body.gold)
                 em, source = bool(service.family.score(req["answer"], q)), "gold"

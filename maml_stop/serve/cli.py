@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from maml_stop.serve.config import ServeConfig
+from maml_stop.serve.app import create_app
+from maml_stop.serve.service import Service, ServeError
 
 __all__ = ["main", "parse_config"]
 
@@ -21,7 +24,6 @@ log = logging.getLogger(__name__)
 def _parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from maml_stop.serve.config import ServeConfig
 
     p = ArgumentParser(prog="maml-stop serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile)
@@ -31,7 +33,6 @@ def _parser():
 
 def parse_config(argv: list[str]):
     """The :class:`ServeConfig` of a command line (and its ``--config`` YAML)."""
-    from maml_stop.serve.config import ServeConfig
 
     p = _parser()
     ns = p.instantiate_classes(p.parse_args(argv))
@@ -49,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from maml_stop.serve.app import create_app
-        from maml_stop.serve.service import Service, ServeError
     except ImportError as err:
         print(f"maml-stop serve: {err}; install the serve extra: pip install -e '.[serve]'", file=sys.stderr)
         return 2

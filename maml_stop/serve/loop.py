@@ -36,6 +36,7 @@ from maml_stop.data.corpus import Trace
 from maml_stop.live.rule import replay
 from maml_stop.online import DropMonitor, OnlineConfig, OnlineStopper, SequentialAB, feedback_trace, reward
 from maml_stop.serve.config import ServeConfig
+from tasks.base import Question
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ def labelled(trace: Trace, final_answer: str | None, gold: str | None, correct: 
     """The feedback run labelled by a gold answer (probe EM by the family's checker), or by a judgement of
     its final answer: right makes the final answer the gold one; wrong labels every probe 0 (no credit
     for what it cannot check) with ``final_em`` 0."""
-    from tasks.base import Question
 
     if gold is None and not correct:
         return dataclasses.replace(trace, labels=np.zeros_like(trace.labels), final_em=False)

@@ -21,6 +21,11 @@ from maml_stop.serve.batching import Job, ModelWorker
 from maml_stop.serve.config import ServeConfig
 from maml_stop.serve.loop import Arm, OnlineLoop
 from maml_stop.serve.store import Store
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.datamodule import select_features
+from maml_stop.learn.module import load_predictor
+from tasks.base import Question, question_id, split_of
+from maml_stop.harvest.model import load_model
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,6 @@ def _arm(name: str, path: str, parts: dict[str, Any], config: ServeConfig, famil
     if parts["mode"] != "every":
         raise ServeError(f"online re-adaptation decides as live mode 'every'; artifact {path} runs in mode "
                          f"{parts['mode']!r}: serve it without --corpus (frozen, monitored)")
-    from maml_stop.data.corpus import TraceCorpus
-    from maml_stop.data.datamodule import select_features
-    from maml_stop.learn.module import load_predictor
 
     checkpoint = config.checkpoint or adapted.meta.get("checkpoint")
     if not checkpoint:
@@ -71,7 +73,6 @@ class Service:
     def __init__(self, config: ServeConfig, model=None, tokenizer=None) -> None:
         self.config = config
         if model is None:
-            from maml_stop.harvest.model import load_model
 
             model, tokenizer = load_model(config.model, config.dtype, device=config.device)
         self.model, self.tokenizer = model, tokenizer
@@ -149,6 +150,5 @@ def _parts(config: ServeConfig, path: str, model, tokenizer) -> dict[str, Any]:
 
 
 def _question(family, text: str):
-    from tasks.base import Question, question_id, split_of
 
     return Question(question_id(family.name, text), family.name, split_of(text), text, "")

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from maml_stop.decide.meta.features import FamilyEpisodes
-
-if TYPE_CHECKING:  # pragma: no cover
-    from maml_stop.decide.meta.rules import MetaSelector
 
 __all__ = ["MARGINS", "MarginCalibration", "conformal_margin", "needed_margin", "meta_calibrate"]
 
@@ -49,7 +46,7 @@ def conformal_margin(needed: np.ndarray, alpha: float) -> float:
     return float(needed[rank - 1]) if rank <= len(needed) else math.inf
 
 
-def needed_margin(selector: "MetaSelector", family: FamilyEpisodes, margins: Sequence[float] = MARGINS) -> float:
+def needed_margin(selector: Any, family: FamilyEpisodes, margins: Sequence[float] = MARGINS) -> float:
     """The smallest grid margin from which on ``family``'s mean query drop at the selector's choices stays
     within its ``delta`` (+inf: not even the largest grid margin keeps it)."""
     drop = family.query_drop  # (E, J + 1)
@@ -80,12 +77,12 @@ class MarginCalibration:
 
 
 def meta_calibrate(
-    make: Callable[[], "MetaSelector"],
+    make: Callable[[], Any],
     families: Mapping[str, FamilyEpisodes],
     alpha: float,
     margins: Sequence[float] = MARGINS,
 ) -> MarginCalibration:
-    """Leave each training family out, fit ``make()`` (:meth:`MetaSelector.learn`, no margin) on the rest,
+    """Leave each training family out, fit ``make()`` (:meth:`Any.learn`, no margin) on the rest,
     take its needed margin; the margin is their conformal quantile (:func:`conformal_margin`)."""
     if len(families) < 2:
         raise ValueError(f"meta-calibration needs at least 2 training families; got {sorted(families)}")

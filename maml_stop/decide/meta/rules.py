@@ -31,8 +31,10 @@ import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 from scipy.special import betaln, expit
 
+from maml_stop.decide.meta.calibration import meta_calibrate
 from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats, by_family
 from maml_stop.decide.selector import SelectorEpisode, StopSelector, check_inputs
 
@@ -80,7 +82,6 @@ class MetaSelector(StopSelector):
         """:meth:`learn` on every family, then, with ``family_alpha``, the conformal margin over them."""
         self.learn(list(families.values()))
         if self.family_alpha is not None:
-            from maml_stop.decide.meta.calibration import meta_calibrate
 
             calib = meta_calibrate(lambda: type(self)(**self._settings()), families, self.family_alpha)
             self.margin = calib.margin
@@ -155,7 +156,6 @@ class SupportLTT(MetaSelector):
         return self
 
     def decide(self, stats: SupportStats, margin: float | None = None) -> np.ndarray:
-        from scipy import stats as scipy_stats
 
         n = np.broadcast_to(stats.n[:, None], stats.loss.shape)
         p = scipy_stats.binom.cdf(np.rint(stats.loss), n, self.delta)  # (E, J)

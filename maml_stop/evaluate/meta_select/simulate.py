@@ -23,6 +23,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maml_stop.decide.meta.outcomes import EpisodeSweeps, TraceTable, candidate_outcomes, episode_masks
+from maml_stop.data.episodes import EpisodeSampler
+from maml_stop.decide.scores import trace_probabilities
+from maml_stop.learn.pooled import train_predictor
+from maml_stop.learn.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ class ProbeRecipe:
     backend: str = "torch_func"
 
     def train(self, traces: Sequence, n_features: int):
-        from maml_stop.learn.pooled import train_predictor
-        from maml_stop.learn.predictor import PredictorConfig
 
         config = PredictorConfig(n_features=n_features, hidden=self.hidden, depth=self.depth, kind=self.kind)
         return train_predictor(traces, config, self.steps, self.lr, self.loss, seed=self.seed, backend=self.backend)
@@ -62,7 +64,6 @@ def family_groups_for(families: Sequence[str], groups: int | None) -> list[list[
 
 def episode_support(traces: Sequence, family: str, k: int, episodes: int, seed: int) -> list[list[int]]:
     """Indices (into ``traces``) of the support set of each of the protocol's fixed episodes."""
-    from maml_stop.data.episodes import EpisodeSampler
 
     index = {t.trace_id: i for i, t in enumerate(traces)}
     sampler = EpisodeSampler({family: list(traces)}, k=k, q=None, seed=seed)
@@ -73,7 +74,6 @@ def episode_support(traces: Sequence, family: str, k: int, episodes: int, seed: 
 def _sweeps(model, traces: Sequence, family: str, taus: Sequence[float], shots: Sequence[int], episodes: int,
             seed: int) -> dict[int, EpisodeSweeps]:
     """K -> the episode sweeps of ``family`` scored by ``model`` (outcomes computed once for every K)."""
-    from maml_stop.decide.scores import trace_probabilities
 
     out = candidate_outcomes(TraceTable.from_traces(traces, trace_probabilities(model, traces)), taus)
     return {k: EpisodeSweeps(episode_masks(len(traces), episode_support(traces, family, k, episodes, seed)), out)

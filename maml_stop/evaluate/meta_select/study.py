@@ -27,6 +27,9 @@ from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats
 from maml_stop.decide.meta.outcomes import EpisodeSweeps
 from maml_stop.decide.meta.rules import EmpiricalBayesSelector, LearnedMapSelector, MetaSelector, SupportDrop, SupportLTT
 from maml_stop.evaluate.meta_select.simulate import ProbeRecipe, nested_sweeps
+from maml_stop.evaluate.grouped_folds import grouped_folds
+from maml_stop.data.corpus import TraceCorpus
+from maml_stop.evaluate.meta_select.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ STUDY_SELECTORS: dict[str, StudySelector] = {
     "meta_map": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=None), twin="em_target"),
     "meta_map_cal": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=a), twin="em_target"),
 }
+TWINS: dict[str, str] = {name: s.twin for name, s in STUDY_SELECTORS.items()}  # for the summary
 
 
 @dataclass
@@ -105,7 +109,6 @@ def _folds(cfg: MetaSelectConfig, families: list[str]) -> list[tuple[list[str], 
     """(held-out families, training families) per fold."""
     if cfg.folds is None:
         return [([h], [f for f in families if f != h]) for h in families]
-    from maml_stop.evaluate.grouped_folds import grouped_folds
 
     return [(list(f.test), [x for x in families if x not in set(f.test)])
             for f in grouped_folds(families, n_folds=cfg.folds, n_val=cfg.val_families, seed=cfg.seed)]
@@ -152,8 +155,6 @@ def run(cfg: MetaSelectConfig) -> dict[str, Any]:
     """Run the study; write results.json and results.md into ``cfg.out``; return the results."""
     import torch
 
-    from maml_stop.data.corpus import TraceCorpus
-    from maml_stop.evaluate.meta_select.summary import write_summary
 
     torch.set_num_threads(1)
     started = time.time()
@@ -174,7 +175,7 @@ def run(cfg: MetaSelectConfig) -> dict[str, Any]:
         results["fitted"][",".join(heldout)] = fitted
         log.info("fold %d/%s (%s) done after %.0f s", i + 1, cfg.folds or len(families), heldout, time.time() - started)
     results["seconds"] = round(time.time() - started, 1)
-    write_summary(results, cfg.out)
+    write_summary(results, cfg.out, TWINS)
     return results
 
 
@@ -183,7 +184,6 @@ def export_state(cfg: MetaSelectConfig, selector: str, k: int, path: str | Path)
     new family) and write its state as JSON, for ``maml-stop adapt --selector_state``."""
     import torch
 
-    from maml_stop.data.corpus import TraceCorpus
 
     if selector not in STUDY_SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; valid: {', '.join(STUDY_SELECTORS)}")
@@ -212,10 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.report_only:
-        from maml_stop.evaluate.meta_select.summary import write_summary
 
         results = json.loads(Path(args.report_only).read_text())
-        write_summary(results, args.out or Path(args.report_only).parent)
+        write_summary(results, args.out or Path(args.report_only).parent, TWINS)
         return 0
     if not args.config:
         parser.error("--config is required (or --report_only)")

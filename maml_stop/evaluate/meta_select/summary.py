@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -68,9 +68,9 @@ def paired_bootstrap(results: dict, k: str, a: str, b: str, n_resamples: int, se
     return {"diff": float(np.mean([d.mean() for d in diffs])), "lo": float(lo), "hi": float(hi)}
 
 
-def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """K -> selector -> figures, with the two paired comparisons."""
-    from maml_stop.evaluate.meta_select.study import STUDY_SELECTORS
+def summarise(results: dict[str, Any], twins: Mapping[str, str]) -> dict[str, Any]:
+    """K -> selector -> figures, with the two paired comparisons; ``twins``: each study selector's twin
+    fitted on the held-out support alone (the study's ``STUDY_SELECTORS``)."""
 
     cfg = results["config"]
     per = results["results"]
@@ -79,9 +79,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out[k] = {}
         for name in list(cfg["selectors"]) + ["hindsight"]:
             s = selector_summary(per, k, name, cfg["delta"])
-            if name in STUDY_SELECTORS:
+            if name in twins:
                 s["vs_em_target"] = paired_bootstrap(per, k, name, "em_target", cfg["n_resamples"], cfg["seed"])
-                twin = STUDY_SELECTORS[name].twin
+                twin = twins[name]
                 s["twin"] = twin
                 s["vs_twin"] = paired_bootstrap(per, k, name, twin, cfg["n_resamples"], cfg["seed"])
                 if "ltt" in cfg["selectors"]:  # the risk-controlled selector on the support alone
@@ -177,10 +177,10 @@ def _safe(x: Any) -> Any:
     return x
 
 
-def write_summary(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
+def write_summary(results: dict[str, Any], out: str | Path, twins: Mapping[str, str]) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(results)
+    summary = summarise(results, twins)
     results["summary"] = summary
     (out / "results.json").write_text(json.dumps(_safe(results), separators=(",", ":")))
     (out / "results.md").write_text(markdown(results, summary))
