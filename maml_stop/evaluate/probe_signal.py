@@ -30,6 +30,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from maml_stop.data import accounting
 from maml_stop.data.corpus import Trace
+from maml_stop.decide.rule import NEVER, first_hits
 from maml_stop.evaluate.metrics.calibration import expected_calibration_error
 from maml_stop.evaluate.metrics.curve import savings_at_em_drop
 
@@ -239,11 +240,11 @@ def first_hit_curve(traces: Sequence[Trace], scores: Sequence[np.ndarray], taus:
         else:
             at_probe = np.asarray(t.positions, dtype=np.int64) + np.asarray(t.probe_tokens, dtype=np.int64)
             at_end = accounting.stop_cost(t, None, ran=[])[0]
-        hit = np.asarray(s)[None, :] >= taus[:, None]  # (taus, probes)
-        fired = hit.any(1)
-        first = hit.argmax(1)
-        tokens[i] = np.where(fired, at_probe[first], at_end)
-        em[i] = np.where(fired, np.asarray(t.labels)[first] > 0.5, float(t.final_em))
+        first = first_hits(np.asarray(s), taus)  # (taus,): the one first-hit rule, NEVER where none reaches tau
+        fired = first != NEVER
+        at = np.where(fired, first, 0)
+        tokens[i] = np.where(fired, at_probe[at], at_end)
+        em[i] = np.where(fired, np.asarray(t.labels)[at] > 0.5, float(t.final_em))
     return em, tokens
 
 

@@ -87,23 +87,25 @@ def run(cfg: PilotConfig) -> dict:
                                   "final_em": float(np.mean([t.final_em for t in r.traces])),
                                   "probe_em": float(r.labels("correct").mean()),
                                   "oracle_equal_em_savings": oracle_savings(r.traces)}
+    labels = {(f, target): r.labels(target) for f, r in rows.items() for target in TARGETS}
     jobs = [(v, p) for v in cfg.views for p in (v.probes or cfg.probes)]
     for view, pname in tqdm(jobs, desc="pilot", unit="fit"):
         fit = cfg.probes[pname]
         paid = view.paid(costs, names if view.stored else scalar_names)
         key = f"{view.name} | {pname}"
         cell: dict = {"view": asdict(view), "probe": pname, "paid": paid, "families": {}}
+        raw = {f: rows[f].raw(view, scalar_cols) for f in cfg.families}  # built once per view, not per fold
         for held in cfg.families:
             train = [f for f in cfg.families if f != held]
-            x_train = np.concatenate([rows[f].raw(view, scalar_cols) for f in train])
+            x_train = np.concatenate([raw[f] for f in train])
             reduce = reducer(view, x_train, seed=cfg.seed)
-            z_train, z_held = reduce(x_train), reduce(rows[held].raw(view, scalar_cols))
+            z_train, z_held = reduce(x_train), reduce(raw[held])
             fam: dict = {}
             for target in TARGETS:
-                y = np.concatenate([rows[f].labels(target) for f in train])
+                y = np.concatenate([labels[f, target] for f in train])
                 score = fit_probe(z_train, y, fit)
                 s = score(z_held)
-                fam[target] = discrimination(s, rows[held].labels(target))
+                fam[target] = discrimination(s, labels[held, target])
                 if target == "correct":
                     r = rows[held]
                     per_trace = [s[r.row_trace == i][np.argsort(r.row_probe[r.row_trace == i])] for i in range(len(r.traces))]
