@@ -49,16 +49,18 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return migrate_results(json.loads(Path(path).read_text()))
 
 
-def json_safe(x: Any) -> Any:
-    """``x`` with NaN and inf as None and NumPy scalars as Python numbers (strict JSON)."""
+def json_safe(x: Any, inf_as_text: bool = False) -> Any:
+    """``x`` with NaN as None, inf as None (``inf_as_text``: ``"inf"`` / ``"-inf"``, for figures where an
+    infinite value means something, such as a margin that admits nothing) and NumPy scalars as Python
+    numbers (strict JSON)."""
     if isinstance(x, float) and not math.isfinite(x):
-        return None
+        return "inf" if inf_as_text and x > 0 else "-inf" if inf_as_text and x < 0 else None
     if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v, inf_as_text) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
+        return [json_safe(v, inf_as_text) for v in x]
     if isinstance(x, (np.floating, np.integer)):
-        return json_safe(x.item())
+        return json_safe(x.item(), inf_as_text)
     return x
 
 

@@ -14,13 +14,13 @@ the selector's twin without meta-training, and against ``ltt`` (risk control on 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from maml_stop.evaluate.report.stats import clopper_pearson_upper
+from maml_stop.evaluate.results_file import json_safe
 
 __all__ = ["selector_summary", "paired_bootstrap", "summarise", "write_summary"]
 
@@ -165,23 +165,11 @@ def _curves(results: dict[str, Any], k: str) -> list[str]:
     return lines + [""]
 
 
-def _safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _safe(x.item())
-    return x
-
-
 def write_summary(results: dict[str, Any], out: str | Path, twins: Mapping[str, str]) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(results, twins)
     results["summary"] = summary
-    (out / "results.json").write_text(json.dumps(_safe(results), separators=(",", ":")))
+    (out / "results.json").write_text(json.dumps(json_safe(results, inf_as_text=True), separators=(",", ":")))
     (out / "results.md").write_text(markdown(results, summary))
     return {"json": out / "results.json", "md": out / "results.md"}
