@@ -14,6 +14,7 @@ the selector's twin without meta-training, and against ``ltt`` (risk control on 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
