@@ -29,7 +29,7 @@ import maml_stop
 from maml_stop.data import store
 from maml_stop.probe.features import ProbeFeaturizer
 from maml_stop.probe.engine import ProbingGenerator, TraceResult
-from maml_stop.probe.labels import final_answer
+from maml_stop.probe.labels import CAP_ANSWERS, final_answer
 from maml_stop.harvest.model import load_model, model_identity, resolve_device
 from maml_stop.probe.schedule import ProbeSchedule
 from maml_stop.probe.think import check_think_trigger, count_think_tokens, think_schedule
@@ -50,7 +50,8 @@ def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
     ``reasoning_tokens``)."""
     text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
     final = final_answer(family, text, result.hit_cap, [p.reason for p in result.probes],
-                         [p.answer for p in result.probes], cap_answer)
+                         [p.answer for p in result.probes], cap_answer,
+                         [p.position for p in result.probes], len(result.generated_ids))
     width = len(result.features[0]) if result.features else 0
     think = {}
     if reasoning_format == "think":
@@ -195,6 +196,7 @@ def harvest(
     mid_layer: int | None = None,
     probe_at_start: bool = False,
     probe_at_cap: bool = False,
+    cap_answer: str | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     family_args: dict[str, dict[str, Any]] | None = None,
@@ -223,6 +225,10 @@ def harvest(
         probe_at_start: also force an answer at position 0, before any reasoning.
         probe_at_cap: also force an answer at the token cap of a trace that reaches it; that answer is
             then the trace's ``final_answer`` (``meta.json``: ``generation.cap_answer = "forced"``).
+        cap_answer: the answer of a capped trace, ``text`` (read from the truncated text) or ``forced`` (the
+            probe at the cap: the last probe with reason ``cap`` or at the cap position); None follows
+            ``probe_at_cap``. ``forced`` without ``probe_at_cap`` is what a corpus rescored with
+            ``maml-stop rescore --cap_answer forced`` records, so that its harvest resumes with this option.
         worker, num_workers: harvest only part ``worker`` of ``num_workers`` disjoint parts of every
             family's question order (every ``num_workers``-th question, from the ``worker``-th), so that
             several processes or machines harvest one corpus into one folder: each worker tags its
@@ -292,6 +298,9 @@ def harvest(
                              max_probes=max_probes, align=align, at_start=probe_at_start, at_cap=probe_at_cap)
     schedule = think_schedule(schedule, reasoning_format)  # think: no probes after the model's own </think>
     schedule.check_fires_within(max_new_tokens)
+    cap_answer = cap_answer if cap_answer is not None else ("forced" if probe_at_cap else "text")
+    if cap_answer not in CAP_ANSWERS:
+        raise ValueError(f"unknown cap_answer {cap_answer!r}; valid: {', '.join(CAP_ANSWERS)}")
 
     # questions first: a bad family or too few questions fails before the model loads
     todo: dict[str, list] = {}
@@ -326,7 +335,7 @@ def harvest(
                    **({"reasoning_format": reasoning_format} if reasoning_format != "plain" else {})},
         "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
                        "do_sample": do_sample, "temperature": temperature, "seed": seed,
-                       **({"cap_answer": "forced"} if probe_at_cap else {})},
+                       **({"cap_answer": "forced"} if cap_answer == "forced" else {})},
         "order": {"n_per_family": n_per_family, "seed": seed, "split_fractions": SPLIT_FRACTIONS},
         "families": sorted(f.name for f in fams.values()),
         "family_settings": {f.name: _family_settings(f) for f in fams.values()},
@@ -365,7 +374,7 @@ def harvest(
                     batch = order[b : b + batch_size]
                     results = gen.run([prompts[q.id] for q in batch], fam.extract_probe_answer)
                     for q, r in zip(batch, results):
-                        row = trace_row(fam, q, r, tok, model, "forced" if probe_at_cap else "text", reasoning_format)
+                        row = trace_row(fam, q, r, tok, model, cap_answer, reasoning_format)
                         rows.append(row)
                         tokens += row["reasoning_tokens"] + sum(row["probe_tokens"])
                         s = stats[name]
