@@ -75,7 +75,7 @@ def test_a_trace_stored_twice_is_an_error(tmp_path, model_dir):
     path = store.shard_paths(out)[0]
     rows = pq.read_table(path).to_pylist()
     store.rewrite_shard(path.with_name(path.stem.split("-")[0] + "-00099.parquet"), rows[:1])
-    with pytest.raises(store.CorpusError, match="repeats 1 trace id"):
+    with pytest.raises(store.CorpusError, match="1 trace id\(s\) more than once"):
         store.stored_trace_ids(out)
 
 

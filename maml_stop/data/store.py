@@ -130,17 +130,37 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the old file's when it exists, else 0o666 less the umask
+    (``mkstemp`` alone gives 0600, and other users could not read a corpus, issue 29)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder, synced, then
-    ``os.replace`` (the one atomic writer of the project: shards, meta.json, the study's records)."""
+    ``os.replace`` (the one atomic writer of the project: shards, meta.json, artifacts, the study's records).
+    A failed write (a full disk) leaves the previous file at ``path`` as it was and raises an OSError
+    naming ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise type(err)(err.errno, f"could not write {path}: {err.strerror or err}; "
+                        "the previous file there, if any, is unchanged") from err
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -208,16 +228,14 @@ def read_table(root: str | Path, families: Iterable[str] | None = None) -> pa.Ta
         raise CorpusError(f"corpus {root} has no trace shards under {SHARD_DIR}/")
     tables = []
     for p in paths:
-        try:
-            t = pq.read_table(p)
-        except Exception as err:  # pyarrow raises several types for damaged files
-            raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
+        t = read_shard(p)
         names = t.schema.names
         if names[:len(TRACE_COLUMNS)] != TRACE_COLUMNS or names[len(TRACE_COLUMNS):] != \
                 [c for c in OPTIONAL_COLUMNS if c in names[len(TRACE_COLUMNS):]]:
             raise CorpusError(f"shard {p} has columns {names}, expected {TRACE_COLUMNS} "
                               f"(then optionally {OPTIONAL_COLUMNS})")
         tables.append(t)
+    refuse_duplicates(root, {p: t.column("trace_id").to_pylist() for p, t in zip(paths, tables)})
     schema = _schema_with(c for t in tables for c in t.schema.names)
     filled = []
     for t in tables:  # a shard without an optional column another shard has: null there
@@ -236,22 +254,53 @@ def load_dataset(root: str | Path, families: Iterable[str] | None = None):
     return datasets.Dataset(read_table(root, families))
 
 
+def duplicate_trace_ids(ids_by_shard: dict[Path, list[str]]) -> dict[str, list[Path]]:
+    """trace id -> the shards storing it (a shard once per copy), for every id stored more than once.
+
+    >>> duplicate_trace_ids({Path("a"): ["x#0", "y#0"], Path("b"): ["y#0", "z#0", "z#0"]})
+    {'y#0': [PosixPath('a'), PosixPath('b')], 'z#0': [PosixPath('b'), PosixPath('b')]}
+    """
+    where: dict[str, list[Path]] = {}
+    for path, ids in ids_by_shard.items():
+        for i in ids:
+            where.setdefault(i, []).append(path)
+    return {i: ps for i, ps in sorted(where.items()) if len(ps) > 1}
+
+
+def refuse_duplicates(root: str | Path, ids_by_shard: dict[Path, list[str]]) -> None:
+    """Raise CorpusError naming the trace ids stored more than once and their shards (such a trace would
+    count twice in every figure), with the command that keeps one copy of each (issue 29)."""
+    twice = duplicate_trace_ids(ids_by_shard)
+    if twice:
+        shown = "; ".join(f"{i} in {', '.join(str(p) for p in ps)}" for i, ps in list(twice.items())[:5])
+        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
+        raise CorpusError(f"corpus {root} stores {len(twice)} trace id(s) more than once: {shown}{more}. "
+                          f"Keep one copy of each with: maml-stop harvest --repair --out {root}")
+
+
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard (or some of its columns). A shard this process may not read is reported as such (it may
+    be whole: deleting it would lose good traces); a damaged one as corrupt, to delete and re-harvest."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except PermissionError as err:
+        raise CorpusError(f"cannot read trace shard {path}: permission denied ({err}). The shard itself may be "
+                          "fine: give this user read access to it (do not delete it).") from err
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise CorpusError(f"corrupt trace shard {path}: {err}. Delete it and resume the harvest.") from err
+
+
+def shard_trace_ids(path: Path) -> list[str]:
+    """The trace ids of one shard, in row order (a CorpusError naming the shard when it cannot be read)."""
+    return read_shard(path, ["trace_id"]).column("trace_id").to_pylist()
+
+
 def stored_trace_ids(root: str | Path) -> set[str]:
     """trace ids already stored (for resuming a harvest). A trace id stored twice is an error: the
     corpus would count that trace twice."""
-    ids: set[str] = set()
-    for p in shard_paths(root):
-        try:
-            found = pq.read_table(p, columns=["trace_id"]).column("trace_id").to_pylist()
-        except Exception as err:
-            raise CorpusError(f"corrupt trace shard {p}: {err}. Delete it and resume the harvest.") from err
-        seen: set[str] = set()
-        twice = {i for i in found if i in ids or i in seen or seen.add(i)}
-        if twice:
-            raise CorpusError(f"trace shard {p} repeats {len(twice)} trace id(s) stored before, e.g. "
-                              f"{sorted(twice)[:3]}: the corpus holds them twice")
-        ids.update(found)
-    return ids
+    ids_by_shard = {p: shard_trace_ids(p) for p in shard_paths(root)}
+    refuse_duplicates(root, ids_by_shard)
+    return {i for ids in ids_by_shard.values() for i in ids}
 
 
 def verify_stored(root: str | Path, trace_ids: Iterable[str]) -> None:

@@ -16,8 +16,10 @@ wrote reads back exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import random
-from contextlib import contextmanager
+from fractions import Fraction
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,10 @@ import torch
 
 import maml_stop
 from maml_stop.data import store
+from maml_stop.data.lock import corpus_lock
+from maml_stop.data.outputs import remove_stale_temp
+from maml_stop.harvest.interrupt import StopRequest
+from maml_stop.harvest.resume import check_meta, check_stored_in_order, meta_lock
 from maml_stop.probe.features import ProbeFeaturizer
 from maml_stop.probe.engine import ProbingGenerator, TraceResult
 from maml_stop.probe.labels import CAP_ANSWERS, final_answer
@@ -39,8 +45,6 @@ from tasks.base import check_reasoning_format, think_trigger
 log = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
-# metadata keys that must agree between a stored corpus and a resumed harvest
-_MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation", "order")
 
 
 def trace_row(family, question, result: TraceResult, tokenizer, model_name: str,
@@ -96,69 +100,21 @@ def _family_settings(family) -> dict[str, Any]:
     return out
 
 
-def _check_meta(out: Path, meta: dict[str, Any]) -> None:
-    if not (out / store.META_FILE).is_file():
-        store.write_meta(out, meta)
-        return
-    old = store.read_meta(out)
-    stored = {p.parent.name for p in store.shard_paths(out)}  # families with traces, plus this run's
+def split_counts(n: int) -> dict[str, int]:
+    """``n`` questions over the splits of :data:`SPLIT_FRACTIONS`, summing to exactly ``n`` (largest
+    remainder, ties to the earlier split). Where rounding each split alone sums to ``n`` (300, 160, 96,
+    every recipe in experiments/) the counts are the rounded ones; elsewhere rounding lost or added one
+    (issue 29: 12 -> 11, 8 -> 9).
 
-    def refuse(key: str, was: Any, now: Any) -> None:
-        raise store.CorpusError(
-            f"corpus {out} was harvested with a different {key!r}:\n  stored: {was}\n  now:    {now}\n"
-            "Use a new --out folder, or the stored settings to resume (a resumed harvest must not mix recipes)."
-        )
-
-    for key in _MUST_MATCH:
-        if key not in old and key == "order":  # written before the key was recorded: record it now
-            log.warning("corpus %s does not record its question order; recording %s", out, meta[key])
-            continue
-        if old.get(key) != meta.get(key):
-            refuse(key, old.get(key), meta.get(key))
-    if old.get("model", {}).get("dtype") != meta["model"]["dtype"]:
-        refuse("model.dtype", old.get("model", {}).get("dtype"), meta["model"]["dtype"])
-    was_device = old.get("model", {}).get("device", "cpu")  # an execution setting, not part of the recipe
-    if was_device != meta["model"].get("device", "cpu"):
-        log.warning("corpus %s was harvested on device %s, this run uses %s: greedy traces may differ in rare "
-                    "near-ties (kernels differ); meta.json records the latest device", out, was_device,
-                    meta["model"].get("device"))
-    for name, settings in meta.get("family_settings", {}).items():
-        was = old.get("family_settings", {}).get(name)
-        if name in stored and was is not None and was != settings:
-            refuse(f"family_settings.{name}", was, settings)
-    merged = {**old, **{k: v for k, v in meta.items() if k not in _MUST_MATCH or k not in old}}
-    merged["families"] = sorted(stored | set(meta["families"]))
-    merged["family_settings"] = {**old.get("family_settings", {}), **meta.get("family_settings", {})}
-    store.write_meta(out, merged)
-
-
-@contextmanager
-def _meta_lock(out: Path):
-    """An exclusive lock on ``out/.meta.lock`` (POSIX ``flock``) around the read-check-write of
-    ``meta.json``, so that workers starting together neither lose nor mix each other's metadata."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".meta.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _check_stored_in_order(done: set[str], orders: dict[str, set[str]]) -> None:
-    """Refuse to extend a family whose stored traces are not all in its question order: its questions
-    changed since they were stored (a generator whose output depends on the process, e.g. on
-    PYTHONHASHSEED, or another reasoning-gym version), and a resume would mix two question sets."""
-    for name, order in orders.items():
-        stray = sorted(t for t in done if store.question_id_of(t).split("/", 1)[0] == name and t not in order)
-        if stray:
-            raise ValueError(
-                f"family {name!r}: {len(stray)} stored traces are not in its question order now (e.g. {stray[0]}): "
-                "its questions changed since they were stored (a question generator that depends on the process "
-                "or the reasoning-gym version). Refusing to mix two question sets: delete the family's shards "
-                "or harvest it into another folder.")
+    >>> split_counts(12), split_counts(300)
+    ({'train': 9, 'validation': 1, 'test': 2}, {'train': 210, 'validation': 30, 'test': 60})
+    """
+    exact = {s: n * Fraction(str(f)) for s, f in SPLIT_FRACTIONS.items()}  # 0.7 * 12 is 8.39999... in floats
+    counts = {s: int(v) for s, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda s: -(exact[s] - counts[s]))  # stable: ties keep split order
+    for s in by_remainder[:n - sum(counts.values())]:
+        counts[s] += 1
+    return counts
 
 
 def harvest_order(family, name: str, n_per_family: int, seed: int) -> list:
@@ -166,8 +122,8 @@ def harvest_order(family, name: str, n_per_family: int, seed: int) -> list:
     its train/validation/test pools, interleaved by a seeded shuffle (so that a harvest stopped early
     has some of each split)."""
     qs = []
-    for split, frac in SPLIT_FRACTIONS.items():
-        qs += family.questions(split, int(round(n_per_family * frac)), seed=seed)
+    for split, count in split_counts(n_per_family).items():
+        qs += family.questions(split, count, seed=seed)
     random.Random(f"{seed}/{name}").shuffle(qs)
     return qs
 
@@ -261,6 +217,9 @@ def harvest(
     if not (isinstance(num_workers, int) and num_workers >= 1 and isinstance(worker, int) and 0 <= worker < num_workers):
         raise ValueError(f"worker must be in 0..num_workers-1 and num_workers >= 1; got worker={worker!r}, "
                          f"num_workers={num_workers!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0 (1.0 samples from the model's distribution); "
+                         f"got {temperature!r}")
     resolve_device(device)  # a bad device string, or CUDA on a machine without it, fails before anything loads
     check_reasoning_format(reasoning_format)
     if reasoning_format == "think":
@@ -313,105 +272,124 @@ def harvest(
         qs = qs if max_per_family is None else qs[:max_per_family]
         todo[name] = qs[worker::num_workers]  # worker i of n: every n-th question of the order, from i
 
-    lm, tok = load_model(model, dtype=dtype, device=device)
-    featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed, summary=hidden_summary,
-                                 mid_layer=mid_layer)
-    gen = ProbingGenerator(lm, tok, schedule, answer_trigger=answer_trigger, featurizer=featurizer,
-                           max_new_tokens=max_new_tokens, answer_max_tokens=answer_max_tokens,
-                           do_sample=do_sample, temperature=temperature, seed=seed)
-    has_template = bool(getattr(tok, "chat_template", None))
-    if not has_template:
-        log.warning("the tokenizer has no chat template: prompts use the plain 'Question: ... Answer:' format")
-    first = next(iter(fams.values()))
-    meta = {
-        "model": {"spec": model, "dtype": dtype, "chat_template": has_template, "device": device},
-        "model_weights": model_identity(model, hash_weights=hash_weights),
-        "schedule": schedule.to_dict(),
-        "features": featurizer.config(),
-        "feature_names": featurizer.feature_names,
-        "feature_costs": featurizer.feature_costs,
-        "prompt": {"instruction": first.instruction, "system": first.system_prompt, "answer_trigger": answer_trigger,
-                   "trigger_ids": gen.trigger_ids, "trigger_roundtrip": gen.trigger_roundtrip,
-                   **({"reasoning_format": reasoning_format} if reasoning_format != "plain" else {})},
-        "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
-                       "do_sample": do_sample, "temperature": temperature, "seed": seed,
-                       **({"cap_answer": "forced"} if cap_answer == "forced" else {})},
-        "order": {"n_per_family": n_per_family, "seed": seed, "split_fractions": SPLIT_FRACTIONS},
-        "families": sorted(f.name for f in fams.values()),
-        "family_settings": {f.name: _family_settings(f) for f in fams.values()},
-        "code_version": maml_stop.__version__,
-        "split_fractions": SPLIT_FRACTIONS,
-    }
-    with _meta_lock(out_path):  # several workers may start at once on one folder
-        _check_meta(out_path, meta)
+    # the writer's lock for the whole harvest: a second process writing into --out refuses here, at once,
+    # before the model loads
+    with corpus_lock(out_path, worker if num_workers > 1 else None, num_workers):
+        if num_workers == 1:  # alone in the folder: temporary files of a killed writer are stale
+            remove_stale_temp(out_path)
+        lm, tok = load_model(model, dtype=dtype, device=device)
+        featurizer = ProbeFeaturizer(lm.config.hidden_size, proj_dim=proj_dim, proj_seed=proj_seed,
+                                     summary=hidden_summary, mid_layer=mid_layer)
+        gen = ProbingGenerator(lm, tok, schedule, answer_trigger=answer_trigger, featurizer=featurizer,
+                               max_new_tokens=max_new_tokens, answer_max_tokens=answer_max_tokens,
+                               do_sample=do_sample, temperature=temperature, seed=seed)
+        has_template = bool(getattr(tok, "chat_template", None))
+        if not has_template:
+            log.warning("the tokenizer has no chat template: prompts use the plain 'Question: ... Answer:' format")
+        first = next(iter(fams.values()))
+        meta = {
+            "model": {"spec": model, "dtype": dtype, "chat_template": has_template, "device": device},
+            "model_weights": model_identity(model, hash_weights=hash_weights),
+            "schedule": schedule.to_dict(),
+            "features": featurizer.config(),
+            "feature_names": featurizer.feature_names,
+            "feature_costs": featurizer.feature_costs,
+            "prompt": {"instruction": first.instruction, "system": first.system_prompt,
+                       "answer_trigger": answer_trigger,
+                       "trigger_ids": gen.trigger_ids, "trigger_roundtrip": gen.trigger_roundtrip,
+                       **({"reasoning_format": reasoning_format} if reasoning_format != "plain" else {})},
+            "generation": {"max_new_tokens": max_new_tokens, "answer_max_tokens": answer_max_tokens,
+                           "do_sample": do_sample, "temperature": temperature, "seed": seed,
+                           **({"cap_answer": "forced"} if cap_answer == "forced" else {})},
+            "order": {"n_per_family": n_per_family, "seed": seed, "split_fractions": SPLIT_FRACTIONS},
+            "families": sorted(f.name for f in fams.values()),
+            "family_settings": {f.name: _family_settings(f) for f in fams.values()},
+            "code_version": maml_stop.__version__,
+            "split_fractions": SPLIT_FRACTIONS,
+        }
+        with meta_lock(out_path):  # several workers may start at once on one folder
+            check_meta(out_path, meta)
 
-    done = store.stored_trace_ids(out_path)
-    _check_stored_in_order(done, orders)
-    pending = {n: [q for q in qs if store.make_trace_id(q.id) not in done] for n, qs in todo.items()}
-    # resume with the families that have the fewest traces, so restarts do not starve the last ones
-    fams = dict(sorted(fams.items(), key=lambda kv: len(todo[kv[0]]) - len(pending[kv[0]])))
-    total = sum(len(v) for v in pending.values())
-    log.info("harvest: %d traces to do, %d already stored", total, len(done))
+        done = store.stored_trace_ids(out_path)
+        check_stored_in_order(done, orders)
+        pending = {n: [q for q in qs if store.make_trace_id(q.id) not in done] for n, qs in todo.items()}
+        # resume with the families that have the fewest traces, so restarts do not starve the last ones
+        fams = dict(sorted(fams.items(), key=lambda kv: len(todo[kv[0]]) - len(pending[kv[0]])))
+        total = sum(len(v) for v in pending.values())
+        log.info("harvest: %d traces to do, %d already stored", total, len(done))
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    stats = {n: [0, 0, 0] for n in fams}  # traces, final EM, hit cap
-    shard_tag = f"w{worker}of{num_workers}" if num_workers > 1 else ""
-    written: list[str] = []  # trace ids this run stored, verified readable at the end
-    tokens, shards, t0 = 0, 0, time.time()
-    bar = tqdm(total=total, desc="harvest", unit="trace", dynamic_ncols=True)
-    try:
-        while any(pending.values()) and (max_shards is None or shards < max_shards):
-            for name in list(fams):
-                if not pending[name] or (max_shards is not None and shards >= max_shards):
-                    continue
-                fam, chunk = fams[name], pending[name][:shard_size]
-                prompts = {q.id: fam.render_prompt(q, tok, reasoning_format) for q in chunk}
-                # similar prompt lengths in a batch waste less compute on padding
-                order = sorted(chunk, key=lambda q: len(tok(prompts[q.id], add_special_tokens=False)["input_ids"]))
-                rows = []
-                for b in range(0, len(order), batch_size):
-                    batch = order[b : b + batch_size]
-                    results = gen.run([prompts[q.id] for q in batch], fam.extract_probe_answer)
-                    for q, r in zip(batch, results):
-                        row = trace_row(fam, q, r, tok, model, cap_answer, reasoning_format)
-                        rows.append(row)
-                        tokens += row["reasoning_tokens"] + sum(row["probe_tokens"])
-                        s = stats[name]
-                        s[0] += 1
-                        s[1] += row["final_em"]
-                        s[2] += row["hit_cap"]
-                    bar.update(len(batch))
-                    dt = time.time() - t0
-                    bar.set_postfix(fam=name, traces_s=f"{bar.n / dt:.2f}", tok_s=f"{tokens / dt:.0f}")
-                split_rows: dict[str, list] = {}
-                for row in rows:
-                    split_rows.setdefault(row["split"], []).append(row)
-                for split, srows in split_rows.items():
-                    store.write_shard(out_path, fam.name, split, srows, worker=shard_tag)
-                    written += [r["trace_id"] for r in srows]
-                shards += 1
-                pending[name] = pending[name][len(chunk):]
-                s = stats[name]
-                log.info("%s: %d traces this run, final EM %.2f, hit cap %d", name, s[0], s[1] / max(s[0], 1), s[2])
-    finally:
-        bar.close()
-    store.verify_stored(out_path, written)
-    dt = time.time() - t0
-    return {
-        "traces": int(bar.n),
-        "seconds": dt,
-        "traces_per_s": bar.n / dt if dt else 0.0,
-        "tokens_per_s": tokens / dt if dt else 0.0,
-        "per_family": {n: {"traces": s[0], "final_em": s[1] / max(s[0], 1), "hit_cap": s[2]} for n, s in stats.items()},
-        "remaining": sum(len(v) for v in pending.values()),
-    }
+        stats = {n: [0, 0, 0] for n in fams}  # registry name -> traces, final EM, hit cap
+        shard_tag = f"w{worker}of{num_workers}" if num_workers > 1 else ""
+        written: list[str] = []  # trace ids this run stored, verified readable at the end
+        tokens, shards, t0 = 0, 0, time.time()
+        bar = tqdm(total=total, desc="harvest", unit="trace", dynamic_ncols=True)
+        stop = StopRequest.on_sigint()  # Ctrl-C: the shard in progress is written, then the run ends
+        try:
+            while any(pending.values()) and (max_shards is None or shards < max_shards) and not stop.requested:
+                for name in list(fams):
+                    if not pending[name] or (max_shards is not None and shards >= max_shards) or stop.requested:
+                        continue
+                    fam, chunk = fams[name], pending[name][:shard_size]
+                    prompts = {q.id: fam.render_prompt(q, tok, reasoning_format) for q in chunk}
+                    # similar prompt lengths in a batch waste less compute on padding
+                    order = sorted(chunk, key=lambda q: len(tok(prompts[q.id], add_special_tokens=False)["input_ids"]))
+                    rows = []
+                    for b in range(0, len(order), batch_size):
+                        batch = order[b : b + batch_size]
+                        results = gen.run([prompts[q.id] for q in batch], fam.extract_probe_answer)
+                        for q, r in zip(batch, results):
+                            row = trace_row(fam, q, r, tok, model, cap_answer, reasoning_format)
+                            rows.append(row)
+                            tokens += row["reasoning_tokens"] + sum(row["probe_tokens"])
+                            s = stats[name]
+                            s[0] += 1
+                            s[1] += row["final_em"]
+                            s[2] += row["hit_cap"]
+                        bar.update(len(batch))
+                        dt = time.time() - t0
+                        bar.set_postfix(fam=name, traces_s=f"{bar.n / dt:.2f}", tok_s=f"{tokens / dt:.0f}")
+                    split_rows: dict[str, list] = {}
+                    for row in rows:
+                        split_rows.setdefault(row["split"], []).append(row)
+                    for split, srows in split_rows.items():
+                        store.write_shard(out_path, fam.name, split, srows, worker=shard_tag)
+                        written += [r["trace_id"] for r in srows]
+                    shards += 1
+                    pending[name] = pending[name][len(chunk):]
+                    s = stats[name]
+                    log.info("%s: %d traces this run, final EM %.2f, hit cap %d", name, s[0], s[1] / max(s[0], 1), s[2])
+        finally:
+            stop.restore()
+            bar.close()
+        store.verify_stored(out_path, written)
+        dt = time.time() - t0
+        return {
+            "traces": int(bar.n),
+            "seconds": dt,
+            "traces_per_s": bar.n / dt if dt else 0.0,
+            "tokens_per_s": tokens / dt if dt else 0.0,
+            "per_family": {fams[n].name: {"traces": s[0], "final_em": s[1] / max(s[0], 1), "hit_cap": s[2]}
+                           for n, s in stats.items()},  # by the family's own name (a dataset's, not "dataset")
+            "remaining": sum(len(v) for v in pending.values()),
+            "interrupted": stop.requested,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--repair" in argv:
+        from maml_stop.data.repair import main as repair_main
+
+        return repair_main(argv)
     summary = CLI(harvest, args=argv, as_positional=False)
     log.info("harvest summary: %s", summary)
+    if summary.get("interrupted"):
+        log.warning("harvest interrupted after a whole shard: %d traces remain; the same command resumes it",
+                    summary["remaining"])
+        return 130
     return 0
