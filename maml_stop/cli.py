@@ -2,6 +2,11 @@
 
 Subcommands are imported lazily so that ``maml-stop --help`` is fast and a subcommand's heavy imports
 (transformers, lightning) load only when it runs.
+
+One error style for every subcommand (issue 29): a refused input (a ValueError: the project's CorpusError,
+AdaptError, CheckpointError, ... derive from it) or a file that cannot be read or written (an OSError) ends
+the run with the reason in one line on stderr and exit status 2; ``--debug`` (anywhere in the arguments)
+shows the traceback instead. Ctrl-C ends with one line and status 130.
 """
 
 from __future__ import annotations
@@ -48,10 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         available = [n for n, (m, _) in SUBCOMMANDS.items() if importlib.util.find_spec(m) is not None]
         print(f"maml-stop: unknown command {name!r}; valid commands: {', '.join(available)}", file=sys.stderr)
         return 2
+    debug = "--debug" in rest
+    rest = [a for a in rest if a != "--debug"]
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if SUBCOMMANDS[name][0] == "maml_stop.learn.cli":
         rest = [name, *rest]
-    code = module.main(rest)
+    try:
+        code = module.main(rest)
+    except (ValueError, OSError) as err:
+        if debug:
+            raise
+        reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"maml-stop {name}: {reason} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"maml-stop {name}: interrupted", file=sys.stderr)
+        return 130
     return int(code or 0)
 
 

@@ -3,6 +3,7 @@ local model and a corpus harvested with it (the fixtures of test_feature_subsets
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -163,3 +164,29 @@ def test_bad_inputs_give_clear_errors(harvested, artifact, tmp_path, capsys):  #
     adapted.recipe["featurizer"]["hidden_size"] = 16
     other = save_adapted(adapted, tmp_path / "h16.pt")
     assert "the model has hidden size 32" in err(["--adapted", str(other), "--model", model, "--question", "x"])
+
+
+def test_out_checked_first_and_answers_written_as_they_are_made(harvested, artifact, tmp_path, capsys,  # noqa: F811
+                                                                monkeypatch):
+    """Issue 29: an unwritable --out is refused before the model loads; each answer is written (and
+    flushed) as its batch ends, so a run that fails later keeps the answers it made."""
+    from maml_stop.live import generate as G
+
+    qfile = _questions(tmp_path, 4)
+    code, out = _run(["--adapted", artifact, "--model", "/nonexistent/model", "--questions", qfile,
+                      "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"--out {tmp_path} is a folder" in out.err  # not a model error: checked first
+    real, calls = G.result_row, []
+
+    def fails_in_the_second_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.EIO, "the device went away")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(G, "result_row", fails_in_the_second_batch)
+    path = tmp_path / "part.jsonl"
+    code, out = _run(["--adapted", artifact, "--model", _model_dir(harvested), "--questions", qfile,
+                      "--batch_size", "2", "--out", str(path)], capsys)
+    assert code == 2 and "the device went away" in out.err
+    assert len(_lines(path)) == 2  # the first batch's answers survived

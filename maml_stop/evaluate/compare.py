@@ -157,6 +157,8 @@ def compare(
     Figures are in percentage points: ``a``, ``b`` (means over episodes), ``difference`` (A - B),
     ``low``, ``high`` (its interval) and ``verdict``.
     """
+    if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
     method_b = method_b or method_a
     for name, res, method in (("A", a, method_a), ("B", b, method_b)):
         if method not in res["methods"]:
@@ -241,8 +243,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path_b = args.results_b or args.results_a
-    a = read_results(args.results_a)
-    b = a if path_b == args.results_a else read_results(path_b)
+    try:
+        a = read_results(args.results_a)
+        b = a if path_b == args.results_a else read_results(path_b)
+    except ValueError as err:
+        print(f"maml-stop compare: {err}", file=sys.stderr)
+        return 2
     if path_b == args.results_a and (args.method_b or args.method_a) == args.method_a:
         print("maml-stop compare: one file and one method: name another file or --method_b", file=sys.stderr)
         return 2

@@ -44,9 +44,27 @@ def migrate_results(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+RESULTS_KEYS = ("methods", "families", "results")  # what every results.json of maml-stop evaluate has
+
+
 def read_results(path: str | Path) -> dict[str, Any]:
-    """A ``results.json`` (of ``maml-stop evaluate``), migrated (:func:`migrate_results`)."""
-    return migrate_results(json.loads(Path(path).read_text()))
+    """A ``results.json`` (of ``maml-stop evaluate``), migrated (:func:`migrate_results`). A missing file,
+    invalid JSON or another JSON file raises a ValueError naming the file (one line, not a KeyError deep in
+    the report; issue 29)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no results file at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a results file of maml-stop evaluate: not valid JSON ({err})") from None
+    missing = [k for k in RESULTS_KEYS if not isinstance(results, dict) or k not in results]
+    if isinstance(results, dict) and "k" not in results and "shots" not in results:
+        missing.append("k")
+    if missing:
+        found = sorted(results)[:8] if isinstance(results, dict) else type(results).__name__
+        raise ValueError(f"{path} is not a results file of maml-stop evaluate: it lacks {missing} (found {found})")
+    return migrate_results(results)
 
 
 def json_safe(x: Any, inf_as_text: bool = False) -> Any:

@@ -34,6 +34,7 @@ import torch
 
 from maml_stop.data import store
 from maml_stop.data.accounting import savings
+from maml_stop.data.outputs import check_output_file
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.decide.policies import ProbePolicy, evaluate_policy
@@ -113,6 +114,10 @@ def adapt(
         raise AdaptError(f"unknown threshold method {threshold_method!r}; valid methods: {', '.join(SELECTORS)}")
     if k < 1:
         raise AdaptError(f"K must be >= 1: an empty support set cannot be adapted on (got K={k})")
+    bad = [f"{name} {v!r}" for name, values in (("tau", [tau]), ("taus", list(taus))) for v in values
+           if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0)]
+    if bad:  # a probability threshold: an artifact with tau 1.01 would be refused later, by generate
+        raise AdaptError(f"thresholds are probabilities in [0, 1]; got {', '.join(bad)}")
     _, adapter, ckpt_meta = load_predictor(checkpoint)
     names = ckpt_meta.get("feature_names")
     loaded = _load_traces(corpus, traces, meta, family, names)
@@ -199,16 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        check_output_file(args.out, "--out")  # a folder, read-only or blocked path: refused before the work
         adapted = adapt(
             args.checkpoint, args.family, args.k, corpus=args.corpus, traces=args.traces, meta=args.meta,
             threshold_method=args.threshold_method, delta=args.delta, alpha=args.alpha, tau=args.tau,
             taus=args.taus, steps=args.steps, seed=args.seed, crossfit=args.crossfit,
             selector_state=args.selector_state,
         )
-    except (AdaptError, store.CorpusError, CheckpointError, FileNotFoundError) as err:
+        path = save_adapted(adapted, args.out)  # atomic: a failed write leaves an older artifact intact
+    except (AdaptError, store.CorpusError, CheckpointError, OSError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)
         return 2
-    path = save_adapted(adapted, args.out)
     tau = "never stop early" if adapted.threshold is None else f"tau = {adapted.threshold:g}"
     s = adapted.meta["support"]
     line = f"adapted on K={args.k} traces of {args.family}: {tau}; support EM {s['em']:.3f} (full {s['full_em']:.3f}), savings {100 * s['savings']:.1f}%"

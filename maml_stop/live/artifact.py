@@ -16,6 +16,7 @@ stopping). ``feature_names`` is the predictor's input, the feature subset it was
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 
 import maml_stop
 from maml_stop import SCHEMA_VERSION
+from maml_stop.data.store import atomic_write_bytes
 from maml_stop.decide.rule import reached
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
@@ -140,7 +142,7 @@ def check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what:
 def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
     """Write an adapted predictor, its threshold, feature names and probe recipe to ``path`` (torch.save)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     torch.save(
         {
             "format": FORMAT,
@@ -153,8 +155,9 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
             "meta": json.loads(json.dumps(adapted.meta)),
             "recipe": None if adapted.recipe is None else json.loads(json.dumps(adapted.recipe)),
         },
-        path,
+        buffer,
     )
+    atomic_write_bytes(path, buffer.getvalue())  # a failed write (full disk) leaves an older artifact intact
     return path
 
 

@@ -29,7 +29,9 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from maml_stop.data.outputs import check_output_file
 
 from maml_stop.harvest.model import load_model, resolve_device
 from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
@@ -150,10 +152,12 @@ def result_row(criteria, row: int, generated: Sequence[int], eos: set[int], fami
 
 
 def generate_answers(criteria, model, tokenizer, family, questions: Sequence[InputQuestion], batch_size: int = 8,
-                     device: str | None = None) -> list[dict[str, Any]]:
+                     device: str | None = None,
+                     emit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """One result per question (:func:`result_row`, plus ``id``, ``question``, ``gold`` and ``em`` when the
     question has a gold answer), generated ``batch_size`` at a time with left padding, on ``device`` (default:
-    the model's)."""
+    the model's). ``emit`` is called with each result as soon as its batch is done (``maml-stop generate``
+    writes it out then, so that an interrupted run keeps the answers it made)."""
     import torch
     from transformers import StoppingCriteriaList
 
@@ -183,6 +187,8 @@ def generate_answers(criteria, model, tokenizer, family, questions: Sequence[Inp
                     row["gold"] = src.gold
                     row["em"] = bool(family.score(row["answer"], q))
                 out.append(row)
+                if emit is not None:
+                    emit(row)
     finally:
         tokenizer.padding_side = prev_side
     return out
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        if args.out:  # a folder, a read-only or blocked path: refused before anything is generated
+            check_output_file(args.out, "--out")
         if (args.question is None) == (args.questions is None):
             raise GenerateError("give exactly one of --question \"...\" (one question) and --questions FILE.jsonl")
         if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
@@ -234,19 +242,22 @@ def main(argv: list[str] | None = None) -> int:
         criteria = LiveStopping.from_adapted(args.adapted, model, tok, max_new_tokens=args.max_new_tokens)
     except (GenerateError, AdaptError, FileNotFoundError, OSError) as err:
         return fail(err)
+    sink = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+
+    def emit(row: dict[str, Any]) -> None:  # one JSON line per answer, flushed as it is made
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+
     try:
-        rows = generate_answers(criteria, model, tok, family, questions, args.batch_size, args.device)
+        rows = generate_answers(criteria, model, tok, family, questions, args.batch_size, args.device, emit)
     finally:
         criteria.remove_hooks()
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+        if sink is not sys.stdout:
+            sink.close()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
         scored = [r["em"] for r in rows if "em" in r]
         em = f"; EM {sum(scored) / len(scored):.3f} on {len(scored)}" if scored else ""
         print(f"{len(rows)} answers{em}; {sum(r['stopped_early'] for r in rows)} stopped early; saved: {args.out}")
-    else:
-        sys.stdout.write(text)
     return 0
 
 
