@@ -133,6 +133,7 @@ class TraceCorpus:
         if "feature_names" not in meta:
             raise store.CorpusError(f"the metadata for {path} lacks 'feature_names'; keys present: {sorted(meta)}")
         table = _read_trace_file(Path(path))
+        store.refuse_duplicates(path, {Path(path): table.column("trace_id").to_pylist()})
         return cls._from_table(table, meta, None, min_probes, lambda cols, i: f"file {path}, trace {cols['trace_id'][i]}")
 
     @classmethod

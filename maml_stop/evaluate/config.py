@@ -40,6 +40,9 @@ class EvaluateConfig:
     out: str = "runs/evaluate"  # output folder
     checkpoint: str | None = None  # one meta-trained checkpoint, used for every held-out family
     checkpoints: dict[str, str] | None = None  # held-out family -> checkpoint of that fold
+    # a checkpoint whose corpus had another recipe (projection seed, layers, model weights, probe schedule or
+    # prompt: maml_stop.data.provenance) than source_corpus/corpus is refused; true: a warning (deliberate use)
+    allow_other_recipe: bool = False
     # LightningCLI fit config(s), read in order as repeated ``--config`` files: meta-train one checkpoint
     # per held-out family
     train_config: str | list[str] | None = None

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from maml_stop.data.corpus import TraceCorpus
+from maml_stop.data.provenance import check_provenance, corpus_provenance
 from maml_stop.data.datamodule import resolve_features
 from maml_stop.data.episodes import FamilySplit
 from maml_stop.evaluate.config import EvaluateConfig
@@ -46,12 +47,18 @@ class Fold:
     rl_checkpoint: str | None = None  # the RL checkpoint of methods rl / rl_unadapted (None: not asked for)
 
 
-def load_checkpoint(path: str, corpus: TraceCorpus) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
+def load_checkpoint(path: str, corpus: TraceCorpus,
+                    allow_other_recipe: bool = False) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
     """The meta-trained adapter of a checkpoint, its metadata, and the family split it was trained with
     (``train``/``val``/``test`` resolved against the corpus families; empty when not recorded).
     Raises when the corpus lacks a feature the checkpoint was trained on (its ``feature_names``: every
-    column of its corpus, or the ``data.features`` subset it was trained on)."""
+    column of its corpus, or the ``data.features`` subset it was trained on), or when the corpus was
+    harvested with another recipe than the checkpoint's corpus (:mod:`maml_stop.data.provenance`; a
+    warning with ``allow_other_recipe``)."""
     _, adapter, meta = load_predictor(path)
+    check_provenance(meta.get("provenance"), corpus_provenance(getattr(corpus, "meta", None) or {}),
+                     f"the checkpoint {path}", f"the corpus {getattr(corpus, 'root', None) or '(in memory)'}",
+                     allow_other_recipe)
     names = meta.get("feature_names")
     missing = [n for n in names or () if n not in corpus.feature_names]
     if missing:
@@ -152,7 +159,7 @@ def _resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: 
             raise ValueError(f"{what} {bad} are not in the corpus; families in the corpus: {where.families}")
 
     def fold(family: str, path: str | None, held_out: Sequence[str]) -> Fold:
-        adapter, meta, split = load_checkpoint(path, source) if path else (None, {}, {})
+        adapter, meta, split = load_checkpoint(path, source, cfg.allow_other_recipe) if path else (None, {}, {})
         seen = set(split.get("train", [])) | set(split.get("val", []))
         if family in seen:
             raise ValueError(f"family {family!r} was seen in meta-training by {path}; it cannot be held out")
@@ -183,7 +190,7 @@ def _resolve_folds(cfg: EvaluateConfig, corpus: TraceCorpus, out: Path, source: 
         families = list(cfg.families or available)
         check_families(families, "held-out families")
         return [fold(f, train_fold(cfg, f, source, out) if cfg.train_config else None, [f]) for f in families]
-    split = load_checkpoint(cfg.checkpoint, source)[2] if cfg.checkpoint else {}
+    split = load_checkpoint(cfg.checkpoint, source, cfg.allow_other_recipe)[2] if cfg.checkpoint else {}
     families = list(cfg.families or split.get("test") or [])
     if not families:
         raise ValueError(

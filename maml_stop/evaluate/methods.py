@@ -272,7 +272,7 @@ def _complexity_sources(c: MethodContext) -> Callable[[str], dict]:
     def sources(family: str) -> dict:
         corpus = CX.load_corpus(str(c.cfg.source_corpus or c.cfg.corpus), c.cfg.min_probes)
         path = (c.cfg.checkpoints or {}).get(family) or c.cfg.checkpoint
-        split = load_checkpoint(path, corpus)[2] if path else {}
+        split = load_checkpoint(path, corpus, c.cfg.allow_other_recipe)[2] if path else {}
         held_out = [family, *([] if c.cfg.checkpoints or c.cfg.train_config else (c.cfg.families or split.get("test") or []))]
         names = c.cfg.source_families or split.get("train") or [g for g in corpus.families if g not in held_out]
         return {g: corpus.traces(g) for g in names if g != family}

@@ -115,6 +115,7 @@ class MetaStoppingModule(LightningModule):
         if feature_names is not None and len(feature_names) != n_features:
             raise ValueError(f"{len(feature_names)} feature names for n_features={n_features}")
         self.feature_names = list(feature_names) if feature_names is not None else None
+        self._provenance: dict | None = None  # the corpus recipe (maml_stop.data.provenance), set in setup()
         self.eval_inner_steps = eval_inner_steps
         self.compare_random_init = compare_random_init
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -149,6 +150,9 @@ class MetaStoppingModule(LightningModule):
                 f"{self.predictor.n_features} (do not set model.n_features by hand: the CLI links it)"
             )
         check_feature_names(self.feature_names, dm.feature_names)
+        from maml_stop.data.provenance import corpus_provenance
+
+        self._provenance = corpus_provenance(getattr(dm, "meta", None) or {})
         if self.adapter.loss_kind == "cost" and getattr(dm, "weighting", "cost") != "cost":
             raise ValueError(
                 "model.loss: cost weights probes by ProbeBatch.weights, which data.weighting: "
@@ -252,6 +256,8 @@ class MetaStoppingModule(LightningModule):
             "schema_version": SCHEMA_VERSION,
             "code_version": maml_stop.__version__,
             "feature_names": self.feature_names,
+            # the corpus recipe its features came from (maml_stop.data.provenance), checked where it is used
+            "provenance": self._provenance,
             "predictor": self.predictor.config().to_dict(),
             "adapter": self.adapter.config().to_dict(),
         }
@@ -259,6 +265,7 @@ class MetaStoppingModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = _section(checkpoint, "<checkpoint>")
         check_feature_names(info.get("feature_names"), self.feature_names)
+        self._provenance = self._provenance or info.get("provenance")
 
 
 class _Learn2LearnCore:

@@ -35,6 +35,7 @@ import torch
 from maml_stop.data import store
 from maml_stop.data.accounting import savings
 from maml_stop.data.outputs import check_output_file
+from maml_stop.data.provenance import ProvenanceError, check_provenance, corpus_provenance
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 from maml_stop.decide.policies import ProbePolicy, evaluate_policy
@@ -99,10 +100,13 @@ def adapt(
     seed: int = 0,
     crossfit: bool = False,
     selector_state: str | None = None,
+    allow_other_recipe: bool = False,
 ) -> AdaptedPredictor:
     """Adapt the checkpoint's predictor on K labelled traces of ``family`` and choose its threshold.
     ``selector_state``: a JSON file with a fitted selector's state (a meta-learned rule fitted across
-    families, ``maml-stop meta-select --export``), used instead of ``threshold_method``."""
+    families, ``maml-stop meta-select --export``), used instead of ``threshold_method``. Traces of another
+    recipe than the checkpoint's corpus (:mod:`maml_stop.data.provenance`) are refused unless
+    ``allow_other_recipe``; the artifact records the traces' provenance (checked by ``generate``)."""
     fitted = None
     if selector_state is not None:
         try:
@@ -121,6 +125,9 @@ def adapt(
     _, adapter, ckpt_meta = load_predictor(checkpoint)
     names = ckpt_meta.get("feature_names")
     loaded = _load_traces(corpus, traces, meta, family, names)
+    provenance = corpus_provenance(loaded.meta)
+    check_provenance(ckpt_meta.get("provenance"), provenance, f"the checkpoint {checkpoint}",
+                     f"the traces of {corpus or traces}", allow_other_recipe)
     corpus_names = loaded.feature_names
     if names is not None and any(n not in corpus_names for n in names):  # names the missing ones
         check_names(names, corpus_names, f"the checkpoint {checkpoint}", f"the traces of {family!r}")
@@ -151,6 +158,7 @@ def adapt(
         "selector": selector.state_dict(),  # the rule and its state: maml_stop.decide.registry.selector_from_state
         "alpha": alpha, "crossfit": crossfit, "checkpoint": str(checkpoint), "adapter": adapter.config().to_dict(), "inner_steps": steps,
         "support_trace_ids": [t.trace_id for t in support],
+        "provenance": provenance,  # the recipe of the traces adapted on: generate checks its model against it
         "support": _figures(policy, support),
     }
     if heldout:
@@ -196,6 +204,9 @@ def _parser():
     p.add_argument("--selector_state", type=str | None, default=None,
                    help="JSON state of a fitted selector (maml-stop meta-select --export); replaces --threshold_method")
     p.add_argument("--out", type=str, required=True, help="where to write the adapted predictor (.pt)")
+    p.add_argument("--allow_other_recipe", type=bool, default=False,
+                   help="adapt on traces of another recipe than the checkpoint's corpus (projection seed, layers, "
+                        "model weights, probe schedule, prompt): a warning instead of a refusal")
     return p
 
 
@@ -209,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.family, args.k, corpus=args.corpus, traces=args.traces, meta=args.meta,
             threshold_method=args.threshold_method, delta=args.delta, alpha=args.alpha, tau=args.tau,
             taus=args.taus, steps=args.steps, seed=args.seed, crossfit=args.crossfit,
-            selector_state=args.selector_state,
+            selector_state=args.selector_state, allow_other_recipe=args.allow_other_recipe,
         )
         path = save_adapted(adapted, args.out)  # atomic: a failed write leaves an older artifact intact
-    except (AdaptError, store.CorpusError, CheckpointError, OSError) as err:
+    except (AdaptError, store.CorpusError, CheckpointError, ProvenanceError, OSError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)
         return 2
     tau = "never stop early" if adapted.threshold is None else f"tau = {adapted.threshold:g}"

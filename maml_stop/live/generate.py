@@ -86,6 +86,27 @@ def read_questions(path: str, field: str = "question", gold_field: str = "gold")
     return out
 
 
+def check_model(adapted_path: str, model: str, allow_other_model: bool = False) -> None:
+    """Refuse ``model`` unless its weight files hash to those of the model the artifact's traces were
+    harvested with (its ``meta["provenance"]``, :mod:`maml_stop.data.provenance`): a model of the same
+    width would run and give meaningless features (issue 29). Unknown on either side: a warning."""
+    from maml_stop.harvest.model import model_identity
+    from maml_stop.live.artifact import load_adapted
+
+    recorded = ((load_adapted(adapted_path).meta.get("provenance") or {}).get("parts") or {}).get("model")
+    weights = model_identity(model, hash_weights=True).get("weights") if recorded else None
+    if not recorded or not weights:
+        log.warning("cannot check that %s is the model the traces of %s were harvested with (%s)", model,
+                    adapted_path, "the artifact records no weight hashes" if not recorded else "no local weight files")
+        return
+    if weights != recorded:
+        message = (f"--model {model} is not the model the traces of {adapted_path} were harvested with: its weight "
+                   f"files hash to {weights}, the artifact records {recorded}")
+        if not allow_other_model:
+            raise GenerateError(message + ". Use that model, or pass --allow_other_model true for a deliberate use")
+        log.warning("%s (allowed by --allow_other_model)", message)
+
+
 def _family_of(adapted_path: str, family_args: dict | None = None):
     """The family named by the artifact's recipe (it renders the prompts and scores answers): a registry
     family, or one rebuilt from ``family_args``, the harvest's ``family_args`` (``{dataset: {path: ...,
@@ -212,6 +233,8 @@ def _parser():
     p.add_argument("--family_args", type=dict | None, default=None,
                    help="the harvest's family_args, to rebuild a dataset family the artifact was adapted on")
     p.add_argument("--out", type=str | None, default=None, help="JSONL output (default: stdout)")
+    p.add_argument("--allow_other_model", type=bool, default=False,
+                   help="run with a model whose weights differ from the artifact's traces' model (a warning)")
     return p
 
 
@@ -238,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             raise GenerateError(f"--device: {err}") from None
         family = _family_of(args.adapted, args.family_args)  # before the model loads
+        check_model(args.adapted, args.model, args.allow_other_model)
         model, tok = load_model(args.model, args.dtype, device=args.device)
         criteria = LiveStopping.from_adapted(args.adapted, model, tok, max_new_tokens=args.max_new_tokens)
     except (GenerateError, AdaptError, FileNotFoundError, OSError) as err:
