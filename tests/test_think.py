@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -137,7 +138,9 @@ def test_harvest_records_think_tokens_and_old_corpora_still_load(tmp_path, setup
     assert pq.read_table(shard).schema.names == store.TRACE_COLUMNS
     assert store.read_table(plain).schema.names == store.TRACE_COLUMNS
     mixed = store.shard_paths(out)[0].with_name("validation-00077.parquet")
-    mixed.write_bytes(shard.read_bytes())
+    copied = pq.read_table(shard)  # other trace ids: the same ids twice would be refused (issue 29)
+    ids = copied.column("trace_id").to_pylist()
+    pq.write_table(copied.set_column(0, "trace_id", pa.array([f"plain-{i}" for i in ids])), mixed)
     both = store.read_table(out)
     assert both.num_rows == table.num_rows + pq.read_table(shard).num_rows
     assert both.column("think_tokens").null_count == pq.read_table(shard).num_rows

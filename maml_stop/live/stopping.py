@@ -58,11 +58,17 @@ prefill of a new generation, and all per-generation state (featurizer state, pro
 is reset there. The prompt length is read from that prefill (the cache length after it; with left
 padding, the padded prompt length); a ``prompt_length`` given to the constructor is checked against it.
 The results of the latest generation are in ``answers``, ``stopped_at``, ``features`` and so on.
+
+What it refuses (issue 29): beam search (``num_beams > 1``: beams reorder the cache under the per-row
+state) and ``use_cache=False`` (no cache to probe from) raise a ValueError at the first step, instead of
+crashing or leaving empty results. Its hooks hold it only weakly: they are removed when the criterion is
+garbage-collected, at ``remove_hooks()``, or at the end of a ``with LiveStopping(...) as criteria:`` block.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -109,6 +115,24 @@ def _mid_module(model: nn.Module, k: int) -> nn.Module | None:
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
     return layers[k - 1]
+
+
+def _weak(method: Callable) -> Callable:
+    """A hook that calls ``method`` while its object lives (the model's hook then does not keep the
+    criterion alive) and does nothing after."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return hook
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 class LiveStopping(StoppingCriteria):
@@ -175,12 +199,13 @@ class LiveStopping(StoppingCriteria):
         self._is_answer_end = answer_end_test(tokenizer, self.eos)
         self._texts: dict[int, str] = {}
         self._probing = False
-        self._warned_no_cache = False
+        self._uncached = False  # the latest forward ran without a KV cache (generate(use_cache=False))
         self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._on_forward, with_kwargs=True),
-            _final_norm(model).register_forward_hook(self._on_norm),
+            model.register_forward_pre_hook(_weak(self._before_forward), with_kwargs=True),
+            model.register_forward_hook(_weak(self._on_forward), with_kwargs=True),
+            _final_norm(model).register_forward_hook(_weak(self._on_norm)),
         ]
+        self._finalizer = weakref.finalize(self, _remove, self._hooks)  # garbage-collected: hooks removed
         k = featurizer.mid_layer
         self._mid_from_norm = False
         if k is not None:
@@ -188,7 +213,7 @@ class LiveStopping(StoppingCriteria):
             if mid is None:
                 self._mid_from_norm = True
             else:
-                self._hooks.append(mid.register_forward_hook(self._on_mid))
+                self._hooks.append(mid.register_forward_hook(_weak(self._on_mid)))
         self.reset()
 
     @classmethod
@@ -237,9 +262,14 @@ class LiveStopping(StoppingCriteria):
         self.positions: list[list[int]] = []  # per row and probe: tokens generated before it (0: the start probe)
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Detach from the model (also done when the criterion is garbage-collected or a ``with`` ends)."""
+        _remove(self._hooks)
+
+    def __enter__(self) -> "LiveStopping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def _on_norm(self, module, args, output) -> None:
         if not self._probing:
@@ -258,13 +288,11 @@ class LiveStopping(StoppingCriteria):
         if self._probing:
             return
         cache = kwargs.get("past_key_values")
-        if cache is None:
-            if not self._warned_no_cache:
-                log.warning("LiveStopping saw a forward without a KV cache (use_cache=False?): it probes only "
-                            "inside generate() with a cache; such a generation gets no probes")
-                self._warned_no_cache = True
+        if cache is None:  # a plain forward, or generate(use_cache=False): refused if generate calls us
             self.reset()
+            self._uncached = True
             return
+        self._uncached = False
         if cache is not self.cache or cache.get_seq_length() == 0:
             self.reset()
 
@@ -392,8 +420,15 @@ class LiveStopping(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         b = input_ids.shape[0]
         stop = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        if self.state is None and self._uncached:
+            raise ValueError("LiveStopping needs generate(..., use_cache=True) (the default): it probes from the "
+                             "generation's KV cache, and without one it would give no probe and no answer per row")
         if self.state is None:
             return stop
+        if b != len(self._rows):
+            raise ValueError(f"LiveStopping got {b} sequences for a generation of {len(self._rows)} rows: beam "
+                             "search (num_beams > 1) and other decoders that regroup sequences are not supported; "
+                             "use greedy decoding or sampling (num_beams=1)")
         n = input_ids.shape[1] - self.prompt_length  # tokens generated so far
         if n == 1 and self.schedule.at_start:  # the start probe: on the prompt's cache, before token 1 runs
             self._probe(list(range(b)), ["start"] * b, 0, None)
