@@ -195,3 +195,27 @@ def test_an_unreadable_shard_is_reported_as_unreadable_not_corrupt(tmp_path, mon
         with pytest.raises(store.CorpusError, match="permission denied") as err:
             load(root)
         assert "corrupt" not in str(err.value) and "Delete" not in str(err.value)
+
+
+def test_the_datasheet_names_the_command_meta_json_records(tmp_path):
+    """Issue 29: a corpus no experiments/ YAML writes gets the harvest command its meta.json records
+    (not a made-up experiments/corpus_<name>.yaml), one that parses back to the same arguments."""
+    import shlex
+
+    from maml_stop.evaluate.datasheet import write_datasheet
+
+    model_dir = tiny_lm.save_tiny(tmp_path / "tiny_lm")
+    out = tmp_path / "mine"
+    harvest(out=str(out), model=model_dir, families=["gcd", "lcm"], n_per_family=3, dtype="float32", batch_size=3,
+            shard_size=3, max_new_tokens=8, every_n=4, hash_weights=False)
+    write_datasheet(out)
+    line = next(x for x in (out / "README.md").read_text().splitlines() if x.startswith("- regenerate"))
+    assert "corpus_mine.yaml" not in line and "the arguments meta.json records" in line
+    command = line.split("`")[1]
+    assert command.startswith("maml-stop harvest ")
+    argv = shlex.split(command)[2:]
+    recorded = store.read_meta(out)["harvest_args"]
+    assert argv[argv.index("--families") + 1] == '["gcd", "lcm"]' and argv[argv.index("--out") + 1] == str(out)
+    assert {a[2:] for a in argv[::2]} == {k for k in recorded if k in
+                                          ("out", "model", "families", "n_per_family", "dtype", "batch_size",
+                                           "shard_size", "max_new_tokens", "every_n", "hash_weights")}

@@ -60,22 +60,36 @@ def corpus_stats(root: str | Path, corpus: TraceCorpus | None = None) -> dict[st
     return {"families": fams, "all": family_stats(every)}
 
 
-def _recipe_of(root: str | Path) -> str:
-    """The harvest recipe that writes ``root``: the ``experiments/corpus*.yaml`` whose ``out`` is this
-    corpus folder (else the conventional name ``experiments/corpus_<name>.yaml``)."""
+def _recipe_of(root: str | Path, meta: dict[str, Any]) -> str:
+    """How to regenerate or resume ``root``: ``maml-stop harvest --config`` the ``experiments/corpus*.yaml``
+    whose ``out`` is this corpus folder, else the command that ``meta.json`` records (``harvest_args``: the
+    arguments that differ from the defaults), else a statement that the recipe is not recorded."""
+    import inspect
+    import json
+    import shlex
+
     import yaml
 
     name = Path(root).name
     for path in sorted(Path(root).resolve().parent.parent.glob("corpus*.yaml")):
         out = (yaml.safe_load(path.read_text()) or {}).get("out")
         if isinstance(out, str) and Path(out).parts[-2:] == ("corpus", name):
-            return f"experiments/{path.name}"
-    return f"experiments/corpus_{name}.yaml"
+            return f"`maml-stop harvest --config experiments/{path.name}` (model set-up in that file's header)"
+    args = meta.get("harvest_args")
+    if not isinstance(args, dict):
+        return ("not recorded (no experiments/corpus*.yaml writes this folder and meta.json has no harvest_args): "
+                "`maml-stop harvest` with the settings listed above")
+    from maml_stop.harvest.cli import harvest
+
+    defaults = {k: p.default for k, p in inspect.signature(harvest).parameters.items()}
+    shown = [f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in args.items()
+             if k not in defaults or defaults[k] is inspect.Parameter.empty or json.dumps(defaults[k]) != json.dumps(v)]
+    return f"`maml-stop harvest {' '.join(shown)}` (the arguments meta.json records)"
 
 
 def render(root: str | Path, stats: dict[str, Any]) -> str:
     meta = store.read_meta(root)
-    recipe = _recipe_of(root)
+    recipe = _recipe_of(root, meta)
     weights = meta.get("model_weights", {})
     prov = weights.get("provenance", {})
     lines = [
@@ -98,8 +112,7 @@ def render(root: str | Path, stats: dict[str, Any]) -> str:
         f"- answer trigger: {meta.get('prompt', {}).get('answer_trigger')!r}; generation: {meta.get('generation')}",
         f"- features ({len(meta['feature_names'])}): {meta.get('features')}",
         f"- schema version {meta['schema_version']}, code version {meta.get('code_version')}",
-        f"- regenerate or resume: `maml-stop harvest --config {recipe}` "
-        "(model set-up in that file's header), then `maml-stop datasheet " + str(root) + "`",
+        f"- regenerate or resume: {recipe}, then `maml-stop datasheet {root}`",
         "",
         "| family | traces (with probes) | final EM | first-probe EM | reasoning tokens mean / median | probes per trace | "
         "probe answers correct | any probe correct | oracle EM | oracle savings | oracle savings at equal EM | hit cap |",

@@ -15,6 +15,7 @@ wrote reads back exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -204,6 +205,7 @@ def harvest(
     schedule, features, generation settings, question order (``n_per_family``, ``seed``) and the
     settings of every family already stored (``family_args``); any difference is refused, naming it.
     """
+    call = {k: v for k, v in locals().items()}  # the arguments, recorded in meta.json as the recipe (datasheet)
     torch.set_num_threads(num_threads)
     if not families:
         raise ValueError("no task families given")
@@ -306,6 +308,8 @@ def harvest(
             "family_settings": {f.name: _family_settings(f) for f in fams.values()},
             "code_version": maml_stop.__version__,
             "split_fractions": SPLIT_FRACTIONS,
+            # this run's arguments (the latest run's on a resume): the datasheet's "regenerate" command
+            "harvest_args": json.loads(json.dumps(call, default=str)),
         }
         with meta_lock(out_path):  # several workers may start at once on one folder
             check_meta(out_path, meta)
