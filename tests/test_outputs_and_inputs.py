@@ -180,3 +180,10 @@ def test_sigint_stops_after_the_current_shard(tmp_path, model_dir):
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(store.stored_trace_ids(out)) == 60
+
+
+def test_harvest_out_checked_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="corpus folder .* is not writable"):  # not a model error: the model path is bad too
+        harvest(out=str(blocker / "corpus"), model="/nonexistent/model", families=["gcd"], n_per_family=3)
