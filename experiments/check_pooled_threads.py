@@ -1,8 +1,8 @@
 """Does the pooled probe train to the same weights on 1 and 2 CPU threads? (issue 29, item 12)
 
 Trains the main job's pooled probe (the meta-training families of experiments/main.yaml on the bundled
-corpus, 300 full-batch steps, the evaluate.yaml predictor) once per thread count and prints the largest
-weight difference. Measured on the session's machine (MKL, AVX512): 0.0, bitwise equal, so the issue's
+corpus, 300 full-batch steps, the checkpoint's 1x32 MLP of experiments/quickstart.yaml, balanced loss)
+once per thread count and prints the largest weight difference. Measured on the session's machine (MKL, AVX512): 0.0, bitwise equal, so the issue's
 last-digit differences on another CPU come from another BLAS code path, not from the thread count (to
 emulate one, try two runs under ``MKL_CBWR=COMPATIBLE`` and ``MKL_CBWR=AVX2``, ``--threads 1``: not measured).
 
@@ -31,7 +31,7 @@ def main() -> None:
     corpus = TraceCorpus.load(args.corpus, families=SOURCE)
     traces = [t for f in SOURCE for t in corpus.traces(f)]
     print(f"{len(traces)} traces, {sum(t.n_probes for t in traces)} probes")
-    config = PredictorConfig(n_features=len(corpus.feature_names), hidden=64, depth=2, kind="mlp")
+    config = PredictorConfig(n_features=len(corpus.feature_names), hidden=32, depth=1, kind="mlp")
     weights = {}
     for n in args.threads:
         torch.set_num_threads(n)
