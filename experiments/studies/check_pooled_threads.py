@@ -6,7 +6,7 @@ once per thread count and prints the largest weight difference. Measured on the 
 last-digit differences on another CPU come from another BLAS code path, not from the thread count (to
 emulate one, try two runs under ``MKL_CBWR=COMPATIBLE`` and ``MKL_CBWR=AVX2``, ``--threads 1``: not measured).
 
-    python experiments/check_pooled_threads.py            # about 4 min on 2 busy cores
+    python experiments/studies/check_pooled_threads.py     # under a minute on 2 busy cores
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 
 from maml_stop.data.corpus import TraceCorpus
-from maml_stop.evaluate.policies.training import train_predictor
+from maml_stop.learn.pooled import train_predictor
 from maml_stop.learn.predictor import PredictorConfig
 
 SOURCE = ["base_conversion", "basic_arithmetic", "count_bits", "lcm", "products", "simple_equations"]
