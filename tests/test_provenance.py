@@ -60,7 +60,7 @@ def test_evaluate_and_adapt_refuse_a_corpus_of_another_recipe(fitted, tmp_path, 
 
     _, ckpt = fitted
     other = _corpus(tmp_path / "other", **change)
-    cfg = dict(corpus=other, checkpoint=ckpt, out=str(tmp_path / "ev"), methods=["full", "maml"], shots=[4],
+    cfg = dict(corpus=other, checkpoint=ckpt, out=str(tmp_path / "ev"), methods=["full", "maml"], k=[4],
                episodes=1, families=["fam_c"], progress=False)
     with pytest.raises(ProvenanceError, match=named):
         run(EvaluateConfig(**cfg))
