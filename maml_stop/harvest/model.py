@@ -92,7 +92,8 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu") -> tuple
 
 
 def model_identity(spec: str, hash_weights: bool = True) -> dict[str, Any]:
-    """Path, weight files and their sha256 (plus the GGUF provenance of a converted folder)."""
+    """Path, weight files and their sha256 (plus the GGUF provenance of a converted folder). A hub id
+    hashes the files of its cached snapshot, so that a corpus resumes from either (issue 29)."""
     path = Path(spec)
     ident: dict[str, Any] = {"spec": spec}
     files: list[Path] = []
@@ -105,9 +106,22 @@ def model_identity(spec: str, hash_weights: bool = True) -> dict[str, Any]:
             ident["provenance"] = json.loads(prov.read_text())
     else:
         ident["hub_id"] = spec
+        cached = _hub_snapshot(spec) if hash_weights else None
+        if cached is not None:  # the files the hub id loaded: the same sha256 as a local copy of them
+            files = sorted(p for p in cached.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if hash_weights:
         ident["weights"] = {p.name: sha256_file(p) for p in files}
     return ident
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a hub model already in the cache (None when it is not there)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not a hub id, not cached, or huggingface_hub missing: nothing to hash
+        return None
 
 
 def convert_gguf(gguf: str, out: str) -> str:

@@ -12,8 +12,34 @@ from maml_stop.data import store
 
 log = logging.getLogger(__name__)
 
-# metadata keys that must agree between a stored corpus and a resumed harvest
+# metadata keys that must agree between a stored corpus and a resumed harvest (model_weights: by its hashes,
+# check_weights)
 MUST_MATCH = ("model_weights", "schedule", "features", "prompt", "generation", "order")
+
+
+def check_weights(out: Path, was: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """The model of a resumed harvest is the stored one when the sha256 of its weight files agree, whatever
+    path or hub id it was loaded from (committed corpora record the absolute path of the machine that
+    harvested them). Without hashes on either side (``hash_weights: false``) only the spec can be compared."""
+    was = was or {}
+    old_w, new_w = was.get("weights") or None, now.get("weights") or None
+    if old_w and new_w:
+        if old_w != new_w:
+            raise store.CorpusError(
+                f"corpus {out} was harvested with other model weights:\n  stored: {old_w} ({was.get('spec')})\n"
+                f"  now:    {new_w} ({now.get('spec')})\nUse the stored model to resume, or a new --out folder.")
+        if was.get("spec") != now.get("spec"):
+            log.info("corpus %s: the model is now loaded from %s (stored: %s); its weights' sha256 agree, resuming",
+                     out, now.get("spec"), was.get("spec"))
+        return
+    if old_w or new_w:
+        raise store.CorpusError(
+            f"corpus {out}: the weights' sha256 cannot be compared (stored: {old_w or 'not hashed'}; now: "
+            f"{new_w or 'not hashed'}): resume with hash_weights true and the stored model")
+    if was.get("spec") != now.get("spec"):
+        raise store.CorpusError(
+            f"corpus {out} was harvested from model {was.get('spec')!r}, now {now.get('spec')!r}, and neither "
+            "run hashed the weights (hash_weights false): resume with the stored model, or hash its weights")
 
 
 def check_meta(out: Path, meta: dict[str, Any]) -> None:
@@ -32,6 +58,9 @@ def check_meta(out: Path, meta: dict[str, Any]) -> None:
     for key in MUST_MATCH:
         if key not in old and key == "order":  # written before the key was recorded: record it now
             log.warning("corpus %s does not record its question order; recording %s", out, meta[key])
+            continue
+        if key == "model_weights":
+            check_weights(out, old.get(key), meta[key])
             continue
         if old.get(key) != meta.get(key):
             refuse(key, old.get(key), meta.get(key))
