@@ -44,25 +44,18 @@ on the cache of the prompt alone. With ``schedule.at_cap`` and ``max_new_tokens`
 running at the cap is decided there like at any probe point, and its answer is forced there in every
 mode (the answer of a capped run, DESIGN.md), stored in ``answers`` even when the row did not stop.
 
-How it sees the generation without changing it: a forward hook on the model records, at every step,
-the cache object, the attention mask, the next-token logits and (via a hook on the final norm, and on
-decoder layer ``mid_layer`` when the featurizer has one) the hidden states. When ``generate`` calls the
-criterion, the newest token has been chosen but not yet run through the model; a probe therefore feeds
-that token to its cache copy (observing its hidden state and entropy, as the harvester does), then the
-trigger. The generation's own cache and tokens are never touched (tested: a run whose threshold is never
-reached gives exactly the tokens of a plain ``generate``, in every mode).
+How it sees the generation without changing it: :mod:`maml_stop.live.hooks`.
 
-One criterion serves any number of ``generate`` calls, of any batch size (issue 16): a forward that
-starts on an empty cache, or on a cache object other than the one of the previous forward, is the
-prefill of a new generation, and all per-generation state (featurizer state, probes, answers, stops)
-is reset there. The prompt length is read from that prefill (the cache length after it; with left
-padding, the padded prompt length); a ``prompt_length`` given to the constructor is checked against it.
-The results of the latest generation are in ``answers``, ``stopped_at``, ``features`` and so on.
+One criterion serves any number of ``generate`` calls, of any batch size (issue 16): a forward on an
+empty cache, or on another cache object than the previous forward's, is the prefill of a new generation,
+where all per-generation state is reset and the prompt length is read (the cache length after it; a
+``prompt_length`` given to the constructor is checked against it). The results of the latest generation
+are in ``answers``, ``stopped_at``, ``features`` and so on.
 
 What it refuses (issue 29): beam search (``num_beams > 1``: beams reorder the cache under the per-row
 state) and ``use_cache=False`` (no cache to probe from) raise a ValueError at the first step, instead of
-crashing or leaving empty results. Its hooks hold it only weakly: they are removed when the criterion is
-garbage-collected, at ``remove_hooks()``, or at the end of a ``with LiveStopping(...) as criteria:`` block.
+crashing or leaving empty results. Its hooks go at ``remove_hooks()``, at the end of a ``with`` block, or
+when the criterion is garbage-collected.
 """
 
 from __future__ import annotations
@@ -76,6 +69,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
+from maml_stop.live.hooks import check_decoding, final_norm, mid_module, remove_handles, weak_hook
 from maml_stop.live.recipe import live_parts
 from maml_stop.live.rule import MODES, Replay, StopRule, _Row, replay  # Replay, replay: re-exported
 from maml_stop.probe.forcing import (RowSchedule, answer_end_test, encode_trigger, eos_ids, force_answers,
@@ -87,52 +81,6 @@ from maml_stop.probe.think import check_think_trigger, think_schedule
 log = logging.getLogger(__name__)
 
 __all__ = ["LiveStopping", "StopRule", "replay", "Replay", "MODES"]
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, "model", None) or getattr(model, "base_model", None)
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    norm = getattr(_base(model), "norm", None)
-    if norm is None:
-        raise ValueError(f"cannot find the final norm of {type(model).__name__} (expected model.model.norm)")
-    return norm
-
-
-def _mid_module(model: nn.Module, k: int) -> nn.Module | None:
-    """The module whose output is ``output_hidden_states[k]`` (HF Llama/Qwen2: 0 = the embeddings,
-    k = decoder layer k-1; the last one is the final norm's output: None, read from the norm hook)."""
-    n_layers = model.config.num_hidden_layers
-    if not 0 <= k <= n_layers:
-        raise ValueError(f"mid_layer={k} but the model has hidden states 0..{n_layers}")
-    if k == n_layers:
-        return None
-    base = _base(model)
-    if k == 0:
-        return base.embed_tokens
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
-    return layers[k - 1]
-
-
-def _weak(method: Callable) -> Callable:
-    """A hook that calls ``method`` while its object lives (the model's hook then does not keep the
-    criterion alive) and does nothing after."""
-    ref = weakref.WeakMethod(method)
-
-    def hook(*args, **kwargs):
-        bound = ref()
-        return None if bound is None else bound(*args, **kwargs)
-
-    return hook
-
-
-def _remove(handles: list) -> None:
-    for h in handles:
-        h.remove()
-    handles.clear()
 
 
 class LiveStopping(StoppingCriteria):
@@ -201,19 +149,19 @@ class LiveStopping(StoppingCriteria):
         self._probing = False
         self._uncached = False  # the latest forward ran without a KV cache (generate(use_cache=False))
         self._hooks = [
-            model.register_forward_pre_hook(_weak(self._before_forward), with_kwargs=True),
-            model.register_forward_hook(_weak(self._on_forward), with_kwargs=True),
-            _final_norm(model).register_forward_hook(_weak(self._on_norm)),
+            model.register_forward_pre_hook(weak_hook(self._before_forward), with_kwargs=True),
+            model.register_forward_hook(weak_hook(self._on_forward), with_kwargs=True),
+            final_norm(model).register_forward_hook(weak_hook(self._on_norm)),
         ]
-        self._finalizer = weakref.finalize(self, _remove, self._hooks)  # garbage-collected: hooks removed
+        self._finalizer = weakref.finalize(self, remove_handles, self._hooks)  # garbage-collected: hooks removed
         k = featurizer.mid_layer
         self._mid_from_norm = False
         if k is not None:
-            mid = _mid_module(model, k)
+            mid = mid_module(model, k)
             if mid is None:
                 self._mid_from_norm = True
             else:
-                self._hooks.append(mid.register_forward_hook(_weak(self._on_mid)))
+                self._hooks.append(mid.register_forward_hook(weak_hook(self._on_mid)))
         self.reset()
 
     @classmethod
@@ -263,7 +211,7 @@ class LiveStopping(StoppingCriteria):
 
     def remove_hooks(self) -> None:
         """Detach from the model (also done when the criterion is garbage-collected or a ``with`` ends)."""
-        _remove(self._hooks)
+        remove_handles(self._hooks)
 
     def __enter__(self) -> "LiveStopping":
         return self
@@ -420,15 +368,9 @@ class LiveStopping(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         b = input_ids.shape[0]
         stop = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        if self.state is None and self._uncached:
-            raise ValueError("LiveStopping needs generate(..., use_cache=True) (the default): it probes from the "
-                             "generation's KV cache, and without one it would give no probe and no answer per row")
+        check_decoding(self.state is not None, self._uncached, b, len(self._rows))
         if self.state is None:
             return stop
-        if b != len(self._rows):
-            raise ValueError(f"LiveStopping got {b} sequences for a generation of {len(self._rows)} rows: beam "
-                             "search (num_beams > 1) and other decoders that regroup sequences are not supported; "
-                             "use greedy decoding or sampling (num_beams=1)")
         n = input_ids.shape[1] - self.prompt_length  # tokens generated so far
         if n == 1 and self.schedule.at_start:  # the start probe: on the prompt's cache, before token 1 runs
             self._probe(list(range(b)), ["start"] * b, 0, None)
