@@ -64,7 +64,6 @@ def _recipe_of(root: str | Path, meta: dict[str, Any]) -> str:
     """How to regenerate or resume ``root``: ``maml-stop harvest --config`` the ``experiments/corpus*.yaml``
     whose ``out`` is this corpus folder, else the command that ``meta.json`` records (``harvest_args``: the
     arguments that differ from the defaults), else a statement that the recipe is not recorded."""
-    import inspect
     import json
     import shlex
 
@@ -79,11 +78,7 @@ def _recipe_of(root: str | Path, meta: dict[str, Any]) -> str:
     if not isinstance(args, dict):
         return ("not recorded (no experiments/corpus*.yaml writes this folder and meta.json has no harvest_args): "
                 "`maml-stop harvest` with the settings listed above")
-    from maml_stop.harvest.cli import harvest
-
-    defaults = {k: p.default for k, p in inspect.signature(harvest).parameters.items()}
-    shown = [f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in args.items()
-             if k not in defaults or defaults[k] is inspect.Parameter.empty or json.dumps(defaults[k]) != json.dumps(v)]
+    shown = [f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in args.items()]
     return f"`maml-stop harvest {' '.join(shown)}` (the arguments meta.json records)"
 
 

@@ -15,7 +15,6 @@ wrote reads back exactly once.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -31,9 +30,10 @@ import torch
 import maml_stop
 from maml_stop.data import store
 from maml_stop.data.lock import corpus_lock
+from maml_stop.data.repair import main as repair_main
 from maml_stop.data.outputs import remove_stale_temp
 from maml_stop.harvest.interrupt import StopRequest
-from maml_stop.harvest.resume import check_meta, check_stored_in_order, meta_lock
+from maml_stop.harvest.resume import check_meta, check_stored_in_order, meta_lock, recorded_args
 from maml_stop.probe.features import ProbeFeaturizer
 from maml_stop.probe.engine import ProbingGenerator, TraceResult
 from maml_stop.probe.labels import CAP_ANSWERS, final_answer
@@ -309,7 +309,7 @@ def harvest(
             "code_version": maml_stop.__version__,
             "split_fractions": SPLIT_FRACTIONS,
             # this run's arguments (the latest run's on a resume): the datasheet's "regenerate" command
-            "harvest_args": json.loads(json.dumps(call, default=str)),
+            "harvest_args": recorded_args(harvest, call),
         }
         with meta_lock(out_path):  # several workers may start at once on one folder
             check_meta(out_path, meta)
@@ -387,8 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--repair" in argv:
-        from maml_stop.data.repair import main as repair_main
-
         return repair_main(argv)
     summary = CLI(harvest, args=argv, as_positional=False)
     log.info("harvest summary: %s", summary)

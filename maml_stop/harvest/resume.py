@@ -3,6 +3,8 @@ order; and the lock around the read-check-write of ``meta.json`` by workers star
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +81,15 @@ def check_meta(out: Path, meta: dict[str, Any]) -> None:
     merged["families"] = sorted(stored | set(meta["families"]))
     merged["family_settings"] = {**old.get("family_settings", {}), **meta.get("family_settings", {})}
     store.write_meta(out, merged)
+
+
+def recorded_args(fn, call: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``call`` that differ from ``fn``'s defaults, as JSON: ``meta.json``'s
+    ``harvest_args``, from which the datasheet writes the command that regenerates the corpus."""
+    call = json.loads(json.dumps(call, default=str))
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in call.items() if k not in params or params[k].default is inspect.Parameter.empty
+            or json.dumps(params[k].default, default=str) != json.dumps(v)}
 
 
 @contextmanager

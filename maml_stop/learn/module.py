@@ -48,6 +48,7 @@ import maml_stop
 from maml_stop import SCHEMA_VERSION
 from maml_stop.data.batches import DataError
 from maml_stop.data.datamodule import EpisodeBatch
+from maml_stop.data.provenance import corpus_provenance
 from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
@@ -150,8 +151,6 @@ class MetaStoppingModule(LightningModule):
                 f"{self.predictor.n_features} (do not set model.n_features by hand: the CLI links it)"
             )
         check_feature_names(self.feature_names, dm.feature_names)
-        from maml_stop.data.provenance import corpus_provenance
-
         self._provenance = corpus_provenance(getattr(dm, "meta", None) or {})
         if self.adapter.loss_kind == "cost" and getattr(dm, "weighting", "cost") != "cost":
             raise ValueError(

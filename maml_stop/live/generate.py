@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from maml_stop.data.outputs import check_output_file
 
-from maml_stop.harvest.model import load_model, resolve_device
+from maml_stop.harvest.model import load_model, model_identity, resolve_device
 from maml_stop.live.artifact import AdaptError, load_adapted, missing_recipe_fields
 from maml_stop.live.stopping import LiveStopping
 from maml_stop.probe.forcing import eos_ids
@@ -90,9 +90,6 @@ def check_model(adapted_path: str, model: str, allow_other_model: bool = False) 
     """Refuse ``model`` unless its weight files hash to those of the model the artifact's traces were
     harvested with (its ``meta["provenance"]``, :mod:`maml_stop.data.provenance`): a model of the same
     width would run and give meaningless features (issue 29). Unknown on either side: a warning."""
-    from maml_stop.harvest.model import model_identity
-    from maml_stop.live.artifact import load_adapted
-
     recorded = ((load_adapted(adapted_path).meta.get("provenance") or {}).get("parts") or {}).get("model")
     weights = model_identity(model, hash_weights=True).get("weights") if recorded else None
     if not recorded or not weights:
