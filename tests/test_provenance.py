@@ -80,6 +80,22 @@ def test_the_same_recipe_passes_and_the_artifact_records_it(fitted, tmp_path):
     assert adapted.meta["provenance"] == corpus_provenance(store.read_meta(corpus))
 
 
+def test_a_checkpoint_without_provenance_still_loads_with_a_warning(fitted, tmp_path, caplog):
+    import torch
+
+    from maml_stop.learn.module import CKPT_KEY
+    from maml_stop.live.adapt import adapt
+
+    corpus, ckpt = fitted
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    old[CKPT_KEY].pop("provenance")  # as written before issue 29
+    torch.save(old, tmp_path / "old.ckpt")
+    with caplog.at_level("WARNING", logger="maml_stop.data.provenance"):
+        adapted = adapt(str(tmp_path / "old.ckpt"), "fam_c", 4, corpus=_corpus(tmp_path / "other", features__proj_seed=1))
+    assert "records no corpus recipe" in caplog.text
+    assert adapted.meta["provenance"]["parts"]["features"]["proj_seed"] == 1
+
+
 def test_generate_refuses_another_model_of_the_same_width(harvested, tmp_path, capsys):  # noqa: F811
     import tiny_lm
     from maml_stop import cli

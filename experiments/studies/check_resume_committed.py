@@ -7,8 +7,8 @@ sha256, question order) run, nothing is generated, the committed folders are onl
 
     python experiments/studies/check_resume_committed.py --models /work/models   # a few minutes (model loads)
 
-Measured on the session's machine (2026-12-07): qwen05, qwen05_v2, qwen15 and the live qwen15 corpus of
-experiments/corpus_qwen15_pairs.yaml all resume (0 traces to do; "its weights' sha256 agree").
+Measured on the session's machine (2026-12-07): the committed qwen05, qwen05_v2 and qwen15 resume ("its
+weights' sha256 agree"), and so does the 1.5B harvest running then (``--corpus`` its folder: 456 traces).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 
 from maml_stop.harvest import cli
 
-# corpus folder -> (recipe, model key under --models)
+# corpus folder name -> (recipe, model key under --models)
 CORPORA = {
-    "experiments/corpus/qwen05": ("experiments/corpus_qwen05.yaml", "qwen05"),
-    "experiments/corpus/qwen05_v2": ("experiments/corpus_v2.yaml", "qwen05"),
-    "experiments/corpus/qwen15": ("experiments/corpus_qwen15_pairs.yaml", "qwen15"),
+    "qwen05": ("experiments/corpus_qwen05.yaml", "qwen05"),
+    "qwen05_v2": ("experiments/corpus_v2.yaml", "qwen05"),
+    "qwen15": ("experiments/corpus_qwen15_pairs.yaml", "qwen15"),
 }
 
 
@@ -41,14 +41,15 @@ def _stop(*args, **kwargs):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="folder with the converted models (scripts/fetch_models.sh)")
-    p.add_argument("--corpus", nargs="*", default=list(CORPORA), help="corpus folders to check")
+    p.add_argument("--corpus", nargs="*", default=[f"experiments/corpus/{n}" for n in CORPORA],
+                   help="corpus folders to check (a folder elsewhere, e.g. a running harvest's, by its name)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cli.ProbingGenerator.run = _stop  # the checks run, no trace is generated
     failed = []
     with tempfile.TemporaryDirectory() as scratch:
         for corpus in args.corpus:
-            recipe, key = CORPORA[corpus]
+            recipe, key = CORPORA[Path(corpus).name]
             links = Path(scratch) / "models" / key  # the same files under another path
             if not links.is_dir():
                 links.mkdir(parents=True)
