@@ -187,3 +187,15 @@ def test_harvest_out_checked_before_the_model_loads(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError, match="corpus folder .* is not writable"):  # not a model error: the model path is bad too
         harvest(out=str(blocker / "corpus"), model="/nonexistent/model", families=["gcd"], n_per_family=3)
+
+
+def test_the_summary_names_a_dataset_family_by_its_own_name(tmp_path, model_dir):
+    import json
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(6)))
+    summary = harvest(out=str(tmp_path / "c"), model=model_dir, families=["dataset"], n_per_family=3,
+                      family_args={"dataset": {"path": str(data), "name": "my_data"}}, dtype="float32",
+                      batch_size=3, shard_size=3, max_new_tokens=8, every_n=4, hash_weights=False)
+    assert list(summary["per_family"]) == ["my_data"] and summary["per_family"]["my_data"]["traces"] == 3
