@@ -5,7 +5,7 @@ loading the model from another folder than the one meta.json records (a folder o
 files: the same sha256, another path), up to its first generation: the resume checks (recipe, weights'
 sha256, question order) run, nothing is generated, the committed folders are only read.
 
-    python experiments/studies/check_resume_committed.py --models /work/models   # a few minutes (model loads)
+    python experiments/studies/check_resume_committed.py --models "$MAML_STOP_MODELS"   # scripts/fetch_models.sh; minutes
 
 Measured on the session's machine (2026-12-07): the committed qwen05, qwen05_v2 and qwen15 resume ("its
 weights' sha256 agree"), and so does the 1.5B harvest running then (``--corpus`` its folder: 456 traces).
