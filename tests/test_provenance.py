@@ -113,3 +113,16 @@ def test_generate_refuses_another_model_of_the_same_width(harvested, tmp_path, c
     assert cli.main([*common, "--model", other]) == 2
     assert "is not the model the traces" in capsys.readouterr().err
     assert cli.main([*common, "--model", other, "--allow_other_model", "true"]) == 0
+
+
+def test_an_artifact_without_provenance_still_generates(harvested, tmp_path, caplog):  # noqa: F811
+    from maml_stop import cli
+    from maml_stop.live.artifact import save_adapted
+
+    model_dir = str(Path(harvested[0]).parent / "tiny_lm")
+    _, adapted = _artifact(harvested, tmp_path, store.read_meta(harvested[0])["feature_names"])
+    adapted.meta.pop("provenance")  # as written before issue 29
+    path = str(save_adapted(adapted, tmp_path / "old.pt"))
+    with caplog.at_level("WARNING", logger="maml_stop.live.generate"):
+        assert cli.main(["generate", "--adapted", path, "--question", "What is 2 + 3?", "--model", model_dir]) == 0
+    assert "cannot check that" in caplog.text
