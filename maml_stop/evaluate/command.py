@@ -16,6 +16,8 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from maml_stop.evaluate.cascade import run_cascade
+from maml_stop.evaluate.cascade_report import write_cascade_report
 from maml_stop.evaluate.config import EvaluateConfig
 from maml_stop.evaluate.protocol import run
 from maml_stop.evaluate.results_file import read_results, write_results
@@ -50,11 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = pre.parse_known_args(argv)
     if known.report_only:  # no evaluation: the corpus and the rest of the settings are not needed
         path = Path(known.report_only)
-        paths = write_results(read_results(path), path.parent)
+        saved = read_results(path)
+        if "cost_model" in saved:  # a cascade evaluation's results (maml_stop.evaluate.cascade)
+            print(f"report written: {write_cascade_report(saved, path.parent)}")
+            return 0
+        paths = write_results(saved, path.parent)
         print(f"report written: {paths['table']}")
         return 0
     cfg = parse_config(argv)
-    results = run(cfg)
+    if cfg.cascade is not None:  # the paired small -> large protocol (issue 28)
+        results = run_cascade(cfg)
+    else:
+        results = run(cfg)
     print(f"results: {Path(cfg.out) / 'results.json'}; report: {Path(cfg.out) / 'results.md'} ({results['seconds']} s)")
     return 0
 

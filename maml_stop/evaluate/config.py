@@ -137,6 +137,9 @@ class EvaluateConfig:
     # pooled probes kept under cache_dir/pooled, keyed by the content hash of their inputs, reused by any
     # later run with the same ones (maml_stop.evaluate.cache); None: trained in every run
     cache_dir: str | None = None
+    # the small -> large cascade (issue 28): a CascadeConfig mapping (maml_stop.evaluate.cascade); when set,
+    # evaluate runs the cascade protocol on the paired corpora instead (experiments/cascade_evaluate.yaml)
+    cascade: dict[str, Any] | None = None
 
     @property
     def train_configs(self) -> list[str]:
