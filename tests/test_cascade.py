@@ -118,6 +118,22 @@ def test_cost_model_reads_the_benchmark_file(tmp_path):
         CostModel(2.0, "joules")
 
 
+def test_the_figure_plots_the_chosen_point_and_the_hindsight_curve():
+    from maml_stop.evaluate.cascade_plot import _family_means, cascade_points
+
+    ref = {"episodes": {"em": [0.5, 0.7], "cost_share": [0.4, 0.6]}}
+    curve = {"candidates": [0.1, 0.9], "0.1": {"em": [0.8, 0.8], "cost_share": [1.0, 1.2]},
+             "0.9": {"em": [0.5, 0.5], "cost_share": [0.5, 0.5]}}
+    thresholded = {"selectors": {"em_target": {"em": [0.6, 0.8], "cost_share": [0.7, 0.9]}}, "curve": curve}
+    assert cascade_points(ref, "em_target") == {"point": (0.5, 0.6), "curve": []}
+    got = cascade_points(thresholded, "em_target")
+    assert got["point"] == pytest.approx((0.8, 0.7)) and got["curve"] == [pytest.approx((1.1, 0.8)), (0.5, 0.5)]
+    assert cascade_points(thresholded, "ltt")["point"] is None  # a selector not run: no chosen point
+    two = {"families": {"a": {"16": {"small": ref, "m": thresholded}}, "b": {"16": {"small": ref}}}}
+    means = _family_means(two, 16, "em_target")
+    assert set(means) == {"small"} and means["small"]["point"] == pytest.approx((0.5, 0.6))  # only shared methods
+
+
 @pytest.mark.parametrize("learned", [pytest.param(False), pytest.param(True, marks=pytest.mark.slow)])
 def test_evaluate_cascade_block_runs_and_reports(tmp_path, learned):
     from maml_stop.evaluate.cascade import run_cascade
@@ -142,6 +158,7 @@ def test_evaluate_cascade_block_runs_and_reports(tmp_path, learned):
     assert len(cell["escalate_probe_ridge"]["selectors"]["em_target"]["em"]) == 2
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| fam_a | oracle_router | - |" in report and "Paired bootstrap" in report and "all (stratified)" in report
+    assert "(em_cost_k8.png)" in report and (tmp_path / "out" / "em_cost_k8.png").stat().st_size > 0
     with pytest.raises(ValueError, match="unknown cascade methods \\['escalate_nowhere'\\]"):
         run_cascade(EvaluateConfig(corpus=small, cascade={"pairs": large, "methods": ["escalate_nowhere"]}))
 

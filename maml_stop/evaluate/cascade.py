@@ -8,7 +8,7 @@ every method is fitted on the K support pairs and scored on the query pairs, wit
 (:class:`~maml_stop.data.pairs.CostModel`) beside the large and the small model alone on the same
 questions. The routers' source families are the held-out family's complement: every other family of the
 small model's corpus (their label, the small model's final EM, needs no pairing) and, for the large
-model's router of ``run_both``, the other paired families. Methods (:data:`KINDS` x
+model's router of ``run_both``, every other family of the large model's corpus. Methods (:data:`KINDS` x
 :data:`~maml_stop.decide.policies.routers.LEARNERS`, plus the references)::
 
     small, large, oracle_router, escalate_probe_<learner>, escalate_start_<learner>, run_both_<learner>
@@ -123,13 +123,13 @@ def make_router(view, cfg: RouterConfig, width: int, sources: Mapping[str, Seque
 
 
 class _Fold:
-    """What one held-out family's routers learn from: the other families' traces of each model."""
+    """What one held-out family's routers learn from: every other family of each model's corpus (their label,
+    the model's own final EM, needs no pairing; the large corpus's pilot families count)."""
 
-    def __init__(self, family: str, small: TraceCorpus, pairs: Mapping[str, list[PairedTrace]],
-                 questions: QuestionTable) -> None:
+    def __init__(self, family: str, small: TraceCorpus, large: TraceCorpus, questions: QuestionTable) -> None:
         self.family = family
         self.small_sources = {f: small.traces(f) for f in small.families if f != family}
-        self.large_sources = {f: [p.large for p in ps] for f, ps in pairs.items() if f != family}
+        self.large_sources = {f: large.traces(f) for f in large.families if f != family}
         self.feature_names = small.feature_names
         self.questions = questions
 
@@ -207,10 +207,14 @@ def run_cascade(ecfg) -> dict[str, Any]:
     price = cfg.cost_model()
     pairs = load_pairs(ecfg.corpus, cfg.pairs, ecfg.families, ecfg.min_probes)
     small = TraceCorpus.load(ecfg.corpus, min_probes=ecfg.min_probes)
+    large = TraceCorpus.load(cfg.pairs, min_probes=ecfg.min_probes)
+    if large.feature_names != small.feature_names:
+        raise ValueError(f"the two corpora probe different features: {cfg.pairs} {large.feature_names} against "
+                         f"{ecfg.corpus} {small.feature_names}")
     questions = QuestionTable.load(ecfg.corpus)
     families: dict[str, Any] = {}
     for i, family in enumerate(sorted(pairs)):
-        fold = _Fold(family, small, pairs, questions)
+        fold = _Fold(family, small, large, questions)
         families[family] = evaluate_cascade_family(ecfg, cfg, fold, pairs[family], price, i)
     results = {
         "settings": {"corpus": ecfg.corpus, "k": list(ecfg.k), "episodes": ecfg.episodes, "seed": ecfg.seed,

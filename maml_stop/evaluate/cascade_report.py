@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from maml_stop.evaluate.cascade_plot import plot_cascade
 from maml_stop.evaluate.compare import paired_bootstrap, stratified_paired_bootstrap
 from maml_stop.evaluate.report.stats import mean_ci
 
@@ -77,7 +78,7 @@ def cascade_markdown(results: Mapping[str, Any]) -> str:
                         continue
                     lines.append(f"| {fam} | {m} | {sel or '-'} | {_pct(figs['em'])} | {_pct(figs['em_vs_large'], True)} "
                                  f"| {_pct(figs['cost_share'])} | {_pct(figs['escalated'])} |")
-        lines += ["", _criterion(results, k, head), "", _curve_table(results, k), "", _bootstrap(results, k, head), ""]
+        lines += ["", f"![EM against weighted cost, K = {k}](em_cost_k{k}.png)", "", _criterion(results, k, head), "", _curve_table(results, k), "", _bootstrap(results, k, head), ""]
     return "\n".join(lines)
 
 
@@ -145,7 +146,9 @@ def _bootstrap(results: Mapping[str, Any], k: int, head: str) -> str:
 
 
 def write_cascade_report(results: Mapping[str, Any], out: str | Path) -> Path:
-    """Write ``results.md`` beside the results; returns its path."""
+    """Write ``results.md`` and its figures (``em_cost_k<K>.png``) beside the results; returns its path."""
+    for k in results["settings"]["k"]:
+        plot_cascade(results, Path(out) / f"em_cost_k{k}.png", k)
     path = Path(out) / "results.md"
     path.write_text(cascade_markdown(results).replace("{out}", str(Path(out))) + "\n")
     return path
