@@ -4,12 +4,12 @@
 # folds at K = 16 (the strategies, the cost-aware methods), the RL and cost-sensitive folds, the cross-model check and the ablations; then copy each
 # run's results.md and plots into experiments/results/<name>/ and rewrite the README and docs/results.md tables from them. About
 # two hours on this 2-core machine with harvests beside it.
-#   usage: bash scripts/reports.sh [main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations]
+#   usage: bash scripts/reports.sh [main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model cascade ablations]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 E=".venv/bin/maml-stop evaluate --config experiments/evaluate.yaml"
-steps=${*:-main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations}
+steps=${*:-main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model cascade ablations}
 copy() {  # copy() RUN_DIR NAME: the report and its plots (results.json stays in runs/: 5 MB)
   mkdir -p "experiments/results/$2"
   rm -f "experiments/results/$2"/*.png
@@ -39,9 +39,10 @@ for step in $steps; do
            > experiments/results/lofo_cost_sensitive/compare_vs_plain.md ;;  # after lofo: paired against the plain folds
     cross_model) $E --config experiments/main_evaluate.yaml --config experiments/cross_model_evaluate.yaml \
         && copy runs/cross_model/evaluate cross_model ;;
+    cascade) $E --config experiments/cascade_evaluate.yaml && copy runs/cascade cascade ;;  # issue 28 (results.json: runs/, 1.4 MB)
     ablations) .venv/bin/python experiments/ablations.py --k 16 --episodes 50 \
         && cp runs/ablations/ablations.md experiments/results/ablations.md ;;
-    *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model ablations" >&2; exit 2 ;;
+    *) echo "unknown step $step; valid: main lofo strategies cost_aware free_maml backoff rl cost_sensitive cross_model cascade ablations" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python -m maml_stop.commands.readme_tables README.md docs/results.md
