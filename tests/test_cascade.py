@@ -158,6 +158,8 @@ def test_evaluate_cascade_block_runs_and_reports(tmp_path, learned):
     assert len(cell["escalate_probe_ridge"]["selectors"]["em_target"]["em"]) == 2
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| fam_a | oracle_router | - |" in report and "Paired bootstrap" in report and "all (stratified)" in report
+    assert results["corpus_traces"]["large"] == {"fam_a": 40, "fam_b": 40, "fam_c": 40}
+    assert "Routers' source traces" in report and "large model fam_a 40, fam_b 40, fam_c 40" in report
     assert "(em_cost_k8.png)" in report and (tmp_path / "out" / "em_cost_k8.png").stat().st_size > 0
     with pytest.raises(ValueError, match="unknown cascade methods \\['escalate_nowhere'\\]"):
         run_cascade(EvaluateConfig(corpus=small, cascade={"pairs": large, "methods": ["escalate_nowhere"]}))

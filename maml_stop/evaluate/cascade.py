@@ -187,8 +187,9 @@ def evaluate_cascade_family(ecfg, cfg: CascadeConfig, fold: _Fold, pairs: list[P
                     figs["param"] = float("nan") if param is None else float(param)
                     _append(cell[m].setdefault("selectors", {}).setdefault(s, {}), figs)
                 curve = cell[m].setdefault("curve", {"candidates": list(policy.candidates)})
-                for c in policy.candidates:
-                    _append(curve.setdefault(str(c), {}), _figures([policy.outcome_at(p, c) for p in query], large, price))
+                every = [policy.outcomes(p) for p in query]  # (Q, J)
+                for j, c in enumerate(policy.candidates):
+                    _append(curve.setdefault(str(c), {}), _figures([row[j] for row in every], large, price))
         out[str(k)] = cell
         log.info("%s K=%d: %d episodes of %d methods", fold.family, k, ecfg.episodes, len(cfg.methods))
     return out
@@ -222,6 +223,9 @@ def run_cascade(ecfg) -> dict[str, Any]:
                      "cascade": asdict(cfg)},
         "cost_model": asdict(price),
         "pairs": {f: len(ps) for f, ps in pairs.items()},
+        # the routers' sources: every family of each corpus but the held-out one (a growing harvest changes them)
+        "corpus_traces": {"small": {f: len(small.traces(f)) for f in small.families},
+                          "large": {f: len(large.traces(f)) for f in large.families}},
         "families": families,
         "seconds": round(time.time() - start, 1),
     }

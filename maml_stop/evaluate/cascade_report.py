@@ -67,6 +67,10 @@ def cascade_markdown(results: Mapping[str, Any]) -> str:
         f"cost on the same questions. Regenerate: `maml-stop evaluate --report_only {{out}}/results.json` "
         "(or rerun the command in experiments/cascade_evaluate.yaml).", "",
     ]
+    if "corpus_traces" in results:  # the routers learn from every other family of each corpus
+        lines += ["Routers' source traces (every family but the held-out one): " + "; ".join(
+            f"{which} model {', '.join(f'{f} {n}' for f, n in sorted(sizes.items()))}"
+            for which, sizes in results["corpus_traces"].items()) + ".", ""]
     for k in s["k"]:
         lines += [f"## K = {k}", "", "| family | method | selector | EM % | EM - large (pts) | cost % of large | escalated % |",
                   "|---|---|---|---|---|---|---|"]

@@ -38,7 +38,7 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost
 from maml_stop.data.pairs import CostModel, PairedTrace
-from maml_stop.decide.rule import first_hit
+from maml_stop.decide.rule import NEVER, first_hit, first_hits
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import FixedThreshold
 
@@ -133,16 +133,25 @@ class ThresholdedCascade(CascadePolicy):
     def _forget(self, support: Sequence[PairedTrace]) -> None:
         """Drop out-of-sample support scores after the sweep."""
 
-    def outcome_at(self, pair: PairedTrace, param: float | None) -> CascadeOutcome:
+    def _outcomes(self, pair: PairedTrace, params: np.ndarray) -> list[CascadeOutcome]:
+        """The outcome of each parameter of ``params`` ``(J,)`` on ``pair``, its routers read once."""
         raise NotImplementedError
+
+    def outcome_at(self, pair: PairedTrace, param: float | None) -> CascadeOutcome:
+        return large_outcome(pair) if param is None else self._outcomes(pair, np.array([float(param)]))[0]
+
+    def outcomes(self, pair: PairedTrace) -> list[CascadeOutcome]:
+        """The outcome of every candidate, in candidate order."""
+        return self._outcomes(pair, np.asarray(self.candidates, dtype=np.float64))
 
     def outcome(self, pair: PairedTrace) -> CascadeOutcome:
         return self.outcome_at(pair, self.param)
 
     def sweep(self, pairs: Sequence[PairedTrace]) -> SupportSweep:
         """EM and weighted cost of every candidate on ``pairs`` against the large model alone: (N, J)."""
-        em = np.array([[self.outcome_at(p, c).em for c in self.candidates] for p in pairs], dtype=np.float64)
-        cost = np.array([[self.outcome_at(p, c).cost(self.price) for c in self.candidates] for p in pairs])
+        outs = [self.outcomes(p) for p in pairs]
+        em = np.array([[o.em for o in row] for row in outs], dtype=np.float64)
+        cost = np.array([[o.cost(self.price) for o in row] for row in outs], dtype=np.float64)
         large = [large_outcome(p) for p in pairs]
         return SupportSweep(em=em, tokens=cost, full_em=np.array([o.em for o in large], dtype=np.float64),
                             full_tokens=np.array([o.cost(self.price) for o in large]))
@@ -190,11 +199,9 @@ class EscalateAtProbe(_SmallRouted):
         """The probe at which the question is handed over (None: the small model answers)."""
         return first_hit(1.0 - self.router.scores(pair.small), tau)
 
-    def outcome_at(self, pair: PairedTrace, param: float | None) -> CascadeOutcome:
-        if param is None:
-            return large_outcome(pair)
-        i = self.escalation(pair, param)
-        return small_outcome(pair) if i is None else large_outcome(pair, int(pair.small.positions[i]))
+    def _outcomes(self, pair: PairedTrace, params: np.ndarray) -> list[CascadeOutcome]:
+        hits = first_hits(1.0 - self.router.scores(pair.small), params)  # (J,): the probe of the switch
+        return [small_outcome(pair) if i == NEVER else large_outcome(pair, int(pair.small.positions[i])) for i in hits]
 
 
 class EscalateAtStart(_SmallRouted):
@@ -202,10 +209,9 @@ class EscalateAtStart(_SmallRouted):
 
     kind = "escalate_start"
 
-    def outcome_at(self, pair: PairedTrace, param: float | None) -> CascadeOutcome:
-        if param is None or first_hit(1.0 - self.router.scores(pair.small)[:1], param) is not None:
-            return large_outcome(pair)
-        return small_outcome(pair)
+    def _outcomes(self, pair: PairedTrace, params: np.ndarray) -> list[CascadeOutcome]:
+        hits = first_hits(1.0 - self.router.scores(pair.small)[:1], params)  # (J,): the question's one row
+        return [small_outcome(pair) if i == NEVER else large_outcome(pair) for i in hits]
 
 
 class RunBoth(ThresholdedCascade):
@@ -232,10 +238,8 @@ class RunBoth(ThresholdedCascade):
         """P(small right) - P(large right), each at its trace's last probe."""
         return float(self.small_router.scores(pair.small)[-1] - self.large_router.scores(pair.large)[-1])
 
-    def outcome_at(self, pair: PairedTrace, param: float | None) -> CascadeOutcome:
-        if param is None:
-            return large_outcome(pair)
+    def _outcomes(self, pair: PairedTrace, params: np.ndarray) -> list[CascadeOutcome]:
         both = (full_cost(pair.small), full_cost(pair.large))
-        if first_hit(np.array([self.trust_gap(pair)]), param) is not None:
-            return CascadeOutcome(bool(pair.small.final_em), *both, escalated=False)
-        return CascadeOutcome(bool(pair.large.final_em), *both, escalated=True)
+        keep_small = first_hits(np.array([self.trust_gap(pair)]), params) != NEVER  # (J,)
+        return [CascadeOutcome(bool(pair.small.final_em), *both, escalated=False) if k
+                else CascadeOutcome(bool(pair.large.final_em), *both, escalated=True) for k in keep_small]
