@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from maml_stop.live.rule import StopRule, _Row
+from maml_stop.live.rule import StopRule
 from maml_stop.live.stopping import LiveStopping
 from maml_stop.probe.features import FeatureState, ProbeFeaturizer, entropy_from_logits
 from maml_stop.probe.forcing import (RowSchedule, answer_end_test, force_answers, forced_features, probe_reason,
@@ -85,7 +85,7 @@ class LiveRecord:
     def __init__(self, spec: LiveSpec, rule: StopRule, threshold: float | None) -> None:
         self.featurizer, self.trigger_ids, self.reasoning_format = spec.featurizer, spec.trigger_ids, spec.reasoning_format
         self.spec, self.rule, self.mode = spec, rule, rule.mode
-        self.row: _Row = rule.new_row(threshold)
+        self.row = rule.new_row(threshold)  # the rule's state of this row
         self.clock = RowSchedule()
         for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers",
                      "positions"):
@@ -164,8 +164,9 @@ class Decoder:
         self._probes(starts, {i: "start" for i in starts}, zero=True)
         for i in starts:  # the start probe in the row's schedule
             probe_reason(self.rows[i].live.spec.schedule, self.rows[i].live.clock, 0, [])
+        tokens = logits.argmax(-1).tolist()  # greedy, as generate()
         for i in index:
-            self._choose(self.rows[i], logits[i - first])
+            self._choose(self.rows[i], tokens[i - first])
         self._drop()
 
     # -- one step -------------------------------------------------------------------------------
@@ -183,11 +184,12 @@ class Decoder:
         self._observe(index, logits, hidden)
         due = {i: r.due for i, r in enumerate(self.rows) if r.due}
         self._probes(list(due), due)
+        tokens = logits.argmax(-1).tolist()  # greedy, as generate()
         for i, row in enumerate(self.rows):
             if row.live is not None and row.live.stopped_at[0] is not None or len(row.generated) >= self.cap:
                 row.ended = True  # stopped at its probe, or its cap probe ran
             else:
-                self._choose(row, logits[i])
+                self._choose(row, tokens[i])
         self._drop()
 
     def _forward(self, ids, mask, pos, cache, hidden: bool):
@@ -197,9 +199,9 @@ class Decoder:
         self.step_rows += ids.shape[0]
         return out.logits[:, -1, :].float(), out.hidden_states if hidden else None  # (b, V)
 
-    def _choose(self, row: _Active, logits: torch.Tensor) -> None:
-        """Append the row's greedy token; decide whether it ends now and which probe its next forward owes."""
-        row.generated.append(int(logits.argmax()))
+    def _choose(self, row: _Active, token: int) -> None:
+        """Append the row's next token; decide whether it ends now and which probe its next forward owes."""
+        row.generated.append(token)
         n, live = len(row.generated), row.live
         row.due = None
         if live is not None and live.stopped_at[0] is not None:  # stopped at its start probe
