@@ -11,9 +11,14 @@ Three services, each a ``maml-stop serve`` on a free loopback port, fed by a clo
 * ``idle``: the artifact's threshold removed (never stop): the service serves plain ``generate()``
   (no probes): what the service costs on top of the model;
 * ``never``: tau = 1 (live stopping probes and forces every answer but never fires: the probing cost);
-* ``stop``: the artifact's own threshold: how many stop early and what it saves in wall time.
+* ``stop``: the artifact's own threshold: how many stop early and what it saves in wall time;
+* ``decoder`` (not by default): no service, no HTTP: the continuous decoder (serve/decoder.py) in this
+  process, plain rows, a closed loop of ``c`` slots (a row joins when one ends): the decoder's own
+  tokens/s against plain ``generate()``, without the cost of a request outside the model.
 
-The baseline runs ``generate()`` directly on batches of ``c`` prompts, right before each service's level
+Each service runs once per ``--engines`` entry (``batch.engine``): ``continuous`` (rows join the running batch,
+serve/decoder.py) and ``generate`` (one ``generate()`` per batch, the path before it), so that old and new are
+measured in the same run. The baseline runs ``generate()`` directly on batches of ``c`` prompts, right before each service's level
 (the load of a shared machine moves: each ratio compares runs a few seconds apart). tokens/s counts generated
 (reasoning) tokens, the client's output; ``total/s`` adds every forced-answer token. Without
 ``--model`` the tiny random Llama of tests/tiny_lm.py serves an artifact adapted on a corpus harvested
@@ -178,13 +183,39 @@ def plain_level(model, tok, prompts: list[str], concurrency: int, cap: int) -> d
     return {"requests": len(prompts), "wall_s": wall, "tokens_per_s": generated / wall, "reasoning_tokens": generated}
 
 
+def decoder_level(model, tok, prompts: list[str], concurrency: int, cap: int) -> dict:
+    """The continuous decoder in this process on plain rows: ``concurrency`` slots, a row joins when one ends."""
+    from maml_stop.probe.forcing import eos_ids
+    from maml_stop.serve.decoder import Decoder
+
+    eos = set(eos_ids(model, tok))
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    out: dict[int, list[int]] = {}
+    dec = Decoder(model, tok, cap, eos, lambda key, generated, live: out.__setitem__(key, generated), concurrency)
+    waiting, t0 = list(range(len(prompts))), time.perf_counter()
+    while waiting or dec.rows:
+        room = concurrency - len(dec.rows)
+        if waiting and room:
+            dec.add([(i, ids[i], None) for i in waiting[:room]])
+            waiting = waiting[room:]
+        dec.step()
+    wall = time.perf_counter() - t0
+    generated = sum(len(g) for g in out.values())  # up to and with the EOS, as plain_level counts
+    return {"requests": len(prompts), "wall_s": wall, "p50_ms": float("nan"), "p95_ms": float("nan"),
+            "tokens_per_s": generated / wall, "total_per_s": generated / wall, "stopped_early": 0,
+            "reasoning_tokens": generated, "mean_batch": dec.step_rows / max(dec.steps, 1), "in_generate": 1.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the tiny local model, built here)")
     p.add_argument("--artifact", default=None, help="adapted artifact of that model (needed with --model)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level and service")
-    p.add_argument("--modes", nargs="+", default=["idle", "never", "stop"], choices=["idle", "never", "stop"])
+    p.add_argument("--modes", nargs="+", default=["idle", "never", "stop"],
+                   choices=["idle", "never", "stop", "decoder"])
+    p.add_argument("--engines", nargs="+", default=["continuous", "generate"], choices=["continuous", "generate"],
+                   help="the service's batch.engine, one service each")
     p.add_argument("--window_ms", type=float, default=10.0, help="the service's batching gap (batch.window_ms)")
     p.add_argument("--max_wait_ms", type=float, default=50.0, help="the service's batch.max_wait_ms")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -211,22 +242,35 @@ def main(argv: list[str] | None = None) -> int:
         fmt = load_adapted(artifact).recipe.get("reasoning_format") or "plain"
         levels = {c: fam.questions("test", args.requests, seed=c) for c in args.concurrency}
         rows = []
-        for mode in args.modes:  # one service per mode, max_batch = the highest concurrency
-            extra = ["--online.sample_rate", "0", "--batch.max_batch", str(max(args.concurrency)),
-                     "--batch.window_ms", str(args.window_ms), "--batch.max_wait_ms", str(args.max_wait_ms)]
-            with server(model_dir, artifacts[mode], root / f"{mode}.sqlite", extra) as port:
-                for c, qs in levels.items():  # the baseline right before: the machine's load changes
-                    base = plain_level(model, tok, [fam.render_prompt(q, tok, fmt) for q in qs], c, cap)
-                    r = serve_level(port, [q.question for q in qs], c)
-                    rows.append({"concurrency": c, "service": mode, **r, "plain_tokens_per_s": base["tokens_per_s"],
-                                 "plain_wall_s": base["wall_s"], "vs_plain": r["tokens_per_s"] / base["tokens_per_s"]})
-        rows.sort(key=lambda r: (r["concurrency"], args.modes.index(r["service"])))
+        for mode in args.modes:  # one service per mode and engine, max_batch = the highest concurrency
+            if mode == "decoder":
+                for c, qs in levels.items():
+                    prompts = [fam.render_prompt(q, tok, fmt) for q in qs]
+                    base = plain_level(model, tok, prompts, c, cap)
+                    r = decoder_level(model, tok, prompts, c, cap)
+                    rows.append({"concurrency": c, "service": mode, "engine": "in-process", **r,
+                                 "plain_tokens_per_s": base["tokens_per_s"], "plain_wall_s": base["wall_s"],
+                                 "vs_plain": r["tokens_per_s"] / base["tokens_per_s"]})
+                continue
+            for engine in args.engines:
+                extra = ["--online.sample_rate", "0", "--batch.max_batch", str(max(args.concurrency)),
+                         "--batch.window_ms", str(args.window_ms), "--batch.max_wait_ms", str(args.max_wait_ms),
+                         "--batch.engine", engine]
+                with server(model_dir, artifacts[mode], root / f"{mode}-{engine}.sqlite", extra) as port:
+                    for c, qs in levels.items():  # the baseline right before: the machine's load changes
+                        base = plain_level(model, tok, [fam.render_prompt(q, tok, fmt) for q in qs], c, cap)
+                        r = serve_level(port, [q.question for q in qs], c)
+                        rows.append({"concurrency": c, "service": mode, "engine": engine, **r,
+                                     "plain_tokens_per_s": base["tokens_per_s"], "plain_wall_s": base["wall_s"],
+                                     "vs_plain": r["tokens_per_s"] / base["tokens_per_s"]})
+        order = args.engines + ["in-process"]
+        rows.sort(key=lambda r: (r["concurrency"], args.modes.index(r["service"]), order.index(r["engine"])))
     what = "tiny random Llama (tests/tiny_lm.py; overhead only, not a real model)" if args.model is None else args.model
     print(f"maml-stop serve loopback benchmark: {what}; {args.requests} requests per level; token cap {cap}")
-    print(f"{'c':>3} {'service':<7} {'p50 ms':>8} {'p95 ms':>8} {'tok/s':>8} {'total/s':>8} {'plain/s':>8} "
+    print(f"{'c':>3} {'service':<7} {'engine':<10} {'p50 ms':>8} {'p95 ms':>8} {'tok/s':>8} {'total/s':>8} {'plain/s':>8} "
           f"{'x plain':>8} {'stopped':>8} {'wall s':>7} {'plain s':>7} {'batch':>6} {'in gen':>6}")
     for r in rows:
-        print(f"{r['concurrency']:>3} {r['service']:<7} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['tokens_per_s']:>8.1f} "
+        print(f"{r['concurrency']:>3} {r['service']:<7} {r['engine']:<10} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['tokens_per_s']:>8.1f} "
               f"{r['total_per_s']:>8.1f} {r['plain_tokens_per_s']:>8.1f} {r['vs_plain']:>8.2f} {r['stopped_early']:>8} "
               f"{r['wall_s']:>7.2f} {r['plain_wall_s']:>7.2f} {r['mean_batch']:>6.1f} {r['in_generate']:>6.2f}")
     if args.out:

@@ -61,15 +61,19 @@ def half_artifact(harvested, artifact, tmp_path_factory):  # noqa: F811
     return str(save_adapted(adapted, root / "half.pt"))
 
 
-def test_mixed_batch_gives_each_request_its_own_answer(harvested, half_artifact, tmp_path):  # noqa: F811
-    """Rows that stop at tau and feedback runs (never stop, every probe forced) share one generate();
-    each answer and bill equals that question's alone; a stopped row leaves before the batch ends."""
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_mixed_batch_gives_each_request_its_own_answer(harvested, half_artifact, tmp_path, engine):  # noqa: F811
+    """Rows that stop at tau and feedback runs (never stop, every probe forced) share one batch (the
+    continuous decoder's forwards, or one generate()); each answer and bill equals that question's alone;
+    a stopped row leaves before the batch ends."""
     from maml_stop.data.accounting import stop_cost
+    from maml_stop.serve.config import BatchConfig
     from maml_stop.serve.loop import trace_from_json
 
     artifact = half_artifact
     qs = questions(8)
-    cfg = make_config(harvested, artifact, tmp_path / "s.sqlite", online={"sample_rate": 0.5})
+    cfg = make_config(harvested, artifact, tmp_path / "s.sqlite", online={"sample_rate": 0.5},
+                      batch=BatchConfig(window_ms=50.0, max_wait_ms=100.0, max_batch=8, engine=engine))
     svc = service(harvested, cfg)
     with client(svc) as c:
         out = post_all(c, [q.question for q in qs])

@@ -10,6 +10,12 @@ one generate() per arm and kind of criterion: rows of one arm that stop at tau a
 stop, every probe forced) share one :class:`~maml_stop.live.stopping.LiveStopping` with per-row
 thresholds (``row_thresholds``); rows in fallback run a plain generate() without probes. A stopped row
 stays in the batch tensor (``generate`` pads it) but its response is sent when it stops.
+
+That is ``batch.engine: generate``. The default, ``continuous``, keeps one
+:class:`~maml_stop.serve.decoder.Decoder` instead: waiting requests join the running batch at its next
+step (up to ``max_batch`` active rows), rows of every arm and plan share each forward, a row leaves the
+batch when it stops or ends, and learning steps run between two steps. When nothing runs, the first
+request waits for others as above, so that they share one prefill.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from maml_stop.live.generate import result_row
 from maml_stop.live.stopping import LiveStopping
 from maml_stop.probe.forcing import eos_ids
+from maml_stop.live.rule import StopRule
 from maml_stop.serve.config import BatchConfig
+from maml_stop.serve.decoder import Decoder, LiveRecord, LiveSpec
 from maml_stop.serve.loop import OnlineLoop, Plan, trace_from_json
 
 log = logging.getLogger(__name__)
@@ -115,6 +123,11 @@ class ModelWorker:
         self.batches = 0  # windows served
         self.generate_calls = self.generate_rows = 0
         self.generate_s = 0.0  # wall time inside generate()
+        self.specs = {name: LiveSpec.from_parts(model, tokenizer, loop.arms[name].predictor(), loop.arms[name].feature_names,
+                                                f, sched, loop.arms[name].mode, **rest)
+                      for name, (f, sched, rest) in self.parts.items()} if batch.engine == "continuous" else {}
+        self.decoder = Decoder(model, tokenizer, self.cap, self.eos, self._done, batch.max_batch) \
+            if batch.engine == "continuous" else None  # refuses a generation config it cannot follow, now
 
     # -- from the HTTP threads ------------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +161,9 @@ class ModelWorker:
     # -- on the model thread --------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads()))
+        (self._run_continuous if self.batch.engine == "continuous" else self._run_generate)()
+
+    def _run_generate(self) -> None:
         while True:
             item = self._q.get()
             if item is None:
@@ -155,30 +171,103 @@ class ModelWorker:
             if not isinstance(item, Job):
                 self._task(item)
                 continue
-            jobs, tasks, stop = [item], [], False
-            first = last = time.monotonic()
-            gap, most = self.batch.window_ms / 1000.0, self.batch.max_wait_ms / 1000.0
-            while len(jobs) < self.batch.max_batch:
-                wait = min(last + gap, first + most) - time.monotonic()
-                if wait <= 0:
-                    break
-                try:
-                    nxt = self._q.get(timeout=wait)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                if isinstance(nxt, Job):
-                    jobs.append(nxt)
-                    last = time.monotonic()
-                else:
-                    tasks.append(nxt)
+            jobs, tasks, stop = self._gather(item)
             self._serve(jobs)
             for task in tasks:
                 self._task(task)
             if stop:
                 return
+
+    def _gather(self, item: Job) -> tuple[list[Job], list[Callable[[], None]], bool]:
+        """The batching window after job ``item``: its jobs, the learning steps that came meanwhile, and
+        whether the stop signal came."""
+        jobs, tasks, stop = [item], [], False
+        first = last = time.monotonic()
+        gap, most = self.batch.window_ms / 1000.0, self.batch.max_wait_ms / 1000.0
+        while len(jobs) < self.batch.max_batch:
+            wait = min(last + gap, first + most) - time.monotonic()
+            if wait <= 0:
+                break
+            try:
+                nxt = self._q.get(timeout=wait)
+            except queue.Empty:
+                break
+            if nxt is None:
+                stop = True
+                break
+            if isinstance(nxt, Job):
+                jobs.append(nxt)
+                last = time.monotonic()
+            else:
+                tasks.append(nxt)
+        return jobs, tasks, stop
+
+    def _run_continuous(self) -> None:
+        dec = self.decoder
+        waiting: list[Job] = []
+        closing = False
+        while True:
+            tasks: list[Callable[[], None]] = []
+            if not dec.rows and not waiting:  # idle: block, then the window for others to share the prefill
+                if closing:
+                    return
+                item = self._q.get()
+                if item is None:
+                    return
+                if not isinstance(item, Job):
+                    self._task(item)
+                    continue
+                jobs, tasks, closing = self._gather(item)
+                waiting += jobs
+            else:  # running: whatever came since the last step
+                while True:
+                    try:
+                        nxt = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        closing = True
+                    elif isinstance(nxt, Job):
+                        waiting.append(nxt)
+                    else:
+                        tasks.append(nxt)
+            room = self.batch.max_batch - len(dec.rows)
+            if waiting and room > 0:
+                take, waiting = waiting[:room], waiting[room:]
+                self._decode(dec, lambda: dec.add([self._entry(j) for j in take]), take)
+                self.batches += 1
+            if dec.rows:
+                self._decode(dec, dec.step, [])
+            for task in tasks:
+                self._task(task)
+
+    def _decode(self, dec: Decoder, call: Callable[[], None], joining: list[Job]) -> None:
+        """Run one decoder call; on an error answer every row in the batch (and ``joining``) with it."""
+        started = time.perf_counter()
+        try:
+            call()
+        except Exception as err:  # answer every active request, keep serving
+            log.exception("the continuous batch failed with %d rows", len(dec.rows))
+            for job in dec.fail() + joining:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        self.generate_s += time.perf_counter() - started
+        self.generate_calls, self.generate_rows = dec.steps, dec.step_rows
+
+    def _entry(self, job: Job) -> tuple[Job, list[int], LiveRecord | None]:
+        """A job as a decoder row: its prompt ids and, unless it runs plain (fallback, idle), its live record
+        (the arm's predictor in force, the plan's mode and threshold)."""
+        ids = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+        if job.plan.kind == "full":
+            return job, ids, None
+        arm, spec = self.loop.arms[job.plan.arm], self.specs[job.plan.arm]
+        mode = "every" if job.plan.kind == "feedback" else arm.mode
+        rule = StopRule(spec.featurizer.feature_names, arm.predictor(), math.inf, mode, arm.feature_names)
+        return job, ids, LiveRecord(spec, rule, job.plan.threshold)
+
+    def _done(self, job: Job, ids: list[int], live: LiveRecord | None) -> None:
+        self._finish(job, 0, ids, live)
+        self.states = self.loop.states()
 
     def _task(self, task: Callable[[], None]) -> None:
         try:

@@ -7,19 +7,27 @@ from dataclasses import dataclass, field
 
 from maml_stop.online import ABConfig, OnlineConfig
 
-__all__ = ["BatchConfig", "LimitsConfig", "ServeConfig"]
+__all__ = ["BatchConfig", "ENGINES", "LimitsConfig", "ServeConfig"]
+
+ENGINES = ("continuous", "generate")  # rows join a running batch (serve/decoder.py) | one generate() per batch
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Dynamic batching: a batch closes when no request came for ``window_ms``, when ``max_wait_ms`` have
-    passed since its first request, or when it holds ``max_batch`` requests; then it runs as one generate()."""
+    """Dynamic batching. ``engine: continuous`` (default): requests join the running batch at its next
+    step, up to ``max_batch`` active rows; when nothing runs, the first request waits as below for others
+    to share its prefill. ``engine: generate``: a batch closes when no request came for ``window_ms``,
+    when ``max_wait_ms`` have passed since its first request, or when it holds ``max_batch`` requests;
+    then it runs as one generate() to its end."""
 
     window_ms: float = 10.0  # the gap after the latest request that closes a batch
     max_wait_ms: float = 50.0  # the longest the first request of a batch waits for others
-    max_batch: int = 8  # rows of one generate() call
+    max_batch: int = 8  # rows of one generate() call, or active rows of the continuous batch
+    engine: str = "continuous"  # one of ENGINES
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown batch.engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if not (self.window_ms >= 0.0 and self.max_wait_ms >= self.window_ms) or self.max_batch < 1:
             raise ValueError(f"need 0 <= window_ms <= max_wait_ms and max_batch >= 1; got {self.window_ms}, "
                              f"{self.max_wait_ms}, {self.max_batch}")

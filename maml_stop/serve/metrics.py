@@ -93,9 +93,9 @@ def render(states: dict[str, Any], totals: dict[str, Any], worker: dict[str, flo
                  [({"verdict": ab["verdict"]}, 1)] if ab["verdict"] else [])
     t.metric("maml_stop_queue_depth", "gauge", "requests and learning steps waiting for the model thread",
              [({}, worker["queued"])])
-    t.metric("maml_stop_generate_calls_total", "counter", "generate() calls since start", [({}, worker["generate_calls"])])
-    t.metric("maml_stop_generate_rows_total", "counter", "rows of those calls (their mean batch size: rows / calls)",
+    t.metric("maml_stop_generate_calls_total", "counter", "model batches since start: generate() calls (batch.engine generate) or forwards (continuous)", [({}, worker["generate_calls"])])
+    t.metric("maml_stop_generate_rows_total", "counter", "rows of those batches (mean rows per forward: rows / calls)",
              [({}, worker["generate_rows"])])
-    t.metric("maml_stop_generate_seconds_total", "counter", "wall time inside generate() since start",
+    t.metric("maml_stop_generate_seconds_total", "counter", "wall time inside generate() or the continuous decoder since start",
              [({}, worker["generate_s"])])
     return "\n".join(t.lines) + "\n"

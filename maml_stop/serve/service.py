@@ -94,8 +94,11 @@ class Service:
         self.replayed = self.loop.rebuild(self.store)
         log.info("rebuilt the online state from %s: %d learning steps in %.1f s", config.db, self.replayed,
                  time.monotonic() - started)
-        self.worker = ModelWorker(model, tokenizer, self.family, parts, self.loop, self.store, config.batch,
-                                  config.limits.max_queue)
+        try:
+            self.worker = ModelWorker(model, tokenizer, self.family, parts, self.loop, self.store, config.batch,
+                                      config.limits.max_queue)
+        except ValueError as err:  # e.g. a generation config the continuous decoder cannot follow
+            raise ServeError(f"model {config.model}: {err}") from None
         # the HTTP threads render and count prompts with their own copy: a fast tokenizer used from two
         # threads at once fails ("Already borrowed"), and the model thread uses this one throughout generate
         self._prompt_tok = copy.deepcopy(tokenizer)
