@@ -133,7 +133,7 @@ class EvaluateConfig:
     batched: bool = True
     # the fast path adapts probes with at most this many inner steps for all episodes at once; longer ones
     # (scratch: 100) per episode, where float-order differences would grow into other decisions
-    batch_max_steps: int = 20
+    batch_max_steps: int = 100
     # pooled probes kept under cache_dir/pooled, keyed by the content hash of their inputs, reused by any
     # later run with the same ones (maml_stop.evaluate.cache); None: trained in every run
     cache_dir: str | None = None

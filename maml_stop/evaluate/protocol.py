@@ -134,7 +134,7 @@ def evaluate_family(
     progress: bool = True,
     calibration: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     method_selectors: Mapping[tuple[str, int], Mapping[str, StopSelector]] | None = None,
-    batch_max_steps: int = 20,
+    batch_max_steps: int = 100,
 ) -> dict[str, dict[str, Any]]:
     """Every method on the same fixed episodes of ``family``, for every K.
 

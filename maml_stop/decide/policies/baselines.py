@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from maml_stop.data.accounting import stop_costs
 from maml_stop.data.corpus import Trace
 from maml_stop.decide.policies.base import (
     FirstHitPolicy,
@@ -83,13 +84,21 @@ def oracle_at_equal_em(traces: Sequence[Trace]) -> list[StopOutcome]:
     chosen: list[StopOutcome] = []
     moves: list[tuple[int, int, StopOutcome]] = []
     for i, trace in enumerate(traces):
-        options = [full_generation_outcome(trace)] + [probe_outcome(trace, j) for j in range(trace.n_probes)]
-        cheapest = min(options, key=lambda o: o.total_tokens)
+        # the options in order: full generation, then probe 0..P-1 (ties go to the first, as min() did)
+        full = full_generation_outcome(trace)
+        stop_total, stop_reasoning = stop_costs(trace)
+        totals = np.concatenate([[full.total_tokens], stop_total])
+        ems = np.concatenate([[bool(full.em)], np.asarray(trace.labels) > 0.5])
+
+        def option(j: int) -> StopOutcome:
+            return full if j == 0 else StopOutcome(j - 1, bool(ems[j]), int(stop_total[j - 1]), int(stop_reasoning[j - 1]))
+
+        c = int(np.argmin(totals))
+        cheapest = option(c)
         chosen.append(cheapest)
-        correct = [o for o in options if o.em]
-        if correct and not cheapest.em:
-            best = min(correct, key=lambda o: o.total_tokens)
-            moves.append((best.total_tokens - cheapest.total_tokens, i, best))
+        if ems.any() and not ems[c]:
+            b = int(np.flatnonzero(ems)[np.argmin(totals[ems])])
+            moves.append((int(totals[b] - totals[c]), i, option(b)))
     need = sum(bool(t.final_em) for t in traces) - sum(o.em for o in chosen)
     for _, i, best in sorted(moves, key=lambda m: m[:2])[: max(need, 0)]:
         chosen[i] = best
