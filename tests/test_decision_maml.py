@@ -110,6 +110,12 @@ def test_meta_training_moves_the_parameters_and_keeps_the_twin():
     before = dict(twin.named_parameters())
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert set(model.state()["lambdas"]) == {"hurts", "helps"}
+    torch.manual_seed(0)
+    frozen = DecisionMAML(StoppingPredictor(3, depth=0), DecisionMAMLConfig(outer_steps=2, meta_batch=2, learn_init=False),
+                          TAUS)
+    frozen.meta_train(families, 8)
+    assert all(torch.equal(p, before[n]) for n, p in frozen.named_parameters() if n != "margin")
+    assert float(frozen.margin) != float(twin.margin)  # the margin alone moved
 
 
 def test_errors_name_the_bad_value():
@@ -130,7 +136,8 @@ def test_the_study_runs_the_decision_by_name(tiny_corpus, tmp_path):
 
     cfg = MetaSelectConfig(corpus=tiny_corpus, out=str(tmp_path), shots=[4, 8], decision_shots=[8], episodes=3,
                            train_episodes=3, probe={"depth": 0, "steps": 20},
-                           selectors=["em_target", "em_target_cal", "maml_decision", "maml_decision_zero"],
+                           selectors=["em_target", "em_target_cal", "maml_decision", "maml_decision_margin",
+                                      "maml_decision_zero"],
                            against=["em_target_cal"], decision={"outer_steps": 2, "meta_batch": 2})
     results = run(cfg)
     row = results["summary"]["8"]["maml_decision"]
@@ -139,3 +146,5 @@ def test_the_study_runs_the_decision_by_name(tiny_corpus, tmp_path):
     fitted = results["fitted"]["fam_a"]["8"]["maml_decision"]
     assert set(fitted["lambdas"]) == {"fam_b", "fam_c"}
     assert "vs em_target_cal" in (tmp_path / "results.md").read_text()
+    margin_only = results["fitted"]["fam_a"]["8"]["maml_decision_margin"]
+    assert margin_only["config"]["learn_init"] is False and results["summary"]["8"]["maml_decision_margin"]["twin"] == "maml_decision_zero"

@@ -62,6 +62,7 @@ class DecisionMAMLConfig:
     margin_init: float = 0.0  # the selection's margin (EM fraction) before meta-training: em_target's 0
     target: float = 0.005  # the mean query drop each training family is held to (delta less a safety margin)
     outer_steps: int = 100  # meta-training steps (every training family in each)
+    learn_init: bool = True  # meta-learn the probe's initialisation (False: the margin alone, the probe stays)
     outer_lr: float = 0.01  # Adam, for the probe's weights
     margin_lr: float = 0.002  # Adam, for the margin (EM fraction per step)
     meta_batch: int = 4  # episodes per training family per step
@@ -145,7 +146,8 @@ class DecisionMAML(nn.Module):
         """Smoothed (E,) query drop and savings of the softly selected policy, and the (E, J + 1)
         selection weights (column 0: full generation). Differentiable."""
         weights = torch.from_numpy(self._weights(table, supports))
-        probs, crossed = self._probs(table, supports)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.learn_init):
+            probs, crossed = self._probs(table, supports)
         taus = self.taus.expand(len(supports), -1)  # (E, J)
         em, tokens, _ = relaxed_outcome(table, probs, taus, self.config.temperature)  # (E, J, N)
         q_drop, q_saved = episode_figures(table, em, tokens, 1.0 - weights)  # (E, J) query
@@ -182,8 +184,10 @@ class DecisionMAML(nn.Module):
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         lam = {f: float(cfg.lambda_init) for f in families}
-        opt = torch.optim.Adam([{"params": list(self.adapter.parameters()), "lr": cfg.outer_lr},
-                                {"params": [self.margin], "lr": cfg.margin_lr}])
+        groups = [{"params": [self.margin], "lr": cfg.margin_lr}]
+        if cfg.learn_init:
+            groups.append({"params": list(self.adapter.parameters()), "lr": cfg.outer_lr})
+        opt = torch.optim.Adam(groups)
         history = []
         self.train()
         for step in range(cfg.outer_steps):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 from maml_stop.decide.meta.relaxed import FamilyTensors
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DECISION_METHODS", "decision_fold"]
 
-DECISION_METHODS: dict[str, str] = {"maml_decision": "maml_decision_zero", "maml_decision_zero": "maml_decision_zero"}
-# name -> its twin without meta-training (for the summary's paired comparison)
+DECISION_METHODS: dict[str, str] = {"maml_decision": "maml_decision_zero", "maml_decision_margin": "maml_decision_zero",
+                                     "maml_decision_zero": "maml_decision_zero"}
+# name -> its twin without meta-training (for the summary's paired comparison); maml_decision_margin is the
+# ablation that meta-learns the margin alone (learn_init: false), the probe's initialisation staying the pooled probe
 
 
 def decision_fold(
@@ -53,14 +56,19 @@ def decision_fold(
     for k in shots:
         started = time.time()
         model = DecisionMAML(fresh_copy(pooled), config, taus, delta)
-        twin = model.zero_step()
-        history = model.meta_train({f: tables[f] for f in train}, k) if "maml_decision" in methods else []
-        fitted[str(k)] = {"maml_decision": {**model.state(), "history": history,
-                                            "seconds": round(time.time() - started, 1)},
-                          "maml_decision_zero": twin.state()}
+        models = {"maml_decision_zero": model.zero_step()}
+        if "maml_decision_margin" in methods:
+            models["maml_decision_margin"] = DecisionMAML(fresh_copy(pooled), replace(config, learn_init=False), taus, delta)
+        if "maml_decision" in methods:
+            models["maml_decision"] = model
+        fitted[str(k)] = {}
+        for name, m in models.items():
+            begun = time.time()
+            history = m.meta_train({f: tables[f] for f in train}, k) if name != "maml_decision_zero" else []
+            fitted[str(k)][name] = {**m.state(), "history": history, "seconds": round(time.time() - begun, 1)}
         for h in heldout:
             supports = episode_support(by_family[h], h, k, episodes, seed)
-            for name, m in (("maml_decision", model), ("maml_decision_zero", twin)):
+            for name, m in models.items():
                 if name in methods:
                     results[h].setdefault(str(k), {})[name] = m.evaluate(tables[h], supports)
         log.info("decision MAML, held out %s, K = %d: %.0f s", list(heldout), k, time.time() - started)
