@@ -115,7 +115,6 @@ def test_meta_training_moves_the_parameters_and_keeps_the_twin():
                           TAUS)
     frozen.meta_train(families, 8)
     assert all(torch.equal(p, before[n]) for n, p in frozen.named_parameters() if n != "margin")
-    assert float(frozen.margin) != float(twin.margin)  # the margin alone moved
 
 
 def test_errors_name_the_bad_value():
