@@ -108,6 +108,7 @@ class DecisionMAML(nn.Module):
         self.adapter = InnerLoopAdapter(predictor, "maml", config.inner_lr, config.inner_steps, config.first_order,
                                         "balanced", config.backend)
         self.margin = nn.Parameter(torch.tensor(float(config.margin_init), dtype=torch.float64))
+        self.lambdas: dict[str, float] = {}  # each training family's Lagrange multiplier after meta_train
 
     def zero_step(self) -> "DecisionMAML":
         """The twin without meta-training: a copy of this model as it is now (call before meta_train)."""
@@ -180,7 +181,9 @@ class DecisionMAML(nn.Module):
     # -- meta-training
     def meta_train(self, families: Mapping[str, FamilyTensors], k: int) -> list[dict]:
         """``outer_steps`` Adam steps on the per-family Lagrangian over the ``families`` (random episodes
-        of ``k`` support traces, the rest of the family as the query); returns a short history."""
+        of ``k`` support traces drawn at random, the rest of the family as the query: one trace per
+        question in the corpora here; evaluation uses the protocol's question-level episodes); returns a
+        short history."""
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         lam = {f: float(cfg.lambda_init) for f in families}
@@ -215,5 +218,5 @@ class DecisionMAML(nn.Module):
 
     def state(self) -> dict:
         """What results.json records of the fitted decision (the probe's weights aside)."""
-        return {"margin": float(self.margin.detach()), "lambdas": dict(getattr(self, "lambdas", {})),
+        return {"margin": float(self.margin.detach()), "lambdas": dict(self.lambdas),
                 "config": asdict(self.config)}
