@@ -275,7 +275,7 @@ def test_meta_selectors_run_by_name_in_evaluate(tiny_corpus, tmp_path):
     assert "selector_states" not in cell["full"]
 
 
-@pytest.mark.parametrize("name", ["meta_select", "meta_select_v2"])
+@pytest.mark.parametrize("name", ["meta_select", "meta_select_v2", "meta_select_decision"])
 def test_the_committed_report_is_rebuilt_from_its_results(name, tmp_path):
     """Every figure of experiments/results/<name>/results.md comes from its results.json (bootstrap seeded)."""
     from pathlib import Path

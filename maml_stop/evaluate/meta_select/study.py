@@ -26,7 +26,10 @@ import numpy as np
 from maml_stop.decide.meta.features import FamilyEpisodes, SupportStats
 from maml_stop.decide.meta.outcomes import EpisodeSweeps
 from maml_stop.decide.meta.rules import EmpiricalBayesSelector, LearnedMapSelector, MetaSelector, SupportDrop, SupportLTT
+from maml_stop.decide.meta.relaxed import FamilyTensors
+from maml_stop.evaluate.meta_select.decision import DECISION_METHODS, decision_fold
 from maml_stop.evaluate.meta_select.simulate import ProbeRecipe, nested_sweeps
+from maml_stop.learn.decision_maml import DecisionMAMLConfig
 from maml_stop.evaluate.grouped_folds import grouped_folds
 from maml_stop.data.corpus import TraceCorpus
 from maml_stop.evaluate.meta_select.summary import write_summary
@@ -56,7 +59,8 @@ STUDY_SELECTORS: dict[str, StudySelector] = {
     "meta_map": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=None), twin="em_target"),
     "meta_map_cal": StudySelector(lambda d, a: LearnedMapSelector(d, family_alpha=a), twin="em_target"),
 }
-TWINS: dict[str, str] = {name: s.twin for name, s in STUDY_SELECTORS.items()}  # for the summary
+TWINS: dict[str, str] = {**{name: s.twin for name, s in STUDY_SELECTORS.items()}, **DECISION_METHODS}  # for the summary
+METHODS = (*STUDY_SELECTORS, *DECISION_METHODS)  # every name ``selectors`` may list
 
 
 @dataclass
@@ -80,19 +84,27 @@ class MetaSelectConfig:
                                                         0.3, 0.2, 0.1])
     selectors: list[str] = field(default_factory=lambda: list(STUDY_SELECTORS))
     probe: ProbeRecipe = field(default_factory=ProbeRecipe)
+    decision: DecisionMAMLConfig = field(default_factory=DecisionMAMLConfig)  # maml_decision's meta-training
+    decision_shots: list[int] | None = None  # the K at which the decision methods run (None: every K of shots)
+    against: list[str] = field(default_factory=list)  # further selectors every method is compared with (paired)
     n_resamples: int = 2000  # paired bootstrap over episodes
     min_probes: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.probe, dict):
             self.probe = ProbeRecipe(**self.probe)
-        unknown = [s for s in self.selectors if s not in STUDY_SELECTORS]
+        if isinstance(self.decision, dict):
+            self.decision = DecisionMAMLConfig(**self.decision)
+        unknown = [s for s in self.selectors if s not in METHODS]
         if unknown or "em_target" not in self.selectors:
             raise ValueError(f"unknown selectors {unknown} (em_target is required, the comparison's baseline); "
-                             f"valid: {', '.join(STUDY_SELECTORS)}")
-        for s in self.selectors:
-            if STUDY_SELECTORS[s].twin not in self.selectors:
-                raise ValueError(f"selector {s!r} is compared with {STUDY_SELECTORS[s].twin!r}: list it too")
+                             f"valid: {', '.join(METHODS)}")
+        for s in [*self.selectors, *self.against]:
+            if TWINS.get(s, s) not in self.selectors:
+                raise ValueError(f"selector {s!r} is compared with {TWINS.get(s, s)!r}: list it in selectors too")
+        missing = sorted(set(self.decision_shots or []) - set(self.shots))
+        if missing:
+            raise ValueError(f"decision_shots {missing} are not in shots {self.shots}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MetaSelectConfig":
@@ -140,7 +152,7 @@ def evaluate_fold(cfg: MetaSelectConfig, held: dict[str, dict[int, EpisodeSweeps
     for k in cfg.shots:
         families = {f: FamilyEpisodes.from_sweeps(by_k[k]) for f, by_k in train.items()}
         fitted[str(k)] = {}
-        for name in cfg.selectors:
+        for name in [s for s in cfg.selectors if s in STUDY_SELECTORS]:
             selector = STUDY_SELECTORS[name].make(cfg.delta, cfg.alpha).fit_families(families)
             fitted[str(k)][name] = selector.state_dict()
             for h, by_k in held.items():
@@ -165,11 +177,22 @@ def run(cfg: MetaSelectConfig) -> dict[str, Any]:
     if missing:
         raise ValueError(f"families {missing} are not in {cfg.corpus}; it holds {corpus.families}")
     by_family = {f: corpus.traces(f) for f in families}
+    decision = [s for s in cfg.selectors if s in DECISION_METHODS]
+    tables = {f: FamilyTensors.from_traces(by_family[f]) for f in families} if decision else {}
     results: dict[str, Any] = {"config": asdict(cfg), "families": [], "results": {}, "fitted": {}}
     for i, (heldout, train) in enumerate(_folds(cfg, families)):
         held, sims = nested_sweeps(by_family, heldout, train, cfg.probe, cfg.taus, cfg.shots, cfg.episodes,
                                    cfg.train_episodes, cfg.seed, cfg.groups)
         fold_results, fitted = evaluate_fold(cfg, held, sims)
+        if decision:
+            extra, extra_fitted = decision_fold(by_family, tables, heldout, train, cfg.probe, cfg.decision,
+                                                cfg.decision_shots or cfg.shots, cfg.taus, cfg.delta, cfg.episodes,
+                                                cfg.seed, decision)
+            for h, by_k in extra.items():
+                for k, methods in by_k.items():
+                    fold_results[h][k].update(methods)
+            for k, states in extra_fitted.items():
+                fitted[k].update(states)
         results["results"].update(fold_results)
         results["families"].extend(heldout)
         results["fitted"][",".join(heldout)] = fitted

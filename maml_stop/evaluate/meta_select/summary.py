@@ -78,7 +78,8 @@ def summarise(results: dict[str, Any], twins: Mapping[str, str]) -> dict[str, An
     out: dict[str, Any] = {}
     for k in map(str, cfg["shots"]):
         out[k] = {}
-        for name in list(cfg["selectors"]) + ["hindsight"]:
+        present = lambda m: any(m in r.get(k, {}) for r in per.values())  # noqa: E731  (some methods run at some K)
+        for name in [m for m in list(cfg["selectors"]) + ["hindsight"] if present(m)]:
             s = selector_summary(per, k, name, cfg["delta"])
             if name in twins:
                 s["vs_em_target"] = paired_bootstrap(per, k, name, "em_target", cfg["n_resamples"], cfg["seed"])
@@ -87,6 +88,9 @@ def summarise(results: dict[str, Any], twins: Mapping[str, str]) -> dict[str, An
                 s["vs_twin"] = paired_bootstrap(per, k, name, twin, cfg["n_resamples"], cfg["seed"])
                 if "ltt" in cfg["selectors"]:  # the risk-controlled selector on the support alone
                     s["vs_ltt"] = paired_bootstrap(per, k, name, "ltt", cfg["n_resamples"], cfg["seed"])
+                for other in cfg.get("against", []):  # further paired comparisons the config names
+                    if present(other):
+                        s[f"vs_{other}"] = paired_bootstrap(per, k, name, other, cfg["n_resamples"], cfg["seed"])
             out[k][name] = s
     return out
 
@@ -109,17 +113,21 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
              f"{results.get('seconds', 'n/a')} s.", ""]
     for k, rows in summary.items():
         n = next(iter(rows.values()))["families"]
+        against = [o for o in cfg.get("against", []) if o in rows]
         lines += [f"## K = {k}", "",
                   f"| selector | % saved | within (of {n}) | % episodes within | mean drop (pts) | worst family drop (pts) "
-                  "| violation rate [95% upper] | vs em_target (% saved, paired 95%) | vs twin | vs ltt |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| violation rate [95% upper] | vs em_target (% saved, paired 95%) | vs twin | vs ltt |"
+                  + "".join(f" vs {o} |" for o in against),
+                  "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(against)]
         for name, s in rows.items():
             vs = _interval(s["vs_em_target"]) if "vs_em_target" in s else "n/a"
             twin = f"{_interval(s['vs_twin'])} ({s['twin']})" if "vs_twin" in s and s["twin"] != name else "n/a"
             lines.append(f"| {name} | {_pts(s['saved'])} | {s['within']} | {_pts(s['episodes_within'])} | "
                          f"{_pts(s['mean_drop'])} | {_pts(s['worst_drop'])} ({s['worst_family']}) | "
                          f"{s['violation_rate']:.2f} [{s['violation_bound']:.2f}] | {vs} | {twin} | "
-                         f"{_interval(s['vs_ltt']) if 'vs_ltt' in s and name != 'ltt' else 'n/a'} |")
+                         f"{_interval(s['vs_ltt']) if 'vs_ltt' in s and name != 'ltt' else 'n/a'} |"
+                         + "".join(f" {_interval(s[f'vs_{o}']) if f'vs_{o}' in s and o != name else 'n/a'} |"
+                                   for o in against))
         names = list(rows)
         lines += ["", f"Per family at K = {k}: % saved / mean drop (pts).", "",
                   "| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
