@@ -33,10 +33,10 @@ ZERO_STEP = "zero_step"  # the variant kind that writes the zero-step checkpoint
 # name -> (kind, extra `maml-stop fit` arguments); kind: "fit" (meta-train, evaluate best.ckpt) or ZERO_STEP
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "main (FOMAML, mlp 1x32, 3 inner steps)": ("fit", []),
-    "ANIL (adapt the head only)": ("fit", ["--model.algorithm=anil"]),
-    "second-order MAML": ("fit", ["--model.first_order=false"]),
-    "delta predictor (sees the previous probe)": ("fit", ["--model.kind=delta"]),
-    "inner loss: plain BCE (no class balance)": ("fit", ["--model.loss=bce"]),
+    "ANIL (adapt the head only)": ("fit", ["--model.adapter.algorithm=anil"]),
+    "second-order MAML": ("fit", ["--model.adapter.first_order=false"]),
+    "delta predictor (sees the previous probe)": ("fit", ["--model.predictor.kind=delta"]),
+    "inner loss: plain BCE (no class balance)": ("fit", ["--model.adapter.loss=bce"]),
     "no meta-training (zero-step: random init + training families' normalisation, no optimiser step)": (ZERO_STEP, []),
 }
 

@@ -76,7 +76,8 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     from maml_stop.data.fastpath import fast_path
     from maml_stop.evaluate.command import parse_config
     from maml_stop.evaluate.methods import build_policies
-    from maml_stop.evaluate.protocol import _selectors, _json_safe, evaluate_family
+    from maml_stop.evaluate.protocol import evaluate_family, selectors_for
+    from maml_stop.evaluate.results_file import json_safe
     from maml_stop.learn.pooled import train_predictor
 
     argv = [a for c in s.configs for a in ("--config", c)] + ["--corpus", str(corpus.root or ""), "--progress", "false"]
@@ -89,7 +90,7 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     pooled, pooled_wall, pooled_cpu = _timed(lambda: train_predictor(
         [t for f in sources for t in corpus.traces(f)], config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
         backend=cfg.backend))
-    selectors = _selectors(cfg)
+    selectors = selectors_for(cfg)
     n = s.episodes * len(s.k)
 
     def run(methods: list[str]) -> tuple[dict, float, float]:
@@ -108,7 +109,7 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
                 log.info("%s %s: %.3f s per episode", path, m, wall / n)
             res, wall, cpu = run(list(s.methods))
             together[path] = {"wall_s": wall, "cpu_s": cpu, "episodes_per_s": n / wall,
-                              "results": json.loads(json.dumps(_json_safe(res)))}
+                              "results": json.loads(json.dumps(json_safe(res)))}
     diffs = _differences(together["fast"].pop("results"), together["reference"].pop("results"))
     decisions = [d for d in diffs if not PROBABILITY_FIGURES & {str(x) for x in d[0]}]
     prob = [abs(a - b) / max(abs(b), 1e-300) for p, a, b in diffs if p not in decisions and isinstance(a, float)]

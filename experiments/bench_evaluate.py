@@ -55,6 +55,7 @@ def measure(traces: int = 400, probes: int = 16, episodes: int = 10, k: list[int
     ``k`` (the K values)/``methods``: default the :class:`EvaluateConfig` ones. Returns ``seconds`` (report
     included), ``evaluation_seconds`` (the protocol's own), ``episodes``, ``seconds_per_episode``, ``k``, ``methods``."""
     from maml_stop.evaluate.protocol import EvaluateConfig, run
+    from maml_stop.learn.adapter import AdapterConfig
     from maml_stop.learn.module import MetaStoppingModule
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +64,8 @@ def measure(traces: int = 400, probes: int = 16, episodes: int = 10, k: list[int
         store.write_meta(root, {"feature_names": names, "model": {"name": "synthetic"}})
         for k, fam in enumerate(("fam_a", "fam_b", "fam_c")):
             store.write_shard(root, fam, "test", synthetic_rows(fam, traces, probes, k))
-        module = MetaStoppingModule(n_features=N_FEATURES, feature_names=names, inner_steps=3, first_order=True)
+        module = MetaStoppingModule(n_features=N_FEATURES, feature_names=names,
+                                    adapter=AdapterConfig(inner_steps=3, first_order=True))
         ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "datamodule_hyper_parameters": {"val_families": ["fam_b"], "test_families": ["fam_c"]}}
         module.on_save_checkpoint(ckpt)

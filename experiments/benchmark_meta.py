@@ -30,6 +30,7 @@ from maml_stop.data.datamodule import EpisodeBatch
 from maml_stop.learn import adapter as adapter_module
 from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.module import MetaStoppingModule
+from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.data.episodes import EpisodeSampler
 
 
@@ -123,8 +124,9 @@ def measure(by_family: dict, meta_batch: int = 8, k: int = 16, q: int = 64, inne
         for algorithm, first_order in settings:
             for backend in backends:
                 module = MetaStoppingModule(
-                    n_features, hidden=hidden, depth=depth, kind=kind, algorithm=algorithm,
-                    inner_lr=0.1, inner_steps=inner_steps, first_order=first_order, compare_random_init=False,
+                    n_features, predictor=PredictorConfig(hidden=hidden, depth=depth, kind=kind),
+                    adapter=AdapterConfig(algorithm, inner_lr=0.1, inner_steps=inner_steps, first_order=first_order),
+                    compare_random_init=False,
                 )
                 module.adapter = with_backend(module.adapter, backend)
                 opt = torch.optim.Adam(module.parameters(), lr=1e-3)

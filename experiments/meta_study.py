@@ -252,7 +252,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     from maml_stop.evaluate.folds import load_checkpoint
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.learn.pooled import train_predictor
-    from maml_stop.evaluate.protocol import _selectors, fork_map
+    from maml_stop.evaluate.protocol import fork_map, selectors_for
 
     loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}
     first, _ = next(iter(loaded.values()))
@@ -270,7 +270,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
         steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
         policies[name] = build_policies(ecfg, ["maml"], adapter, pooled, config, loss, maml_steps=steps)["maml"]
     global _CELL
-    _CELL = (ecfg, view, policies, _selectors(ecfg), loaded, first, pooled, fold, split)
+    _CELL = (ecfg, view, policies, selectors_for(ecfg), loaded, first, pooled, fold, split)
     try:  # ecfg.workers: held-out families side by side in forked processes (as maml-stop evaluate)
         done = fork_map(_evaluate_family, fold.test, ecfg.workers)
     finally:

@@ -10,7 +10,7 @@
 #  - the project itself (editable) with the extras given in EXTRAS (default: harvest,notebooks,test,serve).
 # Without learn2learn: `bash scripts/install.sh --no-learn2learn` (or MAML_STOP_NO_L2L=1) skips its
 #    special build (and the Cython it needs); then adapt with the torch.func backend, which needs only
-#    torch and gives the same results: `model.backend: torch_func` in the YAML (a learn2learn-backend
+#    torch and gives the same results: `model.adapter.backend: torch_func` in the YAML (a learn2learn-backend
 #    adapter raises an ImportError that says so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ EXTRAS=${EXTRAS:-harvest,notebooks,test,serve}
 python -m pip install -q --upgrade pip setuptools wheel
 [[ $TORCH_SPEC == skip ]] || python -m pip install -q "$TORCH_SPEC"
 if [[ $NO_L2L == 1 ]]; then
-  echo "skipping learn2learn (--no-learn2learn / MAML_STOP_NO_L2L=1): set model.backend: torch_func"
+  echo "skipping learn2learn (--no-learn2learn / MAML_STOP_NO_L2L=1): set model.adapter.backend: torch_func"
 else
   # learn2learn first needs Cython and numpy in the build; it must not pull its own dependencies.
   python -m pip install -q "cython>=3" numpy

@@ -83,7 +83,7 @@ def test_quickstart_is_deterministic(tiny_corpus, tmp_path):
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.max_steps=6",
             "--data.steps_per_epoch=3", "--trainer.check_val_every_n_epoch=1", "--data.k=4", "--data.q=8",
-            "--data.val_episodes=3", "--model.dropout=0.2",
+            "--data.val_episodes=3", "--model.predictor.dropout=0.2",
         ]
         cli = cli_main(["fit", *args])
         return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}

@@ -42,7 +42,7 @@ def fit_args(corpus: str, root: Path) -> list[str]:
         "--data.test_families=[fam_c]", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.max_steps=4", "--data.steps_per_epoch=2",
         "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1", "--data.k=4", "--data.q=8",
-        "--data.meta_batch_size=4", "--data.val_episodes=5", "--model.hidden=8", "--model.inner_steps=2",
+        "--data.meta_batch_size=4", "--data.val_episodes=5", "--model.predictor.hidden=8", "--model.adapter.inner_steps=2",
     ]
 
 

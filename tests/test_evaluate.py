@@ -155,10 +155,10 @@ def test_config_yaml_parses(tiny_corpus):
     assert ns.k == [4, 8, 16, 32] and ns.episodes >= 50 and ns.delta == 0.01
     assert re.fullmatch(r"[a-z_]+", ns.threshold_methods[0])
     from maml_stop.evaluate.methods import build_policies
-    from maml_stop.evaluate.protocol import _selectors
+    from maml_stop.evaluate.protocol import selectors_for
 
     cfg = EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
-    assert list(_selectors(cfg)) == cfg.threshold_methods
+    assert list(selectors_for(cfg)) == cfg.threshold_methods
     heuristics = [m for m in cfg.methods if m in ("full", "budget", "consistency", "confidence", "oracle")]
     assert set(build_policies(cfg, heuristics, None, None, {"n_features": 8})) == set(heuristics)
 
@@ -189,12 +189,15 @@ def test_callback_in_a_trainer_logs_and_saves_the_curve(tiny_corpus, tmp_path):
 
     from maml_stop.evaluate.callbacks import EMTokenEvaluation
     from maml_stop.data.datamodule import TraceDataModule
+    from maml_stop.learn.adapter import AdapterConfig
     from maml_stop.learn.module import MetaStoppingModule
+    from maml_stop.learn.predictor import PredictorConfig
 
     dm = TraceDataModule(corpus=tiny_corpus, val_families=["fam_b"], test_families=["fam_c"], k=4, q=8,
                          meta_batch_size=2, steps_per_epoch=2, val_episodes=2)
-    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, hidden=8, depth=1,
-                               inner_steps=1, first_order=True, compare_random_init=False)
+    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names,
+                               predictor=PredictorConfig(hidden=8, depth=1),
+                               adapter=AdapterConfig(inner_steps=1, first_order=True), compare_random_init=False)
     callback = EMTokenEvaluation(taus=[0.9, 0.5, 0.1])
     trainer = Trainer(max_steps=2, inference_mode=False, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -214,7 +217,7 @@ def test_train_config_meta_trains_one_fold_per_family(tiny_corpus, tmp_path):
         + ", name: logs}}\n  enable_model_summary: false\n  num_sanity_val_steps: 0\n"
         "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {dirpath: " + str(tmp_path / "shared") + ", save_last: true}\n"
-        "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
+        "model: {predictor: {hidden: 8, depth: 1}, adapter: {inner_steps: 1, first_order: true}, compare_random_init: false}\n"
         "data: {val_families: [fam_a], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
     )
     results = run(EvaluateConfig(corpus=tiny_corpus, train_config=str(config), out=str(tmp_path / "out"), k=[4],
@@ -335,7 +338,7 @@ def test_train_config_folds_read_a_feature_shorthand(tmp_path):
         "trainer:\n  max_steps: 2\n  inference_mode: false\n  enable_progress_bar: false\n  enable_model_summary: false\n"
         "  num_sanity_val_steps: 0\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {save_last: true}\n"
-        "model: {hidden: 8, depth: 1, inner_steps: 1, first_order: true, compare_random_init: false}\n"
+        "model: {predictor: {hidden: 8, depth: 1}, adapter: {inner_steps: 1, first_order: true}, compare_random_init: false}\n"
         "data: {val_families: [fam_b], k: 4, q: 8, meta_batch_size: 2, steps_per_epoch: 2, val_episodes: 1}\n"
     )
     results = run(EvaluateConfig(corpus=corpus, train_config=str(config), features="free", families=["fam_a"],

@@ -43,11 +43,14 @@ def test_callback_evaluates_the_datamodules_validation_episodes(tiny_corpus, tmp
     from lightning.pytorch import Trainer
 
     from maml_stop.evaluate.callbacks import EMTokenEvaluation
+    from maml_stop.learn.adapter import AdapterConfig
     from maml_stop.learn.module import MetaStoppingModule
+    from maml_stop.learn.predictor import PredictorConfig
 
     dm = _dm(tiny_corpus)
-    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, hidden=8, depth=1,
-                               inner_steps=1, first_order=True, compare_random_init=False)
+    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names,
+                               predictor=PredictorConfig(hidden=8, depth=1),
+                               adapter=AdapterConfig(inner_steps=1, first_order=True), compare_random_init=False)
     callback = EMTokenEvaluation(taus=[0.9, 0.5, 0.1], save_plot=False)
     seen = []
     evaluate = callback.evaluate
@@ -128,5 +131,5 @@ def test_cost_rule_reads_its_prices_from_the_config():
     from maml_stop.evaluate.config import EvaluateConfig
 
     cfg = EvaluateConfig(corpus="unused", threshold_methods=["em_target", "cost"], token_price=0.5, wrong_answer_cost=7.0)
-    rule = protocol._selectors(cfg)["cost"]
+    rule = protocol.selectors_for(cfg)["cost"]
     assert vars(rule).get("token_price") == 0.5 and vars(rule).get("wrong_answer_cost") == 7.0

@@ -144,7 +144,7 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         from maml_stop.learn.tune import load_space
 
         space = load_space(path)
-        assert {"model.inner_lr", "model.inner_steps", "model.hidden", "model.loss"} <= set(space)
+        assert {"model.adapter.inner_lr", "model.adapter.inner_steps", "model.predictor.hidden", "model.adapter.loss"} <= set(space)
         assert f"maml-stop tune --config experiments/quickstart.yaml --space experiments/{path.name}" in path.read_text()
     elif kind == "harvest":
         from jsonargparse import ArgumentParser
@@ -176,8 +176,10 @@ def test_main_fit_config_is_the_quickstart_plus_overrides(tiny_corpus, tmp_path)
     args = ["--config", str(EXPERIMENTS / "quickstart.yaml")] + tiny_args(EXPERIMENTS / "main.yaml", tiny_corpus, tmp_path)
     cli = cli_main(args + ["--data.k=4", "--data.q=8"], run=False)
     quick = yaml.safe_load((EXPERIMENTS / "quickstart.yaml").read_text())
-    assert {k: cli.model.hparams[k] for k in quick["model"] if k != "optimizer"} == {
-        k: v for k, v in quick["model"].items() if k != "optimizer"}
+    for key, value in quick["model"].items():  # nested sections (predictor, adapter) key by key
+        if key != "optimizer":
+            got = cli.model.hparams[key]
+            assert ({k: got[k] for k in value} if isinstance(value, dict) else got) == value, key
     assert cli.trainer.max_steps == quick["trainer"]["max_steps"]
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert "EMTokenEvaluation" in names and "EarlyStopping" in names

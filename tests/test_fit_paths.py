@@ -23,7 +23,7 @@ def fit_args(corpus: str, root: Path, steps: int = 5) -> list[str]:
         f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.max_steps={steps}", "--data.steps_per_epoch=2",
         "--trainer.check_val_every_n_epoch=1", "--data.k=4", "--data.q=8", "--data.val_episodes=2",
-        "--model.hidden=8", "--model.inner_steps=1",
+        "--model.predictor.hidden=8", "--model.adapter.inner_steps=1",
     ]
 
 

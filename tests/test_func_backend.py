@@ -13,9 +13,9 @@ from lightning.pytorch import Trainer
 
 from maml_stop.data.batches import ProbeBatch
 from maml_stop.data.datamodule import TraceDataModule
-from maml_stop.learn.adapter import BACKENDS, InnerLoopAdapter
+from maml_stop.learn.adapter import BACKENDS, AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.module import MetaStoppingModule, load_predictor
-from maml_stop.learn.predictor import StoppingPredictor
+from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 from test_adapter import N_FEATURES
 from test_adapter import episode_batch as adapter_episode_batch
 
@@ -150,16 +150,17 @@ def test_bad_backend_names_the_value_and_the_choices():
     with pytest.raises(ValueError, match=r"'jax'.*valid: learn2learn, torch_func"):
         InnerLoopAdapter(StoppingPredictor(N_FEATURES, hidden=4, depth=1), backend="jax")
     with pytest.raises(ValueError, match=r"'torchfunc'.*valid: learn2learn, torch_func"):
-        MetaStoppingModule(n_features=N_FEATURES, hidden=4, depth=1, backend="torchfunc")
+        MetaStoppingModule(n_features=N_FEATURES, predictor={"hidden": 4, "depth": 1}, adapter={"backend": "torchfunc"})
 
 
 def test_fit_with_torch_func_backend_and_checkpoint(tiny_corpus, tmp_path):
     torch.manual_seed(0)
     dm = TraceDataModule(tiny_corpus, k=4, q=8, meta_batch_size=2, steps_per_epoch=2, val_episodes=2,
                          test_episodes=2, val_families=["fam_b"], test_families=["fam_c"])
-    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, hidden=16, depth=1,
-                               inner_steps=2, inner_lr=0.3, algorithm="metasgd", backend="torch_func")
-    assert model.hparams.backend == "torch_func" and model.adapter.backend == "torch_func"
+    model = MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names,
+                               predictor=PredictorConfig(hidden=16, depth=1),
+                               adapter=AdapterConfig("metasgd", inner_lr=0.3, inner_steps=2, backend="torch_func"))
+    assert model.hparams.adapter["backend"] == "torch_func" and model.adapter.backend == "torch_func"
     before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, inference_mode=False,
@@ -175,7 +176,7 @@ def test_fit_with_torch_func_backend_and_checkpoint(tiny_corpus, tmp_path):
     trainer.save_checkpoint(path)
     _, adapter, meta = load_predictor(path)
     assert adapter.backend == "torch_func" and meta["adapter"]["backend"] == "torch_func"
-    assert meta["hyper_parameters"]["backend"] == "torch_func"
+    assert meta["hyper_parameters"]["adapter"]["backend"] == "torch_func"
     _, l2l_adapter, _ = load_predictor(path, backend="learn2learn")  # same weights, other backend
     support = episode_batch(5)
     with torch.no_grad():
@@ -186,7 +187,7 @@ def test_fit_with_torch_func_backend_and_checkpoint(tiny_corpus, tmp_path):
 def test_package_works_without_learn2learn():
     """learn2learn made unimportable (``sys.modules[...] = None``, Python's documented import block):
     maml_stop imports, the torch_func backend adapts and back-propagates, and a learn2learn-backend
-    adapter raises the ImportError that names ``model.backend: torch_func``."""
+    adapter raises the ImportError that names ``model.adapter.backend: torch_func``."""
     code = textwrap.dedent(
         """
         import sys
@@ -209,7 +210,7 @@ def test_package_works_without_learn2learn():
         try:
             InnerLoopAdapter(StoppingPredictor(4, hidden=8, depth=1))
         except ImportError as err:
-            assert "model.backend: torch_func" in str(err) and "scripts/install.sh" in str(err), err
+            assert "model.adapter.backend: torch_func" in str(err) and "scripts/install.sh" in str(err), err
         else:
             raise AssertionError("the learn2learn backend built without learn2learn")
         assert all(sys.modules[k] is None for k in sys.modules if k.split(".")[0] == "learn2learn")

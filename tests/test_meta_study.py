@@ -108,7 +108,7 @@ def test_zero_step_checkpoint_is_the_init_with_the_training_normalisation(tiny_c
     from maml_stop.learn.zero_step import save_zero_step
 
     torch.set_num_threads(1)
-    path = save_zero_step(_fit_args(tiny_corpus, tmp_path / "ignored", f"--model.algorithm={algorithm}"),
+    path = save_zero_step(_fit_args(tiny_corpus, tmp_path / "ignored", f"--model.adapter.algorithm={algorithm}"),
                           tmp_path / "zero" / "zero_step.ckpt")
     assert sorted(p.name for p in (tmp_path / "zero").iterdir()) == ["zero_step.ckpt"]  # no logs, no other file
     predictor, adapter, meta = load_predictor(path)
@@ -116,12 +116,13 @@ def test_zero_step_checkpoint_is_the_init_with_the_training_normalisation(tiny_c
     assert adapter.config().algorithm == algorithm
     # the initialisation: a fresh module of the quickstart's model settings (same init_seed)
     model = {k: v for k, v in yaml.safe_load((EXPERIMENTS / "quickstart.yaml").read_text())["model"].items() if k != "optimizer"}
-    fresh = MetaStoppingModule(n_features=8, **{**model, "algorithm": algorithm}).adapter.state_dict()
+    model["adapter"] = {**model["adapter"], "algorithm": algorithm}
+    fresh = MetaStoppingModule(n_features=8, **model).adapter.state_dict()
     state = adapter.state_dict()
     params = [k for k in fresh if not k.endswith(("feature_mean", "feature_std"))]
     assert params and all(torch.equal(state[k], fresh[k]) for k in params)
     if algorithm == "metasgd":
-        assert all(torch.allclose(v, torch.full_like(v, model["inner_lr"])) for k, v in state.items() if k.startswith("lrs"))
+        assert all(torch.allclose(v, torch.full_like(v, model["adapter"]["inner_lr"])) for k, v in state.items() if k.startswith("lrs"))
     # the normalisation: mean and std over every probe point of the meta-training family alone
     feats = np.concatenate([t.features for t in TraceCorpus.load(tiny_corpus).traces("fam_a")])
     assert np.allclose(predictor.feature_mean.numpy(), feats.mean(axis=0), atol=1e-5)
@@ -265,7 +266,7 @@ def test_fits_side_by_side_give_the_serial_results(tiny_corpus, tmp_path):
         cfg = study.StudyConfig.load(EXPERIMENTS / "meta_study.yaml", quick=True, corpus=tiny_corpus,
                                      out=str(tmp_path / f"w{workers}"))
         cfg.fit_workers = workers
-        cfg.algorithms = {"maml": {}, "anil": {"model": {"algorithm": "anil"}}}
+        cfg.algorithms = {"maml": {}, "anil": {"model": {"adapter": {"algorithm": "anil"}}}}
         results.append(study.run(cfg))
     serial, forked = results
     assert forked["paired"] == serial["paired"] and forked["curve"] == serial["curve"]
@@ -295,7 +296,7 @@ def test_resume_reuses_a_zero_step_checkpoint_only_when_its_record_matches(tiny_
     before = path.read_bytes()
     assert study.zero_step(args, path, resume=True) == str(path) and len(saved) == 1  # reused
     assert study.zero_step(args, path, resume=False) == str(path) and len(saved) == 2  # not resuming: written again
-    other = _fit_args(tiny_corpus, path.parent, "--model.algorithm=anil")
+    other = _fit_args(tiny_corpus, path.parent, "--model.adapter.algorithm=anil")
     assert study.zero_step(other, path, resume=True) == str(path) and len(saved) == 3  # other arguments
     (path.parent / study.ZERO_DONE).unlink()  # a checkpoint without its record: not trusted
     assert study.zero_step(args, path, resume=True) == str(path) and len(saved) == 4

@@ -14,7 +14,8 @@ from maml_stop.data.corpus import TraceCorpus
 from maml_stop.data.batches import DataError
 from maml_stop.data.datamodule import TraceDataModule
 from maml_stop.data import store
-from maml_stop.learn.module import CheckpointError, MetaStoppingModule, load_predictor
+from maml_stop.learn.module import CheckpointError, MetaStoppingModule, load_predictor, migrate_hyper_parameters
+from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.data.episodes import SamplerError
 
 FAMS = dict(val_families=["fam_b"], test_families=["fam_c"])
@@ -27,8 +28,8 @@ def make_dm(corpus: str, **kw) -> TraceDataModule:
 
 
 def make_model(dm: TraceDataModule, **kw) -> MetaStoppingModule:
-    args = dict(hidden=16, depth=1, inner_steps=2, inner_lr=0.3)
-    args.update(kw)
+    """Flat keyword overrides (``algorithm="metasgd"``) go to their config through the migration."""
+    args = migrate_hyper_parameters({**dict(hidden=16, depth=1, inner_steps=2, inner_lr=0.3), **kw})
     return MetaStoppingModule(n_features=dm.n_features, feature_names=dm.feature_names, **args)
 
 
@@ -125,7 +126,7 @@ def test_data_errors(tiny_corpus, tmp_path):
     with pytest.raises(SamplerError, match=r"unknown val families \['nope'\]"):
         make_dm(tiny_corpus, val_families=["nope"]).setup("fit")
     dm = make_dm(tiny_corpus)
-    wrong = MetaStoppingModule(n_features=5, hidden=8, depth=1)
+    wrong = MetaStoppingModule(n_features=5, predictor=PredictorConfig(hidden=8, depth=1))
     with pytest.raises(DataError, match="corpus has 8 features"):
         make_trainer(tmp_path).fit(wrong, datamodule=dm)
 
@@ -265,3 +266,28 @@ def test_feature_subset_errors(tiny_corpus):
     with pytest.raises(DataError, match="cost class of every feature.*'f0'"):
         make_dm(tiny_corpus, features="free").feature_names
     assert make_dm(tiny_corpus, features="all").feature_names == make_dm(tiny_corpus).feature_names
+
+
+def test_old_flat_checkpoint_loads_through_the_migration(tmp_path):
+    """A checkpoint of before the nested configs (flat ``hidden``, ``inner_lr``, ..., ``backend`` in its
+    hyper-parameters, as the 0.5B main run's best.ckpt has) loads: ``load_predictor`` gives the nested
+    hyper-parameters, and the module they build takes the checkpoint's weights and predicts alike."""
+    from trace_helpers import write_tiny_checkpoint
+
+    path = tmp_path / "old.ckpt"
+    write_tiny_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in ("predictor", "adapter")}
+    flat = {"hidden": 8, "depth": 1, "kind": "mlp", "dropout": 0.0, "algorithm": "maml", "inner_lr": 0.3,
+            "inner_steps": 2, "first_order": True, "loss": "balanced", "backend": "learn2learn"}
+    ckpt["hyper_parameters"] = {**hp, **flat}  # the old layout, key for key
+    torch.save(ckpt, path)
+    predictor, adapter, meta = load_predictor(path)
+    assert meta["hyper_parameters"]["predictor"] == {"hidden": 8, "depth": 1, "kind": "mlp", "dropout": 0.0}
+    assert meta["hyper_parameters"]["adapter"]["inner_steps"] == 2 and "hidden" not in meta["hyper_parameters"]
+    module = MetaStoppingModule(**meta["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    assert module.predictor_config == predictor.config() and module.adapter_config == adapter.config()
+    assert migrate_hyper_parameters(meta["hyper_parameters"]) == meta["hyper_parameters"]  # new layout: as it is
+    with pytest.raises(ValueError, match="model.predictor.n_features=5 but the data has 8"):
+        MetaStoppingModule(n_features=8, predictor=PredictorConfig(n_features=5))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from maml_stop.data.batches import collate_traces
+from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.learn.rl import (
     RLConfig,
     RLStoppingModule,
@@ -96,7 +97,7 @@ def _stairs(n: int = 24) -> list:
 def _train(lam: float, steps: int = 300) -> tuple[RLStoppingModule, list]:
     torch.manual_seed(0)
     traces = _stairs()
-    module = RLStoppingModule(n_features=5, hidden=16, depth=1, lam=lam, samples=8, traces_per_step=len(traces))
+    module = RLStoppingModule(n_features=5, predictor=PredictorConfig(hidden=16, depth=1), lam=lam, samples=8, traces_per_step=len(traces))
     module.use_traces("train", traces)
     opt = torch.optim.Adam(module.parameters(), lr=0.05)
     tensors, table = module.stage_data("train")
@@ -145,7 +146,7 @@ def test_cli_picks_the_model_class(tiny_corpus, tmp_path):
     assert type(cli_main(args, run=False).model) is MetaStoppingModule  # the default class is unchanged
     cli = cli_main(args + ["--model", "maml_stop.learn.rl.RLStoppingModule", "--model.lam", "0.25"], run=False)
     assert isinstance(cli.model, RLStoppingModule) and cli.model.rl_config.lam == 0.25
-    assert cli.model.hparams["hidden"] == 32 and cli.model.predictor.n_features == 8  # quickstart keys, data link
+    assert cli.model.hparams["predictor"]["hidden"] == 32 and cli.model.predictor.n_features == 8  # quickstart keys, data link
     with pytest.raises(ValueError, match="unknown baseline 'bogus'; valid baselines: mean, learned, none"):
         cli_main(args + ["--config", str(EXPERIMENTS / "rl.yaml"), "--model.baseline=bogus"], run=False)
 
@@ -159,11 +160,12 @@ def test_cli_names_the_model_settings_a_subclass_drops(tiny_corpus, tmp_path, ca
     from test_configs import tiny_args
 
     extra = tmp_path / "extra.yaml"
-    extra.write_text("model:\n  compare_random_init: true\n  backend: torch_func\n")
+    extra.write_text("model:\n  compare_random_init: true\n  adapter:\n    backend: torch_func\n")
     args = tiny_args(EXPERIMENTS / "quickstart.yaml", tiny_corpus, tmp_path) + ["--data.k=4", "--data.q=8"]
     with caplog.at_level(logging.WARNING, logger="maml_stop.learn.cli"):
         cli = cli_main(args + ["--config", str(extra), "--config", str(EXPERIMENTS / "rl.yaml")], run=False)
     assert isinstance(cli.model, RLStoppingModule) and cli.model.adapter_config.backend == "torch_func"
+    assert cli.model.adapter_config.inner_lr == 0.3 and cli.model.predictor_config.hidden == 32  # merged with the quickstart
     warned = [r.getMessage() for r in caplog.records if "are ignored" in r.getMessage()]
     assert len(warned) == 1 and "['compare_random_init']" in warned[0] and "RLStoppingModule" in warned[0]
     caplog.clear()

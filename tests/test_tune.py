@@ -38,12 +38,13 @@ def test_tune_writes_a_yaml_that_fit_parses(tiny_corpus, tmp_path):
     text = out.read_text()
     assert text.startswith("# maml-stop tune: best of 3 trials") and f"{result['best_value']:.6g}" in text
     best = yaml.safe_load(text)
-    assert best["model"]["inner_lr"] == result["best_params"]["model.inner_lr"]
+    assert best["model"]["adapter"]["inner_lr"] == result["best_params"]["model.adapter.inner_lr"]
     assert best["data"]["test_families"] == ["gcd"]  # the base config's keys, untouched outside model.*
     assert (tmp_path / "trials" / "trial_0002").is_dir()
     cli = cli_main(["--config", str(out)] + _args(tiny_corpus) + [f"--trainer.default_root_dir={tmp_path}/fit"], run=False)
     for key, value in result["best_params"].items():
-        assert cli.model.hparams[key.split(".", 1)[1]] == value
+        section, name = key.split(".")[1:]
+        assert cli.model.hparams[section][name] == value
 
 
 def test_tune_never_reads_a_held_out_family(tiny_corpus, tmp_path, monkeypatch):
@@ -78,14 +79,14 @@ def test_space_errors_name_the_valid_choices(tmp_path):
     assert load_space(None) == DEFAULT_SPACE
     bad = tmp_path / "bad.yaml"
     bad.write_text("space:\n  trainer.max_steps: {low: 1, high: 2}\n")
-    with pytest.raises(ValueError, match="tunable keys: model.inner_lr"):
+    with pytest.raises(ValueError, match="tunable keys: model.adapter.inner_lr"):
         load_space(bad)
-    bad.write_text("space:\n  model.loss: {choices: [hinge]}\n")
+    bad.write_text("space:\n  model.adapter.loss: {choices: [hinge]}\n")
     with pytest.raises(ValueError, match="valid: bce, balanced, cost"):
         load_space(bad)
     good = tmp_path / "good.yaml"  # a decision-aimed query loss is a valid choice
-    good.write_text("space:\n  model.loss: {choices: [balanced, balanced/expected_cost, balanced/cost]}\n")
-    assert load_space(good)["model.loss"]["choices"][1] == "balanced/expected_cost"
+    good.write_text("space:\n  model.adapter.loss: {choices: [balanced, balanced/expected_cost, balanced/cost]}\n")
+    assert load_space(good)["model.adapter.loss"]["choices"][1] == "balanced/expected_cost"
 
 
 def test_console_script_runs_tune(tiny_corpus, tmp_path, capsys):

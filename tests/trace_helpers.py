@@ -46,10 +46,13 @@ def make_trace(
 
 def write_tiny_checkpoint(path: Path, feature_names=TINY_FEATURES, test=("fam_c",), val=("fam_b",)) -> str:
     """A MetaStoppingModule checkpoint in Lightning's layout, without a Trainer (fast)."""
+    from maml_stop.learn.adapter import AdapterConfig
     from maml_stop.learn.module import MetaStoppingModule
+    from maml_stop.learn.predictor import PredictorConfig
 
-    module = MetaStoppingModule(n_features=len(feature_names), feature_names=list(feature_names), hidden=8, depth=1,
-                                inner_lr=0.3, inner_steps=2, first_order=True)
+    module = MetaStoppingModule(n_features=len(feature_names), feature_names=list(feature_names),
+                                predictor=PredictorConfig(hidden=8, depth=1),
+                                adapter=AdapterConfig(inner_lr=0.3, inner_steps=2, first_order=True))
     ckpt = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),

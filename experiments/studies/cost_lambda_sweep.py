@@ -53,7 +53,7 @@ def fit(run: Path, loss: str, lam: float | None, steps: int, extra: list[str]) -
     """Meta-train one variant into ``run``; its best checkpoint and the command."""
     shutil.rmtree(run, ignore_errors=True)
     every = max(steps // 2, 1)
-    cmd = ["maml-stop", "fit", *FIT_CONFIGS, f"--model.loss={loss}", f"--trainer.default_root_dir={run}",
+    cmd = ["maml-stop", "fit", *FIT_CONFIGS, f"--model.adapter.loss={loss}", f"--trainer.default_root_dir={run}",
            f"--trainer.max_steps={steps}", f"--data.steps_per_epoch={every}", "--trainer.check_val_every_n_epoch=1",
            f"--trainer.callbacks={CALLBACKS}", "--trainer.enable_progress_bar=false", *extra]
     if lam is not None:

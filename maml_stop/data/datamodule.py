@@ -16,7 +16,7 @@ before anything else sees them (:func:`select_features`), so batches, normalisat
 EM/token callback all read the subset.
 
 **Cost-sensitive losses** (issue 13 item 4): ``data.weighting: cost`` fills ``ProbeBatch.weights`` with the
-cost weights that ``model.loss: cost`` reads, and ``data.cost_lambda`` (lambda >= 0, default 1) is their
+cost weights that ``model.adapter.loss: cost`` reads, and ``data.cost_lambda`` (lambda >= 0, default 1) is their
 trade-off between tokens lost by stopping late and EM lost by stopping early; the same lambda sets every
 batch's ``cost_weights`` and ``stop_penalty``, which the adapter's query losses (``balanced/cost``,
 ``balanced/expected_cost``) read whatever the weighting (:mod:`maml_stop.data.batches`).

@@ -31,7 +31,6 @@ import torch
 from tqdm.auto import tqdm
 
 from maml_stop.data.corpus import Trace, TraceCorpus
-from maml_stop.data.datamodule import select_features
 from maml_stop.data.episodes import EpisodeSampler
 from maml_stop.decide.policies import (
     ProbePolicy,
@@ -48,7 +47,8 @@ from maml_stop.evaluate.backoff import calibrate_backoff
 from maml_stop.evaluate.batched import batchable, prefit
 from maml_stop.evaluate.cache import pooled_probe
 from maml_stop.evaluate.config import EvaluateConfig, check_config
-from maml_stop.evaluate.folds import data_settings, resolve_folds
+from maml_stop.evaluate.fold_columns import check_columns, may_read_subset
+from maml_stop.evaluate.folds import resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.predictor import PredictorConfig
@@ -193,7 +193,8 @@ def evaluate_family(
 # the protocol
 
 
-def _selectors(cfg: EvaluateConfig) -> dict[str, StopSelector]:
+def selectors_for(cfg: EvaluateConfig) -> dict[str, StopSelector]:
+    """The threshold selectors ``cfg.threshold_methods`` names, built with its settings."""
     unknown = [m for m in cfg.threshold_methods if m not in SELECTORS]
     if unknown or not cfg.threshold_methods:
         raise ValueError(f"unknown threshold methods {unknown}; valid methods: {', '.join(SELECTORS)}")
@@ -222,9 +223,9 @@ def _run(cfg: EvaluateConfig) -> dict[str, Any]:
     source = corpus
     if cfg.source_corpus:
         source = TraceCorpus.load(cfg.source_corpus, min_probes=cfg.min_probes)
-        if not _may_read_subset(cfg):  # every fold reads every column: checked before any fold is trained
-            _check_columns(None, corpus, source, cfg)
-    selectors = _selectors(cfg)
+        if not may_read_subset(cfg):  # every fold reads every column: checked before any fold is trained
+            check_columns(None, corpus, source, cfg)
+    selectors = selectors_for(cfg)
     folds = resolve_folds(cfg, corpus, out, source)
     narrowed: dict[tuple[str, ...] | None, tuple[TraceCorpus, TraceCorpus]] = {}
     started = time.time()
@@ -253,7 +254,7 @@ def _run(cfg: EvaluateConfig) -> dict[str, Any]:
     for fold in folds:  # the columns each fold's checkpoint was trained on (or features:), checked up front
         key = None if fold.feature_names is None else tuple(fold.feature_names)
         if key not in narrowed:
-            narrowed[key] = _check_columns(fold, corpus, source, cfg)
+            narrowed[key] = check_columns(fold, corpus, source, cfg)
     global _JOB
     _JOB = (cfg, folds, narrowed, selectors, calibration)  # read by _evaluate_fold (in forked workers too)
     try:
@@ -368,35 +369,6 @@ def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies
                 log.info("%s, held-out %s, K=%d: em_target back-off %d (worst source-family EM drop %.1f pts)",
                          name, fold.family, k, out[name, k].backoff, 100 * out[name, k].drop[:, out[name, k].backoff].max())
     return out
-
-
-def _may_read_subset(cfg: EvaluateConfig) -> bool:
-    """Whether a fold may read a feature subset: ``features`` set, a checkpoint (its own subset), or a
-    fit config with ``data.features``."""
-    return (cfg.features is not None or bool(cfg.checkpoint or cfg.checkpoints)
-            or data_settings(cfg.train_configs).get("features") is not None)
-
-
-def _check_columns(fold, corpus: TraceCorpus, source: TraceCorpus, cfg: EvaluateConfig) -> tuple[TraceCorpus, TraceCorpus]:
-    """The held-out and source corpora narrowed to the columns ``fold`` reads (``fold`` None or its
-    ``feature_names`` None: every column, which must then be the same in both corpora). Raises a
-    ``ValueError`` naming the missing features."""
-    names = None if fold is None else fold.feature_names
-    reads = corpus.feature_names if names is None else names
-    for what, path, c in (("source corpus", cfg.source_corpus, source), ("corpus", cfg.corpus, corpus)):
-        missing = [n for n in reads if n not in c.feature_names]
-        if missing or (names is None and c.feature_names != reads):
-            whose = f"the corpus {cfg.corpus}" if names is None else f"the fold of {fold.family} (its checkpoint or features:)"
-            raise ValueError(
-                f"the {what} {path} has other features than {whose} reads"
-                + (f": it lacks {missing}" if missing else "") + ":\n"
-                f"  {what} ({len(c.feature_names)}): {c.feature_names}\n"
-                f"  read   ({len(reads)}): {list(reads)}"
-            )
-    if names is None:
-        return corpus, source
-    narrow = select_features(corpus, names)
-    return narrow, (narrow if source is corpus else select_features(source, names))
 
 
 def calibration_section(collected: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], n_bins: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ BACKENDS = ("learn2learn", "torch_func")
 @dataclass(frozen=True)
 class AdapterConfig:
     """The inner loop of an :class:`InnerLoopAdapter` (stored in checkpoints as a dict, :meth:`to_dict`).
-    Tuned values live in ``experiments/*.yaml`` (``model.algorithm``, ``model.inner_lr``, ...)."""
+    Tuned values live in ``experiments/*.yaml`` (``model.adapter.algorithm``, ``model.adapter.inner_lr``, ...)."""
 
     algorithm: str = "maml"  # maml | anil (adapt the head only) | metasgd (learned per-parameter rates)
     inner_lr: float = 0.1  # inner-loop step size (Meta-SGD: the initial value of every learned rate)
@@ -88,6 +88,11 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         """Plain types, for files (``torch.save`` weights-only, JSON)."""
         return asdict(self)
+
+    @classmethod
+    def coerce(cls, config: "AdapterConfig | Mapping[str, Any]") -> "AdapterConfig":
+        """``config`` itself, or a config from a mapping with its field names (a checkpoint's entry)."""
+        return config if isinstance(config, cls) else cls(**config)
 
     @property
     def weighting(self) -> str:

@@ -11,8 +11,8 @@ them in YAML. The normalisation statistics follow by hook (``MetaStoppingModule.
 
 **The model class.** ``MetaStoppingModule`` unless the config names a subclass of it: ``--model
 maml_stop.learn.rl.RLStoppingModule`` or ``model: {class_path: maml_stop.learn.rl.RLStoppingModule,
-init_args: {...}}`` (``experiments/rl.yaml``). The flat ``model.hidden``, ``model.inner_lr``, ... keys of
-every YAML keep working (they are the default class's init arguments, and carry over to the subclass;
+init_args: {...}}`` (``experiments/rl.yaml``). The nested ``model.predictor.*`` and ``model.adapter.*`` keys
+(``PredictorConfig``, ``AdapterConfig``) of every YAML keep working (they are the default class's init arguments, and carry over to the subclass;
 jsonargparse drops those the subclass does not take, e.g. ``compare_random_init`` for the RL module, and
 the CLI logs a warning naming them: :func:`dropped_model_keys`).
 

@@ -1,6 +1,6 @@
 """The torch.func adaptation backend: the inner loop of MAML / ANIL / Meta-SGD with torch alone.
 
-``InnerLoopAdapter(..., backend="torch_func")`` (YAML ``model.backend: torch_func``) runs its inner loop
+``InnerLoopAdapter(..., backend="torch_func")`` (YAML ``model.adapter.backend: torch_func``) runs its inner loop
 here instead of through learn2learn, for machines where learn2learn 0.2.0 cannot be built. The update is
 learn2learn's, written as a pure function of the fast weights:
 

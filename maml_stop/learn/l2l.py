@@ -13,7 +13,7 @@ files, without executing their ``__init__``; Python then imports the submodules 
 
 learn2learn is imported on first use of a name of this module (PEP 562 ``__getattr__``), not when
 ``maml_stop`` is imported: without learn2learn the package still works with the torch.func backend
-(``model.backend: torch_func``, :mod:`maml_stop.learn.func_backend`), and only a learn2learn-backend
+(``model.adapter.backend: torch_func``, :mod:`maml_stop.learn.func_backend`), and only a learn2learn-backend
 adapter raises the ImportError below.
 """
 
@@ -40,7 +40,7 @@ def _stand_in(name: str, path: list[str]) -> None:
 NOT_INSTALLED = (
     "learn2learn is not installed. Run scripts/install.sh (it installs learn2learn==0.2.0 with "
     "--no-deps and the Cython build option that Python 3.11 needs), or adapt with the torch.func "
-    "backend, which needs only torch: `model.backend: torch_func` in the YAML "
+    "backend, which needs only torch: `model.adapter.backend: torch_func` in the YAML "
     "(InnerLoopAdapter(..., backend=\"torch_func\") in code)."
 )
 

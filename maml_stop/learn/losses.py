@@ -3,7 +3,7 @@ cost of the soft first-stop policy, by name (:func:`parse_loss`).
 
 Losses (``loss``): one kind for the inner (support) and the outer (query) loss, or ``"INNER/QUERY"``
 (e.g. ``balanced/expected_cost``: adapt with the balanced BCE, meta-train the query on the expected cost;
-YAML ``model.loss: balanced/expected_cost``, the checkpoint records the spec). Inner kinds (:data:`LOSSES`,
+YAML ``model.adapter.loss: balanced/expected_cost``, the checkpoint records the spec). Inner kinds (:data:`LOSSES`,
 weighted binary cross-entropies):
 
 * ``bce``: mean over probe points;
@@ -34,7 +34,7 @@ Query-only kind (:data:`QUERY_LOSSES`), a meta-objective aimed at the decision (
   alone (stopping pays only where the forced answer is right and the full run's wrong).
 
 ``lambda`` reaches the batches from the data (``data.cost_lambda``), because ``MetaStoppingModule`` passes
-``model.loss`` through as it is. Evaluation adapts with the inner kind only (:meth:`fit_support`), so
+``model.adapter.loss`` through as it is. Evaluation adapts with the inner kind only (:meth:`fit_support`), so
 ``INNER/QUERY`` with a lambda-free inner kind evaluates exactly as it was meta-trained; an inner
 ``cost`` kind is collated at evaluation with lambda = 1.
 """

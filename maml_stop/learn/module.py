@@ -22,7 +22,7 @@ when they compute, so ``val/loss``, which picks ``best.ckpt``, is the mean over 
 even when the ranks' shares differ in size (Lightning's ``sync_dist`` of batch-size-weighted tensors
 averages the episode counts as integers, rounding 2.5 down to 2). The result is one process's up to the
 order of floating-point sums (``tests/test_ddp.py``: weights and losses within 1e-5), provided nothing
-random runs inside a step (``model.dropout: 0``).
+random runs inside a step (``model.predictor.dropout: 0``).
 
 Validation and test need ``Trainer(inference_mode=False)`` (set in every YAML and enforced by the CLI):
 the inner loop takes gradients.
@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from lightning.pytorch import LightningModule
@@ -53,7 +53,7 @@ from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 
-__all__ = ["MetaStoppingModule", "load_predictor", "check_feature_names", "CheckpointError", "CKPT_KEY"]
+__all__ = ["MetaStoppingModule", "load_predictor", "migrate_hyper_parameters", "with_features", "check_feature_names", "CheckpointError", "CKPT_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,27 @@ def check_feature_names(checkpoint_names: list[str] | None, corpus_names: list[s
     )
 
 
+def with_features(config: PredictorConfig, n_features: int) -> PredictorConfig:
+    """``config`` with the data's feature width (its own ``n_features``: 0 = unset, or the same width)."""
+    if config.n_features not in (0, n_features):
+        raise ValueError(f"model.predictor.n_features={config.n_features} but the data has {n_features} features "
+                         "(leave it unset: the CLI links model.n_features)")
+    return dataclasses.replace(config, n_features=n_features)
+
+
+def migrate_hyper_parameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of a checkpoint written before the nested configs (flat ``hidden``, ``inner_lr``,
+    ..., ``backend``) as the module takes them now (``predictor: {...}``, ``adapter: {...}``); newer ones
+    unchanged."""
+    out = dict(hparams)
+    for key, config in (("predictor", PredictorConfig), ("adapter", AdapterConfig)):
+        names = [f.name for f in dataclasses.fields(config) if f.name != "n_features"]
+        flat = {name: out.pop(name) for name in names if name in out}
+        if flat:
+            out[key] = {**dict(out.get(key) or {}), **flat}
+    return out
+
+
 class MetaStoppingModule(LightningModule):
     """Meta-trains a :class:`StoppingPredictor` through an :class:`InnerLoopAdapter`."""
 
@@ -87,32 +108,27 @@ class MetaStoppingModule(LightningModule):
         self,
         n_features: int,
         feature_names: list[str] | None = None,
-        hidden: int = PredictorConfig.hidden,
-        depth: int = PredictorConfig.depth,
-        kind: str = PredictorConfig.kind,
-        dropout: float = PredictorConfig.dropout,
-        algorithm: str = AdapterConfig.algorithm,
-        inner_lr: float = AdapterConfig.inner_lr,
-        inner_steps: int = AdapterConfig.inner_steps,
-        first_order: bool = AdapterConfig.first_order,
-        loss: str = AdapterConfig.loss,
-        backend: str = AdapterConfig.backend,
+        predictor: PredictorConfig = PredictorConfig(),
+        adapter: AdapterConfig = AdapterConfig(),
         eval_inner_steps: int | None = None,
         compare_random_init: bool = True,
         init_seed: int = 0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        """``n_features`` and ``feature_names`` come from the data (linked by the CLI); ``init_seed``
-        fixes the predictor's initialisation (and so the random-init comparison); ``eval_inner_steps``
-        (default ``inner_steps``) is the number of inner steps at validation/test; ``lr_scheduler`` is
-        stepped every optimiser step. The predictor and adapter arguments are the fields of
-        :class:`PredictorConfig` and :class:`AdapterConfig` (defaults and meanings there), flat so that
-        the YAML keys stay ``model.hidden``, ``model.inner_lr``, ``model.backend`` (``learn2learn`` or
-        ``torch_func``, which needs no learn2learn), ...; ``predictor_config`` and ``adapter_config`` hold
-        them typed."""
+        """``n_features`` and ``feature_names`` come from the data (linked by the CLI; ``predictor``'s
+        own ``n_features`` stays 0 or equals it); ``predictor`` and ``adapter`` build the predictor and
+        its inner loop (YAML ``model.predictor.hidden``, ``model.adapter.inner_lr``, ``model.adapter.backend``
+        (``learn2learn`` or ``torch_func``, which needs no learn2learn), ...; a mapping of their fields is
+        taken too); ``init_seed`` fixes the predictor's initialisation (and so the random-init comparison);
+        ``eval_inner_steps`` (default the adapter's ``inner_steps``) is the number of inner steps at
+        validation/test; ``lr_scheduler`` is stepped every optimiser step."""
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.predictor_config = with_features(PredictorConfig.coerce(predictor), n_features)
+        self.adapter_config = AdapterConfig.coerce(adapter)
+        # plain dicts in the hyper-parameters: a checkpoint stays loadable weights-only
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "predictor", "adapter"])
+        self.hparams.update(predictor=self.predictor_config.to_dict(), adapter=self.adapter_config.to_dict())
         if feature_names is not None and len(feature_names) != n_features:
             raise ValueError(f"{len(feature_names)} feature names for n_features={n_features}")
         self.feature_names = list(feature_names) if feature_names is not None else None
@@ -120,8 +136,6 @@ class MetaStoppingModule(LightningModule):
         self.eval_inner_steps = eval_inner_steps
         self.compare_random_init = compare_random_init
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.predictor_config = PredictorConfig(n_features, hidden, depth, kind, dropout)
-        self.adapter_config = AdapterConfig(algorithm, inner_lr, inner_steps, first_order, loss, backend)
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
             predictor = StoppingPredictor.from_config(self.predictor_config)
@@ -154,8 +168,8 @@ class MetaStoppingModule(LightningModule):
         self._provenance = corpus_provenance(getattr(dm, "meta", None) or {})
         if self.adapter.loss_kind == "cost" and getattr(dm, "weighting", "cost") != "cost":
             raise ValueError(
-                "model.loss: cost weights probes by ProbeBatch.weights, which data.weighting: "
-                f"{dm.weighting!r} leaves at 1.0; set data.weighting: cost (or model.loss: balanced/bce)"
+                "model.adapter.loss: cost weights probes by ProbeBatch.weights, which data.weighting: "
+                f"{dm.weighting!r} leaves at 1.0; set data.weighting: cost (or model.adapter.loss: balanced/bce)"
             )
         # statistics of the meta-training families; a checkpoint restored after setup() overrides them
         self.predictor.set_normalisation(*dm.normalisation_stats())
@@ -324,7 +338,7 @@ def load_predictor(
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     adapter.load_state_dict(state)
     adapter.eval()
-    meta = {**info, "hyper_parameters": dict(ckpt.get("hyper_parameters", {})),
+    meta = {**info, "hyper_parameters": migrate_hyper_parameters(ckpt.get("hyper_parameters", {})),
             "data": dict(ckpt.get("datamodule_hyper_parameters") or {}),
             "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "path": path}
     return predictor, adapter, meta

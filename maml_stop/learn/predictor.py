@@ -45,9 +45,9 @@ MIN_STD = 1e-6  # features with a smaller spread on the training families are on
 @dataclass(frozen=True)
 class PredictorConfig:
     """What builds a :class:`StoppingPredictor` (stored in checkpoints and adapted artifacts as a dict,
-    :meth:`to_dict`). Tuned values live in ``experiments/*.yaml`` (``model.hidden``, ...)."""
+    :meth:`to_dict`). Tuned values live in ``experiments/*.yaml`` (``model.predictor.hidden``, ...)."""
 
-    n_features: int  # width of a probe point's feature vector (from the corpus meta.json)
+    n_features: int = 0  # width of a probe point's feature vector (corpus meta.json); 0 = the data's (modules)
     hidden: int = 64  # width of every hidden layer (and of the GRU state for kind="gru")
     depth: int = 2  # hidden layers of the body; 0 = a logistic regression on the inputs
     kind: str = "mlp"  # mlp | delta (+ change since the previous probe, running mean) | gru

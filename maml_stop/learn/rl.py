@@ -34,7 +34,7 @@ against its gradient. ``val/reward_greedy``, ``val/em_greedy``, ``val/tokens_gre
 generation) and ``val/stopped_greedy`` score the deterministic policy "stop at the first ``p >= 0.5``".
 
 The module is a :class:`~maml_stop.learn.module.MetaStoppingModule` with another objective: the same
-predictor and :class:`~maml_stop.learn.adapter.InnerLoopAdapter` (``model.inner_lr``, ``inner_steps``,
+predictor and :class:`~maml_stop.learn.adapter.InnerLoopAdapter` (``model.adapter.inner_lr``, ``inner_steps``,
 ``loss``: how the evaluation adapts the RL-trained init on K support traces through
 ``InnerLoopAdapter.fit_support``), the same normalisation hook and the same checkpoint layout, so
 :func:`maml_stop.learn.module.load_predictor` reads its checkpoints (their ``maml_stop`` entry adds
@@ -78,17 +78,9 @@ class RLStoppingModule(MetaStoppingModule):
         self,
         n_features: int,
         feature_names: list[str] | None = None,
-        hidden: int = PredictorConfig.hidden,
-        depth: int = PredictorConfig.depth,
-        kind: str = PredictorConfig.kind,
-        dropout: float = PredictorConfig.dropout,
-        algorithm: str = AdapterConfig.algorithm,
-        inner_lr: float = AdapterConfig.inner_lr,
-        inner_steps: int = AdapterConfig.inner_steps,
-        first_order: bool = AdapterConfig.first_order,
-        loss: str = AdapterConfig.loss,
+        predictor: PredictorConfig = PredictorConfig(),
+        adapter: AdapterConfig = AdapterConfig(),
         eval_inner_steps: int | None = None,
-        backend: str = AdapterConfig.backend,
         lam: float = RLConfig.lam,
         baseline: str = RLConfig.baseline,
         entropy_coef: float = RLConfig.entropy_coef,
@@ -99,18 +91,16 @@ class RLStoppingModule(MetaStoppingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        """The predictor and adapter arguments are :class:`MetaStoppingModule`'s (the adapter is what
+        """``predictor`` and ``adapter`` are :class:`MetaStoppingModule`'s (the adapter is what
         the evaluation's ``rl`` method adapts on K support traces with); ``lam``, ``baseline``,
         ``entropy_coef``, ``samples``, ``traces_per_step`` are :class:`RLConfig`'s; ``rl_seed`` seeds
         the draw of training traces and rollouts (saved in checkpoints, so a resumed fit goes on alike)."""
         self.rl_config = RLConfig(lam, baseline, entropy_coef, samples, traces_per_step)  # checked first
         super().__init__(
-            n_features, feature_names, hidden=hidden, depth=depth, kind=kind, dropout=dropout, algorithm=algorithm,
-            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-            eval_inner_steps=eval_inner_steps, backend=backend, compare_random_init=False, init_seed=init_seed,
-            optimizer=optimizer, lr_scheduler=lr_scheduler,
+            n_features, feature_names, predictor=predictor, adapter=adapter, eval_inner_steps=eval_inner_steps,
+            compare_random_init=False, init_seed=init_seed, optimizer=optimizer, lr_scheduler=lr_scheduler,
         )
-        width = n_features * (3 if kind == "delta" else 1)  # predictor.inputs(batch) width
+        width = n_features * (3 if self.predictor_config.kind == "delta" else 1)  # predictor.inputs(batch) width
         with torch.random.fork_rng():
             torch.manual_seed(init_seed + 1)
             # the learned baseline's V(probe): outside ``adapter.*``, so load_predictor leaves it out

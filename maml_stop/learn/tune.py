@@ -18,7 +18,7 @@ to every trial (``--data.k=4``); they are not written to the best YAML (its comm
 
 The search space (``--space``, e.g. ``experiments/tune.yaml``) maps a ``model.*`` key to a range:
 ``{low, high}`` (ints: an integer; floats: a float; ``log: true``: log-uniform) or ``{choices: [...]}``.
-Without one, :data:`DEFAULT_SPACE` (small). ``model.loss: cost`` trials also set ``data.weighting: cost``
+Without one, :data:`DEFAULT_SPACE` (small). ``model.adapter.loss: cost`` trials also set ``data.weighting: cost``
 (the loss reads the cost weights, see :mod:`maml_stop.learn.adapter`).
 """
 
@@ -44,12 +44,13 @@ log = logging.getLogger(__name__)
 
 # small and safe (STYLE 4): the tuned ranges live in experiments/tune.yaml
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "model.inner_lr": {"low": 0.01, "high": 1.0, "log": True},  # log-uniform
-    "model.inner_steps": {"low": 1, "high": 5},
-    "model.hidden": {"choices": [16, 32, 64]},
-    "model.loss": {"choices": list(LOSSES)},
+    "model.adapter.inner_lr": {"low": 0.01, "high": 1.0, "log": True},  # log-uniform
+    "model.adapter.inner_steps": {"low": 1, "high": 5},
+    "model.predictor.hidden": {"choices": [16, 32, 64]},
+    "model.adapter.loss": {"choices": list(LOSSES)},
 }
-TUNABLE = ("inner_lr", "inner_steps", "hidden", "depth", "dropout", "loss", "kind", "algorithm", "first_order")
+TUNABLE = ("adapter.inner_lr", "adapter.inner_steps", "predictor.hidden", "predictor.depth", "predictor.dropout",
+           "adapter.loss", "predictor.kind", "adapter.algorithm", "adapter.first_order")
 
 
 class HeldOutReadError(RuntimeError):
@@ -74,14 +75,14 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path}: cannot tune {key!r}; tunable keys: {', '.join('model.' + t for t in TUNABLE)}")
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
             raise ValueError(f"{path}: {key}: give {{low, high[, log]}} or {{choices: [...]}}; got {spec!r}")
-        if name == "loss":
+        if name == "adapter.loss":
             if "choices" not in spec:
-                raise ValueError(f"{path}: model.loss needs choices; valid: {', '.join(LOSSES)} or INNER/QUERY")
+                raise ValueError(f"{path}: model.adapter.loss needs choices; valid: {', '.join(LOSSES)} or INNER/QUERY")
             for choice in spec["choices"]:
                 try:
                     parse_loss(choice)  # a kind, or INNER/QUERY such as balanced/expected_cost
                 except ValueError as err:
-                    raise ValueError(f"{path}: model.loss choice {choice!r}: {err}") from None
+                    raise ValueError(f"{path}: model.adapter.loss choice {choice!r}: {err}") from None
     return space
 
 
@@ -105,23 +106,27 @@ def corpus_view(root: str | Path, families: Sequence[str], view: Path) -> Path:
     return view
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mappings merged key by key at every depth."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _merged_configs(configs: Sequence[str]) -> dict[str, Any]:
-    """The config files read in order, a later file's key winning one section level down (as repeated
-    ``--config`` does for these YAMLs)."""
+    """The config files read in order, a later file's key winning (nested sections merged key by key, as
+    repeated ``--config`` does for these YAMLs)."""
     merged: dict[str, Any] = {}
     for path in configs:
-        for key, value in (yaml.safe_load(Path(path).read_text()) or {}).items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
+        merged = _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
     return merged
 
 
 def _fit_values(params: dict[str, Any]) -> list[tuple[str, Any]]:
     """(dotted key, value) a trial sets: the sampled values, plus ``data.weighting: cost`` for the cost loss."""
     values = list(params.items())
-    if params.get("model.loss") == "cost":
+    if params.get("model.adapter.loss") == "cost":
         values.append(("data.weighting", "cost"))
     return values
 
@@ -199,8 +204,11 @@ def tune(
 
     best = _merged_configs(configs)
     for key, value in _fit_values(study.best_trial.params):
-        section, name = key.split(".", 1)
-        best.setdefault(section, {})[name] = value
+        *sections, name = key.split(".")
+        node = best
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
     header = [
         f"# maml-stop tune: best of {len(study.trials)} trials (study {study.study_name!r}, TPE seed {seed}): "
         f"val/loss {study.best_value:.6g} (trial {study.best_trial.number})",
