@@ -262,7 +262,8 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     pooled = None
     if any(m in ecfg.methods for m in ("pooled", "finetuned")):
         source = [t for f in split.train for t in view.traces(f)]
-        pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed)
+        pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed,
+                                 backend=ecfg.backend)  # as maml-stop evaluate trains it
     methods = [m for m in ecfg.methods if m != "maml"]
     reused = [m for m in methods if reuse and m in COUNT_FREE]
     policies = build_policies(ecfg, [m for m in methods if m not in reused], first, pooled, config, loss)
