@@ -292,3 +292,14 @@ def test_rl_checkpoint_per_family_is_the_fold_of_that_family(tiny_corpus, tmp_pa
         check_config(EvaluateConfig(corpus=tiny_corpus, methods=["rl"], rl_checkpoint="x", rl_train_config="y.yaml"))
     with pytest.raises(ValueError, match="rl_train_config"):
         methods.check_methods(EvaluateConfig(corpus=tiny_corpus, methods=["rl"]))
+
+
+def test_cli_names_the_new_home_of_a_flat_model_key(tmp_path):
+    """A YAML or flag of before the nested configs (``model.hidden``, ``--model.inner_lr``) is refused
+    with the key it moved to, before LightningCLI parses anything."""
+    from maml_stop.learn.cli import cli_main
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  hidden: 32\n  init_seed: 0\n")
+    with pytest.raises(ValueError, match=r"model.hidden -> model.predictor.hidden, model.inner_lr -> model.adapter.inner_lr"):
+        cli_main(["fit", "--config", str(old), "--model.inner_lr=0.3"], run=False)

@@ -60,7 +60,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from maml_stop.learn.checkpoint_io import secure_ckpt_path
 from maml_stop.data.datamodule import TraceDataModule
-from maml_stop.learn.module import MetaStoppingModule
+from maml_stop.learn.module import MOVED_KEYS, MetaStoppingModule
 
 __all__ = ["MetaStoppingCLI", "OutputExistsError", "ROOT", "main", "cli_main", "place_outputs", "previous_outputs"]
 
@@ -123,9 +123,26 @@ def dropped_model_keys(argv: list[str], model: Namespace) -> list[str]:
     """The ``model`` settings of the command line and its ``--config`` files (flat keys, ``init_args``
     keys, ``--model.X`` flags) that the chosen model class does not take: jsonargparse drops them
     silently when ``class_path`` names a subclass with other arguments (module docstring)."""
+    given = set(_given_model_keys(argv))
+    taken = {k.split(".", 1)[0] for k in (model.get("init_args") or Namespace()).keys()}  # keys() are dotted
+    taken |= {"n_features", "feature_names"}  # linked from the data
+    return sorted(k for k in given if k not in taken and k not in ("class_path", "init_args", "dict_kwargs"))
+
+
+def refuse_moved_model_keys(argv: list[str]) -> None:
+    """A ``ValueError`` naming the new key for every flat ``model.hidden``, ``model.inner_lr``, ... of the
+    command line or its ``--config`` files (they moved under ``model.predictor`` / ``model.adapter``)."""
+    given = [key for key in _given_model_keys(argv) if key in MOVED_KEYS]
+    if given:
+        moved = ", ".join(f"model.{k} -> model.{MOVED_KEYS[k]}.{k}" for k in given)
+        raise ValueError(f"these model keys moved into the nested configs (PredictorConfig, AdapterConfig): {moved}")
+
+
+def _given_model_keys(argv: list[str]) -> list[str]:
+    """The top-level ``model`` keys (and ``init_args`` keys) of the command line and its ``--config`` files."""
     import yaml
 
-    given: set[str] = set()
+    given: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
             path = Path(argv[i + 1] if arg == "--config" else arg.split("=", 1)[1])
@@ -134,15 +151,13 @@ def dropped_model_keys(argv: list[str], model: Namespace) -> list[str]:
             except (OSError, yaml.YAMLError, AttributeError):
                 continue  # the parser has already said what is wrong with it
             if isinstance(section, dict):
-                given |= {k for k in section if k not in ("class_path", "init_args")}
-                given |= set(section.get("init_args") or {})
+                given += [k for k in section if k not in ("class_path", "init_args")]
+                given += list(section.get("init_args") or {})
         elif arg.startswith("--model."):
             key = arg[len("--model."):].split("=", 1)[0]
             key = key[len("init_args."):] if key.startswith("init_args.") else key
-            given.add(key.split(".", 1)[0])
-    taken = {k.split(".", 1)[0] for k in (model.get("init_args") or Namespace()).keys()}  # keys() are dotted
-    taken |= {"n_features", "feature_names"}  # linked from the data
-    return sorted(k for k in given if k not in taken and k not in ("class_path", "init_args", "dict_kwargs"))
+            given.append(key.split(".", 1)[0])
+    return given
 
 
 def _class(spec: object) -> type | None:
@@ -263,6 +278,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, follow_root: bool 
     ``follow_root``: every logger and checkpoint path goes under ``trainer.default_root_dir``, whatever
     the config says (the folds of ``maml-stop evaluate --train_config``)."""
     torch.set_num_threads(1)  # see DESIGN.md: a second thread was slower whenever anything else ran
+    refuse_moved_model_keys(list(sys.argv[1:] if args is None else args))
     return MetaStoppingCLI(
         MetaStoppingModule,
         TraceDataModule,

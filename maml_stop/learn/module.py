@@ -53,7 +53,7 @@ from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 from maml_stop.learn.checkpoint_io import CheckpointLoadError, safe_load
 
-__all__ = ["MetaStoppingModule", "load_predictor", "migrate_hyper_parameters", "with_features", "check_feature_names", "CheckpointError", "CKPT_KEY"]
+__all__ = ["MetaStoppingModule", "load_predictor", "migrate_hyper_parameters", "with_features", "MOVED_KEYS", "check_feature_names", "CheckpointError", "CKPT_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,18 @@ def with_features(config: PredictorConfig, n_features: int) -> PredictorConfig:
     return dataclasses.replace(config, n_features=n_features)
 
 
+# the flat module arguments of before the nested configs -> the config that holds them now
+MOVED_KEYS = {**{f.name: "predictor" for f in dataclasses.fields(PredictorConfig) if f.name != "n_features"},
+              **{f.name: "adapter" for f in dataclasses.fields(AdapterConfig)}}
+
+
 def migrate_hyper_parameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """Hyper-parameters of a checkpoint written before the nested configs (flat ``hidden``, ``inner_lr``,
     ..., ``backend``) as the module takes them now (``predictor: {...}``, ``adapter: {...}``); newer ones
     unchanged."""
     out = dict(hparams)
-    for key, config in (("predictor", PredictorConfig), ("adapter", AdapterConfig)):
-        names = [f.name for f in dataclasses.fields(config) if f.name != "n_features"]
-        flat = {name: out.pop(name) for name in names if name in out}
+    for key in ("predictor", "adapter"):
+        flat = {name: out.pop(name) for name, home in MOVED_KEYS.items() if home == key and name in out}
         if flat:
             out[key] = {**dict(out.get(key) or {}), **flat}
     return out
