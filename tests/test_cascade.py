@@ -161,6 +161,10 @@ def test_evaluate_cascade_block_runs_and_reports(tmp_path, learned):
     assert results["corpus_traces"]["large"] == {"fam_a": 40, "fam_b": 40, "fam_c": 40}
     assert "Routers' source traces" in report and "large model fam_a 40, fam_b 40, fam_c 40" in report
     assert "(em_cost_k8.png)" in report and (tmp_path / "out" / "em_cost_k8.png").stat().st_size > 0
+    (tmp_path / "out" / "results.md").unlink()  # the report renders again from the stored figures alone
+    from maml_stop.evaluate.command import main as evaluate_main
+    assert evaluate_main(["--report_only", str(tmp_path / "out" / "results.json")]) == 0
+    assert (tmp_path / "out" / "results.md").read_text() == report
     with pytest.raises(ValueError, match="unknown cascade methods \\['escalate_nowhere'\\]"):
         run_cascade(EvaluateConfig(corpus=small, cascade={"pairs": large, "methods": ["escalate_nowhere"]}))
 

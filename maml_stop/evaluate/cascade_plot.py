@@ -64,7 +64,11 @@ def plot_cascade(results: Mapping[str, Any], path: str | Path, k: int, selector:
     methods = list(results["families"][families[0]][str(k)])
     colors = method_colors(methods)
     target = results["settings"]["cascade"]["target_cost"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    cols = min(4, len(panels))  # four panels a row: seven families stay readable
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, points) in zip(axes.flat, panels.items()):
         for m, fig_m in points.items():
             if fig_m["curve"]:
@@ -78,5 +82,5 @@ def plot_cascade(results: Mapping[str, Any], path: str | Path, k: int, selector:
         ax.set_xlabel("weighted cost / the large model's")
         ax.set_ylabel("EM")
         ax.grid(alpha=0.3)
-    axes.flat[-1].legend(fontsize=6, loc="best")
+    axes.flat[len(panels) - 1].legend(fontsize=6, loc="best")
     return save_figure(fig, path)

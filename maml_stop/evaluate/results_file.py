@@ -58,6 +58,8 @@ def read_results(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"no results file at {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a results file of maml-stop evaluate: not valid JSON ({err})") from None
+    if isinstance(results, dict) and "cost_model" in results and "families" in results:
+        return results  # a cascade evaluation's (maml_stop.evaluate.cascade): its own report reads it
     missing = [k for k in RESULTS_KEYS if not isinstance(results, dict) or k not in results]
     if isinstance(results, dict) and "k" not in results and "shots" not in results:
         missing.append("k")
