@@ -278,7 +278,7 @@ def run_decision(cfg: BenchmarkConfig, adapter, corpus, hidden_size: int) -> dic
     per_family = -(-cfg.decision.traces // len(corpus.families))  # ceil: the traces spread over the families
     traces = [t for f in corpus.families for t in corpus.traces(f)[:per_family]][: cfg.decision.traces]
     featurizer = ProbeFeaturizer(hidden_size, proj_dim=32)
-    rule = StopRule(names, adapter.predictor, threshold=float("inf"), mode="every")  # never stops: every probe decided
+    rule = StopRule(names, adapter.predictor, tau=float("inf"), mode="every")  # never stops: every probe decided
     g = torch.Generator().manual_seed(0)
     state = featurizer.new_state(1)
     window = torch.randn(8, hidden_size, generator=g)  # (steps, H) stand-in hidden states of one window

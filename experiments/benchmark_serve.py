@@ -8,10 +8,10 @@ latency, tokens/s against plain batched ``generate()`` on the same prompts, requ
 Three services, each a ``maml-stop serve`` on a free loopback port, fed by a closed loop of ``c`` clients
 (httpx, bounded: ``--requests`` per level), no feedback runs (``sample_rate`` 0):
 
-* ``idle``: the artifact's threshold removed (never stop): the service serves plain ``generate()``
+* ``idle``: the artifact's tau removed (never stop): the service serves plain ``generate()``
   (no probes): what the service costs on top of the model;
 * ``never``: tau = 1 (live stopping probes and forces every answer but never fires: the probing cost);
-* ``stop``: the artifact's own threshold: how many stop early and what it saves in wall time;
+* ``stop``: the artifact's own tau: how many stop early and what it saves in wall time;
 * ``decoder`` (not by default): no service, no HTTP: the continuous decoder (serve/decoder.py) in this
   process, plain rows, a closed loop of ``c`` slots (a row joins when one ends): the decoder's own
   tokens/s against plain ``generate()``, without the cost of a request outside the model.
@@ -68,16 +68,16 @@ def tiny_setup(root: Path) -> tuple[str, str]:
     ckpt = write_tiny_checkpoint(root / "tiny.ckpt", feature_names=names)
     adapted = adapt(ckpt, FAMILY, k=4, corpus=str(root / "corpus"), threshold_method="fixed", tau=0.5)
     probs = adapted.predict_proba(collate_traces(TraceCorpus.load(root / "corpus").traces(FAMILY)))
-    adapted.threshold = float(torch.quantile(probs, 0.5))
+    adapted.tau = float(torch.quantile(probs, 0.5))
     return model_dir, str(save_adapted(adapted, root / "tiny.pt"))
 
 
-def variant(artifact: str, root: Path, threshold) -> str:
+def variant(artifact: str, root: Path, tau: float | None) -> str:
     from maml_stop.live.artifact import load_adapted, save_adapted
 
     adapted = load_adapted(artifact)
-    adapted.threshold = threshold
-    return str(save_adapted(adapted, root / f"{'none' if threshold is None else threshold}.pt"))
+    adapted.tau = tau
+    return str(save_adapted(adapted, root / f"{'none' if tau is None else tau}.pt"))
 
 
 async def _load(port: int, prompts: list[str], concurrency: int) -> tuple[list[float], list[dict], float]:

@@ -27,7 +27,7 @@ def test_main_saves_a_loadable_adapted_predictor(tiny_corpus, ckpt, tmp_path, ca
     assert "held-out (52 traces)" in capsys.readouterr().out
     corpus = TraceCorpus.load(tiny_corpus)
     adapted = load_adapted(out, feature_names=corpus.feature_names)
-    assert adapted.threshold is None or adapted.threshold in DEFAULT_TAUS
+    assert adapted.tau is None or adapted.tau in DEFAULT_TAUS
     assert adapted.meta["family"] == "fam_c" and len(adapted.meta["support_trace_ids"]) == 8
 
     # the saved predictor is the adapter's adaptation of the same K traces, with the same threshold
@@ -40,25 +40,45 @@ def test_main_saves_a_loadable_adapted_predictor(tiny_corpus, ckpt, tmp_path, ca
     with torch.no_grad():
         want = torch.sigmoid(policy.model(batch))
     torch.testing.assert_close(adapted.predict_proba(batch), want)
-    assert adapted.threshold == policy.param
+    assert adapted.tau == policy.param
     # the artifact records the rule; rebuilt from its state, it makes the same choice on the same support
     recorded = selector_from_state(adapted.meta["selector"])
     assert recorded.state_dict() == {"name": "em_target", "delta": 0.01}
-    assert policy.choose(recorded) == adapted.threshold
+    assert policy.choose(recorded) == adapted.tau
 
 
 def test_trace_file_finds_its_corpus_meta(tiny_corpus, ckpt, tmp_path):
     shard = store.shard_paths(tiny_corpus, "fam_b")[0]
     adapted = adapt(ckpt, "fam_b", k=4, traces=str(shard), threshold_method="fixed", tau=0.7)
-    assert adapted.threshold == 0.7
+    assert adapted.tau == 0.7
     path = save_adapted(adapted, tmp_path / "b.pt")
     assert load_adapted(path).feature_names == TraceCorpus.load(tiny_corpus).feature_names
 
 
+@pytest.mark.parametrize("tau", [0.7, None])
+def test_an_artifact_written_before_the_rename_loads(tiny_corpus, ckpt, tmp_path, tau):
+    """Format maml_stop.adapted/1 stored tau as "threshold" (issue 31): it loads, migrated, and saves anew."""
+    adapted = adapt(ckpt, "fam_b", k=4, corpus=tiny_corpus, threshold_method="fixed", tau=0.7)
+    adapted.tau = tau
+    blob = torch.load(save_adapted(adapted, tmp_path / "new.pt"), weights_only=True)
+    assert blob["format"] == "maml_stop.adapted/2" and blob["tau"] == tau and "threshold" not in blob
+    old = {**{k: v for k, v in blob.items() if k != "tau"}, "format": "maml_stop.adapted/1", "threshold": tau}
+    torch.save(old, tmp_path / "old.pt")
+    again = load_adapted(tmp_path / "old.pt", feature_names=adapted.feature_names)
+    assert again.tau == tau and again.meta == adapted.meta and again.recipe == adapted.recipe
+    batch = collate_traces(TraceCorpus.load(tiny_corpus).traces("fam_b"))
+    torch.testing.assert_close(again.predict_proba(batch), adapted.predict_proba(batch))
+    resaved = torch.load(save_adapted(again, tmp_path / "resaved.pt"), weights_only=True)
+    assert resaved["format"] == "maml_stop.adapted/2" and resaved["tau"] == tau and "threshold" not in resaved
+    with pytest.raises(AdaptError, match="format maml_stop.adapted/2"):  # an unknown format is still refused
+        torch.save({**old, "format": "maml_stop.adapted/0"}, tmp_path / "older.pt")
+        load_adapted(tmp_path / "older.pt")
+
+
 def test_ltt_with_few_shots_never_stops(tiny_corpus, ckpt):
     adapted = adapt(ckpt, "fam_c", k=4, corpus=tiny_corpus, threshold_method="ltt", delta=0.01)
-    assert adapted.threshold is None and not adapted.should_stop(0.999)
-    assert adapted.live_threshold == float("inf")  # LiveStopping's "never stop"
+    assert adapted.tau is None and not adapted.should_stop(0.999)
+    assert adapted.live_tau == float("inf")  # LiveStopping's "never stop"
 
 
 def test_empty_support_is_refused(tiny_corpus, ckpt):

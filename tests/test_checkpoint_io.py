@@ -97,7 +97,7 @@ def test_real_checkpoint_and_adapted_artifact_still_load(ckpt, tiny_corpus, tmp_
     path = save_adapted(adapted, tmp_path / "fam_c.pt")
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
     again = load_adapted(path, feature_names=adapted.feature_names)
-    assert again.threshold == adapted.threshold and again.meta == adapted.meta
+    assert again.tau == adapted.tau and again.meta == adapted.meta
     for k, v in adapted.predictor.state_dict().items():
         torch.testing.assert_close(again.predictor.state_dict()[k], v)
 

@@ -144,7 +144,7 @@ def test_choices_are_named():
     with pytest.raises(ValueError, match="method 'pooled' is not in results A; its methods: maml"):
         C.compare(a, b, "pooled")
     with pytest.raises(ValueError, match="threshold rule 'ltt' is not in results A; its rules: em_target, fixed"):
-        C.compare(a, b, "maml", threshold="ltt")
+        C.compare(a, b, "maml", threshold_method="ltt")
     with pytest.raises(ValueError, match=r"K \[8\] not in both results; shared K: \[4\]"):
         C.compare(a, b, "maml", k=[8])
     with pytest.raises(ValueError, match=r"families \['gcd'\] not in both"):

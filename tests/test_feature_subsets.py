@@ -128,7 +128,7 @@ def _artifact(harvested, tmp_path, names, name="a.pt"):
     adapted = adapt(ckpt, FAMILY, k=4, corpus=corpus, threshold_method="fixed", tau=0.5)
     traces = select_features(TraceCorpus.load(corpus), names).traces(FAMILY)
     probs = adapted.predict_proba(collate_traces(traces))
-    adapted.threshold = float(torch.quantile(probs, 0.5))
+    adapted.tau = float(torch.quantile(probs, 0.5))
     return save_adapted(adapted, tmp_path / name), adapted
 
 
@@ -153,7 +153,7 @@ def _by_hand(harvested, adapted, mode):
     _, model, tok = harvested
     featurizer = ProbeFeaturizer(model.config.hidden_size, proj_dim=8, mid_layer=1)
     schedule = ProbeSchedule(every_n=4, boundary=True, align=2, max_probes=10, at_start=True, at_cap=True)
-    return LiveStopping(model, tok, adapted.predictor, adapted.live_threshold, None, adapted.feature_names, featurizer,
+    return LiveStopping(model, tok, adapted.predictor, adapted.live_tau, None, adapted.feature_names, featurizer,
                         schedule, answer_trigger="\nFinal answer:", answer_max_tokens=12, family=get_family(FAMILY),
                         mode=mode, max_new_tokens=MAX_NEW)
 
@@ -186,15 +186,15 @@ def test_from_adapted_reproduces_the_stops_of_a_hand_built_criterion(harvested, 
     names = store.read_meta(harvested[0])["feature_names"]
     path, adapted = _artifact(harvested, tmp_path, names)
     # a threshold between the two highest per-row maxima of a never-stopping run: one row stops, two do not
-    adapted.threshold = None
+    adapted.tau = None
     never = LiveStopping.from_adapted(save_adapted(adapted, tmp_path / "never.pt"), model, tok)
     _generate(model, tok, never)
     assert never.stopped_at == [None] * len(LIVE_PROMPTS)
     best = sorted({max(p for p in row if p is not None) for row in never.probabilities}, reverse=True)
-    adapted.threshold = (best[0] + best[1]) / 2
+    adapted.tau = (best[0] + best[1]) / 2
     path = save_adapted(adapted, path)
     built = LiveStopping.from_adapted(path, model, tok)
-    assert built.mode == "every" and built.max_new_tokens == MAX_NEW and built.threshold == adapted.threshold
+    assert built.mode == "every" and built.max_new_tokens == MAX_NEW and built.tau == adapted.tau
     out = _generate(model, tok, built)
     hand = _by_hand(harvested, adapted, "every")
     want = _generate(model, tok, hand)

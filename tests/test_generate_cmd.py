@@ -51,7 +51,7 @@ def artifact(harvested, tmp_path_factory):  # noqa: F811
     path, adapted = _artifact(harvested, root, names)
     # a threshold between the two highest per-row maxima of a never-stopping run on the test questions:
     # one row stops, the others run to their end
-    adapted.threshold = None
+    adapted.tau = None
     never = LiveStopping.from_adapted(save_adapted(adapted, root / "never.pt"), model, tok)
     qs = [InputQuestion(q.question) for q in get_family(FAMILY).questions("test", 4, seed=1)]
     try:
@@ -59,7 +59,7 @@ def artifact(harvested, tmp_path_factory):  # noqa: F811
     finally:
         never.remove_hooks()
     best = sorted({max(p for p in row if p is not None) for row in never.probabilities}, reverse=True)
-    adapted.threshold = (best[0] + best[1]) / 2
+    adapted.tau = (best[0] + best[1]) / 2
     return str(save_adapted(adapted, path))
 
 

@@ -99,3 +99,20 @@ def test_floors_run_one_way():
     assert not upward, upward
     assert not [f"{a} -> {b}" for a, t in edges.items() for b in t
                 if _floor(a) in ("live", "online") and _floor(b) == "evaluate"]
+
+
+def test_no_private_name_crosses_a_folder():
+    """A leading-underscore name stays inside its folder, private to its package (issue 31: evaluate/cascade.py
+    took decide/policies/cost_aware.py's ``_Learned``, now ``ViewScorer``); within one folder modules may share
+    one (the metrics' functional ``_update`` / ``_compute``, as torchmetrics does)."""
+    modules = _modules()
+    crossing = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.module or node.level or node.module not in modules:
+                continue
+            here, there = path.parent, modules[node.module].parent
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if private and here != there:
+                crossing.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(private)}")
+    assert not crossing, crossing

@@ -319,6 +319,6 @@ def test_adapt_with_an_exported_selector_state(tiny_corpus, tmp_path):
     support = [t for t in corpus.traces("fam_c") if t.trace_id in set(adapted.meta["support_trace_ids"])]
     _, adapter, _ = load_predictor(ckpt)
     policy = ProbePolicy(adapter=adapter, selector=selector_from_state(loaded.meta["selector"])).fit(support)
-    assert policy.param == loaded.threshold
+    assert policy.param == loaded.tau
     with pytest.raises(AdaptError, match="selector_state"):
         adapt(ckpt, "fam_c", k=8, corpus=tiny_corpus, selector_state=str(tmp_path / "missing.json"))

@@ -103,7 +103,7 @@ def test_serving_charges_tokens_by_the_accounting(pools):
 
 def test_the_cost_selector_sets_the_threshold_on_the_window(pools):
     adapter = make_adapter()
-    cfg = OnlineConfig(threshold="cost", refit_every=2, sample_rate=1.0, delta=DELTA, token_price=0.001,
+    cfg = OnlineConfig(rule="cost", refit_every=2, sample_rate=1.0, delta=DELTA, token_price=0.001,
                        wrong_answer_cost=1.0)
     stopper = OnlineStopper(adapter, pools["a"][:8], cfg)
     for t in pools["a"][8:12]:
@@ -117,7 +117,7 @@ def test_config_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="gold, agreement"):
         OnlineConfig(feedback="silver")
     with pytest.raises(ValueError, match="sa, fixed, em_target, ltt, cost"):
-        OnlineConfig(threshold="best")
+        OnlineConfig(rule="best")
     with pytest.raises(ValueError, match="upper, lower"):
         MonitorConfig(bound="middle")
 

@@ -89,7 +89,7 @@ def test_adapt_refuses_thresholds_outside_0_1(tiny_corpus, ckpt, tmp_path, capsy
     out = tmp_path / "a.pt"
     assert main(["--checkpoint", ckpt, "--corpus", tiny_corpus, "--family", "fam_c", "--k", "4", *extra,
                  "--out", str(out)]) == 2
-    assert "thresholds are probabilities in [0, 1]" in capsys.readouterr().err and not out.exists()
+    assert "tau and taus are probabilities in [0, 1]" in capsys.readouterr().err and not out.exists()
 
 
 def test_compare_confidence_and_non_results_files(tmp_path, capsys):

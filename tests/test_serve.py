@@ -28,7 +28,7 @@ def _alone(harvested, path, qs, never: bool):  # noqa: F811
     _, model, tok = harvested
     if never:
         adapted = load_adapted(path)
-        adapted.threshold = None
+        adapted.tau = None
         path = save_adapted(adapted, str(path) + ".never.pt")
     criteria = LiveStopping.from_adapted(path, model, tok)
     try:
@@ -50,14 +50,14 @@ def half_artifact(harvested, artifact, tmp_path_factory):  # noqa: F811
 
     _, model, tok = harvested
     adapted = load_adapted(artifact)
-    adapted.threshold = None
+    adapted.tau = None
     root = tmp_path_factory.mktemp("half")
     never = LiveStopping.from_adapted(save_adapted(adapted, root / "never.pt"), model, tok)
     try:
         generate_answers(never, model, tok, get_family(FAMILY), [InputQuestion(q.question) for q in questions(8)], 8)
     finally:
         never.remove_hooks()
-    adapted.threshold = float(np.median([max(p for p in row if p is not None) for row in never.probabilities]))
+    adapted.tau = float(np.median([max(p for p in row if p is not None) for row in never.probabilities]))
     return str(save_adapted(adapted, root / "half.pt"))
 
 

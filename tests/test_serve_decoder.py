@@ -42,7 +42,7 @@ def artifacts(harvested, tmp_path_factory):  # noqa: F811
         with torch.no_grad():  # the tiny predictor's P only falls with progress: random weights move it up and down
             for layer in (m for m in adapted.predictor.modules() if isinstance(m, torch.nn.Linear)):
                 layer.weight.normal_(0.0, 0.5)
-        adapted.threshold = None
+        adapted.tau = None
         never = LiveStopping.from_adapted(save_adapted(adapted, root / f"{mode}.never.pt"), model, tok, mode="every")
         tok.padding_side = "left"
         enc = tok(_prompts(tok), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -50,7 +50,7 @@ def artifacts(harvested, tmp_path_factory):  # noqa: F811
             model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id,
                            stopping_criteria=[never])
         never.remove_hooks()
-        adapted.threshold = _mid_run_tau(never.probabilities)
+        adapted.tau = _mid_run_tau(never.probabilities)
         out[mode] = str(save_adapted(adapted, path))
     return out
 
@@ -129,12 +129,12 @@ def _decode(harvested, rows: list[tuple[str, str | None, int]], max_rows: int = 
             return i, ids, None
         parts = live_parts(path, model)
         if path not in specs:
-            rest = {k: v for k, v in parts.items() if k not in ("predictor", "threshold", "feature_names",
+            rest = {k: v for k, v in parts.items() if k not in ("predictor", "tau", "feature_names",
                                                                 "featurizer", "schedule", "mode")}
             specs[path] = LiveSpec.from_parts(model, tok, parts["predictor"], parts["feature_names"],
                                               parts["featurizer"], parts["schedule"], parts["mode"], **rest)
         spec = specs[path]
-        rule = StopRule(spec.featurizer.feature_names, parts["predictor"], parts["threshold"], parts["mode"],
+        rule = StopRule(spec.featurizer.feature_names, parts["predictor"], parts["tau"], parts["mode"],
                         parts["feature_names"])
         return i, ids, LiveRecord(spec, rule, None)
 

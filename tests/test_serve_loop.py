@@ -62,11 +62,11 @@ def test_labels_from_gold_and_from_a_judgement():
 def test_monitor_falls_back_when_its_bound_crosses_delta_and_comes_back():
     loop = _loop(_config())
     arm = loop.arms["A"]
-    assert loop.plan(0).kind == "stop" and math.isclose(loop.plan(0).threshold, 0.5)
+    assert loop.plan(0).kind == "stop" and math.isclose(loop.plan(0).live_tau, 0.5)
     ds = [loop.learn(_row("2")) for _ in range(3)]  # the early answer "1" loses the final "2": d = 1
     assert ds == [1, 1, 1] and arm.fallback and arm.state()["bound"] > 0.2
     plan = loop.plan(1)
-    assert plan.kind == "full" and plan.fallback and math.isinf(plan.threshold)
+    assert plan.kind == "full" and plan.fallback and math.isinf(plan.live_tau)
     n = 0
     while arm.fallback:  # clean feedback (the decision agrees with a right final answer): d = 0
         assert loop.learn(_row("2", decision=1)) == 0

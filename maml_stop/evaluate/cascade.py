@@ -35,11 +35,11 @@ from maml_stop.data.episodes import split_support_query
 from maml_stop.data.pairs import COST_FILE, CostModel, PairedTrace, load_pairs
 from maml_stop.decide.policies import cascade as C
 from maml_stop.decide.policies.complexity import ComplexityFeatures, QuestionTable, meta_initialise
-from maml_stop.decide.policies.cost_aware import _Learned
+from maml_stop.decide.policies.cost_aware import ViewScorer
 from maml_stop.decide.policies.learned import ProbePolicy
 from maml_stop.decide.policies.routers import LEARNERS, QuestionView, RidgeRouter, RouterConfig, free_view
 from maml_stop.evaluate.cascade_report import write_cascade_report
-from maml_stop.evaluate.protocol import _selectors as protocol_selectors
+from maml_stop.evaluate.protocol import selectors_for
 from maml_stop.evaluate.results_file import json_safe
 from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.learn.pooled import train_predictor
@@ -107,7 +107,7 @@ def make_router(view, cfg: RouterConfig, width: int, sources: Mapping[str, Seque
     if cfg.learner == "scratch":
         adapter = InnerLoopAdapter(_fresh(width, cfg), algorithm="maml", inner_lr=cfg.scratch_lr,
                                    inner_steps=cfg.scratch_steps, first_order=True, backend=cfg.backend)
-        return _Learned(ProbePolicy(adapter=adapter, renormalise=True, **adapted), view)
+        return ViewScorer(ProbePolicy(adapter=adapter, renormalise=True, **adapted), view)
     if not sources:
         raise ValueError(f"router learner {cfg.learner!r} learns from source families: none were given")
     viewed = {f: [view(t) for t in ts] for f, ts in sources.items() if ts}
@@ -115,11 +115,11 @@ def make_router(view, cfg: RouterConfig, width: int, sources: Mapping[str, Seque
         pooled = train_predictor([t for ts in viewed.values() for t in ts],
                                  PredictorConfig(n_features=width, **cfg.predictor), cfg.pooled_steps, cfg.pooled_lr,
                                  seed=cfg.seed, backend=cfg.backend)
-        return _Learned(ProbePolicy(predictor=pooled, name="router/pooled"), view)
+        return ViewScorer(ProbePolicy(predictor=pooled, name="router/pooled"), view)
     adapter = InnerLoopAdapter(_fresh(width, cfg), algorithm="maml", inner_lr=cfg.inner_lr,
                                inner_steps=cfg.inner_steps, first_order=True, backend=cfg.backend)
     meta_initialise(adapter, viewed, steps=cfg.meta_steps, lr=cfg.meta_lr, k=cfg.meta_k, seed=cfg.seed)
-    return _Learned(ProbePolicy(adapter=adapter, **adapted), view)
+    return ViewScorer(ProbePolicy(adapter=adapter, **adapted), view)
 
 
 class _Fold:
@@ -167,7 +167,7 @@ def _figures(outs: Sequence[C.CascadeOutcome], large: Sequence[C.CascadeOutcome]
 def evaluate_cascade_family(ecfg, cfg: CascadeConfig, fold: _Fold, pairs: list[PairedTrace], price: CostModel,
                             family_index: int) -> dict[str, Any]:
     """Per K and method: per-episode figures (per selector for the thresholded ones) and the query curve."""
-    selectors = protocol_selectors(ecfg)  # the main protocol's, from the shared registry
+    selectors = selectors_for(ecfg)  # the main protocol's, from the shared registry
     policies = {m: build_cascade(m, cfg, fold, price) for m in cfg.methods}
     out: dict[str, Any] = {}
     for k in ecfg.k:

@@ -16,7 +16,7 @@ K, full generation's per-episode EM and tokens are equal; anything else is refus
 
     maml-stop compare runs/a/results.json runs/b/results.json --method_a maml   # one method, two runs
     maml-stop compare runs/a/results.json --method_a maml --method_b pooled     # two methods, one run
-    maml-stop compare A.json B.json --threshold ltt --k 16 32 --families gcd --out compare.json
+    maml-stop compare A.json B.json --threshold_method ltt --k 16 32 --families gcd --out compare.json
 
 >>> est, low, high = paired_bootstrap([0.3, 0.5, 0.4], [0.1, 0.3, 0.2], n_resamples=99, seed=0)
 >>> round(est, 12), round(low, 12), round(high, 12)      # constant differences: a zero-width interval
@@ -148,7 +148,7 @@ def _choose(asked: Sequence | None, a: Sequence, b: Sequence, what: str) -> list
 
 
 def compare(
-    a: dict, b: dict, method_a: str = "maml", method_b: str | None = None, threshold: str | None = None,
+    a: dict, b: dict, method_a: str = "maml", method_b: str | None = None, threshold_method: str | None = None,
     k: Sequence[int] | None = None, families: Sequence[str] | None = None, n_resamples: int = 9999,
     seed: int = 0, confidence: float = 0.95,
 ) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def compare(
     for name, res, method in (("A", a, method_a), ("B", b, method_b)):
         if method not in res["methods"]:
             raise ValueError(f"method {method!r} is not in results {name}; its methods: {', '.join(res['methods'])}")
-    threshold = threshold or a["threshold_methods"][0]
+    threshold = threshold_method or a["threshold_methods"][0]
     for name, res in (("A", a), ("B", b)):
         if threshold not in res["threshold_methods"]:
             raise ValueError(f"threshold rule {threshold!r} is not in results {name}; "
@@ -192,7 +192,7 @@ def compare(
                 vb = np.mean([p[1].mean() for p in pairs.values()])
                 rows.append(_row(figure, k, "mean", np.array([va]), np.array([vb]), est, low, high, confidence,
                                  episodes=sum(len(p[0]) for p in pairs.values())))
-    return {"method_a": method_a, "method_b": method_b, "threshold": threshold, "families": families,
+    return {"method_a": method_a, "method_b": method_b, "threshold_method": threshold, "families": families,
             "k": ks, "n_resamples": n_resamples, "seed": seed, "confidence": confidence,
             "unit": "percentage points", "rows": rows}
 
@@ -209,7 +209,7 @@ def to_markdown(table: dict[str, Any], name_a: str = "A", name_b: str = "B") -> 
     level = f"{100 * table['confidence']:g}%"
     lines = [
         f"# A/B comparison: A = `{a}` ({name_a}), B = `{b}` ({name_b})", "",
-        f"Threshold rule `{table['threshold']}`; the same episodes in both. Differences A - B in points, "
+        f"Threshold rule `{table['threshold_method']}`; the same episodes in both. Differences A - B in points, "
         f"with {level} paired percentile bootstrap intervals ({table['n_resamples']} resamples of the episodes, "
         f"seed {table['seed']}); `mean` averages the family means, resampling episodes within each family.",
     ]
@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("results_b", nargs="?", default=None, help="results.json (B; default: the same file as A)")
     p.add_argument("--method_a", default="maml", help="method of A (default: maml)")
     p.add_argument("--method_b", default=None, help="method of B (default: --method_a)")
-    p.add_argument("--threshold", default=None, help="threshold rule (default: the headline rule of A)")
+    p.add_argument("--threshold_method", default=None, help="threshold rule (default: the headline rule of A)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="K values (default: every K of both)")
     p.add_argument("--families", nargs="+", default=None, help="families (default: every family of both)")
     p.add_argument("--n_resamples", type=int, default=9999)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print("maml-stop compare: one file and one method: name another file or --method_b", file=sys.stderr)
         return 2
     try:
-        table = compare(a, b, args.method_a, args.method_b, args.threshold, args.k, args.families,
+        table = compare(a, b, args.method_a, args.method_b, args.threshold_method, args.k, args.families,
                         args.n_resamples, args.seed, args.confidence)
     except ValueError as err:
         print(f"maml-stop compare: {err}", file=sys.stderr)

@@ -206,9 +206,6 @@ def selectors_for(cfg: EvaluateConfig) -> dict[str, StopSelector]:
     }
 
 
-_selectors = selectors_for  # the name evaluate/cascade.py imports
-
-
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the protocol; write results.json, results.md and the plots; return the results."""
 

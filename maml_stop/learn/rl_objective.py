@@ -125,10 +125,10 @@ def expected_reward(logits: Tensor, table: RewardTable, lam: float) -> Tensor:
     return (p_stop * r_stop).sum(dim=-1) + p_never * r_end
 
 
-def greedy_stops(logits: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
-    """Stop index of the deterministic policy "first probe with p >= threshold" (the one rule,
+def greedy_stops(logits: Tensor, mask: Tensor, tau: float = 0.5) -> Tensor:
+    """Stop index of the deterministic policy "first probe with p >= tau" (the one rule,
     :func:`maml_stop.decide.rule.first_hits`) (T,) long, -1 = never."""
-    return first_hits(torch.sigmoid(logits), threshold, mask)
+    return first_hits(torch.sigmoid(logits), tau, mask)
 
 
 def _at(stops: Tensor, per_probe: Tensor, end: Tensor) -> Tensor:

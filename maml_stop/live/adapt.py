@@ -3,7 +3,7 @@
 Given a checkpoint, labelled traces of the new family (a corpus folder, or one trace file in the
 stored parquet schema) and K, it adapts the predictor on K support questions with the checkpoint's own
 :class:`~maml_stop.learn.adapter.InnerLoopAdapter`, chooses the threshold on those K traces alone, and saves
-what live generation needs: the adapted predictor, the threshold, the feature names (the checkpoint's
+what live generation needs: the adapted predictor, its tau, the feature names (the checkpoint's
 feature subset: the traces are narrowed to its columns) and the probe recipe copied from the corpus
 ``meta.json`` (schedule, answer trigger and budget, token cap, featurizer, extraction, live mode; see
 :func:`maml_stop.live.artifact.probe_recipe`), from which ``LiveStopping.from_adapted`` builds live stopping::
@@ -121,7 +121,7 @@ def adapt(
     bad = [f"{name} {v!r}" for name, values in (("tau", [tau]), ("taus", list(taus))) for v in values
            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0)]
     if bad:  # a probability threshold: an artifact with tau 1.01 would be refused later, by generate
-        raise AdaptError(f"thresholds are probabilities in [0, 1]; got {', '.join(bad)}")
+        raise AdaptError(f"tau and taus are probabilities in [0, 1]; got {', '.join(bad)}")
     _, adapter, ckpt_meta = load_predictor(checkpoint)
     names = ckpt_meta.get("feature_names")
     loaded = _load_traces(corpus, traces, meta, family, names)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AdaptError, store.CorpusError, CheckpointError, ProvenanceError, OSError) as err:
         print(f"maml-stop adapt: {err}", file=sys.stderr)
         return 2
-    tau = "never stop early" if adapted.threshold is None else f"tau = {adapted.threshold:g}"
+    tau = "never stop early" if adapted.tau is None else f"tau = {adapted.tau:g}"
     s = adapted.meta["support"]
     line = f"adapted on K={args.k} traces of {args.family}: {tau}; support EM {s['em']:.3f} (full {s['full_em']:.3f}), savings {100 * s['savings']:.1f}%"
     if "heldout" in adapted.meta:

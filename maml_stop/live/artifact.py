@@ -1,16 +1,18 @@
 """The adapted-predictor file that ``maml-stop adapt`` writes and live generation reads.
 
-Format ``maml_stop.adapted/1``: a ``torch.save`` dict (read back weights-only) with ``format``,
+Format ``maml_stop.adapted/2``: a ``torch.save`` dict (read back weights-only) with ``format``,
 ``schema_version``, ``code_version``, ``predictor_config`` (:class:`~maml_stop.learn.predictor.PredictorConfig`
-as a dict), ``state_dict`` (a plain :class:`~maml_stop.learn.predictor.StoppingPredictor`), ``threshold``
-(float, or None = never stop early), ``feature_names`` and ``meta`` (family, K, support trace ids,
+as a dict), ``state_dict`` (a plain :class:`~maml_stop.learn.predictor.StoppingPredictor`), ``tau``
+(the stop threshold; a float, or None = never stop early), ``feature_names`` and ``meta`` (family, K, support trace ids,
 threshold method, ``selector``: the rule's state, support and held-out figures) and ``recipe`` (issue 10: how the probes that feed the
 predictor are made, copied from the ``meta.json`` of the corpus the support traces came from, see
 :func:`probe_recipe`; absent in older files: ``recipe`` None, which still loads but cannot build live
-stopping). ``feature_names`` is the predictor's input, the feature subset it was trained on.
+stopping). ``feature_names`` is the predictor's input, the feature subset it was trained on. Files of
+format ``maml_stop.adapted/1`` (tau stored as ``threshold``, before issue 31) load through
+:func:`migrate_adapted`.
 
 >>> adapted = load_adapted("runs/adapted/gcd.pt", feature_names=corpus.feature_names)   # doctest: +SKIP
->>> adapted.predict_proba(batch), adapted.threshold                                     # doctest: +SKIP
+>>> adapted.predict_proba(batch), adapted.tau                                           # doctest: +SKIP
 >>> criteria = LiveStopping.from_adapted("runs/adapted/gcd.pt", model, tok)                 # doctest: +SKIP
 """
 
@@ -34,9 +36,11 @@ from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor
 from maml_stop.probe.features import feature_cost
 
 __all__ = ["AdaptedPredictor", "AdaptError", "load_adapted", "save_adapted", "check_names", "probe_recipe",
-           "live_mode", "missing_recipe_fields", "FORMAT", "RECIPE_FIELDS", "FEATURIZER_FIELDS"]
+           "live_mode", "migrate_adapted", "missing_recipe_fields", "FORMAT", "RECIPE_FIELDS", "FEATURIZER_FIELDS"]
 
-FORMAT = "maml_stop.adapted/1"
+FORMAT = "maml_stop.adapted/2"
+# older formats load_adapted reads, through migrate_adapted: /1 stored tau as "threshold" (issue 31)
+OLD_FORMATS = ("maml_stop.adapted/1",)
 # what live stopping needs to make the probes the predictor was trained on (recipe keys)
 RECIPE_FIELDS = ("schedule", "answer_trigger", "answer_max_tokens", "max_new_tokens", "featurizer", "extraction",
                  "mode")
@@ -96,15 +100,15 @@ class AdaptError(ValueError):
 
 @dataclass
 class AdaptedPredictor:
-    """An adapted stopping predictor and its threshold, ready for live generation.
+    """An adapted stopping predictor and its stop threshold ``tau``, ready for live generation.
 
-    ``threshold`` None means "never stop early" (the threshold method could not certify any);
+    ``tau`` None means "never stop early" (the threshold method could not certify any);
     ``feature_names`` is the predictor's input (its feature subset); ``recipe`` how its probes are made
     (:func:`probe_recipe`; None in files written before it).
     """
 
     predictor: nn.Module
-    threshold: float | None
+    tau: float | None
     feature_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None
@@ -119,12 +123,12 @@ class AdaptedPredictor:
             return torch.sigmoid(self.predictor(batch))
 
     def should_stop(self, probability: float) -> bool:
-        return reached(probability, self.threshold)
+        return reached(probability, self.tau)
 
     @property
-    def live_threshold(self) -> float:
-        """The threshold as :class:`maml_stop.live.stopping.LiveStopping` takes it (inf = never stop)."""
-        return float("inf") if self.threshold is None else float(self.threshold)
+    def live_tau(self) -> float:
+        """``tau`` as :class:`maml_stop.live.stopping.LiveStopping` takes it (inf = never stop)."""
+        return float("inf") if self.tau is None else float(self.tau)
 
 
 def check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what: str, other: str) -> None:
@@ -140,7 +144,7 @@ def check_names(expected: Sequence[str] | None, got: Sequence[str] | None, what:
 
 
 def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
-    """Write an adapted predictor, its threshold, feature names and probe recipe to ``path`` (torch.save)."""
+    """Write an adapted predictor, its tau, feature names and probe recipe to ``path`` (torch.save)."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(
@@ -150,7 +154,7 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
             "code_version": maml_stop.__version__,
             "predictor_config": adapted.predictor.config().to_dict(),
             "state_dict": {k: v.detach().clone() for k, v in adapted.predictor.state_dict().items()},
-            "threshold": adapted.threshold,
+            "tau": adapted.tau,
             "feature_names": list(adapted.feature_names),
             "meta": json.loads(json.dumps(adapted.meta)),
             "recipe": None if adapted.recipe is None else json.loads(json.dumps(adapted.recipe)),
@@ -159,6 +163,16 @@ def save_adapted(adapted: AdaptedPredictor, path: str | Path) -> Path:
     )
     atomic_write_bytes(path, buffer.getvalue())  # a failed write (full disk) leaves an older artifact intact
     return path
+
+
+def migrate_adapted(blob: dict[str, Any]) -> dict[str, Any]:
+    """An artifact dict of an older format (:data:`OLD_FORMATS`) as :data:`FORMAT` writes it; the current
+    format unchanged. ``maml_stop.adapted/1`` stored tau under ``threshold``."""
+    if blob.get("format") not in OLD_FORMATS:
+        return blob
+    out = {k: v for k, v in blob.items() if k != "threshold"}
+    out.update(format=FORMAT, tau=blob.get("threshold"))
+    return out
 
 
 def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -> AdaptedPredictor:
@@ -172,16 +186,17 @@ def load_adapted(path: str | Path, feature_names: Sequence[str] | None = None) -
         blob = safe_load(path, what="adapted predictor")
     except CheckpointLoadError as err:
         raise AdaptError(str(err)) from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in (FORMAT, *OLD_FORMATS):
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise AdaptError(f"{path} is not an adapted predictor written by `maml-stop adapt` (format {FORMAT}); found {keys}")
+    blob = migrate_adapted(blob)
     if blob.get("schema_version") != SCHEMA_VERSION:
         raise AdaptError(f"{path} was written for trace schema {blob.get('schema_version')}; this code reads {SCHEMA_VERSION}")
     predictor = StoppingPredictor.from_config(PredictorConfig(**blob["predictor_config"]))
     predictor.load_state_dict(blob["state_dict"])
     predictor.eval()
     recipe = blob.get("recipe")  # absent in files written before recipes: still usable offline
-    adapted = AdaptedPredictor(predictor, blob["threshold"], list(blob["feature_names"]), dict(blob.get("meta", {})),
+    adapted = AdaptedPredictor(predictor, blob["tau"], list(blob["feature_names"]), dict(blob.get("meta", {})),
                                dict(recipe) if recipe is not None else None)
     if feature_names is not None:
         adapted.check_features(feature_names)

@@ -1,5 +1,5 @@
-"""What live stopping needs, read from an adapted artifact alone (issue 10): the predictor, threshold
-and feature subset of ``maml-stop adapt``'s file, and the probe recipe it carries (featurizer on the
+"""What live stopping needs, read from an adapted artifact alone (issue 10): the predictor, tau (its
+stop threshold) and feature subset of ``maml-stop adapt``'s file, and the probe recipe it carries (featurizer on the
 model's hidden size, schedule, answer trigger and budget, the family that extracts the answers, the live
 mode, the token cap). :meth:`maml_stop.live.stopping.LiveStopping.from_adapted` builds the criterion
 from it."""
@@ -66,7 +66,7 @@ def live_parts(path, model: nn.Module) -> dict[str, Any]:
                              "records no answer_kind to extract its answers with") from None
         # e.g. a `dataset` family stored under its own name: the same extraction by answer kind
         answer_fn = lambda text: extract_probe(text, kind=kind)  # noqa: E731
-    return {"predictor": adapted.predictor, "threshold": adapted.live_threshold, "feature_names": names,
+    return {"predictor": adapted.predictor, "tau": adapted.live_tau, "feature_names": names,
             "featurizer": featurizer, "schedule": schedule, "answer_trigger": recipe["answer_trigger"],
             "answer_fn": answer_fn, "answer_max_tokens": recipe["answer_max_tokens"], "family": family,
             "mode": recipe["mode"], "max_new_tokens": recipe["max_new_tokens"],

@@ -22,7 +22,7 @@ MODES = ("every", "free", "gated")
 STABILITY = ("answer_empty", "same_as_prev", "run_length", "n_distinct")  # the keys of answer_stability
 
 
-def _check_threshold(name: str, value: float) -> None:
+def _check_probability(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0 and value != float("inf"):
         raise ValueError(f"{name} must lie in [0, 1] (or inf: never), got {value}")
 
@@ -54,7 +54,7 @@ class _Row:
     forced: list[np.ndarray] = field(default_factory=list)  # forced probe points only (full vectors)
     stop_p: list[float | None] = field(default_factory=list)  # per probe point: stop predictor's P (None: not asked)
     gate_p: list[float | None] = field(default_factory=list)  # per probe point: gate's P (gated mode only)
-    threshold: float | None = None  # this row's stop threshold (None: the rule's; serve mixes policies in a batch)
+    tau: float | None = None  # this row's stop threshold (None: the rule's; serve mixes policies in a batch)
 
 
 class StopRule:
@@ -66,14 +66,14 @@ class StopRule:
     :meth:`before_answer` with the vector whose paid features may be NaN, then, where an answer was
     forced, :meth:`after_answer` with the full vector."""
 
-    def __init__(self, feature_names: Sequence[str], predictor: nn.Module, threshold: float, mode: str = "every",
+    def __init__(self, feature_names: Sequence[str], predictor: nn.Module, tau: float, mode: str = "every",
                  predictor_features: Sequence[str] | None = None, gate: nn.Module | None = None,
                  gate_threshold: float = 0.5, gate_features: Sequence[str] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown live mode {mode!r}; valid: {', '.join(MODES)}")
-        _check_threshold("threshold", threshold)
+        _check_probability("tau", tau)
         names = list(feature_names)
-        self.mode, self.threshold, self.gate_threshold = mode, threshold, gate_threshold
+        self.mode, self.tau, self.gate_threshold = mode, tau, gate_threshold
         self.predictor = predictor.eval()
         self.predictor_features = list(predictor_features) if predictor_features is not None else names
         self.columns = _columns(names, self.predictor_features, "predictor")
@@ -83,7 +83,7 @@ class StopRule:
         if mode == "gated":
             if gate is None:
                 raise ValueError("mode='gated' needs a gate predictor (gate=...) on free features")
-            _check_threshold("gate_threshold", gate_threshold)
+            _check_probability("gate_threshold", gate_threshold)
             self.gate = gate.eval()
             self.gate_features = list(gate_features) if gate_features is not None else \
                 [n for n in names if feature_cost(n) == "free"]
@@ -98,14 +98,14 @@ class StopRule:
             raise ValueError(f"mode={self.mode!r}: the {who} must read free features only "
                              f"(maml_stop.probe.features.feature_cost), but it reads the paid features {paid}")
 
-    def new_row(self, threshold: float | None = None) -> _Row:
-        """A row's state; ``threshold`` overrides the rule's for this row (inf: never stop)."""
-        if threshold is not None:
-            _check_threshold("threshold", threshold)
-        return _Row(threshold=threshold)
+    def new_row(self, tau: float | None = None) -> _Row:
+        """A row's state; ``tau`` overrides the rule's for this row (inf: never stop)."""
+        if tau is not None:
+            _check_probability("tau", tau)
+        return _Row(tau=tau)
 
     def _tau(self, row: _Row) -> float:
-        return self.threshold if row.threshold is None else row.threshold
+        return self.tau if row.tau is None else row.tau
 
     def before_answer(self, row: _Row, vec: np.ndarray) -> tuple[bool, bool]:
         """A new probe point whose free features are ``vec``'s: (force its answer?, stop here?)."""
@@ -143,7 +143,7 @@ class Replay:
 
 
 def replay(trace_features: np.ndarray, feature_names: Sequence[str], probe_answers: Sequence[str | None],
-           predictor: nn.Module, threshold: float, mode: str = "every", *,
+           predictor: nn.Module, tau: float, mode: str = "every", *,
            predictor_features: Sequence[str] | None = None, gate: nn.Module | None = None,
            gate_threshold: float = 0.5, gate_features: Sequence[str] | None = None) -> Replay:
     """The live decision rule of ``mode`` replayed over a harvested trace (its probes' stored features
@@ -154,7 +154,7 @@ def replay(trace_features: np.ndarray, feature_names: Sequence[str], probe_answe
     forces its answer, with the stability features recomputed over the forced answers (module
     docstring). A trace that hit the token cap also pays its cap probe's answer (its output) when the
     rule did not force it. Tested against live runs in ``tests/test_live_engine.py``."""
-    rule = StopRule(feature_names, predictor, threshold, mode, predictor_features, gate, gate_threshold, gate_features)
+    rule = StopRule(feature_names, predictor, tau, mode, predictor_features, gate, gate_threshold, gate_features)
     names = list(feature_names)
     feats = np.asarray(trace_features, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != len(names) or feats.shape[0] != len(probe_answers):

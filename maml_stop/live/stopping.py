@@ -4,14 +4,14 @@ At the probe points of a schedule, :class:`LiveStopping` computes the probe's fe
 :class:`~maml_stop.probe.features.ProbeFeaturizer` the harvester used, forces an answer from the current
 prefix (answer trigger + short greedy answer) on a *copy* of the generation's KV cache where its mode
 asks for one, asks the (adapted) stopping predictor for P(stopping here keeps the answer correct), and
-stops a row at the first probe whose probability reaches the threshold. The forced answer of that probe
-is the row's answer (``criteria.answers``); rows that never stop end as usual and their own final answer
+stops a row at the first probe whose probability reaches the stop threshold ``tau``. The forced answer of
+that probe is the row's answer (``criteria.answers``); rows that never stop end as usual and their own final answer
 counts. The forced-answer loop, the schedule decision and the answer extraction are the harvester's own
 (:func:`maml_stop.probe.engine.force_answers`, :func:`~maml_stop.probe.engine.probe_reason`, the
 family's ``extract_probe_answer``; issue 10), so live features are the features the predictor was
 trained on.
 
-    >>> criteria = LiveStopping(model, tok, predictor, threshold=0.8, prompt_length=None,
+    >>> criteria = LiveStopping(model, tok, predictor, tau=0.8, prompt_length=None,
     ...                         feature_names=names, featurizer=featurizer, schedule=schedule,
     ...                         family=get_family("gsm_symbolic"), mode="every")              # doctest: +SKIP
     >>> out = model.generate(**enc, stopping_criteria=StoppingCriteriaList([criteria]))     # doctest: +SKIP
@@ -99,7 +99,7 @@ class LiveStopping(StoppingCriteria):
         model: nn.Module,
         tokenizer,
         predictor: nn.Module,
-        threshold: float,
+        tau: float,
         prompt_length: int | None,
         feature_names: list[str],
         featurizer: ProbeFeaturizer,
@@ -124,9 +124,9 @@ class LiveStopping(StoppingCriteria):
             raise ValueError("give exactly one of family= (its extract_probe_answer, what the harvest used) and "
                              "answer_fn=; live answers must be extracted as the predictor's training traces were")
         self.answer_fn = answer_fn if answer_fn is not None else family.extract_probe_answer
-        self.rule = StopRule(featurizer.feature_names, predictor, threshold, mode, feature_names, gate,
+        self.rule = StopRule(featurizer.feature_names, predictor, tau, mode, feature_names, gate,
                              gate_threshold, gate_feature_names)
-        self.mode, self.threshold = mode, threshold
+        self.mode, self.tau = mode, tau
         self.model, self.tokenizer, self.predictor = model, tokenizer, self.rule.predictor
         if prompt_length is not None and prompt_length < 1:
             raise ValueError(f"prompt_length must be a positive token count or None (read from each prefill), "
@@ -137,8 +137,8 @@ class LiveStopping(StoppingCriteria):
             log.warning("the schedule probes at the cap (at_cap), but LiveStopping was not given max_new_tokens: "
                         "no cap probe will run")
         self.expected_prompt_length = prompt_length  # checked against each prefill; None: not checked
-        # per-row thresholds of the next generations (None: ``threshold``; inf: never stops); see serve/
-        self.row_thresholds: list[float] | None = None
+        # per-row taus of the next generations (None: ``tau``; inf: never stops); see serve/
+        self.row_taus: list[float] | None = None
         self.prompt_length: int | None = None  # of the current generation, read from its prefill
         self.featurizer, self.schedule = featurizer, schedule
         self.answer_max_tokens, self.max_new_tokens = answer_max_tokens, max_new_tokens
@@ -168,7 +168,7 @@ class LiveStopping(StoppingCriteria):
     def from_adapted(cls, path, model: nn.Module, tokenizer, mode: str | None = None,
                      max_new_tokens: int | None = None) -> "LiveStopping":
         """Live stopping built from an adapted artifact alone (``maml-stop adapt``; issue 10): its
-        predictor, threshold and feature subset, and the probe recipe it carries (featurizer on
+        predictor, tau and feature subset, and the probe recipe it carries (featurizer on
         ``model.config.hidden_size``, schedule, answer trigger and budget, the family that extracts the
         answers, the live mode, the token cap for a cap probe). ``mode`` / ``max_new_tokens`` override
         the recipe's (give ``generate`` the same ``max_new_tokens``). The criterion runs on the model's
@@ -181,7 +181,7 @@ class LiveStopping(StoppingCriteria):
         ...                stopping_criteria=StoppingCriteriaList([criteria]))                   # doctest: +SKIP
         """
         parts = live_parts(path, model)
-        return cls(model, tokenizer, parts.pop("predictor"), parts.pop("threshold"), None, parts.pop("feature_names"),
+        return cls(model, tokenizer, parts.pop("predictor"), parts.pop("tau"), None, parts.pop("feature_names"),
                    parts.pop("featurizer"), parts.pop("schedule"), **{**parts, "mode": mode or parts["mode"],
                    "max_new_tokens": max_new_tokens or parts["max_new_tokens"]})
 
@@ -264,9 +264,9 @@ class LiveStopping(StoppingCriteria):
                 )
             self.state = self.featurizer.new_state(b)
             self._clock = [RowSchedule() for _ in range(b)]
-            rows = self.row_thresholds if self.row_thresholds is not None else [None] * b
+            rows = self.row_taus if self.row_taus is not None else [None] * b
             if len(rows) != b:
-                raise ValueError(f"row_thresholds has {len(rows)} entries for a batch of {b} rows")
+                raise ValueError(f"row_taus has {len(rows)} entries for a batch of {b} rows")
             self._rows = [self.rule.new_row(t) for t in rows]
             self._done = [False] * b
             for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers",

@@ -17,7 +17,7 @@ Per request (a finished :class:`~maml_stop.data.corpus.Trace` replayed as if it 
    sliding window of the last ``window`` ones;
 4. **re-adapt** every ``refit_every`` feedbacks: :meth:`InnerLoopAdapter.fit_support` on the window,
    always from the meta-trained initialisation (the adapter's predictor is never changed);
-5. **threshold**: ``threshold="sa"`` moves logit(tau) by a Robbins-Monro step
+5. **tau**: ``rule="sa"`` moves logit(tau) by a Robbins-Monro step
    ``step_t * (d - target)`` on each feedback, ``step_t = step0 / (1 + t / decay)`` (``t`` restarts when the monitor raises an alarm, so the step
    grows back after a detected change), so the feedback drop tracks ``target`` (default ``delta / 2``);
    any other value names a selector of :mod:`maml_stop.decide.thresholds` (``em_target``, ``ltt``,
@@ -34,7 +34,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -52,9 +52,19 @@ from maml_stop.online.monitor import DropMonitor, MonitorConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THRESHOLDS", "OnlineConfig", "OnlineStopper", "Served"]
+__all__ = ["RULES", "MOVED_KEYS", "OnlineConfig", "OnlineStopper", "Served", "refuse_moved_keys"]
 
-THRESHOLDS = ("sa",) + tuple(SELECTORS)
+RULES = ("sa",) + tuple(SELECTORS)  # how tau moves online (OnlineConfig.rule)
+# OnlineConfig keys that moved -> their new name (issue 31: ``threshold`` named the rule, not tau)
+MOVED_KEYS = {"threshold": "rule"}
+
+
+def refuse_moved_keys(section: Mapping[str, Any] | None, where: str = "online") -> None:
+    """A ``ValueError`` naming the new key for every old key of an ``online`` mapping (YAML, flags)."""
+    moved = [k for k in (section or {}) if k in MOVED_KEYS]
+    if moved:
+        raise ValueError("these online keys were renamed: " +
+                         ", ".join(f"{where}.{k} -> {where}.{MOVED_KEYS[k]}" for k in moved))
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class OnlineConfig:
     feedback: str = "gold"  # gold (probe EM) | agreement (label-free: agrees with the final answer)
     sample_rate: float = 0.2  # share of requests run to the end for feedback
     delta: float = 0.01  # EM-drop target (0.01 = 1 point): monitor bound, initial em_target threshold
-    threshold: str = "sa"  # sa (stochastic approximation) | a selector name: em_target, ltt, cost, fixed
+    rule: str = "sa"  # how tau moves: sa (stochastic approximation) | a selector name: em_target, ltt, cost, fixed
     target: float | None = None  # sa: the feedback drop tau tracks (None: delta / 2)
     step0: float = 1.0  # sa: first step on logit(tau)
     decay: float = 50.0  # sa: step_t = step0 / (1 + t / decay)
@@ -85,8 +95,8 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if self.feedback not in FEEDBACK:
             raise ValueError(f"unknown feedback mode {self.feedback!r}; valid: {', '.join(FEEDBACK)}")
-        if self.threshold not in THRESHOLDS:
-            raise ValueError(f"unknown online threshold {self.threshold!r}; valid: {', '.join(THRESHOLDS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown online rule {self.rule!r}; valid: {', '.join(RULES)}")
         if not 0.0 <= self.sample_rate <= 1.0:
             raise ValueError(f"sample_rate is a share of requests in [0, 1]; got {self.sample_rate}")
         if self.window < 1 or self.refit_every < 1:
@@ -128,7 +138,7 @@ def _sigmoid(x: float) -> float:
 
 
 class OnlineStopper:
-    """Serve, learn from feedback, re-adapt and re-threshold (module docstring).
+    """Serve, learn from feedback, re-adapt and move tau (module docstring).
 
     ``adapter`` holds the meta-trained predictor (``load_predictor``); ``support`` are the K gold-labelled
     traces of the initial deployment. Feed requests in order to :meth:`serve`."""
@@ -148,7 +158,7 @@ class OnlineStopper:
                             adapt_steps=cfg.adapt_steps, name="online").fit(list(support))
         self.policy = first
         self.tau: float | None = cfg.tau0 if cfg.tau0 is not None else first.param
-        if cfg.threshold == "sa" and self.tau is None:
+        if cfg.rule == "sa" and self.tau is None:
             self.tau = self._hi  # "never" as the most conservative candidate: sa can move away from it
         self.idle = False
         self._update_idle()
@@ -194,7 +204,7 @@ class OnlineStopper:
         was = self.monitor.fallback
         if self.monitor.update(d) and not was and cfg.restart_on_alarm:
             self.t = 0
-        if cfg.threshold == "sa" and self.tau is not None:
+        if cfg.rule == "sa" and self.tau is not None:
             step = cfg.step0 / (1.0 + self.t / cfg.decay)
             x = _logit(self.tau) + step * (d - cfg.sa_target)
             self.tau = float(min(max(_sigmoid(x), self._lo), self._hi))
@@ -209,15 +219,15 @@ class OnlineStopper:
     def refit(self) -> None:
         """Re-adapt on the window from the meta-trained initialisation; selectors re-choose tau there."""
         cfg = self.config
-        if cfg.threshold == "sa":
+        if cfg.rule == "sa":
             selector = FixedThreshold(self.tau)
         else:
-            selector = make_selector(cfg.threshold, delta=cfg.delta, alpha=cfg.alpha, value=cfg.tau0,
+            selector = make_selector(cfg.rule, delta=cfg.delta, alpha=cfg.alpha, value=cfg.tau0,
                                      token_price=cfg.token_price, wrong_answer_cost=cfg.wrong_answer_cost)
         self.policy = ProbePolicy(adapter=self.adapter, selector=selector, taus=cfg.taus,
                                   adapt_steps=cfg.adapt_steps, crossfit=cfg.crossfit, seed=cfg.seed + self.n_refits,
                                   name="online").fit(list(self.window))
-        if cfg.threshold != "sa":
+        if cfg.rule != "sa":
             self.tau = self.policy.param
         self.n_refits += 1
         self._since_refit = 0
@@ -236,7 +246,7 @@ class OnlineStopper:
     def learn(self, trace: Trace, decision: int | None, final_answer: str | None = None) -> int:
         """Feedback on a request served live (``maml_stop.serve``): ``trace`` ran to its end with every probe
         forced, ``decision`` is the stop index the policy in force chose on it before any feedback. The
-        feedback step of :meth:`serve` (monitor, threshold, window, re-adaptation); returns ``d``."""
+        feedback step of :meth:`serve` (monitor, tau, window, re-adaptation); returns ``d``."""
         self.n_requests += 1
         return self._learn(trace, decision, final_answer)
 

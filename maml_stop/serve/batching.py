@@ -8,7 +8,7 @@ and run between batches, in the order their feedback was committed, so that the 
 replays from the store is the state that served. A batch whose rows follow different policies runs as
 one generate() per arm and kind of criterion: rows of one arm that stop at tau and feedback runs (never
 stop, every probe forced) share one :class:`~maml_stop.live.stopping.LiveStopping` with per-row
-thresholds (``row_thresholds``); rows in fallback run a plain generate() without probes. A stopped row
+taus (``row_taus``); rows in fallback run a plain generate() without probes. A stopped row
 stays in the batch tensor (``generate`` pads it) but its response is sent when it stops.
 
 That is ``batch.engine: generate``. The default, ``continuous``, keeps one
@@ -107,7 +107,7 @@ class ModelWorker:
     def __init__(self, model, tokenizer, family, parts: dict[str, dict[str, Any]], loop: OnlineLoop, store,
                  batch: BatchConfig, max_queue: int) -> None:
         self.model, self.tokenizer, self.family, self.loop, self.store = model, tokenizer, family, loop, store
-        skip = ("predictor", "threshold", "feature_names", "featurizer", "schedule", "mode")
+        skip = ("predictor", "tau", "feature_names", "featurizer", "schedule", "mode")
         self.parts = {arm: (p["featurizer"], p["schedule"], {k: v for k, v in p.items() if k not in skip})
                       for arm, p in parts.items()}
         self.batch, self.max_queue = batch, max_queue
@@ -256,14 +256,14 @@ class ModelWorker:
 
     def _entry(self, job: Job) -> tuple[Job, list[int], LiveRecord | None]:
         """A job as a decoder row: its prompt ids and, unless it runs plain (fallback, idle), its live record
-        (the arm's predictor in force, the plan's mode and threshold)."""
+        (the arm's predictor in force, the plan's mode and live tau)."""
         ids = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
         if job.plan.kind == "full":
             return job, ids, None
         arm, spec = self.loop.arms[job.plan.arm], self.specs[job.plan.arm]
         mode = "every" if job.plan.kind == "feedback" else arm.mode
         rule = StopRule(spec.featurizer.feature_names, arm.predictor(), math.inf, mode, arm.feature_names)
-        return job, ids, LiveRecord(spec, rule, job.plan.threshold)
+        return job, ids, LiveRecord(spec, rule, job.plan.live_tau)
 
     def _done(self, job: Job, ids: list[int], live: LiveRecord | None) -> None:
         self._finish(job, 0, ids, live)
@@ -315,7 +315,7 @@ class ModelWorker:
             featurizer, schedule, rest = self.parts[arm_name]
             criteria = LiveStopping(self.model, self.tokenizer, arm.predictor(), math.inf, None, arm.feature_names,
                                     featurizer, schedule, **rest, mode=mode)
-            criteria.row_thresholds = [j.plan.threshold for j in jobs]
+            criteria.row_taus = [j.plan.live_tau for j in jobs]
         watch = _Watch(criteria, width, self.eos, lambda r, ids: self._finish(jobs[r], r, ids, criteria))
         started = time.perf_counter()
         try:

@@ -14,7 +14,7 @@ state and next-token entropy of every forward of the row (prompt's last token, t
 :func:`~maml_stop.probe.forcing.probe_reason` decides when it probes (start and cap probes included),
 :func:`~maml_stop.probe.forcing.force_answers` forces the answer on a copy of its cache,
 :class:`~maml_stop.live.rule.StopRule` (the first-hit rule of :mod:`maml_stop.decide.rule`) decides at the
-row's own threshold, in mode ``every`` or ``free``. One difference in how, none in what: ``LiveStopping``
+row's own tau, in mode ``every`` or ``free``. One difference in how, none in what: ``LiveStopping``
 sees a token chosen by ``generate`` before it runs and feeds it to the probe's cache copy; here the step's
 forward runs it for all rows first and a probe copies the cache after it (one forward less per probe).
 Tested against ``generate()`` with ``LiveStopping``: the same tokens, probes, answers and stop points, for a
@@ -82,10 +82,10 @@ class LiveRecord:
     ``stopped_at[0]``, ...), so that :func:`~maml_stop.live.generate.result_row` and the service's trace
     writer read it as they read a criterion's row 0."""
 
-    def __init__(self, spec: LiveSpec, rule: StopRule, threshold: float | None) -> None:
+    def __init__(self, spec: LiveSpec, rule: StopRule, tau: float | None) -> None:
         self.featurizer, self.trigger_ids, self.reasoning_format = spec.featurizer, spec.trigger_ids, spec.reasoning_format
         self.spec, self.rule, self.mode = spec, rule, rule.mode
-        self.row = rule.new_row(threshold)  # the rule's state of this row
+        self.row = rule.new_row(tau)  # the rule's state of this row
         self.clock = RowSchedule()
         for name in ("features", "forced", "reasons", "probabilities", "gate_probabilities", "probe_answers",
                      "positions"):

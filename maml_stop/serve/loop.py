@@ -8,7 +8,7 @@ window), or the artifact frozen with only its :class:`~maml_stop.online.DropMoni
 ``seq`` is served (:meth:`OnlineLoop.plan`):
 
 * ``feedback``: drawn with probability ``sample_rate`` (a coin seeded by ``seq``, so a restart draws the
-  same): it runs to its end with every probe forced (threshold inf); the decision the policy in force
+  same): it runs to its end with every probe forced (live tau inf); the decision the policy in force
   would have made on it is stored with its trace, and its feedback (gold from ``POST /feedback``, or the
   label-free agreement with its own final answer) is one step of the online stopper;
 * ``full``: while the monitor holds the fallback (its bound above delta) or the policy saves nothing on
@@ -51,8 +51,8 @@ class Plan:
 
     arm: str
     kind: str  # one of PLANS
-    threshold: float  # the live threshold of its row (inf: never stops)
-    tau: float | None
+    live_tau: float  # the tau of its row as LiveStopping takes it (inf: never stops)
+    tau: float | None  # the arm's tau in force (None: never stop early), what the store records
     fallback: bool
     idle: bool
 
@@ -60,11 +60,11 @@ class Plan:
 class Arm:
     """One serving policy: online (``stopper``) or frozen (the artifact and a monitor)."""
 
-    def __init__(self, name: str, predictor, threshold: float | None, feature_names: list[str], mode: str,
+    def __init__(self, name: str, predictor, tau: float | None, feature_names: list[str], mode: str,
                  online: OnlineConfig, stopper: OnlineStopper | None = None) -> None:
         self.name, self.feature_names, self.mode, self.online = name, feature_names, mode, online
         self.stopper = stopper
-        self._predictor, self._tau = predictor, threshold
+        self._predictor, self._tau = predictor, tau
         if stopper is None:
             self._monitor = DropMonitor(online.delta, online.monitor,
                                         signed=online.monitor.net and online.feedback == "gold")
@@ -168,12 +168,12 @@ class OnlineLoop:
         sampled = np.random.default_rng([self.config.online.seed, seq]).random() < self.config.online.sample_rate
         fallback, idle, tau = arm.fallback, arm.idle, arm.tau
         if sampled:
-            kind, threshold = "feedback", math.inf
+            kind, live_tau = "feedback", math.inf
         elif fallback or idle:
-            kind, threshold = "full", math.inf
+            kind, live_tau = "full", math.inf
         else:
-            kind, threshold = "stop", float(tau)
-        return Plan(arm.name, kind, threshold, tau, fallback, idle)
+            kind, live_tau = "stop", float(tau)
+        return Plan(arm.name, kind, live_tau, tau, fallback, idle)
 
     def finished(self, plan: Plan, trace: Trace | None) -> dict[str, Any]:
         """The decision columns of a feedback run: the policy's counterfactual stop and the paired costs."""

@@ -47,7 +47,7 @@ def _arm(name: str, path: str, parts: dict[str, Any], config: ServeConfig, famil
     adapted = load_adapted(path)
     names = list(parts["feature_names"])
     if config.corpus is None:
-        return Arm(name, parts["predictor"], adapted.threshold, names, parts["mode"], config.online)
+        return Arm(name, parts["predictor"], adapted.tau, names, parts["mode"], config.online)
     if parts["mode"] != "every":
         raise ServeError(f"online re-adaptation decides as live mode 'every'; artifact {path} runs in mode "
                          f"{parts['mode']!r}: serve it without --corpus (frozen, monitored)")
@@ -62,7 +62,7 @@ def _arm(name: str, path: str, parts: dict[str, Any], config: ServeConfig, famil
     if not support:
         raise ServeError(f"corpus {config.corpus} holds none of the {len(ids)} support traces of artifact {path}")
     online = config.online if config.online.tau0 is not None else dataclasses.replace(config.online,
-                                                                                        tau0=adapted.threshold)
+                                                                                        tau0=adapted.tau)
     stopper = OnlineStopper(adapter, support, online)
     return Arm(name, stopper.live_predictor(), stopper.tau, names, parts["mode"], online, stopper)
 
@@ -142,7 +142,7 @@ def _parts(config: ServeConfig, path: str, model, tokenizer) -> dict[str, Any]:
         parts = live_parts(path, model)
     except (AdaptError, FileNotFoundError) as err:
         raise ServeError(f"model {config.model} does not fit artifact {path}: {err}") from None
-    rest = {k: v for k, v in parts.items() if k not in ("predictor", "threshold", "feature_names", "featurizer",
+    rest = {k: v for k, v in parts.items() if k not in ("predictor", "tau", "feature_names", "featurizer",
                                                         "schedule")}
     try:  # a trial criterion: a mid layer or trigger the model cannot give fails now, not on a request
         LiveStopping(model, tokenizer, parts["predictor"], math.inf, None, parts["feature_names"],

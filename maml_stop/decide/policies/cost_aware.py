@@ -55,13 +55,13 @@ from maml_stop.decide.policies.views import STABILITY, TARGETS, FeatureView, fea
 from maml_stop.decide.rule import first_hit
 from maml_stop.probe.features import feature_cost
 
-__all__ = ["FeatureView", "feature_columns", "free_features", "subtrace", "ViewProbe", "GatedProbe",
+__all__ = ["FeatureView", "feature_columns", "free_features", "subtrace", "ViewScorer", "ViewProbe", "GatedProbe",
            "SparseSchedule", "GiveUp", "STABILITY", "TARGETS", "PAYS"]
 
 PAYS = ("every", "stop")  # forced answers a probe pays: every probe up to the stop / the stop's only
 
 
-class _Learned:
+class ViewScorer:
     """A :class:`ProbePolicy` on a :class:`FeatureView` (views cached by trace id; they do not depend on
     the fit): fit its scores, score, and forget out-of-sample support scores after a sweep."""
 
@@ -102,7 +102,7 @@ class ViewProbe(FirstHitPolicy):
             paid = [feature_names[c] for c in view.columns if feature_cost(feature_names[c]) == "paid"]
             if paid:
                 raise ValueError(f"{name}: a probe that pays only its stop must read free features, not {paid}")
-        self.learned, self.pays, self.name = _Learned(probe, view), pays, name
+        self.learned, self.pays, self.name = ViewScorer(probe, view), pays, name
         super().__init__(probe.selector)
 
     @property
@@ -153,7 +153,7 @@ class GiveUp(ViewProbe):
             raise ValueError("the give-up predictor is trained on the final EM: its view needs target='final'")
         if not 0.0 <= below <= 1.0:
             raise ValueError(f"below must be a probability in [0, 1]; got {below}")
-        self.stop, self.right, self.below = stop, _Learned(right, right_view), below
+        self.stop, self.right, self.below = stop, ViewScorer(right, right_view), below
         self.learned, self.pays, self.name = stop.learned, stop.pays, name
         FirstHitPolicy.__init__(self, stop.selector)
 
@@ -194,7 +194,7 @@ class GatedProbe(ThresholdedPolicy):
         paid = [feature_names[c] for c in gate_view.columns if feature_cost(feature_names[c]) == "paid"]
         if paid:
             raise ValueError(f"{name}: the gate must read free features only, not {paid}")
-        self.gate, self.stop = _Learned(gate, gate_view), _Learned(stop, stop_view)
+        self.gate, self.stop = ViewScorer(gate, gate_view), ViewScorer(stop, stop_view)
         self.feature_names, self.gate_threshold, self.name = list(feature_names), gate_threshold, name
         self._ran: dict[str, np.ndarray] = {}  # per fit: trace id -> gated probes
         self._subs: dict[str, Trace] = {}  # per fit: trace id -> the stop predictor's view of the gated sub-trace

@@ -88,7 +88,7 @@ class QuestionView:
 
 class RidgeRouter:
     """P(right) as a ridge regression of the label on a view's rows (clipped to [0, 1]); fitted on support.
-    The methods of :class:`~maml_stop.decide.policies.cost_aware._Learned` (fit, forget, prepare, scores)."""
+    The methods of :class:`~maml_stop.decide.policies.cost_aware.ViewScorer` (fit, forget, prepare, scores)."""
 
     def __init__(self, view, alpha: float = 10.0) -> None:
         self.view, self.alpha = view, alpha
