@@ -73,6 +73,7 @@ def _timed(fn) -> tuple[Any, float, float]:
 
 def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     """Both paths on ``s.family`` of ``corpus`` with the meta-trained ``adapter``; see the module docstring."""
+    from maml_stop.evaluate.config import BASELINE_DTYPES
     from maml_stop.data.fastpath import fast_path
     from maml_stop.evaluate.command import parse_config
     from maml_stop.evaluate.methods import build_policies
@@ -89,7 +90,7 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     config, loss = adapter.predictor.config(), getattr(adapter, "loss_kind", "balanced")
     pooled, pooled_wall, pooled_cpu = _timed(lambda: train_predictor(
         [t for f in sources for t in corpus.traces(f)], config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
-        backend=cfg.backend))
+        backend=cfg.backend, dtype=BASELINE_DTYPES[cfg.baseline_dtype]))  # as maml-stop evaluate trains it
     selectors = selectors_for(cfg)
     n = s.episodes * len(s.k)
 

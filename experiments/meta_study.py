@@ -249,6 +249,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     :data:`COUNT_FREE` methods are copied instead of evaluated again.
     Returns (per family: evaluate_family's cells, per family: query losses, per family: pooled sources)."""
     from maml_stop.data.datamodule import select_features
+    from maml_stop.evaluate.config import BASELINE_DTYPES
     from maml_stop.evaluate.folds import load_checkpoint
     from maml_stop.evaluate.methods import build_policies
     from maml_stop.learn.pooled import train_predictor
@@ -263,7 +264,7 @@ def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
     if any(m in ecfg.methods for m in ("pooled", "finetuned")):
         source = [t for f in split.train for t in view.traces(f)]
         pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed,
-                                 backend=ecfg.backend)  # as maml-stop evaluate trains it
+                                 backend=ecfg.backend, dtype=BASELINE_DTYPES[ecfg.baseline_dtype])  # as maml-stop evaluate
     methods = [m for m in ecfg.methods if m != "maml"]
     reused = [m for m in methods if reuse and m in COUNT_FREE]
     policies = build_policies(ecfg, [m for m in methods if m not in reused], first, pooled, config, loss)

@@ -63,3 +63,50 @@ def test_bundled_datasheet_is_reproduced(name):
     for fam, s in fresh["families"].items():
         for key, value in s.items():
             assert stored["families"][fam][key] == pytest.approx(value, rel=1e-6), (fam, key)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _named_files(line: str, base: Path) -> list[Path]:
+    """The .yaml files a datasheet's regeneration line names, resolved against ``base``."""
+    import re
+
+    return [base / m if not Path(m).is_absolute() else Path(m) for m in re.findall(r"[\w./-]+\.yaml", line)]
+
+
+def _regenerate_line(root: Path) -> str:
+    return next(x for x in (root / "README.md").read_text().splitlines() if x.startswith("- regenerate"))
+
+
+@pytest.mark.parametrize("name", ["qwen05", "qwen15", "qwen05_v2"])
+def test_committed_datasheets_name_recipes_that_exist(name):
+    """Issue 29 item 12: the regeneration hint of each committed corpus names a recipe of the repository."""
+    root = BUNDLED.parent / name
+    if not (root / "README.md").is_file():
+        pytest.skip(f"corpus {name} not present")
+    files = _named_files(_regenerate_line(root), REPO)
+    assert files and all(f.is_file() for f in files), files
+
+
+def test_a_corpus_without_a_recipe_is_told_how_to_write_one(tiny_corpus, tmp_path):
+    """A corpus that no corpus*.yaml writes and whose meta.json records no harvest_args (the tiny one):
+    the hint says how to write a recipe and names only files that exist, never corpus_<name>.yaml."""
+    root = tmp_path / "corpus" / "mine"
+    shutil.copytree(tiny_corpus, root)
+    write_datasheet(root)
+    line = _regenerate_line(root)
+    assert "write a harvest recipe" in line and "corpus_mine.yaml" not in line
+    assert all(f.is_file() for f in _named_files(line, REPO)), line
+
+
+def test_a_recipe_beside_the_corpus_is_named_where_it_is(tiny_corpus, tmp_path):
+    """A corpus*.yaml whose ``out`` is the corpus folder is the hint, under ``experiments/`` or elsewhere."""
+    for parent in ("experiments", "elsewhere"):
+        root = tmp_path / parent / "corpus" / "mine"
+        shutil.copytree(tiny_corpus, root)
+        (tmp_path / parent / "corpus_mine_recipe.yaml").write_text("out: experiments/corpus/mine\nfamilies: [gcd]\n")
+        write_datasheet(root)
+        line = _regenerate_line(root)
+        assert "--config" in line and "corpus_mine_recipe.yaml" in line
+        assert all(f.is_file() for f in _named_files(line, tmp_path / parent / "..")), line

@@ -11,7 +11,7 @@ import pytest
 from maml_stop.decide import outcomes as V
 from maml_stop.decide.policies import AnswerConsistency, evaluate_policy, sweep_policy
 from maml_stop.evaluate.command import main
-from trace_helpers import write_tiny_checkpoint
+from trace_helpers import results_differences, write_tiny_checkpoint
 
 ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned", "scratch", "maml",
        "oracle", "oracle_equal_em"]
@@ -32,17 +32,6 @@ def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
     return results
 
 
-def _differences(a, b, path=()) -> list[tuple]:
-    """(path, a, b) of every leaf where ``a`` and ``b`` differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [(path, sorted(a), sorted(b))]
-        return [d for k in a for d in _differences(a[k], b[k], (*path, k))]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, (*path, i))]
-    return [] if a == b else [(path, a, b)]
-
-
 # The batched inner loop (maml_stop/evaluate/batched.py) sums in batched matrix products, in another order
 # than the per-episode loop: adapted weights, and so the float32 probabilities, can differ by an ulp (6e-8
 # relative; seen: 1.3e-9 relative in an ECE, 5e-11 absolute in a Brier score). Every decision (the chosen
@@ -56,7 +45,7 @@ def test_fast_path_gives_the_reference_results(tiny_corpus, tmp_path):
     reference = _run(tiny_corpus, ckpt, tmp_path / "reference", batched=False)
     fast = _run(tiny_corpus, ckpt, tmp_path / "fast", batched=True)
     assert reference["results"] and set(reference["methods"]) == set(ALL)
-    differences = _differences(fast, reference)
+    differences = results_differences(fast, reference)
     exact = [d for d in differences if not PROBABILITY_FIGURES & {str(x) for x in d[0]}]
     assert not exact, exact[:5]
     for path, a, b in differences:

@@ -62,3 +62,14 @@ def write_tiny_checkpoint(path: Path, feature_names=TINY_FEATURES, test=("fam_c"
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
     return str(path)
+
+
+def results_differences(a, b, path=()) -> list[tuple]:
+    """(path, a, b) of every leaf where two results.json trees ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [(path, sorted(a), sorted(b))]
+        return [d for k in a for d in results_differences(a[k], b[k], (*path, k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in results_differences(x, y, (*path, i))]
+    return [] if a == b else [(path, a, b)]

@@ -100,6 +100,14 @@ class ProbeBatch:
         return ProbeBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                              for f in fields(self)})
 
+    def as_dtype(self, dtype: torch.dtype) -> "ProbeBatch":
+        """The batch with its floating-point tensors in ``dtype`` (indices unchanged; itself when they
+        already are): what a predictor of that precision trains on (issue 29 item 12)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if all(v is None or not v.is_floating_point() or v.dtype == dtype for v in values.values()):
+            return self
+        return ProbeBatch(**{k: v.to(dtype) if v is not None and v.is_floating_point() else v for k, v in values.items()})
+
     def check(self, n_features: int | None = None) -> "ProbeBatch":
         """Raise :class:`DataError` unless the batch is well formed (shapes, finite features, layout
         that the sequence predictors need). Not called in the hot path; returns ``self``."""

@@ -2,12 +2,14 @@
 
 Every fold of ``maml-stop evaluate`` that lists ``pooled`` or ``finetuned`` trains a pooled probe on its
 source families (300 full-batch steps: 10-45 s here, per fold). The probe is a pure function of the
-source traces (ids, features, labels, costs), the predictor's shape, the training settings and the seed,
-so :func:`pooled_probe` stores it under ``cache_dir/pooled/<sha256 of those>.pt`` and reuses it in any
+source traces (ids, features, labels, costs), the predictor's shape, the training settings, the seed and
+the precision (``baseline_dtype``: a float32 probe is never read for float64), so :func:`pooled_probe`
+stores it under ``cache_dir/pooled/<sha256 of those>.pt`` and reuses it in any
 later run with the same inputs (another report, another K, a rerun): the stored weights are the trained
 ones, so results do not change (tests/test_evalspeed.py). ``cache_dir`` None: trained every time.
 
->>> probe = pooled_probe("runs/cache", source_traces, config, 300, 0.5, "balanced", 0, "learn2learn")  # doctest: +SKIP
+>>> probe = pooled_probe("runs/cache", source_traces, config, 300, 0.5, "balanced", 0, "learn2learn",
+...                     torch.float64)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,21 +50,23 @@ def traces_digest(traces: Sequence[Trace]) -> str:
 
 
 def pooled_probe(cache_dir: str | None, traces: Sequence[Trace], config: PredictorConfig, steps: int, lr: float,
-                 loss: str = "balanced", seed: int = 0, backend: str = "learn2learn") -> StoppingPredictor:
+                 loss: str = "balanced", seed: int = 0, backend: str = "learn2learn",
+                 dtype: torch.dtype = torch.float32) -> StoppingPredictor:
     """:func:`~maml_stop.learn.pooled.train_predictor` with these arguments, read from ``cache_dir`` when a
-    probe of the same inputs was trained before (else trained and stored there)."""
+    probe of the same inputs was trained before (else trained and stored there); in ``dtype``."""
     if cache_dir is None:
-        return train_predictor(traces, config, steps, lr, loss, seed=seed, backend=backend)
+        return train_predictor(traces, config, steps, lr, loss, seed=seed, backend=backend, dtype=dtype)
     key = json.dumps({"version": _VERSION, "traces": traces_digest(traces), "config": asdict(config), "steps": steps, "lr": lr,
-                      "loss": loss, "seed": seed, "backend": backend, "torch": torch.__version__}, sort_keys=True)
+                      "loss": loss, "seed": seed, "backend": backend, "dtype": str(dtype), "torch": torch.__version__},
+                     sort_keys=True)
     path = Path(cache_dir) / "pooled" / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        probe = StoppingPredictor.from_config(PredictorConfig(**stored["config"]))
+        probe = StoppingPredictor.from_config(PredictorConfig(**stored["config"])).to(dtype)  # load_state_dict keeps it
         probe.load_state_dict(stored["state_dict"])
         log.info("pooled probe read from %s", path)
         return probe
-    probe = train_predictor(traces, config, steps, lr, loss, seed=seed, backend=backend)
+    probe = train_predictor(traces, config, steps, lr, loss, seed=seed, backend=backend, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: a reader never sees half a file
     torch.save({"config": asdict(config), "state_dict": probe.state_dict(), "key": json.loads(key)}, tmp)

@@ -18,10 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.learn.adapter import BACKENDS
 
-__all__ = ["EvaluateConfig", "check_config", "DEFAULT_METHODS"]
+__all__ = ["EvaluateConfig", "check_config", "DEFAULT_METHODS", "BASELINE_DTYPES"]
+
+# the precisions of the probes an evaluation trains itself (``baseline_dtype``)
+BASELINE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 # the methods run when none are listed (every method: maml_stop.evaluate.methods.METHODS)
 DEFAULT_METHODS: tuple[str, ...] = ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned",
@@ -83,6 +88,11 @@ class EvaluateConfig:
     pooled_lr: float = 0.5
     finetune_steps: int = 20  # steps fine-tuning the pooled probe on the K support traces
     finetune_lr: float = 0.1
+    # precision of the probes trained here, not meta-trained: the pooled probe's training, its fine-tuning on
+    # support (finetuned) and the probes from scratch (scratch, the cost-aware methods' scratch parts): float32 |
+    # float64. float32 carries another CPU's last-bit BLAS differences into the printed digits (issue 29 item
+    # 12); float64 (experiments/evaluate.yaml) does not (tests/test_pooled_reproducible.py)
+    baseline_dtype: str = "float32"
     scratch_steps: int = 100  # steps training a probe from scratch on the K support traces
     scratch_lr: float = 0.5
     # cost-aware methods (maml_stop.decide.policies.cost_aware; listed in ``methods`` to run them)
@@ -161,6 +171,8 @@ def check_config(cfg: EvaluateConfig) -> None:
     for: :func:`maml_stop.evaluate.methods.check_methods`)."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown adaptation backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
+    if cfg.baseline_dtype not in BASELINE_DTYPES:
+        raise ValueError(f"unknown baseline_dtype {cfg.baseline_dtype!r}; valid: {', '.join(BASELINE_DTYPES)}")
     if not cfg.k or any(k < 1 for k in cfg.k):
         raise ValueError(f"k must be a non-empty list of K >= 1; got {cfg.k}")
     if cfg.workers < 1:

@@ -61,23 +61,27 @@ def corpus_stats(root: str | Path, corpus: TraceCorpus | None = None) -> dict[st
 
 
 def _recipe_of(root: str | Path, meta: dict[str, Any]) -> str:
-    """How to regenerate or resume ``root``: ``maml-stop harvest --config`` the ``experiments/corpus*.yaml``
-    whose ``out`` is this corpus folder, else the command that ``meta.json`` records (``harvest_args``: the
-    arguments that differ from the defaults), else a statement that the recipe is not recorded."""
+    """How to regenerate or resume ``root``: ``maml-stop harvest --config`` the ``corpus*.yaml`` beside the
+    corpus folder's parent (``experiments/`` for ``experiments/corpus/<name>``) whose ``out`` is this folder,
+    named where it is; else the command that ``meta.json`` records (``harvest_args``: the arguments that
+    differ from the defaults); else how to write a recipe. Never a file that does not exist (issue 29 item 12)."""
     import json
     import shlex
 
     import yaml
 
     name = Path(root).name
-    for path in sorted(Path(root).resolve().parent.parent.glob("corpus*.yaml")):
+    experiments = Path(root).resolve().parent.parent
+    for path in sorted(experiments.glob("corpus*.yaml")):
         out = (yaml.safe_load(path.read_text()) or {}).get("out")
         if isinstance(out, str) and Path(out).parts[-2:] == ("corpus", name):
-            return f"`maml-stop harvest --config experiments/{path.name}` (model set-up in that file's header)"
+            shown = f"experiments/{path.name}" if experiments.name == "experiments" else str(path)
+            return f"`maml-stop harvest --config {shown}` (model set-up in that file's header)"
     args = meta.get("harvest_args")
     if not isinstance(args, dict):
-        return ("not recorded (no experiments/corpus*.yaml writes this folder and meta.json has no harvest_args): "
-                "`maml-stop harvest` with the settings listed above")
+        return ("not recorded (no corpus*.yaml beside this corpus writes it and meta.json has no harvest_args): "
+                f"write a harvest recipe with the settings listed above and `out: {root}` (the repository's "
+                "experiments/corpus_qwen05.yaml is one), then `maml-stop harvest --config <that file>`")
     shown = [f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in args.items()]
     return f"`maml-stop harvest {' '.join(shown)}` (the arguments meta.json records)"
 

@@ -44,7 +44,7 @@ from maml_stop.decide.policies.hybrid import Both, Capped, Either, Floored
 from maml_stop.decide.policies.rl import RLPolicy, RLProbePolicy
 from maml_stop.decide.registry import make_selector
 from maml_stop.decide.thresholds import FixedThreshold
-from maml_stop.evaluate.config import DEFAULT_METHODS, EvaluateConfig
+from maml_stop.evaluate.config import DEFAULT_METHODS, BASELINE_DTYPES, EvaluateConfig
 from maml_stop.evaluate.folds import load_checkpoint
 from maml_stop.learn.adapter import InnerLoopAdapter
 from maml_stop.learn.module import CheckpointError
@@ -89,7 +89,9 @@ class MethodContext:
 
 
 def _finetuned(c: MethodContext) -> StoppingPolicy:
-    tuner = InnerLoopAdapter(fresh_copy(c.pooled), algorithm="maml", inner_lr=c.cfg.finetune_lr,
+    # adapted in baseline_dtype (float64: the same weights on another CPU's BLAS, issue 29 item 12), batched or not
+    start = fresh_copy(c.pooled).to(BASELINE_DTYPES[c.cfg.baseline_dtype])
+    tuner = InnerLoopAdapter(start, algorithm="maml", inner_lr=c.cfg.finetune_lr,
                              inner_steps=c.cfg.finetune_steps, first_order=True, loss=c.inner_loss,
                              backend=c.cfg.backend)
     return ProbePolicy(adapter=tuner, name="finetuned", **c.probe, **c.adapted)
@@ -99,7 +101,7 @@ def _scratch_adapter(c: MethodContext, config: PredictorConfig) -> InnerLoopAdap
     """An adapter that trains a seeded fresh predictor of ``config`` on the support set."""
     with torch.random.fork_rng():
         torch.manual_seed(c.cfg.seed)
-        fresh = StoppingPredictor.from_config(config)
+        fresh = StoppingPredictor.from_config(config).to(BASELINE_DTYPES[c.cfg.baseline_dtype])  # float32 init, cast
     return InnerLoopAdapter(fresh, algorithm="maml", inner_lr=c.cfg.scratch_lr,
                             inner_steps=c.cfg.scratch_steps, first_order=True, loss=c.inner_loss,
                             backend=c.cfg.backend)

@@ -46,7 +46,7 @@ from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.backoff import calibrate_backoff
 from maml_stop.evaluate.batched import batchable, prefit
 from maml_stop.evaluate.cache import pooled_probe
-from maml_stop.evaluate.config import EvaluateConfig, check_config
+from maml_stop.evaluate.config import BASELINE_DTYPES, EvaluateConfig, check_config
 from maml_stop.evaluate.fold_columns import check_columns, may_read_subset
 from maml_stop.evaluate.folds import resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
@@ -308,7 +308,8 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
     if any(m in cfg.methods for m in ("pooled", "finetuned")):
         source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
         pooled = pooled_probe(cfg.cache_dir, source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss,
-                              seed=cfg.seed, backend=cfg.backend)  # read from cache_dir when trained before
+                              seed=cfg.seed, backend=cfg.backend,
+                              dtype=BASELINE_DTYPES[cfg.baseline_dtype])  # read from cache_dir when trained before
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)

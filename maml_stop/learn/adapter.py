@@ -189,8 +189,9 @@ class InnerLoopAdapter(nn.Module):
 
     def adapt(self, support: ProbeBatch, steps: int | None = None) -> StoppingPredictor:
         """An adapted clone of the predictor after ``steps`` (default ``inner_steps``) inner steps on
-        ``support``. The predictor itself is never modified."""
+        ``support`` (cast to the predictor's precision). The predictor itself is never modified."""
         self._check_can_adapt([support])
+        support = support.as_dtype(self.predictor.dtype)  # itself for a float32 predictor
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0; got {steps}")
@@ -247,8 +248,9 @@ class InnerLoopAdapter(nn.Module):
     def renormalise(self, batch: ProbeBatch) -> None:
         """Set the predictor's normalisation from ``batch``'s features (what ``fit_support(...,
         renormalise=True)`` does first; changes ``self.predictor``'s buffers)."""
-        mean = batch.features.mean(0)  # (F,)
-        std = batch.features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
+        features = batch.features.to(self.predictor.dtype)  # (N, F) in the predictor's precision
+        mean = features.mean(0)  # (F,)
+        std = features.std(0, unbiased=False).clamp(min=1e-6)  # (F,)
         self.predictor.set_normalisation(mean, std)
 
     def episode_losses(self, episodes: Sequence[tuple[ProbeBatch, ProbeBatch]], steps: int | None = None) -> Tensor:
@@ -304,7 +306,9 @@ class InnerLoopAdapter(nn.Module):
     def _padded(self, batches: Sequence[ProbeBatch], kind: str,
                 inputs: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs (``inputs`` when given), labels and the loss weights of ``kind`` (its stop penalties for
-        ``expected_cost``) of several batches, zero-padded: (E, N, in), (E, N), (E, N)."""
+        ``expected_cost``) of several batches, zero-padded: (E, N, in), (E, N), (E, N), in the predictor's
+        precision."""
+        batches = [b.as_dtype(self.predictor.dtype) for b in batches]
         x = pad_sequence([self.predictor.inputs(b) for b in batches] if inputs is None else list(inputs), batch_first=True)
         y = pad_sequence([b.labels for b in batches], batch_first=True)
         per = stop_penalty if kind == "expected_cost" else (lambda b: loss_weights(b, kind))  # noqa: E731

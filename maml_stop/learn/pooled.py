@@ -5,19 +5,18 @@ of the source families, through the one adaptation function
 Reproducibility (issue 29 item 12): the weights agree bit for bit between 1 and 2 threads, but 300
 full-batch float32 steps carry the last-bit differences of another BLAS code path (another CPU; emulated
 with ``MKL_CBWR=COMPATIBLE``: 3.6e-7 in the weights) into the last printed digit of the main job's table.
-``dtype=torch.float64`` trains in float64 and returns float32 weights that agree bit for bit across those
-paths (tests/test_pooled_reproducible.py). It is not the protocol's default yet: the fine-tuned probe is
-still adapted from it in float32, and the main job's table would change without becoming reproducible.
+``dtype=torch.float64`` trains in float64 and returns float64 weights that agree bit for bit across those
+paths (tests/test_pooled_reproducible.py); the protocol's ``baseline_dtype`` (experiments/evaluate.yaml:
+float64) chooses it, and the fine-tuned probe is adapted from it in the same precision.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Mapping, Sequence
 
 import torch
 
-from maml_stop.data.batches import ProbeBatch, collate_traces
+from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.learn.adapter import AdapterConfig, InnerLoopAdapter
 from maml_stop.learn.predictor import PredictorConfig, StoppingPredictor, fresh_copy
@@ -39,7 +38,7 @@ def train_predictor(
     normalisation from those features, a seeded random init, then ``steps`` full-batch first-order
     gradient steps through :meth:`InnerLoopAdapter.fit_support`. ``predictor_config``: a
     :class:`PredictorConfig` (a mapping with its fields is still accepted). ``dtype``: the precision of the
-    training (float64: reproducible across BLAS code paths); the weights returned are float32."""
+    training and of the weights returned (float64: reproducible across BLAS code paths)."""
     if not traces:
         raise ValueError("train_predictor needs at least one trace")
     config = PredictorConfig.coerce(predictor_config)
@@ -49,18 +48,11 @@ def train_predictor(
     training = AdapterConfig(algorithm="maml", inner_lr=lr, inner_steps=steps, first_order=True, loss=loss,
                              backend=backend)
     adapter = InnerLoopAdapter.from_config(predictor.to(dtype), training)
-    batch = _cast(collate_traces(traces, weighting=training.weighting), dtype)
+    batch = collate_traces(traces, weighting=training.weighting).as_dtype(dtype)
     # the statistics as they are (std 0 -> 1 in set_normalisation), unlike fit_support(renormalise=True),
     # which floors std at 1e-6 first: kept as it was, so that pooled probes stay bit-identical
     predictor.set_normalisation(batch.features.mean(0), batch.features.std(0, unbiased=False))
     with torch.no_grad():
         trained = adapter.fit_support(batch)
-    return fresh_copy(trained).float()
+    return fresh_copy(trained)  # in ``dtype``
 
-
-def _cast(batch: ProbeBatch, dtype: torch.dtype) -> ProbeBatch:
-    """``batch`` with its floating-point tensors in ``dtype`` (indices unchanged; itself for float32)."""
-    if dtype == torch.float32:
-        return batch
-    values = {f.name: getattr(batch, f.name) for f in fields(batch)}
-    return ProbeBatch(**{k: v.to(dtype) if v is not None and v.is_floating_point() else v for k, v in values.items()})

@@ -145,11 +145,17 @@ class StoppingPredictor(nn.Module):
         """What built this predictor (``config().to_dict()`` is what checkpoints store)."""
         return PredictorConfig(self.n_features, self.hidden, self.depth, self.kind, self.dropout)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of its weights (float32; float64 for a pooled probe trained so, issue 29 item 12):
+        :meth:`inputs` casts the features to it, the adapter its support batches."""
+        return self.head.weight.dtype
+
     @torch.no_grad()
     def set_normalisation(self, mean: Tensor, std: Tensor) -> None:
         """Set the feature statistics (from the meta-training families). mean, std: (F,)"""
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        mean = torch.as_tensor(mean, dtype=self.feature_mean.dtype).flatten()  # in the predictor's precision
+        std = torch.as_tensor(std, dtype=self.feature_mean.dtype).flatten()
         if mean.shape != (self.n_features,) or std.shape != (self.n_features,):
             raise ValueError(
                 f"normalisation statistics must have shape ({self.n_features},); got {tuple(mean.shape)}, {tuple(std.shape)}"
@@ -163,7 +169,7 @@ class StoppingPredictor(nn.Module):
         """The parameter-free part: normalised features (plus, for ``delta``, their change since the
         previous probe and their running mean). Depends on buffers only, so the adapter computes it
         once per support set. (N, F) or (N, 3F)"""
-        x = (batch.features - self.feature_mean) / self.feature_std  # (N, F)
+        x = (batch.features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std  # (N, F)
         if self.kind != "delta":
             return x
         # rows of a trace are contiguous and in probe order (ProbeBatch layout)
@@ -204,7 +210,7 @@ class StoppingPredictor(nn.Module):
 
 def fresh_copy(predictor: nn.Module) -> StoppingPredictor:
     """A new StoppingPredictor with ``predictor``'s weights and normalisation as real parameters (an
-    adapted clone holds plain tensors, which cannot be adapted again)."""
-    new = StoppingPredictor.from_config(predictor.config())
+    adapted clone holds plain tensors, which cannot be adapted again), in its precision."""
+    new = StoppingPredictor.from_config(predictor.config()).to(predictor.dtype)
     new.load_state_dict({k: v.detach().clone() for k, v in predictor.state_dict().items()})
     return new
