@@ -17,12 +17,13 @@ ALL = ["full", "first_probe", "budget", "consistency", "confidence", "pooled", "
        "oracle", "oracle_equal_em"]
 
 
-def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
+def _run(tiny_corpus, ckpt, out, batched: bool, dtype: str = "float32") -> dict:
     code = main([
         "--corpus", tiny_corpus, "--checkpoint", ckpt, "--out", str(out), "--k", "[4, 8]",
         "--episodes", "3", "--pooled_steps", "20", "--scratch_steps", "10", "--finetune_steps", "3",
         "--progress", "false", "--threshold_methods", "[em_target, ltt, fixed, cost]", "--ltt_delta", "0.1",
         "--crossfit", "true", "--methods", json.dumps(ALL), "--batched", str(batched).lower(),
+        "--baseline_dtype", dtype,
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -40,10 +41,12 @@ def _run(tiny_corpus, ckpt, out, batched: bool) -> dict:
 PROBABILITY_FIGURES = {"brier", "ece", "confidence", "frequency"}
 
 
-def test_fast_path_gives_the_reference_results(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
+def test_fast_path_gives_the_reference_results(tiny_corpus, tmp_path, dtype):
+    """Also with the probes trained here in float64 (baseline_dtype, experiments/evaluate.yaml)."""
     ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
-    reference = _run(tiny_corpus, ckpt, tmp_path / "reference", batched=False)
-    fast = _run(tiny_corpus, ckpt, tmp_path / "fast", batched=True)
+    reference = _run(tiny_corpus, ckpt, tmp_path / "reference", batched=False, dtype=dtype)
+    fast = _run(tiny_corpus, ckpt, tmp_path / "fast", batched=True, dtype=dtype)
     assert reference["results"] and set(reference["methods"]) == set(ALL)
     differences = results_differences(fast, reference)
     exact = [d for d in differences if not PROBABILITY_FIGURES & {str(x) for x in d[0]}]
