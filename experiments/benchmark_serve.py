@@ -19,7 +19,9 @@ Three services, each a ``maml-stop serve`` on a free loopback port, fed by a clo
 Each service runs once per ``--engines`` entry (``batch.engine``): ``continuous`` (rows join the running batch,
 serve/decoder.py) and ``generate`` (one ``generate()`` per batch, the path before it), so that old and new are
 measured in the same run. The baseline runs ``generate()`` directly on batches of ``c`` prompts, right before each service's level
-(the load of a shared machine moves: each ratio compares runs a few seconds apart). tokens/s counts generated
+(the load of a shared machine moves: each ratio compares runs a few seconds apart; ``x cpu`` compares tokens per
+CPU second instead, the service process's user + system time against this process's, which other jobs on
+the machine move much less than wall time). tokens/s counts generated
 (reasoning) tokens, the client's output; ``total/s`` adds every forced-answer token. Without
 ``--model`` the tiny random Llama of tests/tiny_lm.py serves an artifact adapted on a corpus harvested
 here: its figures measure the service's overhead, not a real model's savings. The service runs in its own
@@ -104,6 +106,19 @@ async def _load(port: int, prompts: list[str], concurrency: int) -> tuple[list[f
 def server(model_dir: str | None, artifact: str, db: Path, extra: list[str]):
     """``maml-stop serve`` in a subprocess (its own interpreter: no GIL shared with the clients) on a free
     loopback port with the options ``extra`` (``--model`` too unless ``model_dir`` is None); yields the port."""
+    with server_process(model_dir, artifact, db, extra) as (port, _pid):
+        yield port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def server_process(model_dir: str | None, artifact: str, db: Path, extra: list[str]):
+    """:func:`server`, yielding ``(port, pid)``: the pid reads the service's CPU time (:func:`cpu_seconds`)."""
     import socket
     import subprocess
     import urllib.request
@@ -128,7 +143,7 @@ def server(model_dir: str | None, artifact: str, db: Path, extra: list[str]):
                 if time.monotonic() > deadline:
                     raise RuntimeError("serve did not answer within 300 s") from None
                 time.sleep(0.3)
-        yield port
+        yield port, proc.pid
     except Exception:
         sys.stderr.write(f"--- the service's log ({log_path}), last lines:\n")
         sys.stderr.write("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]) + "\n")
@@ -149,16 +164,17 @@ def _counters(port: int) -> dict[str, float]:
     return out
 
 
-def serve_level(port: int, prompts: list[str], concurrency: int) -> dict:
-    before = _counters(port)
+def serve_level(port: int, prompts: list[str], concurrency: int, pid: int | None = None) -> dict:
+    before, cpu0 = _counters(port), cpu_seconds(pid) if pid else float("nan")
     lat, bodies, wall = asyncio.run(_load(port, prompts, concurrency))
-    after = _counters(port)
+    after, cpu = _counters(port), (cpu_seconds(pid) - cpu0) if pid else float("nan")
     calls = after["generate_calls"] - before["generate_calls"]
     reasoning = sum(b["maml_stop"]["reasoning_tokens"] for b in bodies)
     total = sum(b["usage"]["completion_tokens"] for b in bodies)
     return {"requests": len(bodies), "wall_s": wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
             "p95_ms": 1000 * float(np.percentile(lat, 95)), "tokens_per_s": reasoning / wall,
             "total_per_s": total / wall, "stopped_early": sum(b["maml_stop"]["stopped_early"] for b in bodies),
+            "cpu_s": cpu, "tokens_per_cpu_s": reasoning / cpu if cpu == cpu and cpu > 0 else float("nan"),
             "reasoning_tokens": reasoning, "mean_batch": (after["generate_rows"] - before["generate_rows"]) / max(calls, 1),
             "in_generate": (after["generate_seconds"] - before["generate_seconds"]) / wall}
 
@@ -171,7 +187,7 @@ def plain_level(model, tok, prompts: list[str], concurrency: int, cap: int) -> d
     eos = set(eos_ids(model, tok))
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    generated, t0 = 0, time.perf_counter()
+    generated, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), concurrency):
         enc = tok(prompts[i:i + concurrency], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
@@ -179,8 +195,9 @@ def plain_level(model, tok, prompts: list[str], concurrency: int, cap: int) -> d
         for row in seqs[:, enc["input_ids"].shape[1]:].tolist():
             first = next((j for j, t in enumerate(row) if t in eos), None)
             generated += len(row) if first is None else first + 1
-    wall = time.perf_counter() - t0
-    return {"requests": len(prompts), "wall_s": wall, "tokens_per_s": generated / wall, "reasoning_tokens": generated}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"requests": len(prompts), "wall_s": wall, "tokens_per_s": generated / wall, "reasoning_tokens": generated,
+            "cpu_s": cpu, "tokens_per_cpu_s": generated / cpu}
 
 
 def decoder_level(model, tok, prompts: list[str], concurrency: int, cap: int) -> dict:
@@ -192,18 +209,19 @@ def decoder_level(model, tok, prompts: list[str], concurrency: int, cap: int) ->
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: dict[int, list[int]] = {}
     dec = Decoder(model, tok, cap, eos, lambda key, generated, live: out.__setitem__(key, generated), concurrency)
-    waiting, t0 = list(range(len(prompts))), time.perf_counter()
+    waiting, t0, cpu0 = list(range(len(prompts))), time.perf_counter(), time.process_time()
     while waiting or dec.rows:
         room = concurrency - len(dec.rows)
         if waiting and room:
             dec.add([(i, ids[i], None) for i in waiting[:room]])
             waiting = waiting[room:]
         dec.step()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     generated = sum(len(g) for g in out.values())  # up to and with the EOS, as plain_level counts
     return {"requests": len(prompts), "wall_s": wall, "p50_ms": float("nan"), "p95_ms": float("nan"),
             "tokens_per_s": generated / wall, "total_per_s": generated / wall, "stopped_early": 0,
-            "reasoning_tokens": generated, "mean_batch": dec.step_rows / max(dec.steps, 1), "in_generate": 1.0}
+            "reasoning_tokens": generated, "mean_batch": dec.step_rows / max(dec.steps, 1), "in_generate": 1.0,
+            "cpu_s": cpu, "tokens_per_cpu_s": generated / cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,28 +268,30 @@ def main(argv: list[str] | None = None) -> int:
                     r = decoder_level(model, tok, prompts, c, cap)
                     rows.append({"concurrency": c, "service": mode, "engine": "in-process", **r,
                                  "plain_tokens_per_s": base["tokens_per_s"], "plain_wall_s": base["wall_s"],
-                                 "vs_plain": r["tokens_per_s"] / base["tokens_per_s"]})
+                                 "vs_plain": r["tokens_per_s"] / base["tokens_per_s"],
+                                 "vs_plain_cpu": r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]})
                 continue
             for engine in args.engines:
                 extra = ["--online.sample_rate", "0", "--batch.max_batch", str(max(args.concurrency)),
                          "--batch.window_ms", str(args.window_ms), "--batch.max_wait_ms", str(args.max_wait_ms),
                          "--batch.engine", engine]
-                with server(model_dir, artifacts[mode], root / f"{mode}-{engine}.sqlite", extra) as port:
+                with server_process(model_dir, artifacts[mode], root / f"{mode}-{engine}.sqlite", extra) as (port, pid):
                     for c, qs in levels.items():  # the baseline right before: the machine's load changes
                         base = plain_level(model, tok, [fam.render_prompt(q, tok, fmt) for q in qs], c, cap)
-                        r = serve_level(port, [q.question for q in qs], c)
+                        r = serve_level(port, [q.question for q in qs], c, pid)
                         rows.append({"concurrency": c, "service": mode, "engine": engine, **r,
                                      "plain_tokens_per_s": base["tokens_per_s"], "plain_wall_s": base["wall_s"],
-                                     "vs_plain": r["tokens_per_s"] / base["tokens_per_s"]})
+                                     "vs_plain": r["tokens_per_s"] / base["tokens_per_s"],
+                                     "vs_plain_cpu": r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]})
         order = args.engines + ["in-process"]
         rows.sort(key=lambda r: (r["concurrency"], args.modes.index(r["service"]), order.index(r["engine"])))
     what = "tiny random Llama (tests/tiny_lm.py; overhead only, not a real model)" if args.model is None else args.model
     print(f"maml-stop serve loopback benchmark: {what}; {args.requests} requests per level; token cap {cap}")
     print(f"{'c':>3} {'service':<7} {'engine':<10} {'p50 ms':>8} {'p95 ms':>8} {'tok/s':>8} {'total/s':>8} {'plain/s':>8} "
-          f"{'x plain':>8} {'stopped':>8} {'wall s':>7} {'plain s':>7} {'batch':>6} {'in gen':>6}")
+          f"{'x plain':>8} {'x cpu':>6} {'stopped':>8} {'wall s':>7} {'plain s':>7} {'batch':>6} {'in gen':>6}")
     for r in rows:
         print(f"{r['concurrency']:>3} {r['service']:<7} {r['engine']:<10} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['tokens_per_s']:>8.1f} "
-              f"{r['total_per_s']:>8.1f} {r['plain_tokens_per_s']:>8.1f} {r['vs_plain']:>8.2f} {r['stopped_early']:>8} "
+              f"{r['total_per_s']:>8.1f} {r['plain_tokens_per_s']:>8.1f} {r['vs_plain']:>8.2f} {r['vs_plain_cpu']:>6.2f} {r['stopped_early']:>8} "
               f"{r['wall_s']:>7.2f} {r['plain_wall_s']:>7.2f} {r['mean_batch']:>6.1f} {r['in_generate']:>6.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
