@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maml_stop.data import fastpath
+from maml_stop.data import family, fastpath
 from maml_stop.data.accounting import savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 
@@ -200,8 +200,22 @@ def _check_trace(trace: Trace, n_features: int | None) -> None:
 
 def collate_traces(traces: Sequence[Trace], weighting: str = "uniform", cost_lambda: float = 1.0) -> ProbeBatch:
     """All probe points of ``traces`` as one :class:`ProbeBatch` (checked: width, finite features);
-    ``cost_lambda``: the trade-off of the cost weights and stop penalties (module docstring)."""
+    ``cost_lambda``: the trade-off of the cost weights and stop penalties (module docstring). On the fast
+    path, traces of a registered family (:func:`maml_stop.data.family.family_table`) are gathered from
+    the family collated once (:class:`TraceTensors`, the same batch)."""
     check_cost_lambda(cost_lambda)
+    hit = family.rows_of(traces)
+    if hit is not None:
+        table, rows = hit
+        tensors = table.layout(("tensors", weighting, float(cost_lambda)),
+                               lambda ts: TraceTensors(ts, weighting, cost_lambda=cost_lambda))
+        if tensors is not None:
+            return tensors.gather(rows)
+    return _collate(traces, weighting, cost_lambda)
+
+
+def _collate(traces: Sequence[Trace], weighting: str, cost_lambda: float) -> ProbeBatch:
+    """:func:`collate_traces` from the traces' own arrays."""
     if not traces:
         raise DataError("cannot collate an empty list of traces")
     width = traces[0].features.shape[-1]
@@ -259,7 +273,7 @@ class TraceTensors:
         self._row_of = {t.trace_id: i for i, t in enumerate(traces)}
         if len(self._row_of) != len(traces):
             raise DataError("trace ids must be unique")
-        full = collate_traces(traces, weighting, self.cost_lambda)
+        full = _collate(traces, weighting, self.cost_lambda)
         self.features, self.labels, self.weights = full.features, full.labels, full.weights  # (R, F), (R,), (R,)
         self.cost_weights, self.stop_penalty = full.cost_weights, full.stop_penalty  # (R,), (R,)
         # index arithmetic in NumPy: on arrays this small it is several times cheaper than torch ops

@@ -24,12 +24,12 @@ run (``batched: false`` in the evaluate config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
 
-from maml_stop.data import accounting, fastpath
+from maml_stop.data import accounting, family, fastpath
 from maml_stop.decide.rule import NEVER, first_hits
 
 __all__ = ["TraceArrays", "CandidateOutcomes", "candidate_outcomes", "pad_scores", "vectorised", "is_enabled"]
@@ -85,14 +85,32 @@ class TraceArrays:
     @classmethod
     def of(cls, traces: Sequence) -> "TraceArrays":
         """The arrays of ``traces``; the last few lists asked for are kept (an episode's query set is
-        swept by every method and scored at every selector's choice)."""
+        swept by every method and scored at every selector's choice). Traces of a registered family
+        (:func:`maml_stop.data.family.family_table`) are gathered from the family's arrays, padded to
+        its longest trace (padding is never a hit: the same outcomes)."""
         key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
         hit = _RECENT.get(key)
         if hit is None:
-            hit = _RECENT[key] = cls._build(traces)
+            found = family.rows_of(traces)
+            whole = None if found is None else found[0].layout("accounting", lambda ts: cls._build(ts)[1])
+            hit = _RECENT[key] = (tuple(traces), whole.take(found[1])) if whole is not None else cls._build(traces)
             while len(_RECENT) > _KEEP:
                 _RECENT.pop(next(iter(_RECENT)))
         return hit[1]
+
+    def take(self, rows: np.ndarray) -> "TraceArrays":
+        """The arrays of the traces at ``rows``."""
+        return TraceArrays(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def pad(self, scores: Sequence[np.ndarray]) -> np.ndarray:
+        """:func:`pad_scores` of one score per probe of each trace, as wide as these arrays (N, P)."""
+        lengths = self.mask.sum(axis=1)
+        if len(scores) != len(lengths) or any(len(s) != n for s, n in zip(scores, lengths.tolist())):
+            raise ValueError(f"scores of {[len(s) for s in scores][:5]}... probes for traces of {lengths[:5].tolist()}...")
+        out = np.full(self.mask.shape, -np.inf)
+        if len(scores):
+            out[self.mask] = np.concatenate(scores)  # row-major: trace by trace, probe by probe
+        return out
 
     @classmethod
     def _build(cls, traces: Sequence) -> tuple[tuple, "TraceArrays"]:

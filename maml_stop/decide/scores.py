@@ -42,8 +42,9 @@ def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.nd
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
     model.train(was_training)
-    if fastpath.enabled():  # rows of a trace are contiguous, in order: split at the trace lengths
-        return np.split(probs, np.cumsum([t.n_probes for t in traces])[:-1])
+    if fastpath.enabled():  # rows of a trace are contiguous, in order: views at the trace lengths
+        ends = np.cumsum([len(t.labels) for t in traces]).tolist()
+        return [probs[a:b] for a, b in zip([0, *ends], ends)]
     index = batch.trace_index.numpy()
     return [probs[index == i] for i in range(len(traces))]
 

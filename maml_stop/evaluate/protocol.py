@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from maml_stop.data.corpus import Trace, TraceCorpus
 from maml_stop.data.episodes import EpisodeSampler
+from maml_stop.data.family import laid_out
 from maml_stop.decide.policies import (
     ProbePolicy,
     StoppingPolicy,
@@ -120,6 +121,7 @@ def evaluate_episode(
     return record
 
 
+@laid_out  # on the fast path the family's traces are laid out once for every episode (data/family.py)
 def evaluate_family(
     family: str,
     traces: Sequence[Trace],

@@ -192,7 +192,7 @@ class FirstHitPolicy(ThresholdedPolicy):
                 and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
 
     def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
-        return V.candidate_outcomes(arrays, V.pad_scores(self.scores_of(traces)), params)
+        return V.candidate_outcomes(arrays, arrays.pad(self.scores_of(traces)), params)
 
     def stop_index_at(self, trace: Trace, param: float) -> int | None:
         return first_hit(self.scores(trace), param)

@@ -84,7 +84,7 @@ class ProbePolicy(FirstHitPolicy):
         self._preset = (model, dict(support_probs))
 
     def _fit_scores(self, support: Sequence[Trace]) -> None:
-        self._probs = {}
+        self._probs, self._last = {}, None
         preset, self._preset = getattr(self, "_preset", None), None
         if preset is not None:
             self.model, probs = preset
@@ -104,16 +104,23 @@ class ProbePolicy(FirstHitPolicy):
         if self.crossfit:  # the out-of-sample support scores served threshold selection only
             for t in support:
                 self._probs.pop(t.trace_id, None)
+        self._last = None
         return self
 
     def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
         """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
+        key = tuple(map(id, traces))
+        last = getattr(self, "_last", None)  # the last list asked for (a query set is asked for many times),
+        if last is not None and last[0] == key and last[1] is self._probs and last[2] == len(self._probs):
+            return list(last[3])  # valid while the scores by id are the same (entries are only added or popped)
         missing = [t for t in traces if t.trace_id not in self._probs]
         if missing:
             self._probs.update(zip([t.trace_id for t in missing], trace_probabilities(self.model, missing)))
-        return [self._probs[t.trace_id] for t in traces]
+        out = [self._probs[t.trace_id] for t in traces]
+        self._last = (key, self._probs, len(self._probs), out, tuple(traces))  # traces held: their ids stay valid
+        return list(out)
 
     def prepare(self, traces: Sequence[Trace]) -> None:
         if traces:

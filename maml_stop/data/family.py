@@ -1,0 +1,120 @@
+"""The traces of the family under evaluation, laid out once for every episode (issue 26, the fast path).
+
+Every episode of an evaluation draws its support and query sets from one family's traces, and every
+method collates, scores and accounts for those same traces again. ``with family_table(traces):`` (or
+:func:`laid_out` on a function of ``traces``: the protocol's ``evaluate_family``; nothing happens with the
+fast path off) registers them in a
+:class:`FamilyTable`. Within the block :func:`rows_of` maps a list of those trace objects to their rows
+in the family, and each stage keeps its family-wide layout in the table (:meth:`FamilyTable.layout`):
+the collated probe rows (:class:`~maml_stop.data.batches.TraceTensors`, gathered by
+:func:`~maml_stop.data.batches.collate_traces`) and the padded accounting
+(:class:`~maml_stop.decide.outcomes.TraceArrays`), built once per family and gathered by row for each
+list instead of rebuilt per list. Gathering gives the same arrays as building (tests/test_family.py).
+
+>>> from types import SimpleNamespace as T
+>>> a, b, c = T(n=1), T(n=2), T(n=3)
+>>> with family_table([a, b, c]):
+...     table, rows = rows_of([c, a])
+...     rows.tolist(), rows_of([T(n=4)])
+([2, 0], None)
+>>> rows_of([a]) is None  # outside the block
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from maml_stop.data import fastpath
+
+__all__ = ["FamilyTable", "family_table", "laid_out", "rows_of"]
+
+_TABLES: list["FamilyTable"] = []  # the registered families, innermost last
+_KEEP = 8  # lists whose rows are remembered per table (an episode's support, query and cross-fit halves)
+
+
+class FamilyTable:
+    """A fixed list of traces (the objects themselves: a copy with the same id is another trace) and the
+    family-wide layouts that the stages built of it."""
+
+    def __init__(self, traces: Sequence) -> None:
+        self.traces = tuple(traces)  # held: the ids below stay valid while the table lives
+        self._row = {id(t): i for i, t in enumerate(self.traces)}
+        self._layouts: dict[Any, Any] = {}
+        self._recent: dict[tuple, np.ndarray | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def rows(self, traces: Sequence) -> np.ndarray | None:
+        """(N,) int64 rows of ``traces`` in the family; None when one of them is not a trace of it."""
+        key = tuple(map(id, traces))
+        if key in self._recent:
+            return self._recent[key]
+        get = self._row.get
+        found = [get(k) for k in key]
+        rows = None if None in found else np.asarray(found, dtype=np.int64)
+        self._recent[key] = rows
+        while len(self._recent) > _KEEP:
+            self._recent.pop(next(iter(self._recent)))
+        return rows
+
+    def layout(self, key: Any, build: Callable[[Sequence], Any]) -> Any:
+        """The family-wide layout ``key``, ``build(self.traces)`` the first time it is asked for; None
+        (and the caller builds per list) when ``build`` raises ``ValueError`` (e.g. duplicate trace ids)."""
+        if key not in self._layouts:
+            try:
+                self._layouts[key] = build(self.traces)
+            except ValueError:
+                self._layouts[key] = None
+        return self._layouts[key]
+
+
+@contextmanager
+def family_table(traces: Sequence) -> Iterator[FamilyTable | None]:
+    """Within the block, lists of ``traces`` are gathered from their family's layouts (fast path only:
+    with it off the block registers nothing and yields None)."""
+    if not fastpath.enabled() or not traces:
+        yield None
+        return
+    table = FamilyTable(traces)
+    _TABLES.append(table)
+    try:
+        yield table
+    finally:
+        _TABLES.remove(table)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def laid_out(fn: F) -> F:
+    """Decorator: each call of ``fn`` runs within ``family_table(traces)``, ``traces`` being its argument of
+    that name (:func:`maml_stop.evaluate.protocol.evaluate_family`)."""
+    signature = inspect.signature(fn)
+    if "traces" not in signature.parameters:
+        raise TypeError(f"{fn.__name__} has no argument named traces; its arguments: {list(signature.parameters)}")
+
+    @functools.wraps(fn)
+    def within(*args: Any, **kwargs: Any) -> Any:
+        with family_table(signature.bind_partial(*args, **kwargs).arguments["traces"]):
+            return fn(*args, **kwargs)
+
+    return within  # type: ignore[return-value]
+
+
+def rows_of(traces: Sequence) -> tuple[FamilyTable, np.ndarray] | None:
+    """(the registered table holding every trace of ``traces``, their rows in it), innermost table first;
+    None outside a :func:`family_table` block, with the fast path off, or when no table holds them all."""
+    if not _TABLES or not traces or not fastpath.enabled():
+        return None
+    for table in reversed(_TABLES):
+        rows = table.rows(traces)
+        if rows is not None:
+            return table, rows
+    return None
