@@ -302,12 +302,13 @@ class TraceTensors:
         first = np.cumsum(lens) - lens  # (T',) first row of each trace in the batch
         probe_index = np.arange(trace_index.size) - first[trace_index]  # (N,)
         rows = torch.from_numpy(self.offsets[index][trace_index] + probe_index)  # (N,) rows of the full tensors
+        take = lambda t: torch.index_select(t, 0, rows)  # noqa: E731  (several times faster than t[rows], the same)
         return ProbeBatch(
-            features=self.features[rows],
-            labels=self.labels[rows],
+            features=take(self.features),
+            labels=take(self.labels),
             trace_index=torch.from_numpy(trace_index),
             probe_index=torch.from_numpy(probe_index),
-            weights=self.weights[rows],
-            cost_weights=self.cost_weights[rows],
-            stop_penalty=self.stop_penalty[rows],
+            weights=take(self.weights),
+            cost_weights=take(self.cost_weights),
+            stop_penalty=take(self.stop_penalty),
         )

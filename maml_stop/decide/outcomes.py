@@ -107,9 +107,12 @@ class TraceArrays:
         lengths = self.mask.sum(axis=1)
         if len(scores) != len(lengths) or any(len(s) != n for s, n in zip(scores, lengths.tolist())):
             raise ValueError(f"scores of {[len(s) for s in scores][:5]}... probes for traces of {lengths[:5].tolist()}...")
+        return self.pad_flat(np.concatenate(scores) if len(scores) else np.zeros(0))
+
+    def pad_flat(self, flat: np.ndarray) -> np.ndarray:
+        """(N, P) of one score per probe, trace by trace (``flat``), -inf past each trace's last probe."""
         out = np.full(self.mask.shape, -np.inf)
-        if len(scores):
-            out[self.mask] = np.concatenate(scores)  # row-major: trace by trace, probe by probe
+        out[self.mask] = flat  # row-major: trace by trace, probe by probe
         return out
 
     @classmethod

@@ -21,7 +21,8 @@ from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 
-__all__ = ["SupportAdapter", "trace_probabilities", "crossfit_halves", "crossfit_probabilities"]
+__all__ = ["SupportAdapter", "trace_probabilities", "flat_probabilities", "split_rows", "crossfit_halves",
+           "crossfit_probabilities"]
 
 
 class SupportAdapter(Protocol):
@@ -36,17 +37,32 @@ class SupportAdapter(Protocol):
 def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.ndarray]:
     """P(stopping here keeps the answer correct) of ``model`` at every probe of each trace (eval mode,
     no gradients): list of (P_i,) float64."""
+    if fastpath.enabled():  # rows of a trace are contiguous, in order: views at the trace lengths
+        return split_rows(flat_probabilities(model, traces), traces)
     batch = _collated(traces)
+    probs = _probabilities(model, batch)
+    index = batch.trace_index.numpy()
+    return [probs[index == i] for i in range(len(traces))]
+
+
+def flat_probabilities(model: nn.Module, traces: Sequence[Trace]) -> np.ndarray:
+    """:func:`trace_probabilities` concatenated, trace by trace (one batch): (sum of P_i,) float64."""
+    return _probabilities(model, _collated(traces))
+
+
+def split_rows(flat: np.ndarray, traces: Sequence[Trace]) -> list[np.ndarray]:
+    """``flat`` (one row per probe of ``traces``, trace by trace) as one view per trace."""
+    ends = np.cumsum([len(t.labels) for t in traces]).tolist()
+    return [flat[a:b] for a, b in zip([0, *ends], ends)]
+
+
+def _probabilities(model: nn.Module, batch) -> np.ndarray:
     was_training = model.training
     model.eval()
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
     model.train(was_training)
-    if fastpath.enabled():  # rows of a trace are contiguous, in order: views at the trace lengths
-        ends = np.cumsum([len(t.labels) for t in traces]).tolist()
-        return [probs[a:b] for a, b in zip([0, *ends], ends)]
-    index = batch.trace_index.numpy()
-    return [probs[index == i] for i in range(len(traces))]
+    return probs
 
 
 _RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their batch): the last few scored

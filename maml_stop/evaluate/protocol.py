@@ -99,9 +99,12 @@ def evaluate_episode(
     record: dict[str, Any] = {"thresholds": {}}
     if isinstance(policy, ThresholdedPolicy):
         sweep = sweep_policy(policy, query)
+        scored: dict[float | None, dict[str, float]] = {}  # selectors that agree share the figures
         for name, selector in selectors.items():
             param = policy.choose(selector)  # scored at each selector's choice; the policy is not changed
-            record["thresholds"][name] = {"param": param, **_figures(evaluate_policy(policy, query, param=param))}
+            if param not in scored:
+                scored[param] = _figures(evaluate_policy(policy, query, param=param))
+            record["thresholds"][name] = {"param": param, **scored[param]}
     else:
         out = evaluate_policy(policy, query)
         figures = _figures(out)
@@ -114,7 +117,7 @@ def evaluate_episode(
     # a single operating point (full generation, oracle) has no curve to integrate
     record["auc"] = float(M.curve_auc(*tensors)) if isinstance(policy, ThresholdedPolicy) else float("nan")
     if isinstance(policy, ProbePolicy):
-        probs = torch.from_numpy(np.concatenate(policy.probabilities(query)))
+        probs = torch.from_numpy(policy.flat_probabilities(query))
         labels = torch.from_numpy(np.concatenate([t.labels for t in query]).astype(np.float64))
         record.update(probs=probs, labels=labels, brier=float(M.brier_score(probs, labels)),
                       ece=float(M.expected_calibration_error(probs, labels, n_bins)))

@@ -192,7 +192,12 @@ class FirstHitPolicy(ThresholdedPolicy):
                 and cls.outcome_at is ThresholdedPolicy.outcome_at and cls.outcome is ThresholdedPolicy.outcome)
 
     def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
-        return V.candidate_outcomes(arrays, arrays.pad(self.scores_of(traces)), params)
+        return V.candidate_outcomes(arrays, self.padded_scores(traces, arrays), params)
+
+    def padded_scores(self, traces: Sequence[Trace], arrays: V.TraceArrays) -> np.ndarray:
+        """(N, P) scores of ``traces`` as wide as ``arrays`` (``TraceArrays.of(traces)``), -inf past each
+        trace's last probe."""
+        return arrays.pad(self.scores_of(traces))
 
     def stop_index_at(self, trace: Trace, param: float) -> int | None:
         return first_hit(self.scores(trace), param)

@@ -16,7 +16,14 @@ from torch import nn
 from maml_stop.data.corpus import Trace
 from maml_stop.decide.policies.base import FirstHitPolicy
 from maml_stop.decide.rule import DEFAULT_TAUS
-from maml_stop.decide.scores import SupportAdapter, crossfit_probabilities, trace_probabilities
+from maml_stop.data import fastpath
+from maml_stop.decide.scores import (
+    SupportAdapter,
+    crossfit_probabilities,
+    flat_probabilities,
+    split_rows,
+    trace_probabilities,
+)
 from maml_stop.decide.selector import StopSelector
 
 __all__ = ["ProbePolicy", "DEFAULT_TAUS"]
@@ -66,7 +73,7 @@ class ProbePolicy(FirstHitPolicy):
         self.seed = seed
         self.name = name
         self.model: nn.Module | None = None if adapter is not None else self.predictor
-        self._probs: dict[str, np.ndarray] = {}
+        self._probs = {}  # scores by trace id (see the property)
         super().__init__(selector)
 
     @property
@@ -83,8 +90,28 @@ class ProbePolicy(FirstHitPolicy):
         episode-batched evaluation (:mod:`maml_stop.evaluate.batched`) computed for all episodes at once."""
         self._preset = (model, dict(support_probs))
 
+    @property
+    def _probs(self) -> dict[str, np.ndarray]:
+        """Scores by trace id; a list scored at once on the fast path waits whole (``_pending``) until
+        something reads scores by id (here, or a policy that holds this probe)."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            self._pending = None
+            self._by_id.update(zip([t.trace_id for t in pending[1]], self._views(pending)))
+        return self._by_id
+
+    @_probs.setter
+    def _probs(self, value: dict[str, np.ndarray]) -> None:
+        self._pending, self._by_id = None, value
+
+    @staticmethod
+    def _views(pending: list) -> list[np.ndarray]:
+        if pending[3] is None:
+            pending[3] = split_rows(pending[2], pending[1])
+        return pending[3]
+
     def _fit_scores(self, support: Sequence[Trace]) -> None:
-        self._probs, self._last = {}, None
+        self._probs = {}
         preset, self._preset = getattr(self, "_preset", None), None
         if preset is not None:
             self.model, probs = preset
@@ -104,23 +131,40 @@ class ProbePolicy(FirstHitPolicy):
         if self.crossfit:  # the out-of-sample support scores served threshold selection only
             for t in support:
                 self._probs.pop(t.trace_id, None)
-        self._last = None
         return self
 
     def probabilities(self, traces: Sequence[Trace]) -> list[np.ndarray]:
         """P(stopping here keeps the answer correct) at every probe, per trace: list of (P_i,)."""
-        if self.model is None:
-            raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
-        key = tuple(map(id, traces))
-        last = getattr(self, "_last", None)  # the last list asked for (a query set is asked for many times),
-        if last is not None and last[0] == key and last[1] is self._probs and last[2] == len(self._probs):
-            return list(last[3])  # valid while the scores by id are the same (entries are only added or popped)
+        pending = self._scored_at_once(traces)
+        if pending is not None:
+            return list(self._views(pending))
         missing = [t for t in traces if t.trace_id not in self._probs]
         if missing:
             self._probs.update(zip([t.trace_id for t in missing], trace_probabilities(self.model, missing)))
-        out = [self._probs[t.trace_id] for t in traces]
-        self._last = (key, self._probs, len(self._probs), out, tuple(traces))  # traces held: their ids stay valid
-        return list(out)
+        return [self._probs[t.trace_id] for t in traces]
+
+    def flat_probabilities(self, traces: Sequence[Trace]) -> np.ndarray:
+        """:meth:`probabilities` concatenated, trace by trace: (sum of P_i,) float64."""
+        pending = None if type(self).probabilities is not ProbePolicy.probabilities else self._scored_at_once(traces)
+        return pending[2] if pending is not None else np.concatenate(self.probabilities(traces))
+
+    def _scored_at_once(self, traces: Sequence[Trace]) -> list | None:
+        """On the fast path, when none of ``traces`` has a score yet (their ids distinct), or when they are
+        the list so scored last: ``[ids, traces, flat scores (one batch, as the loop scores them), views]``."""
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
+        key = tuple(map(id, traces))
+        pending = self.__dict__.get("_pending")
+        if pending is not None and pending[0] == key:
+            return pending
+        if not fastpath.enabled() or not traces:
+            return None
+        ids = [t.trace_id for t in traces]
+        by_id = self._probs  # any other pending list moves in first
+        if len(set(ids)) < len(ids) or any(i in by_id for i in ids):
+            return None
+        self._pending = [key, tuple(traces), flat_probabilities(self.model, traces), None]  # traces held: ids valid
+        return self._pending
 
     def prepare(self, traces: Sequence[Trace]) -> None:
         if traces:
@@ -131,3 +175,8 @@ class ProbePolicy(FirstHitPolicy):
 
     def scores_of(self, traces: Sequence[Trace]) -> list[np.ndarray]:
         return self.probabilities(traces)
+
+    def padded_scores(self, traces: Sequence[Trace], arrays) -> np.ndarray:
+        if type(self).probabilities is not ProbePolicy.probabilities:  # a subclass scores its own way
+            return super().padded_scores(traces, arrays)
+        return arrays.pad_flat(self.flat_probabilities(traces))
