@@ -267,13 +267,13 @@ class TraceTensors:
                  cost_lambda: float = 1.0) -> None:
         if not traces:
             raise DataError("TraceTensors needs at least one trace")
-        for t in traces:
-            _check_trace(t, n_features if n_features is not None else traces[0].features.shape[-1])
+        if n_features is not None:  # the others are checked against the first one's width by _collate
+            _check_trace(traces[0], n_features)
         self.weighting, self.cost_lambda = weighting, check_cost_lambda(cost_lambda)
+        full = _collate(traces, weighting, self.cost_lambda)  # checks each features array (once on the fast path)
         self._row_of = {t.trace_id: i for i, t in enumerate(traces)}
         if len(self._row_of) != len(traces):
             raise DataError("trace ids must be unique")
-        full = _collate(traces, weighting, self.cost_lambda)
         self.features, self.labels, self.weights = full.features, full.labels, full.weights  # (R, F), (R,), (R,)
         self.cost_weights, self.stop_penalty = full.cost_weights, full.stop_penalty  # (R,), (R,)
         # index arithmetic in NumPy: on arrays this small it is several times cheaper than torch ops

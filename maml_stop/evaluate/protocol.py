@@ -53,7 +53,7 @@ from maml_stop.evaluate.folds import resolve_folds
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.predictor import PredictorConfig
-from maml_stop.decide.outcomes import vectorised
+from maml_stop.decide.outcomes import is_enabled, vectorised
 from maml_stop.decide.meta.rules import META_SELECTORS
 from maml_stop.evaluate.backoff import simulate_episodes
 
@@ -99,10 +99,10 @@ def evaluate_episode(
     record: dict[str, Any] = {"thresholds": {}}
     if isinstance(policy, ThresholdedPolicy):
         sweep = sweep_policy(policy, query)
-        scored: dict[float | None, dict[str, float]] = {}  # selectors that agree share the figures
+        scored: dict[float | None, dict[str, float]] = {}  # on the fast path, selectors that agree share figures
         for name, selector in selectors.items():
             param = policy.choose(selector)  # scored at each selector's choice; the policy is not changed
-            if param not in scored:
+            if param not in scored or not is_enabled():
                 scored[param] = _figures(evaluate_policy(policy, query, param=param))
             record["thresholds"][name] = {"param": param, **scored[param]}
     else:

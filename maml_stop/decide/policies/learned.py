@@ -153,12 +153,12 @@ class ProbePolicy(FirstHitPolicy):
         the list so scored last: ``[ids, traces, flat scores (one batch, as the loop scores them), views]``."""
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
+        if not fastpath.enabled() or not traces:
+            return None
         key = tuple(map(id, traces))
         pending = self.__dict__.get("_pending")
         if pending is not None and pending[0] == key:
             return pending
-        if not fastpath.enabled() or not traces:
-            return None
         ids = [t.trace_id for t in traces]
         by_id = self._probs  # any other pending list moves in first
         if len(set(ids)) < len(ids) or any(i in by_id for i in ids):
