@@ -67,9 +67,10 @@ __all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_
 
 
 def _figures(out) -> dict[str, float]:
+    fast = is_enabled()  # NumPy sums of the token counts (Outcomes.saved: the same floats as the torch metric)
     return {
-        "savings": float(M.token_savings(torch.from_numpy(out.total_tokens), torch.from_numpy(out.full_tokens))),
-        "savings_reasoning": float(M.token_savings(torch.from_numpy(out.reasoning_tokens), torch.from_numpy(out.full_tokens))),
+        "savings": out.saved(out.total_tokens) if fast else float(M.token_savings(torch.from_numpy(out.total_tokens), torch.from_numpy(out.full_tokens))),
+        "savings_reasoning": out.saved(out.reasoning_tokens) if fast else float(M.token_savings(torch.from_numpy(out.reasoning_tokens), torch.from_numpy(out.full_tokens))),
         "em": float(out.em.mean()),
         "full_em": float(out.full_em.mean()),
         "em_drop": float(out.full_em.mean() - out.em.mean()),

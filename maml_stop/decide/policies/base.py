@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from maml_stop.data.accounting import full_cost, stop_cost, stop_costs
+from maml_stop.data.accounting import full_cost, savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
 from maml_stop.decide import outcomes as V
 from maml_stop.decide.rule import first_hit, first_hits
@@ -67,6 +67,11 @@ class Outcomes:
     full_em: np.ndarray  # (N,)
     full_tokens: np.ndarray  # (N,)
     stopped_early: np.ndarray  # (N,) bool: stopped at a probe
+
+    def saved(self, spent: np.ndarray) -> float:
+        """Savings of ``spent`` (``total_tokens`` or ``reasoning_tokens``) against full generation, from
+        the NumPy sums (token counts are integers: exact sums, the floats of the torch metric)."""
+        return float(savings(float(spent.sum()), float(self.full_tokens.sum())))
 
 
 def full_generation_outcome(trace: Trace) -> StopOutcome:

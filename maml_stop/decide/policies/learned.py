@@ -145,7 +145,7 @@ class ProbePolicy(FirstHitPolicy):
 
     def flat_probabilities(self, traces: Sequence[Trace]) -> np.ndarray:
         """:meth:`probabilities` concatenated, trace by trace: (sum of P_i,) float64."""
-        pending = None if type(self).probabilities is not ProbePolicy.probabilities else self._scored_at_once(traces)
+        pending = self._scored_at_once(traces)
         return pending[2] if pending is not None else np.concatenate(self.probabilities(traces))
 
     def _scored_at_once(self, traces: Sequence[Trace]) -> list | None:
@@ -153,8 +153,8 @@ class ProbePolicy(FirstHitPolicy):
         the list so scored last: ``[ids, traces, flat scores (one batch, as the loop scores them), views]``."""
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
-        if not fastpath.enabled() or not traces:
-            return None
+        if not fastpath.enabled() or not traces or type(self).probabilities is not ProbePolicy.probabilities:
+            return None  # the reference path; a subclass that scores its own way
         key = tuple(map(id, traces))
         pending = self.__dict__.get("_pending")
         if pending is not None and pending[0] == key:
@@ -167,7 +167,7 @@ class ProbePolicy(FirstHitPolicy):
         return self._pending
 
     def prepare(self, traces: Sequence[Trace]) -> None:
-        if traces:
+        if traces and self._scored_at_once(traces) is None:  # scored at once: nothing split per trace yet
             self.probabilities(traces)
 
     def scores(self, trace: Trace) -> np.ndarray:
@@ -177,6 +177,4 @@ class ProbePolicy(FirstHitPolicy):
         return self.probabilities(traces)
 
     def padded_scores(self, traces: Sequence[Trace], arrays) -> np.ndarray:
-        if type(self).probabilities is not ProbePolicy.probabilities:  # a subclass scores its own way
-            return super().padded_scores(traces, arrays)
         return arrays.pad_flat(self.flat_probabilities(traces))
