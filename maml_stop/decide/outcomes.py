@@ -156,11 +156,11 @@ def candidate_outcomes(arrays: TraceArrays, scores: np.ndarray, candidates: Sequ
     taus = np.asarray(list(candidates), dtype=np.float64)  # (J,)
     first = first_hits(scores[:, None, :], taus, mask=arrays.mask[:, None, :])  # (N, J), NEVER where none
     stopped = first != NEVER
-    at = np.where(stopped, first, 0)
-    rows = np.arange(len(arrays))[:, None]
+    at = np.where(stopped, first, 0) + arrays.mask.shape[1] * np.arange(len(arrays))[:, None]  # (N, J) flat (N*P) index
+    take = lambda a: a.reshape(-1).take(at)  # noqa: E731  (a[rows, at] on the flat array: the same, faster)
     return CandidateOutcomes(
-        em=np.where(stopped, arrays.labels[rows, at], arrays.full_em[:, None]),
-        total=np.where(stopped, arrays.stop_total[rows, at], arrays.never_total[:, None]),
-        reasoning=np.where(stopped, arrays.stop_reasoning[rows, at], arrays.never_reasoning[:, None]),
+        em=np.where(stopped, take(arrays.labels), arrays.full_em[:, None]),
+        total=np.where(stopped, take(arrays.stop_total), arrays.never_total[:, None]),
+        reasoning=np.where(stopped, take(arrays.stop_reasoning), arrays.never_reasoning[:, None]),
         stopped=stopped,
     )
