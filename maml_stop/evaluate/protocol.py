@@ -109,14 +109,14 @@ def evaluate_episode(
     else:
         out = evaluate_policy(policy, query)
         figures = _figures(out)
-        for name in selectors:
-            record["thresholds"][name] = {"param": None, **figures}
+        record["thresholds"] = {name: {"param": None, **figures} for name in selectors}
         sweep = SupportSweep(out.em[:, None], out.total_tokens[:, None], out.full_em, out.full_tokens)
     tensors = [torch.from_numpy(a) for a in (sweep.em, sweep.tokens, sweep.full_em, sweep.full_tokens)]
     record["sweep"] = sweep
-    record["curve_savings"] = float(M.savings_at_em_drop(*tensors, delta=delta))
+    both = M.curve_figures(*tensors, delta=delta) if is_enabled() else None  # the fast path: one curve for both
+    record["curve_savings"] = float(both[0] if both is not None else M.savings_at_em_drop(*tensors, delta=delta))
     # a single operating point (full generation, oracle) has no curve to integrate
-    record["auc"] = float(M.curve_auc(*tensors)) if isinstance(policy, ThresholdedPolicy) else float("nan")
+    record["auc"] = float(both[1] if both is not None else M.curve_auc(*tensors)) if isinstance(policy, ThresholdedPolicy) else float("nan")
     if isinstance(policy, ProbePolicy):
         probs = torch.from_numpy(policy.flat_probabilities(query))
         labels = torch.from_numpy(np.concatenate([t.labels for t in query]).astype(np.float64))

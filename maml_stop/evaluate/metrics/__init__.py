@@ -24,7 +24,7 @@ EM and EM drops are fractions (0.01 = 1 point); savings are fractions of the ful
 from __future__ import annotations
 
 from maml_stop.evaluate.metrics.calibration import BrierScore, ExpectedCalibrationError, brier_score, calibration_bins, expected_calibration_error
-from maml_stop.evaluate.metrics.curve import CurveAUC, EMTokensCurve, SavingsAtEMDrop, curve_auc, em_tokens_curve, savings_at_em_drop
+from maml_stop.evaluate.metrics.curve import CurveAUC, EMTokensCurve, SavingsAtEMDrop, curve_auc, curve_figures, em_tokens_curve, savings_at_em_drop
 from maml_stop.evaluate.metrics.stopping import EMAtStop, TokensUsed, TokenSavings, em_at_stop, token_savings, tokens_used
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "token_savings",
     "em_tokens_curve",
     "curve_auc",
+    "curve_figures",
     "savings_at_em_drop",
     "brier_score",
     "expected_calibration_error",

@@ -141,3 +141,9 @@ def savings_at_em_drop(
     return _savings_at_drop(curve["savings"], curve["em"], curve["full_em"], _check_delta(delta))
 
 
+def curve_figures(
+    em: Tensor, tokens: Tensor, full_em: Tensor, full_tokens: Tensor, delta: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """(:func:`savings_at_em_drop`, :func:`curve_auc`) of one sweep, from one curve."""
+    curve = em_tokens_curve(em, tokens, full_em, full_tokens)
+    return _savings_at_drop(curve["savings"], curve["em"], curve["full_em"], _check_delta(delta)), _auc_from_curve(curve["cost"], curve["em"])
