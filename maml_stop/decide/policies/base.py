@@ -109,6 +109,18 @@ class StoppingPolicy:
     def prepare(self, traces: Sequence[Trace]) -> None:
         """Precompute per-trace scores for a list of traces in one batch (learned policies)."""
 
+    @property
+    def vectorised(self) -> bool:
+        """Whether :meth:`vector_outcomes` gives this policy's outcomes (exactly those of the per-trace
+        methods) on the fast path."""
+        return False
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
+        """Outcomes of every trace (at every parameter of a thresholded policy; one column without one) in
+        one pass (:mod:`maml_stop.decide.outcomes`); only where :attr:`vectorised`. ``arrays``:
+        ``TraceArrays.of(traces)``, after ``prepare(traces)`` for a thresholded policy."""
+        raise NotImplementedError(f"{self.name} has no vectorised outcomes")
+
 
 class ThresholdedPolicy(StoppingPolicy):
     """A family of policies indexed by one parameter, chosen on support by a threshold selector.
@@ -141,16 +153,6 @@ class ThresholdedPolicy(StoppingPolicy):
     def outcomes_at(self, trace: Trace, params: Sequence[float]) -> list[StopOutcome]:
         """:meth:`outcome_at` for many parameters (subclasses vectorise it)."""
         return [self.outcome_at(trace, p) for p in params]
-
-    @property
-    def vectorised(self) -> bool:
-        """Whether :meth:`vector_outcomes` gives this policy's outcomes (exactly those of :meth:`outcomes_at`)."""
-        return False
-
-    def vector_outcomes(self, traces: Sequence[Trace], arrays: V.TraceArrays, params: Sequence[float]) -> V.CandidateOutcomes:
-        """Outcomes of every trace at every parameter in one pass (:mod:`maml_stop.decide.outcomes`); only
-        where :attr:`vectorised`. ``arrays``: ``TraceArrays.of(traces)``, after ``prepare(traces)``."""
-        raise NotImplementedError(f"{self.name} has no vectorised outcomes")
 
     def stop_index(self, trace: Trace) -> int | None:
         return None if self.param is None else self.stop_index_at(trace, self.param)
@@ -252,6 +254,11 @@ def evaluate_policy(policy: StoppingPolicy, traces: Sequence[Trace], param: floa
     """Outcomes of a fitted policy on ``traces`` (with full generation of the same traces). ``param``
     (thresholded policies only): score at that parameter instead of the fitted one (None = never stop
     early), e.g. ``evaluate_policy(policy, query, param=policy.choose(other_selector))``."""
+    if V.is_enabled() and policy.vectorised and not isinstance(policy, ThresholdedPolicy) and traces and param is _FITTED:
+        a = V.TraceArrays.of(traces)  # a policy without a parameter: every trace at once (no prepare needed)
+        out = policy.vector_outcomes(traces, a, ())
+        return Outcomes(em=out.em[:, 0], total_tokens=out.total[:, 0], reasoning_tokens=out.reasoning[:, 0],
+                        full_em=a.full_em.copy(), full_tokens=a.full_tokens.copy(), stopped_early=out.stopped[:, 0])
     policy.prepare(traces)
     if _vectorisable(policy) and traces:
         chosen = policy.param if param is _FITTED else param

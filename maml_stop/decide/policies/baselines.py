@@ -40,6 +40,14 @@ class FullGeneration(StoppingPolicy):
     def outcome(self, trace: Trace) -> StopOutcome:
         return full_generation_outcome(trace)
 
+    @property
+    def vectorised(self) -> bool:
+        return type(self) is FullGeneration
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: TraceArrays, params: Sequence[float] = ()) -> CandidateOutcomes:
+        full = arrays.full_tokens[:, None]
+        return CandidateOutcomes(arrays.full_em[:, None].copy(), full.copy(), full.copy(), np.zeros(full.shape, dtype=bool))
+
 
 class FirstProbe(StoppingPolicy):
     """Stop at the first probe, whatever it says (a trace without probes runs to the end): the answer
@@ -49,6 +57,29 @@ class FirstProbe(StoppingPolicy):
 
     def stop_index(self, trace: Trace) -> int | None:
         return 0 if trace.n_probes else None
+
+    @property
+    def vectorised(self) -> bool:
+        return type(self) is FirstProbe
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: TraceArrays, params: Sequence[float] = ()) -> CandidateOutcomes:
+        """Probe 0 where there is one, else the run to the end (paying no probe: there is none)."""
+        return _at_probe(arrays, np.zeros(len(arrays), dtype=np.int64), arrays.mask.any(axis=1),
+                         arrays.never_total, arrays.never_reasoning)
+
+
+def _at_probe(arrays: TraceArrays, index: np.ndarray, stopped: np.ndarray, end_total: np.ndarray,
+              end_reasoning: np.ndarray) -> CandidateOutcomes:
+    """One column of outcomes: stop at probe ``index`` (N,) where ``stopped`` (every probe up to it paid),
+    else the run to the end with the full run's EM and ``end_total`` / ``end_reasoning`` tokens."""
+    at = np.where(stopped, index, 0) + arrays.mask.shape[1] * np.arange(len(arrays))  # (N,) flat index
+    take = (lambda a: a.reshape(-1).take(at)) if arrays.mask.shape[1] else (lambda a: np.zeros(len(arrays)))  # noqa: E731
+    return CandidateOutcomes(
+        em=np.where(stopped, take(arrays.labels), arrays.full_em)[:, None],
+        total=np.where(stopped, take(arrays.stop_total), end_total)[:, None],
+        reasoning=np.where(stopped, take(arrays.stop_reasoning), end_reasoning)[:, None],
+        stopped=np.asarray(stopped, dtype=bool)[:, None],
+    )
 
 
 class OraclePolicy(StoppingPolicy):
@@ -68,6 +99,17 @@ class OraclePolicy(StoppingPolicy):
     def outcome(self, trace: Trace) -> StopOutcome:
         index = self.stop_index(trace)
         return full_generation_outcome(trace) if index is None else probe_outcome(trace, index)
+
+    @property
+    def vectorised(self) -> bool:
+        return type(self) is OraclePolicy
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: TraceArrays, params: Sequence[float] = ()) -> CandidateOutcomes:
+        correct = (arrays.labels > 0.5) & arrays.mask  # (N, P)
+        has = correct.any(axis=1)
+        to_end = ~has & ((arrays.full_em > 0.5) | ~arrays.mask.any(axis=1))  # full generation, no probes paid
+        return _at_probe(arrays, correct.argmax(axis=1) if correct.size else np.zeros(len(arrays), dtype=np.int64),
+                         ~to_end, arrays.full_tokens, arrays.full_tokens)
 
 
 def oracle_at_equal_em(traces: Sequence[Trace]) -> list[StopOutcome]:
@@ -124,6 +166,25 @@ class EqualEMOracle(StoppingPolicy):
         if id(trace) not in self._chosen:
             raise ValueError("EqualEMOracle chooses over a set of traces: evaluate it with evaluate_policy(policy, traces)")
         return self._chosen[id(trace)]
+
+    @property
+    def vectorised(self) -> bool:
+        return type(self) is EqualEMOracle
+
+    def vector_outcomes(self, traces: Sequence[Trace], arrays: TraceArrays, params: Sequence[float] = ()) -> CandidateOutcomes:
+        """:func:`oracle_at_equal_em` on the arrays: option 0 is full generation, option j > 0 probe j - 1."""
+        n = len(arrays)
+        totals = np.concatenate([arrays.full_tokens[:, None], np.where(arrays.mask, arrays.stop_total, np.inf)], axis=1)
+        ems = np.concatenate([arrays.full_em[:, None] > 0.5, (arrays.labels > 0.5) & arrays.mask], axis=1)  # (N, 1+P)
+        rows = np.arange(n)
+        option = totals.argmin(axis=1)  # the cheapest point (ties to the first)
+        need = int((arrays.full_em > 0.5).sum()) - int(ems[rows, option].sum())
+        movers = np.flatnonzero(ems.any(axis=1) & ~ems[rows, option])
+        best = np.where(ems, totals, np.inf).argmin(axis=1)  # the cheapest correct point
+        extra = totals[movers, best[movers]] - totals[movers, option[movers]]
+        moved = movers[np.lexsort((movers, extra))][: max(need, 0)]  # fewest extra tokens first, then trace order
+        option[moved] = best[moved]
+        return _at_probe(arrays, option - 1, option > 0, arrays.full_tokens, arrays.full_tokens)
 
 
 class TokenBudget(ThresholdedPolicy):
