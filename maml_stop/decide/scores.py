@@ -21,7 +21,7 @@ from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 
-__all__ = ["SupportAdapter", "trace_probabilities", "flat_probabilities", "split_rows", "crossfit_halves",
+__all__ = ["SupportAdapter", "trace_probabilities", "flat_probabilities", "flat_labels", "split_rows", "crossfit_halves",
            "crossfit_probabilities"]
 
 
@@ -48,6 +48,14 @@ def trace_probabilities(model: nn.Module, traces: Sequence[Trace]) -> list[np.nd
 def flat_probabilities(model: nn.Module, traces: Sequence[Trace]) -> np.ndarray:
     """:func:`trace_probabilities` concatenated, trace by trace (one batch): (sum of P_i,) float64."""
     return _probabilities(model, _collated(traces))
+
+
+def flat_labels(traces: Sequence[Trace]) -> np.ndarray:
+    """The labels of every probe of ``traces``, trace by trace: (sum of P_i,) float64. On the fast path
+    they are read from the collated batch that scored the traces (kept: the same 0/1 values)."""
+    if fastpath.enabled() and traces:
+        return _collated(traces).labels.double().numpy()
+    return np.concatenate([t.labels for t in traces]).astype(np.float64)
 
 
 def split_rows(flat: np.ndarray, traces: Sequence[Trace]) -> list[np.ndarray]:

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
-from maml_stop.evaluate.backoff import calibrate_backoff
+from maml_stop.evaluate.backoff import calibrate_backoff, simulate_episodes
 from maml_stop.evaluate.batched import batchable, prefit
 from maml_stop.evaluate.cache import pooled_probe
 from maml_stop.evaluate.config import BASELINE_DTYPES, EvaluateConfig, check_config
@@ -55,7 +54,7 @@ from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.decide.outcomes import is_enabled, vectorised
 from maml_stop.decide.meta.rules import META_SELECTORS
-from maml_stop.evaluate.backoff import simulate_episodes
+from maml_stop.decide.scores import flat_labels
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ def evaluate_episode(
     record["auc"] = float(both[1] if both is not None else M.curve_auc(*tensors)) if isinstance(policy, ThresholdedPolicy) else float("nan")
     if isinstance(policy, ProbePolicy):
         probs = torch.from_numpy(policy.flat_probabilities(query))
-        labels = torch.from_numpy(np.concatenate([t.labels for t in query]).astype(np.float64))
+        labels = torch.from_numpy(flat_labels(query))
         record.update(probs=probs, labels=labels, brier=float(M.brier_score(probs, labels)),
                       ece=float(M.expected_calibration_error(probs, labels, n_bins)))
     return record

@@ -161,7 +161,7 @@ class ProbePolicy(FirstHitPolicy):
             return pending
         ids = [t.trace_id for t in traces]
         by_id = self._probs  # any other pending list moves in first
-        if len(set(ids)) < len(ids) or any(i in by_id for i in ids):
+        if len(set(ids)) < len(ids) or not by_id.keys().isdisjoint(ids):
             return None
         self._pending = [key, tuple(traces), flat_probabilities(self.model, traces), None]  # traces held: ids valid
         return self._pending
