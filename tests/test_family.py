@@ -40,6 +40,16 @@ def test_rows_of_a_registered_family(traces):
         assert off is None and rows_of(subset) is None
 
 
+def test_the_last_family_is_reused_until_its_traces_change(traces):
+    with family_table(traces) as first:
+        pass
+    with family_table(list(traces)) as again:
+        assert again is first  # the same trace objects: the same layouts
+    changed = [replace(traces[0], features=traces[0].features.copy()), *traces[1:]]
+    with family_table(changed) as other:
+        assert other is not first and rows_of(changed[:1])[1].tolist() == [0]
+
+
 def test_laid_out_registers_the_traces_argument(traces):
     @laid_out
     def count(family, traces, other=None):

@@ -9,7 +9,9 @@ in the family, and each stage keeps its family-wide layout in the table (:meth:`
 the collated probe rows (:class:`~maml_stop.data.batches.TraceTensors`, gathered by
 :func:`~maml_stop.data.batches.collate_traces`) and the padded accounting
 (:class:`~maml_stop.decide.outcomes.TraceArrays`), built once per family and gathered by row for each
-list instead of rebuilt per list. Gathering gives the same arrays as building (tests/test_family.py).
+list instead of rebuilt per list. Gathering gives the same arrays as building (tests/test_family.py). The
+last family registered is kept after its block, so that a later block over the same trace objects (the
+next evaluation of that family) reuses its layouts.
 
 >>> from types import SimpleNamespace as T
 >>> a, b, c = T(n=1), T(n=2), T(n=3)
@@ -35,6 +37,7 @@ from maml_stop.data import fastpath
 __all__ = ["FamilyTable", "family_table", "laid_out", "rows_of"]
 
 _TABLES: list["FamilyTable"] = []  # the registered families, innermost last
+_LAST: list["FamilyTable | None"] = [None]  # the last family registered (evaluations repeat it: methods, K)
 _KEEP = 8  # lists whose rows are remembered per table (an episode's support, query and cross-fit halves)
 
 
@@ -44,12 +47,18 @@ class FamilyTable:
 
     def __init__(self, traces: Sequence) -> None:
         self.traces = tuple(traces)  # held: the ids below stay valid while the table lives
+        self.signature = self.signature_of(self.traces)
         self._row = {id(t): i for i, t in enumerate(self.traces)}
         self._layouts: dict[Any, Any] = {}
         self._recent: dict[tuple, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.traces)
+
+    @staticmethod
+    def signature_of(traces: Sequence) -> tuple:
+        """The trace objects and their features arrays (a trace given new features is laid out again)."""
+        return tuple(map(id, traces)), tuple(id(getattr(t, "features", None)) for t in traces)
 
     def rows(self, traces: Sequence) -> np.ndarray | None:
         """(N,) int64 rows of ``traces`` in the family; None when one of them is not a trace of it."""
@@ -82,7 +91,9 @@ def family_table(traces: Sequence) -> Iterator[FamilyTable | None]:
     if not fastpath.enabled() or not traces:
         yield None
         return
-    table = FamilyTable(traces)
+    table = _LAST[0]
+    if table is None or table.signature != FamilyTable.signature_of(traces):
+        table = _LAST[0] = FamilyTable(traces)  # the last family is kept: the next block over it reuses it
     _TABLES.append(table)
     try:
         yield table
