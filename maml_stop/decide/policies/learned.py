@@ -7,6 +7,7 @@ support scores come from :func:`maml_stop.decide.scores.crossfit_probabilities`:
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ from maml_stop.decide.scores import (
 from maml_stop.decide.selector import StopSelector
 
 __all__ = ["ProbePolicy", "DEFAULT_TAUS"]
+
+_TRACE_ID = attrgetter("trace_id")
 
 
 class ProbePolicy(FirstHitPolicy):
@@ -159,9 +162,9 @@ class ProbePolicy(FirstHitPolicy):
         pending = self.__dict__.get("_pending")
         if pending is not None and pending[0] == key:
             return pending
-        ids = [t.trace_id for t in traces]
+        ids = set(map(_TRACE_ID, traces))
         by_id = self._probs  # any other pending list moves in first
-        if len(set(ids)) < len(ids) or not by_id.keys().isdisjoint(ids):
+        if len(ids) < len(traces) or not by_id.keys().isdisjoint(ids):
             return None
         self._pending = [key, tuple(traces), flat_probabilities(self.model, traces), None]  # traces held: ids valid
         return self._pending
