@@ -3,8 +3,10 @@
 The ``evalspeed`` section of ``experiments/benchmark.py`` (settings: the ``evalspeed:`` block of
 ``experiments/benchmark.yaml``). On one family of the corpus, at each K, ``episodes`` fixed episodes: every
 method alone, then the whole method list together, first with the fast path off (``batched: false``, the
-per-trace and per-episode reference code), then on; wall and CPU seconds of this process (one thread) and
-episodes per second. The two runs of the whole list are compared: decision figures must be equal, and the
+per-trace and per-episode reference code), then on, ``rounds`` times (the medians are reported); wall and
+CPU seconds of this process (one thread) and episodes per second. Before the rounds, one call per path (one
+episode of full generation) takes the one-off costs (on the fast path, laying the family out: it is kept
+for the calls after it) and is reported apart. The two runs of the whole list are compared: decision figures must be equal, and the
 probability summaries (Brier, ECE) differ by float order only (the largest relative difference is
 reported). The pooled probe is trained once before (its time is reported apart: once per fold).
 
@@ -20,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -36,9 +39,10 @@ class ReportSettings:
 
 @dataclass
 class EvalSpeedSettings:
-    family: str = "gcd"  # the held-out family timed
+    family: str | None = "gcd"  # the held-out family timed (None: the corpus's first)
     k: list[int] = field(default_factory=lambda: [16])
     episodes: int = 10  # per K and path
+    rounds: int = 1  # every timing repeated, the paths interleaved round by round; the median is reported
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))  # timed alone and together
     configs: list[str] = field(default_factory=lambda: ["experiments/evaluate.yaml"])  # the other settings
     pooled_steps: int | None = None  # None: the configs' (300); the pooled probe is trained once, timed apart
@@ -85,8 +89,9 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     cfg = parse_config(argv)
     if s.pooled_steps is not None:
         cfg.pooled_steps = s.pooled_steps
-    traces = corpus.traces(s.family)
-    sources = [f for f in corpus.families if f != s.family]
+    family = s.family if s.family is not None else corpus.families[0]
+    traces = corpus.traces(family)
+    sources = [f for f in corpus.families if f != family]
     config, loss = adapter.predictor.config(), getattr(adapter, "loss_kind", "balanced")
     pooled, pooled_wall, pooled_cpu = _timed(lambda: train_predictor(
         [t for f in sources for t in corpus.traces(f)], config, cfg.pooled_steps, cfg.pooled_lr, loss, seed=cfg.seed,
@@ -94,32 +99,45 @@ def measure(s: EvalSpeedSettings, corpus, adapter, described: str) -> dict:
     selectors = selectors_for(cfg)
     n = s.episodes * len(s.k)
 
-    def run(methods: list[str]) -> tuple[dict, float, float]:
+    def run(methods: list[str], episodes: int = s.episodes) -> tuple[dict, float, float]:
         policies = build_policies(cfg, methods, adapter, pooled, config, loss, feature_names=corpus.feature_names)
-        return _timed(lambda: evaluate_family(s.family, traces, policies, selectors, s.k, s.episodes, cfg.seed,
+        return _timed(lambda: evaluate_family(family, traces, policies, selectors, s.k, episodes, cfg.seed,
                                               cfg.query, cfg.delta, cfg.calibration_bins, progress=False,
                                               batch_max_steps=cfg.batch_max_steps))
 
-    rows: dict[str, dict] = {}
-    together: dict[str, dict] = {}
+    def timing(times: list[tuple[float, float]]) -> dict:  # (wall, cpu) per round -> the medians
+        wall, cpu = (float(median(t[i] for t in times)) for i in (0, 1))
+        return {"wall_s": wall, "cpu_s": cpu, "episodes_per_s": n / wall, "rounds": len(times)}
+
+    first: dict[str, dict] = {}  # one episode of full generation per path before the rounds: one-off costs
     for path, on in (("reference", False), ("fast", True)):
-        with fast_path(on):
-            for m in s.methods:
-                _, wall, cpu = run([m])
-                rows.setdefault(m, {})[path] = {"wall_s": wall, "cpu_s": cpu, "episodes_per_s": n / wall}
-                log.info("%s %s: %.3f s per episode", path, m, wall / n)
-            res, wall, cpu = run(list(s.methods))
-            together[path] = {"wall_s": wall, "cpu_s": cpu, "episodes_per_s": n / wall,
-                              "results": json.loads(json.dumps(json_safe(res)))}
+        with fast_path(on):  # on the fast path: the family's layouts (data/family.py), kept for the calls after it
+            _, wall, cpu = run(["full"], episodes=1)
+            first[path] = {"wall_s": wall, "cpu_s": cpu}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[str, Any] = {}
+    for _ in range(max(1, s.rounds)):  # the paths interleaved round by round (load on a shared machine)
+        for path, on in (("reference", False), ("fast", True)):
+            with fast_path(on):
+                for m in s.methods:
+                    _, wall, cpu = run([m])
+                    times.setdefault((m, path), []).append((wall, cpu))
+                    log.info("%s %s: %.3f s per episode", path, m, wall / n)
+                res, wall, cpu = run(list(s.methods))
+                times.setdefault(("together", path), []).append((wall, cpu))
+                results[path] = json.loads(json.dumps(json_safe(res)))
+    rows = {m: {path: timing(times[m, path]) for path in ("reference", "fast")} for m in s.methods}
+    together = {path: {**timing(times["together", path]), "results": results[path]} for path in ("reference", "fast")}
     diffs = _differences(together["fast"].pop("results"), together["reference"].pop("results"))
     decisions = [d for d in diffs if not PROBABILITY_FIGURES & {str(x) for x in d[0]}]
     prob = [abs(a - b) / max(abs(b), 1e-300) for p, a, b in diffs if p not in decisions and isinstance(a, float)]
     for r in [*rows.values(), together]:
         r["speedup"] = r["reference"]["wall_s"] / r["fast"]["wall_s"]
         r["cpu_speedup"] = r["reference"]["cpu_s"] / r["fast"]["cpu_s"]
-    out = {"family": s.family, "k": list(s.k), "episodes": s.episodes, "episodes_timed": n,
+    out = {"family": family, "k": list(s.k), "episodes": s.episodes, "episodes_timed": n,
            "traces": len(traces), "predictor": described, "crossfit": cfg.crossfit,
            "pooled_training_s": {"wall": pooled_wall, "cpu": pooled_cpu, "steps": cfg.pooled_steps},
+           "first_call_s": first, "rounds": max(1, s.rounds),
            "methods": rows, "together": together,
            "equal": {"decision_differences": len(decisions), "first": [list(map(str, d)) for d in decisions[:3]],
                      "by_method": {m: sum(1 for d in decisions if len(d[0]) > 1 and d[0][1] == m) for m in s.methods},
@@ -154,7 +172,11 @@ def markdown(r: dict) -> list[str]:
              f"{r['episodes']} episodes per K in {r['k']} of {r['family']} ({r['traces']} traces), "
              f"cross-fitting {'on' if r['crossfit'] else 'off'}, {r['predictor']}; pooled probe trained once "
              f"({r['pooled_training_s']['steps']} steps: {r['pooled_training_s']['wall']:.1f} s wall, "
-             f"{r['pooled_training_s']['cpu']:.1f} s CPU, not in the rates below). One thread.", "",
+             f"{r['pooled_training_s']['cpu']:.1f} s CPU, not in the rates below). One thread."
+             + (f" Medians of {r['rounds']} rounds, the two paths interleaved." if r.get("rounds", 1) > 1 else "")
+             + (" A first call per path (one episode of full generation; on the fast path it lays the family out, "
+                f"kept for every later call) is timed apart: reference {r['first_call_s']['reference']['cpu_s'] * 1e3:.0f} ms, "
+                f"fast {r['first_call_s']['fast']['cpu_s'] * 1e3:.0f} ms CPU." if r.get("first_call_s") else ""), "",
              "| method | reference ep/s | fast ep/s | speed-up (wall) | speed-up (CPU) | reference s/ep | fast s/ep |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     n = r["episodes_timed"]
