@@ -65,11 +65,15 @@ def split_rows(flat: np.ndarray, traces: Sequence[Trace]) -> list[np.ndarray]:
 
 
 def _probabilities(model: nn.Module, batch) -> np.ndarray:
+    # a model already in eval mode throughout is left as it is (eval() and train(False) would change nothing)
+    toggle = not fastpath.enabled() or any(m.training for m in model.modules())
     was_training = model.training
-    model.eval()
+    if toggle:
+        model.eval()
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).double().numpy()  # (N,)
-    model.train(was_training)
+    if toggle:
+        model.train(was_training)
     return probs
 
 
