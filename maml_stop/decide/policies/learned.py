@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from maml_stop.data import fastpath
 from maml_stop.data.corpus import Trace
 from maml_stop.decide.policies.base import FirstHitPolicy
 from maml_stop.decide.rule import DEFAULT_TAUS
-from maml_stop.data import fastpath
 from maml_stop.decide.scores import (
     SupportAdapter,
     crossfit_probabilities,
