@@ -142,3 +142,11 @@ def test_a_probe_scores_a_list_at_once_as_the_loop_does(traces):
         slow = run()
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
+
+
+def test_adaptations_are_chunked_by_length():
+    from maml_stop.evaluate.batched import _chunks
+
+    lengths = [10, 90, 12, 180, 95, 170, 14]  # cross-fit halves and whole support sets of two sizes
+    assert _chunks(lengths) == [[0, 2, 6], [1, 4], [5, 3]]  # sorted, a new chunk past 1.5x the chunk's first
+    assert [len(c) for c in _chunks([7] * 70)] == [32, 32, 6]

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 __all__ = ["batchable", "adapt_many", "prefit"]
 
 _CHUNK = 32  # adaptations per batched inner loop, of similar lengths (little padding)
+_SLACK = 1.5  # a new chunk where an adaptation is this much longer than the chunk's first (cross-fit halves
+#               apart from whole support sets: padding every half to a whole set cost about a third more)
 
 
 def batchable(policy: object, max_steps: int = 100) -> bool:
@@ -76,9 +78,7 @@ def adapt_many(adapter, supports: Sequence[Sequence[Trace]], steps: int | None =
         batches.append(batch)
         inputs.append(predictor.inputs(batch))
     models: list[nn.Module | None] = [None] * len(supports)
-    order = sorted(range(len(supports)), key=lambda i: len(batches[i]))  # similar lengths pad little
-    for start in range(0, len(order), _CHUNK):
-        chunk = order[start:start + _CHUNK]
+    for chunk in _chunks([len(b) for b in batches]):
         with torch.no_grad():
             adapted = adapter.adapt_episodes([batches[i] for i in chunk], steps, inputs=[inputs[i] for i in chunk])
         fast = dict(adapted.named_parameters())
@@ -88,6 +88,17 @@ def adapt_many(adapter, supports: Sequence[Sequence[Trace]], steps: int | None =
                 model._buffers = dict(model._buffers, feature_mean=stats[i][0], feature_std=stats[i][1])
             models[i] = model
     return models  # type: ignore[return-value]
+
+
+def _chunks(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of ``lengths`` in chunks of at most ``_CHUNK``, by increasing length, a new chunk where the
+    length passes ``_SLACK`` times the chunk's first (every slice is padded to its chunk's longest)."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not chunks or len(chunks[-1]) == _CHUNK or lengths[i] > _SLACK * lengths[chunks[-1][0]]:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
 
 
 def prefit(policy: ProbePolicy, supports: Sequence[Sequence[Trace]]) -> list[tuple[nn.Module, dict[str, np.ndarray]]]:
