@@ -28,17 +28,44 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
+from operator import is_
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from maml_stop.data import fastpath
 
-__all__ = ["FamilyTable", "family_table", "laid_out", "rows_of"]
+__all__ = ["FamilyTable", "RecentLists", "family_table", "laid_out", "rows_of", "same_traces"]
+
+def same_traces(a: Sequence, b: Sequence) -> bool:
+    """Whether ``a`` and ``b`` hold the same objects in the same order (identity, not equality)."""
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+class RecentLists:
+    """A value for each of the last ``keep`` lists of traces asked for, found by the trace objects
+    themselves (held, so that they stay the same objects): a cheap cache for lists used again."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._items: list[tuple[tuple, Any]] = []  # (the traces, the value), oldest first
+
+    def get(self, traces: Sequence, default: Any = None) -> Any:
+        for held, value in reversed(self._items):
+            if same_traces(held, traces):
+                return value
+        return default
+
+    def put(self, traces: Sequence, value: Any) -> Any:
+        self._items.append((tuple(traces), value))
+        del self._items[:-self.keep]
+        return value
+
 
 _TABLES: list["FamilyTable"] = []  # the registered families, innermost last
 _LAST: list["FamilyTable | None"] = [None]  # the last family registered (evaluations repeat it: methods, K)
 _KEEP = 8  # lists whose rows are remembered per table (an episode's support, query and cross-fit halves)
+_MISSING = object()
 
 
 class FamilyTable:
@@ -50,7 +77,7 @@ class FamilyTable:
         self.signature = self.signature_of(self.traces)
         self._row = {id(t): i for i, t in enumerate(self.traces)}
         self._layouts: dict[Any, Any] = {}
-        self._recent: dict[tuple, np.ndarray | None] = {}
+        self._recent = RecentLists(_KEEP)  # rows of the last few lists asked for
 
     def __len__(self) -> int:
         return len(self.traces)
@@ -62,15 +89,10 @@ class FamilyTable:
 
     def rows(self, traces: Sequence) -> np.ndarray | None:
         """(N,) int64 rows of ``traces`` in the family; None when one of them is not a trace of it."""
-        key = tuple(map(id, traces))
-        if key in self._recent:
-            return self._recent[key]
-        get = self._row.get
-        found = [get(k) for k in key]
-        rows = None if None in found else np.asarray(found, dtype=np.int64)
-        self._recent[key] = rows
-        while len(self._recent) > _KEEP:
-            self._recent.pop(next(iter(self._recent)))
+        rows = self._recent.get(traces, _MISSING)
+        if rows is _MISSING:
+            found = [self._row.get(k) for k in map(id, traces)]
+            rows = self._recent.put(traces, None if None in found else np.asarray(found, dtype=np.int64))
         return rows
 
     def layout(self, key: Any, build: Callable[[Sequence], Any]) -> Any:

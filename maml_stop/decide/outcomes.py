@@ -35,8 +35,8 @@ from maml_stop.decide.rule import NEVER, first_hits
 __all__ = ["TraceArrays", "CandidateOutcomes", "candidate_outcomes", "pad_scores", "vectorised", "is_enabled"]
 
 _ROW = "_accounting_row"  # the attribute a trace keeps its accounting row under
-_RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their TraceArrays): the last _KEEP
 _KEEP = 4
+_RECENT = family.RecentLists(_KEEP)  # the TraceArrays of the last few lists asked for
 
 
 def is_enabled() -> bool:
@@ -88,15 +88,12 @@ class TraceArrays:
         swept by every method and scored at every selector's choice). Traces of a registered family
         (:func:`maml_stop.data.family.family_table`) are gathered from the family's arrays, padded to
         its longest trace (padding is never a hit: the same outcomes)."""
-        key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
-        hit = _RECENT.get(key)
+        hit = _RECENT.get(traces)
         if hit is None:
             found = family.rows_of(traces)
             whole = None if found is None else found[0].layout("accounting", lambda ts: cls._build(ts)[1])
-            hit = _RECENT[key] = (tuple(traces), whole.take(found[1])) if whole is not None else cls._build(traces)
-            while len(_RECENT) > _KEEP:
-                _RECENT.pop(next(iter(_RECENT)))
-        return hit[1]
+            hit = _RECENT.put(traces, whole.take(found[1]) if whole is not None else cls._build(traces)[1])
+        return hit
 
     def take(self, rows: np.ndarray) -> "TraceArrays":
         """The arrays of the traces at ``rows``."""

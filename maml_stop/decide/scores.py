@@ -19,6 +19,7 @@ from torch import nn
 from maml_stop.data import fastpath
 from maml_stop.data.batches import collate_traces
 from maml_stop.data.corpus import Trace
+from maml_stop.data.family import RecentLists
 from maml_stop.data.episodes import QuestionGroups, split_support_query
 
 __all__ = ["SupportAdapter", "trace_probabilities", "flat_probabilities", "flat_labels", "split_rows", "crossfit_halves",
@@ -77,8 +78,8 @@ def _probabilities(model: nn.Module, batch) -> np.ndarray:
     return probs
 
 
-_RECENT: dict[tuple, tuple] = {}  # ids of a trace list -> (the traces, their batch): the last few scored
 _KEEP = 4
+_RECENT = RecentLists(_KEEP)  # the batches of the last few lists scored
 
 
 def _collated(traces: Sequence[Trace]):
@@ -86,12 +87,8 @@ def _collated(traces: Sequence[Trace]):
     episode's query set is scored by every learned method)."""
     if not fastpath.enabled():
         return collate_traces(traces)
-    key = tuple(map(id, traces))  # valid while the entry holds the traces themselves
-    if key not in _RECENT:
-        _RECENT[key] = (tuple(traces), collate_traces(traces))
-        while len(_RECENT) > _KEEP:
-            _RECENT.pop(next(iter(_RECENT)))
-    return _RECENT[key][1]
+    batch = _RECENT.get(traces)
+    return batch if batch is not None else _RECENT.put(traces, collate_traces(traces))
 
 
 def crossfit_halves(support: Sequence[Trace], seed: int = 0) -> list[tuple[list[Trace], list[Trace]]]:

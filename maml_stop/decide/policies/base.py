@@ -27,6 +27,7 @@ import numpy as np
 
 from maml_stop.data.accounting import full_cost, savings, stop_cost, stop_costs
 from maml_stop.data.corpus import Trace
+from maml_stop.data.family import same_traces
 from maml_stop.decide import outcomes as V
 from maml_stop.decide.rule import first_hit, first_hits
 from maml_stop.decide.selector import StopSelector, SupportSweep
@@ -234,16 +235,16 @@ def _vectorisable(policy: StoppingPolicy) -> bool:
 def _candidate_outcomes(policy: ThresholdedPolicy, traces: Sequence[Trace], params: Sequence[float]):
     """(arrays, outcomes) of ``traces`` at ``params``; the last sweep of the fitted policy is kept, so that
     scoring it at a selector's choice on the same traces reads its column (``fit`` forgets it)."""
-    ids, params = tuple(map(id, traces)), tuple(params)
+    params = tuple(params)
     memo = policy.__dict__.get(_SWEPT)
-    if memo is not None and memo[0] == ids and all(p in memo[2] for p in params):
+    if memo is not None and same_traces(memo[1], traces) and all(p in memo[2] for p in params):
         cols = [memo[2].index(p) for p in params]
         out = memo[4]
         return memo[3], V.CandidateOutcomes(out.em[:, cols], out.total[:, cols], out.reasoning[:, cols], out.stopped[:, cols])
     arrays = V.TraceArrays.of(traces)
     out = policy.vector_outcomes(traces, arrays, params)
     if len(params) > 1:  # a sweep: kept with the traces themselves (their ids stay valid)
-        policy.__dict__[_SWEPT] = (ids, tuple(traces), params, arrays, out)
+        policy.__dict__[_SWEPT] = (None, tuple(traces), params, arrays, out)
     return arrays, out
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from maml_stop.data import fastpath
+from maml_stop.data.family import same_traces
 from maml_stop.data.corpus import Trace
 from maml_stop.decide.policies.base import FirstHitPolicy
 from maml_stop.decide.rule import DEFAULT_TAUS
@@ -153,20 +154,19 @@ class ProbePolicy(FirstHitPolicy):
 
     def _scored_at_once(self, traces: Sequence[Trace]) -> list | None:
         """On the fast path, when none of ``traces`` has a score yet (their ids distinct), or when they are
-        the list so scored last: ``[ids, traces, flat scores (one batch, as the loop scores them), views]``."""
+        the list so scored last: ``[None, traces, flat scores (one batch, as the loop scores them), views]``."""
         if self.model is None:
             raise RuntimeError(f"{self.name}: call fit(support) before scoring traces")
         if not fastpath.enabled() or not traces or type(self).probabilities is not ProbePolicy.probabilities:
             return None  # the reference path; a subclass that scores its own way
-        key = tuple(map(id, traces))
         pending = self.__dict__.get("_pending")
-        if pending is not None and pending[0] == key:
+        if pending is not None and same_traces(pending[1], traces):
             return pending
         ids = set(map(_TRACE_ID, traces))
         by_id = self._probs  # any other pending list moves in first
         if len(ids) < len(traces) or not by_id.keys().isdisjoint(ids):
             return None
-        self._pending = [key, tuple(traces), flat_probabilities(self.model, traces), None]  # traces held: ids valid
+        self._pending = [None, tuple(traces), flat_probabilities(self.model, traces), None]  # the traces held
         return self._pending
 
     def prepare(self, traces: Sequence[Trace]) -> None:
