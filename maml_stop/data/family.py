@@ -91,7 +91,7 @@ class FamilyTable:
         """(N,) int64 rows of ``traces`` in the family; None when one of them is not a trace of it."""
         rows = self._recent.get(traces, _MISSING)
         if rows is _MISSING:
-            found = [self._row.get(k) for k in map(id, traces)]
+            found = list(map(self._row.get, map(id, traces)))
             rows = self._recent.put(traces, None if None in found else np.asarray(found, dtype=np.int64))
         return rows
 
