@@ -1,9 +1,11 @@
 """The switch of the fast evaluation path (issue 26): on by default; off, every stage takes its reference
 code (per-trace loops, nothing kept between calls), which gives the same results (tests/test_evalspeed.py).
 
-It lives in ``data/`` (the earliest stage that has a fast path: per-trace rows kept by ``collate_traces``)
-so that every later stage can read it: ``decide/outcomes.py`` (vectorised candidates) and
-``evaluate/batched.py`` (episode-batched adaptation). ``maml-stop evaluate`` sets it from ``batched:``.
+It lives in ``data/`` (the earliest stage that has a fast path: per-trace rows kept by ``collate_traces``,
+a family laid out once by ``data/family.py``) so that every later stage can read it:
+``decide/outcomes.py`` (vectorised candidates and baselines), ``decide/policies/learned.py`` (a list scored
+at once) and ``evaluate/batched.py`` (episode-batched adaptation). ``maml-stop evaluate`` sets it from
+``batched:``.
 
 >>> with fast_path(False):
 ...     enabled()
