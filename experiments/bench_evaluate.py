@@ -62,8 +62,8 @@ def measure(traces: int = 400, probes: int = 16, episodes: int = 10, k: list[int
         root = Path(tmp) / "corpus"
         names = [f"f{i}" for i in range(N_FEATURES)]
         store.write_meta(root, {"feature_names": names, "model": {"name": "synthetic"}})
-        for k, fam in enumerate(("fam_a", "fam_b", "fam_c")):
-            store.write_shard(root, fam, "test", synthetic_rows(fam, traces, probes, k))
+        for i, fam in enumerate(("fam_a", "fam_b", "fam_c")):  # not `k`: that is the K values
+            store.write_shard(root, fam, "test", synthetic_rows(fam, traces, probes, i))
         module = MetaStoppingModule(n_features=N_FEATURES, feature_names=names,
                                     adapter=AdapterConfig(inner_steps=3, first_order=True))
         ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
