@@ -1,489 +1,58 @@
-"""The meta-learning study of issue 11 (items 2 and 3): when does meta-training beat adapting from scratch?
+"""The meta-learning study of issue 11: its summary across counts, the paired bootstrap, the criterion, report.md.
 
-Grouped leave-families-out folds (:mod:`maml_stop.evaluate.grouped_folds`: variants of one generator
-held out together, every family tested once, validation families apart from both) and, per fold, the
-number of meta-training families as an axis (nested subsets). For each fold and count:
+The study itself is ``maml-stop evaluate`` with grouped folds (:mod:`maml_stop.evaluate.grouped`: grouped
+leave-families-out folds, the number of meta-training families as an axis, one checkpoint per algorithm and
+its zero-step checkpoint, every method on the same episodes, fits reused by content hash); its YAML is an
+evaluate YAML, ``experiments/meta_study.yaml``. This script runs it and adds what only the study reports:
 
-* meta-train MAML, ANIL and Meta-SGD (``maml-stop fit`` in process; the fit configs of the YAML, e.g.
-  ``quickstart.yaml`` then ``main.yaml``, plus each algorithm's overrides and the fold's split); the best
-  checkpoint (lowest ``val/loss``) of each; a fit that never validated is an error, not a fallback;
-* write each algorithm's zero-step checkpoint (:mod:`maml_stop.learn.zero_step`: the same random
-  initialisation with the meta-training families' normalisation, no optimiser step);
-* the methods that do not depend on the meta-training families (:data:`COUNT_FREE`: full, first_probe,
-  confidence, scratch, the oracles, ...) are evaluated at a fold's first count and reused at the others
-  (the same episodes; tests/test_meta_study.py checks them against a fresh evaluation);
-* evaluate on the held-out families with the ``maml-stop evaluate`` machinery (``build_policies``,
-  ``evaluate_family``: every method on the same fixed episodes, threshold chosen on support): the
-  evaluate YAML's methods (full, pooled / fine-tuned / from-scratch probes trained on the same
-  meta-training families, oracles, ...) plus one adapted probe per checkpoint, named after it (``maml``,
-  ``anil``, ``metasgd``, ``zero_step_maml``, ...); and the adapted query loss (the adapter's own loss on
-  every query set after adapting on the support set; the pooled probe's without adaptation).
+* per count, K and method the mean over held-out families of savings, EM drop, share within the target and
+  adapted query loss; the paired bootstrap (:func:`maml_stop.evaluate.compare.compare`) of each algorithm
+  against each baseline of :data:`BASELINES` at each K (95% interval, stratified by family);
+* ``report.md``, ``results.json``, ``savings_vs_families.png`` and ``query_loss_vs_families.png`` (against the
+  number of meta-training families, one panel per K), beside the protocol's ``n_<count>/`` reports;
+* the criterion of issue 11: at some count and K <= 16, a variant within the EM-drop target on every held-out
+  family that saves at least 3 points more than both the zero-step baseline and the pooled probe, each 95%
+  interval excluding 0 (or a plain "no"); and the same with the mean EM drop over held-out families instead.
 
-Writes into ``--out``: ``n_<count>/results.json`` + ``results.md`` + plots (the ``maml-stop evaluate``
-report of every held-out family at that count, each from its own fold), ``report.md``, ``results.json``,
-``savings_vs_families.png`` and ``query_loss_vs_families.png`` (against the number of meta-training
-families, one panel per K), and the paired bootstrap (:func:`maml_stop.evaluate.compare.compare`) of
-each MAML variant against each baseline at each K: the 95% interval of the difference in savings and
-in EM drop, stratified by family. Checkpoints and logs: ``--out/folds/fold<i>/n_<count>/<name>``.
-
-    python experiments/meta_study.py --config experiments/meta_study.yaml                   # corpus v2
-    python experiments/meta_study.py --config experiments/meta_study.yaml --corpus experiments/corpus/qwen05 --quick
+    python experiments/meta_study.py --config experiments/evaluate.yaml --config experiments/meta_study.yaml
+    python experiments/meta_study.py --config experiments/evaluate.yaml --config experiments/meta_study.yaml \
+        --config experiments/meta_study_quick.yaml --n_resamples 199          # a smoke run on the v1 corpus
     python experiments/meta_study.py --report_only runs/meta_study/results.json     # rebuild report.md + plots
-
-``report.md`` ends with the criterion of issue 11: at some count and K <= 16, a variant within the EM-drop
-target on every held-out family that saves at least 3 points more than both the zero-step baseline and the
-pooled probe, each 95% interval excluding 0 (or a plain "no"); and the same verdict with the mean EM drop
-over the held-out families within the target instead of every family's.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import yaml
+
+from maml_stop.evaluate.command import parse_config
+from maml_stop.evaluate.compare import compare
+from maml_stop.evaluate.config import EvaluateConfig
+from maml_stop.evaluate.grouped import run_grouped
+from maml_stop.evaluate.report import summarise
+from maml_stop.evaluate.report.tables import within_target
+from maml_stop.evaluate.results_file import migrate_config, read_results
 
 log = logging.getLogger("meta_study")
 
-ROOT = Path(__file__).resolve().parents[1]
 CRITERION_POINTS = 3.0  # issue 11 "Done when": savings over zero-step and pooled, K <= 16, within the target
 CRITERION_MAX_K = 16
+BASELINES = ("pooled", "finetuned", "scratch", "zero_step")  # each compared with each algorithm at each K
 
 
-@dataclass
-class StudyConfig:
-    """Settings of the study (tuned values: experiments/meta_study.yaml; ``quick`` overrides them)."""
-
-    corpus: str = "experiments/corpus/qwen05_v2"
-    out: str = "runs/meta_study"
-    folds: int = 5  # grouped folds (fewer when the corpus has fewer groups of families)
-    val_families: int = 1  # validation families per fold (whole groups)
-    seed: int = 0  # fold assignment and nested order
-    counts: list[int | str] = field(default_factory=lambda: [6, 12, "all"])  # meta-training families per fold
-    corpus_counts: dict[str, list[int | str]] = field(default_factory=dict)  # corpus folder -> its own counts
-    # corpus folder -> its study families: a list, or a JSON file with "kept" (the pilot's choice,
-    # experiments/corpus_v2_families.json); a corpus not listed: every family it holds
-    corpus_families: dict[str, list[str] | str] = field(default_factory=dict)
-    min_traces: int = 150  # refuse a study family with fewer traces (an unfinished harvest)
-    fit_workers: int = 1  # meta-training fits side by side in forked processes before the evaluation
-    fit_configs: list[str] = field(default_factory=lambda: ["experiments/quickstart.yaml", "experiments/main.yaml"])
-    fit: dict[str, Any] = field(default_factory=dict)  # a fit-config fragment read after fit_configs
-    algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"maml": {}})  # name -> fit fragment
-    evaluate_configs: list[str] = field(default_factory=lambda: ["experiments/evaluate.yaml"])
-    evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides
-    baselines: list[str] = field(default_factory=lambda: ["pooled", "finetuned", "scratch", "zero_step"])
-    n_resamples: int = 9999  # paired bootstrap resamples
-
-    @classmethod
-    def load(cls, path: str | Path, quick: bool = False, corpus: str | None = None, out: str | None = None) -> "StudyConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        quick_over = raw.pop("quick", {}) or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names) + sorted(set(quick_over) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; valid: {sorted(names)} (and quick:)")
-        cfg = cls(**raw)
-        if quick:
-            for key, value in quick_over.items():
-                old = getattr(cfg, key)
-                setattr(cfg, key, _merge(old, value) if isinstance(old, dict) else value)
-        if corpus is not None:
-            cfg.corpus = corpus
-        if out is not None:
-            cfg.out = out
-        bad = [b for b in cfg.baselines if b not in ("pooled", "finetuned", "scratch", "zero_step")]
-        if bad or not cfg.algorithms:
-            raise ValueError(f"baselines {bad} unknown (valid: pooled, finetuned, scratch, zero_step); algorithms: "
-                             f"{list(cfg.algorithms)} (at least one)")
-        return cfg
-
-    def families_for(self, corpus: str, available: list[str]) -> list[str]:
-        """The study families of ``corpus`` (``corpus_families`` by folder, else ``available``), checked
-        against the families the corpus holds."""
-        chosen: list[str] | str | None = None
-        for key, value in self.corpus_families.items():
-            if Path(key).resolve() == Path(corpus).resolve():
-                chosen = value
-        if chosen is None:
-            return list(available)
-        if isinstance(chosen, str):
-            data = json.loads((ROOT / chosen).read_text())
-            if not data.get("pilot_complete", True):
-                log.warning("%s: the pilot is not complete; the study families may still change", chosen)
-            chosen = list(data["kept"])
-        missing = [f for f in chosen if f not in available]
-        if missing:
-            raise ValueError(f"study families {missing} are not in the corpus {corpus}; it holds {available}")
-        return list(chosen)
-
-    def counts_for(self, corpus: str) -> list[int | str]:
-        """The counts of ``corpus`` (``corpus_counts`` by folder, else ``counts``)."""
-        for key, counts in self.corpus_counts.items():
-            if Path(key).resolve() == Path(corpus).resolve():
-                return list(counts)
-        return list(self.counts)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    """``b`` over ``a``, nested dicts merged (lists replaced)."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# meta-training
-
-
-def _fit_args(cfg: StudyConfig, configs: Path, algo: str, split, root: Path) -> list[str]:
-    files = [str(ROOT / p) for p in cfg.fit_configs] + [str(configs / "fit.yaml"), str(configs / f"{algo}.yaml")]
-    return [a for f in files for a in ("--config", f)] + [
-        f"--data.corpus={cfg.corpus}", "--data.fold=null",
-        f"--data.train_families=[{','.join(split.train)}]", f"--data.val_families=[{','.join(split.val)}]",
-        f"--data.test_families=[{','.join(split.test)}]", f"--trainer.default_root_dir={root}",
-    ]
-
-
-_FITS: list | None = None  # the fits of the running study's pre-pass (a forked worker inherits them)
-
-
-def _fit_job(i: int) -> str:
-    """Fit ``i`` of :data:`_FITS` (in a forked worker of :func:`fork_map`)."""
-    torch.set_num_threads(1)
-    return meta_train(*_FITS[i])
-
-
-def meta_train(args: list[str], root: Path, resume: bool) -> str:
-    """``maml-stop fit`` in process; the best checkpoint (lowest ``val/loss``). Raises when none was written.
-    A finished fit writes ``root/fit_done.json``; ``resume`` reuses only such a fit (an interrupted one has a
-    best.ckpt of its first epochs and is fitted again)."""
-    from maml_stop.learn.cli import cli_main
-
-    done = root / FIT_DONE
-    if resume and done.is_file():
-        record = json.loads(done.read_text())
-        if record.get("args") == list(args) and Path(record["best"]).is_file():
-            return record["best"]
-    shutil.rmtree(root, ignore_errors=True)
-    cli = cli_main(args, run=False, follow_root=True)
-    callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt (monitor val/loss)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    path = callback.best_model_path if callback is not None else ""
-    if not path or not Path(path).is_file():
-        raise RuntimeError(f"the fit under {root} wrote no best checkpoint (did it validate? trainer.max_steps "
-                           f"{cli.trainer.max_steps}, check_val_every_n_epoch {cli.trainer.check_val_every_n_epoch})")
-    _write_json(done, {"args": list(args), "best": str(path)})
-    return path
-
-
-FIT_DONE = "fit_done.json"  # written after a fit finished: its arguments (what --resume checks)
-ZERO_DONE = "zero_step_done.json"  # written after a zero-step checkpoint was saved: its arguments
-
-
-def zero_step(args: list[str], path: Path, resume: bool) -> str:
-    """The zero-step checkpoint (:func:`maml_stop.learn.zero_step.save_zero_step`) of the fit arguments
-    ``args`` at ``path``. ``resume`` reuses a stored one only when ``ZERO_DONE`` beside it, written after
-    the (atomic) save, records the same arguments; otherwise it is written again."""
-    from maml_stop.learn.zero_step import save_zero_step
-
-    path, done = Path(path), Path(path).parent / ZERO_DONE
-    if resume and done.is_file() and path.is_file():
-        if json.loads(done.read_text()).get("args") == list(args):
-            return str(path)
-    done.unlink(missing_ok=True)
-    save_zero_step(args, path)
-    _write_json(done, {"args": list(args)})
-    return str(path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (:func:`maml_stop.data.store.atomic_write_bytes`)."""
-    from maml_stop.data.store import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), json.dumps(data, default=_jsonable).encode())
-
-
-# ---------------------------------------------------------------------------------------------------
-# evaluation (the maml-stop evaluate machinery, every checkpoint of a cell on the same episodes)
-
-
-def adapted_query_loss(adapter, model_or_none, traces, family, ks, episodes, seed, query, steps) -> dict[str, list[float]]:
-    """Per K, per episode: ``adapter.loss`` on the query set of the model adapted on the support set
-    (``model_or_none`` given: that model, unadapted). The episodes are ``evaluate_family``'s."""
-    from maml_stop.data.batches import collate_traces
-    from maml_stop.data.episodes import EpisodeSampler
-
-    sampler = EpisodeSampler({family: list(traces)}, k=min(ks), q=query, seed=seed)
-    out: dict[str, list[float]] = {}
-    for k in ks:
-        losses = []
-        for ep in sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=query):
-            model = model_or_none if model_or_none is not None else adapter.fit_support(ep.support, steps=steps)
-            with torch.no_grad():
-                losses.append(float(adapter.loss(model, collate_traces(ep.query, weighting=adapter.weighting))))
-        out[str(k)] = losses
-    return out
-
-
-# methods whose figures do not depend on the meta-training families (nor on any checkpoint): evaluated once
-# per fold, at its first count, and reused at the others (the episodes are the same at every count)
-COUNT_FREE = ("full", "first_probe", "budget", "consistency", "confidence", "scratch", "oracle", "oracle_equal_em")
-
-
-def evaluate_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str],
-                  reuse: dict[str, dict] | None = None) -> tuple[dict, dict, dict]:
-    """Every method of ``ecfg`` plus one adapted probe per checkpoint on the held-out families of ``fold``.
-    ``reuse``: per family, evaluate_family's cells of an earlier count of the same fold, whose
-    :data:`COUNT_FREE` methods are copied instead of evaluated again.
-    Returns (per family: evaluate_family's cells, per family: query losses, per family: pooled sources)."""
-    from maml_stop.data.datamodule import select_features
-    from maml_stop.evaluate.config import BASELINE_DTYPES
-    from maml_stop.evaluate.folds import load_checkpoint
-    from maml_stop.evaluate.methods import build_policies
-    from maml_stop.learn.pooled import train_predictor
-    from maml_stop.evaluate.protocol import fork_map, selectors_for
-
-    loaded = {name: load_checkpoint(path, corpus)[:2] for name, path in checkpoints.items()}
-    first, _ = next(iter(loaded.values()))
-    names = loaded[next(iter(loaded))][1].get("feature_names")
-    view = corpus if names is None or list(names) == corpus.feature_names else select_features(corpus, names)
-    config, loss = first.predictor.config(), first.loss_kind
-    pooled = None
-    if any(m in ecfg.methods for m in ("pooled", "finetuned")):
-        source = [t for f in split.train for t in view.traces(f)]
-        pooled = train_predictor(source, config, ecfg.pooled_steps, ecfg.pooled_lr, loss, seed=ecfg.seed,
-                                 backend=ecfg.backend, dtype=BASELINE_DTYPES[ecfg.baseline_dtype])  # as maml-stop evaluate
-    methods = [m for m in ecfg.methods if m != "maml"]
-    reused = [m for m in methods if reuse and m in COUNT_FREE]
-    policies = build_policies(ecfg, [m for m in methods if m not in reused], first, pooled, config, loss)
-    for name, (adapter, meta) in loaded.items():
-        steps = (meta.get("hyper_parameters") or {}).get("eval_inner_steps")
-        policies[name] = build_policies(ecfg, ["maml"], adapter, pooled, config, loss, maml_steps=steps)["maml"]
-    global _CELL
-    _CELL = (ecfg, view, policies, selectors_for(ecfg), loaded, first, pooled, fold, split)
-    try:  # ecfg.workers: held-out families side by side in forked processes (as maml-stop evaluate)
-        done = fork_map(_evaluate_family, fold.test, ecfg.workers)
-    finally:
-        _CELL = None
-    cells = {family: c for family, (c, _) in zip(fold.test, done)}
-    for family, by_k in cells.items():  # the reused methods, in the evaluation's method order
-        for k, figures in by_k.items():
-            got = {**figures, **{m: reuse[family][k][m] for m in reused}}
-            by_k[k] = {m: got[m] for m in [*methods, *loaded] if m in got}
-    losses = {family: q for family, (_, q) in zip(fold.test, done)}
-    return cells, losses, {f: list(split.train) for f in fold.test}
-
-
-_CELL: tuple | None = None  # what evaluate_cell's families share (a forked worker inherits it)
-
-CELL_FILE = "evaluation.json"  # a fold and count's evaluation, beside its checkpoints (reused by --resume)
-
-
-def evaluated_cell(ecfg, corpus, fold, split, checkpoints: dict[str, str], reuse: dict[str, dict] | None,
-                   cell: Path, resume: bool) -> tuple[dict, dict, dict]:
-    """:func:`evaluate_cell`, written to ``cell/evaluation.json`` with what it was computed from (the
-    evaluation settings, checkpoints and their SHA-256, held-out and meta-training families, whether count-free methods were
-    reused). With ``resume``, a stored evaluation computed from exactly the same is read back instead (an
-    interrupted study loses at most the fold and count it was evaluating); any difference re-evaluates."""
-    digests = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in checkpoints.items()}
-    key = json.loads(json.dumps({"evaluate": dataclasses.asdict(ecfg), "checkpoints": checkpoints, "sha256": digests,
-                                 "test": list(fold.test), "train": list(split.train), "reuse": reuse is not None},
-                                default=_jsonable))
-    path = cell / CELL_FILE
-    if resume and path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            log.info("fold %d, %d meta-training families: evaluation read from %s", fold.index, len(split.train), path)
-            return stored["cells"], stored["losses"], stored["sources"]
-        log.info("%s was computed from other settings: evaluating again", path)
-    cells, losses, sources = evaluate_cell(ecfg, corpus, fold, split, checkpoints, reuse=reuse)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"key": key, "cells": cells, "losses": losses, "sources": sources})  # whole or absent
-    return cells, losses, sources
-
-
-def _evaluate_family(family: str) -> tuple[dict, dict]:
-    """One held-out family of the running :func:`evaluate_cell`: its evaluate_family cells and query losses."""
-    from maml_stop.evaluate.protocol import evaluate_family
-
-    ecfg, view, policies, selectors, loaded, first, pooled, fold, split = _CELL
-    torch.set_num_threads(1)
-    traces = [t for t in view.traces(family) if ecfg.splits is None or t.split in ecfg.splits]
-    log.info("fold %d, %d meta-training families: evaluating %s", fold.index, len(split.train), family)
-    cells = evaluate_family(family, traces, policies, selectors, ecfg.k, ecfg.episodes, ecfg.seed,
-                            ecfg.query, ecfg.delta, ecfg.calibration_bins, ecfg.progress, None)
-    args = (traces, family, ecfg.k, ecfg.episodes, ecfg.seed, ecfg.query)
-    losses = {name: adapted_query_loss(adapter, None, *args, (meta.get("hyper_parameters") or {}).get("eval_inner_steps"))
-              for name, (adapter, meta) in loaded.items()}
-    if pooled is not None:
-        losses["pooled"] = adapted_query_loss(first, pooled, *args, None)
-    return cells, losses
-
-
-# ---------------------------------------------------------------------------------------------------
-# the study
-
-
-def run(cfg: StudyConfig, resume: bool = False) -> dict[str, Any]:
-    from maml_stop.data.corpus import TraceCorpus
-    from maml_stop.evaluate.compare import compare
-    from maml_stop.evaluate.command import parse_config
-    from maml_stop.evaluate.grouped_folds import ALL, family_groups, grouped_folds, resolve_counts
-    from maml_stop.evaluate.protocol import fork_map
-    from maml_stop.evaluate.results_file import write_results
-    from maml_stop.evaluate.report import summarise
-    torch.set_num_threads(1)
-    started = time.time()
-    out = Path(cfg.out)
-    configs = out / "configs"  # the fit fragments, kept beside the results
-    configs.mkdir(parents=True, exist_ok=True)
-    (configs / "fit.yaml").write_text(yaml.safe_dump(cfg.fit or {}, sort_keys=False))
-    for algo, fragment in cfg.algorithms.items():
-        (configs / f"{algo}.yaml").write_text(yaml.safe_dump(fragment or {}, sort_keys=False))
-    ecfg = parse_config([a for p in cfg.evaluate_configs for a in ("--config", str(ROOT / p))] + [f"--corpus={cfg.corpus}"])
-    ecfg = dataclasses.replace(ecfg, **cfg.evaluate, out=str(out))
-    corpus = TraceCorpus.load(cfg.corpus, min_probes=ecfg.min_probes)
-    families = cfg.families_for(cfg.corpus, corpus.families)
-    short = {f: len(corpus.traces(f)) for f in families if len(corpus.traces(f)) < cfg.min_traces}
-    if short:
-        raise ValueError(f"families with fewer than min_traces={cfg.min_traces} traces in {cfg.corpus} (is the "
-                         f"harvest finished?): {short}")
-    groups = family_groups(families)
-    n_folds = min(cfg.folds, len(groups))
-    if n_folds < cfg.folds:
-        log.warning("%d groups of families: %d folds instead of %d", len(groups), n_folds, cfg.folds)
-    folds = grouped_folds(families, n_folds, cfg.val_families, cfg.seed)
-    counts = cfg.counts_for(cfg.corpus)
-    labels = resolve_counts(counts, max(len(f.train) for f in folds))  # the labels every fold shares
-    labels = [c for c in labels if c == ALL or all(c <= len(f.train) for f in folds)]
-    zero = "zero_step" in cfg.baselines
-    names = list(cfg.algorithms) + ([f"zero_step_{a}" for a in cfg.algorithms] if zero else [])
-    per_count: dict[str, dict[str, Any]] = {}
-    n_train: dict[str, list[int]] = {}
-    per_fold_cells: dict[int, dict | None] = {}  # fold -> its first count's cells (COUNT_FREE reused after)
-    if cfg.fit_workers > 1:  # every fit of the study first, side by side; the loop below then finds them
-        jobs = [(_fit_args(cfg, configs, algo, fold.split(label), cell / algo), cell / algo, resume)
-                for label in labels for fold in folds for algo in cfg.algorithms
-                for cell in [out / "folds" / f"fold{fold.index}" / f"n_{label}"]]
-        log.info("meta-training %d fits, %d side by side", len(jobs), cfg.fit_workers)
-        global _FITS
-        _FITS = jobs
-        try:
-            fork_map(_fit_job, range(len(jobs)), cfg.fit_workers)
-        finally:
-            _FITS = None
-    fitted = cfg.fit_workers > 1  # the fits' checkpoints exist: the loop reads them
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(labels) * len(folds), desc="meta study: folds x counts evaluated", unit="cell")
-    for label in labels:
-        key = str(label)
-        merged = {"results": {}, "sources": {}, "checkpoints": {}, "losses": {}}
-        n_train[key] = []
-        for fold in folds:
-            bar.set_postfix_str(f"fold {fold.index}, {label} meta-training families")
-            split = fold.split(label)
-            n_train[key].append(len(split.train))
-            cell = out / "folds" / f"fold{fold.index}" / f"n_{key}"
-            ckpts: dict[str, str] = {}
-            for algo in cfg.algorithms:
-                ckpts[algo] = meta_train(_fit_args(cfg, configs, algo, split, cell / algo), cell / algo, resume or fitted)
-            if zero:
-                for algo in cfg.algorithms:
-                    path = cell / f"zero_step_{algo}" / "zero_step.ckpt"
-                    ckpts[f"zero_step_{algo}"] = zero_step(_fit_args(cfg, configs, algo, split, path.parent), path, resume)
-            first_cells = per_fold_cells.setdefault(fold.index, None)
-            cells, losses, sources = evaluated_cell(ecfg, corpus, fold, split, ckpts, first_cells, cell, resume)
-            if first_cells is None:
-                per_fold_cells[fold.index] = cells  # the count-free methods' figures of this fold
-            merged["results"].update(cells)
-            merged["losses"].update(losses)
-            merged["sources"].update(sources)
-            merged["checkpoints"].update({f: ckpts for f in fold.test})
-            bar.update()
-        families = [f for fold in folds for f in fold.test]
-        base = [m for m in ecfg.methods if m != "maml"]
-        oracles = [m for m in base if m.startswith("oracle")]
-        methods = [m for m in base if m not in oracles] + names + oracles  # the oracles last, as in maml-stop evaluate
-        results = {
-            "corpus": cfg.corpus, "source_corpus": None, "families": families, "k": list(ecfg.k),
-            "methods": methods, "threshold_methods": list(ecfg.threshold_methods), "episodes": ecfg.episodes,
-            "delta": ecfg.delta, "ltt_delta": ecfg.delta if ecfg.ltt_delta is None else ecfg.ltt_delta,
-            "ltt_alpha": ecfg.ltt_alpha, "config": dataclasses.asdict(ecfg), "feature_names": corpus.feature_names,
-            "sources": merged["sources"], "checkpoints": {f: c[cfg_first(cfg)] for f, c in merged["checkpoints"].items()},
-            "all_checkpoints": merged["checkpoints"], "query_loss": merged["losses"], "results": merged["results"],
-            "calibration": {}, "seconds": round(time.time() - started, 1),
-        }
-        write_results(results, out / f"n_{key}")  # the maml-stop evaluate report of this count
-        per_count[key] = results
-    bar.close()
-    study = summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, compare)
-    study["seconds"] = round(time.time() - started, 1)
-    (out / "results.json").write_text(json.dumps(study, indent=1, default=_jsonable))
-    plot_study(study, out)
-    (out / "report.md").write_text(report_markdown(study))
-    return study
-
-
-def rebuild(path: Path) -> dict[str, Any]:
-    """Recompute the study's figures, paired bootstrap, report.md and plots from a study ``results.json``
-    and the per-count ``n_<count>/results.json`` beside it (no fit, no evaluation). Without the per-count
-    files (a committed report keeps only the study's ``results.json``: the per-count ones hold every
-    episode, tens of MB) report.md and the plots are rendered from the stored figures as they are."""
-    from maml_stop.evaluate.compare import compare
-    from maml_stop.evaluate.config import EvaluateConfig
-    from maml_stop.evaluate.grouped_folds import GroupedFold
-    from maml_stop.evaluate.report import summarise
-    from maml_stop.evaluate.results_file import read_results
-
-    old = _migrate_study(json.loads(path.read_text()))
-    if not all((path.parent / f"n_{c}" / "results.json").is_file() for c in old["counts"]):
-        log.info("no per-count results.json beside %s: report.md and plots from its stored figures", path)
-        plot_study(old, path.parent)
-        (path.parent / "report.md").write_text(report_markdown(old))
-        return old
-    cfg, ecfg = StudyConfig(**old["config"]), EvaluateConfig(**old["evaluate"])
-    folds = [GroupedFold(**f) for f in old["folds"]]
-    labels = [int(c) if c.isdigit() else c for c in old["counts"]]
-    per_count = {c: read_results(path.parent / f"n_{c}" / "results.json") for c in old["counts"]}
-    study = summarise_study(cfg, ecfg, folds, labels, old["n_train"], per_count, summarise, compare)
-    study["seconds"] = old["seconds"]
-    path.write_text(json.dumps(study, indent=1, default=_jsonable))
-    plot_study(study, path.parent)
-    (path.parent / "report.md").write_text(report_markdown(study))
-    return study
-
-
-def _migrate_study(study: dict[str, Any]) -> dict[str, Any]:
-    """A study results.json written before issue 31's names (``shots`` for ``k``, ``fixed_tau`` for ``tau``)."""
-    from maml_stop.evaluate.results_file import migrate_config
-
-    if "shots" in study:
-        study["k"] = study.pop("shots")
-    migrate_config(study.get("evaluate") or {})
-    return study
-
-
-def cfg_first(cfg: StudyConfig) -> str:
-    return next(iter(cfg.algorithms))
-
-
-def _jsonable(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON: {type(x)}")
+def study_config(cfg: EvaluateConfig, n_resamples: int) -> dict[str, Any]:
+    """The study's settings as its report names them (the run's own: ``evaluate`` in results.json)."""
+    return {"corpus": cfg.corpus, "out": cfg.out, "folds": cfg.folds.n, "val_families": cfg.folds.val_families,
+            "seed": cfg.folds.seed, "counts": list(cfg.folds.counts), "families_file": cfg.folds.families_file,
+            "fit_configs": cfg.train_configs, "algorithms": dict(cfg.algorithms or {"maml": {}}),
+            "baselines": list(BASELINES), "n_resamples": n_resamples}
 
 
 def _nan_mean(values) -> float:
@@ -491,19 +60,17 @@ def _nan_mean(values) -> float:
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
-def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, compare) -> dict[str, Any]:
-    """The figures of report.md: per count, K and method the mean over held-out families of savings, EM
-    drop and share of episodes within the target (support-chosen threshold, the headline rule), the
-    adapted query loss, and the paired bootstrap rows (variant - baseline, ``mean`` over families)."""
-    from maml_stop.evaluate.report.tables import within_target
-
-    headline = ecfg.threshold_methods[0]
-    variants = list(cfg.algorithms)
+def summarise_study(config: dict[str, Any], evaluate: dict[str, Any], grouped: dict[str, Any]) -> dict[str, Any]:
+    """The figures of report.md from :func:`maml_stop.evaluate.grouped.run_grouped`'s output: per count, K
+    and method the mean over held-out families of savings, EM drop and share of episodes within the target
+    (support-chosen threshold, the headline rule), the adapted query loss, and the paired bootstrap rows
+    (variant - baseline, ``mean`` over families)."""
+    headline = evaluate["threshold_methods"][0]
+    variants = list(config["algorithms"])
     curve: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     paired: list[dict[str, Any]] = []
-    for label in labels:
-        key = str(label)
-        results = per_count[key]
+    for key in grouped["counts"]:
+        results = grouped["per_count"][key]
         s = summarise(results, headline)
         curve[key] = {}
         for k in results["k"]:
@@ -520,21 +87,37 @@ def summarise_study(cfg, ecfg, folds, labels, n_train, per_count, summarise, com
                     "within_target": within_target(s[str(k)], m, "mean", results["families"], results["delta"]),
                 }
         for v in variants:
-            for b in cfg.baselines:
+            for b in config["baselines"]:
                 other = f"zero_step_{v}" if b == "zero_step" else b
                 if other not in results["methods"]:
                     continue
-                table = compare(results, results, v, other, headline, results["k"], None, cfg.n_resamples, cfg.seed)
+                table = compare(results, results, v, other, headline, results["k"], None, config["n_resamples"],
+                                config["seed"])
                 rows = table["rows"]
                 mean = [r for r in rows if r["family"] == "mean"] or rows  # one family: its own row
                 for r in mean:
                     paired.append({"count": key, "variant": v, "baseline": b, "method_b": other, **r})
+    first = grouped["per_count"][grouped["counts"][0]]
     return {
-        "config": dataclasses.asdict(cfg), "evaluate": dataclasses.asdict(ecfg), "threshold": headline,
-        "folds": [dataclasses.asdict(f) for f in folds], "counts": [str(c) for c in labels],
-        "n_train": n_train, "k": list(ecfg.k), "methods": per_count[str(labels[0])]["methods"],
-        "variants": variants, "curve": curve, "paired": paired,
+        "config": config, "evaluate": evaluate, "threshold": headline, "folds": grouped["folds"],
+        "counts": list(grouped["counts"]), "n_train": grouped["n_train"], "k": list(evaluate["k"]),
+        "methods": first["methods"], "variants": variants, "curve": curve, "paired": paired,
+        "seconds": grouped["seconds"],
     }
+
+
+def write_study(study: dict[str, Any], out: Path) -> None:
+    """results.json, the plots and report.md of ``study`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(study, indent=1, default=_jsonable))
+    plot_study(study, out)
+    (out / "report.md").write_text(report_markdown(study))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON: {type(x)}")
 
 
 def _x(study, key) -> float:
@@ -691,24 +274,52 @@ def report_markdown(study: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rebuild(path: Path) -> dict[str, Any]:
+    """Recompute the study's figures, paired bootstrap, report.md and plots from a study ``results.json``
+    and the per-count ``n_<count>/results.json`` beside it (no fit, no evaluation). Without the per-count
+    files (a committed report keeps only the study's ``results.json``: the per-count ones hold every
+    episode, tens of MB) report.md and the plots are rendered from the stored figures as they are."""
+    old = _migrate_study(json.loads(path.read_text()))
+    if not all((path.parent / f"n_{c}" / "results.json").is_file() for c in old["counts"]):
+        log.info("no per-count results.json beside %s: report.md and plots from its stored figures", path)
+        plot_study(old, path.parent)
+        (path.parent / "report.md").write_text(report_markdown(old))
+        return old
+    per_count = {c: read_results(path.parent / f"n_{c}" / "results.json") for c in old["counts"]}
+    grouped = {"counts": old["counts"], "folds": old["folds"], "n_train": old["n_train"], "per_count": per_count,
+               "seconds": old["seconds"]}
+    study = summarise_study(old["config"], old["evaluate"], grouped)
+    write_study(study, path.parent)
+    return study
+
+
+def _migrate_study(study: dict[str, Any]) -> dict[str, Any]:
+    """A study results.json written before issue 31's names (``shots`` for ``k``, ``fixed_tau`` for ``tau``)."""
+    if "shots" in study:
+        study["k"] = study.pop("shots")
+    migrate_config(study.get("evaluate") or {})
+    return study
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "experiments" / "meta_study.yaml"))
-    p.add_argument("--corpus", default=None, help="trace corpus (default: the YAML's, experiments/corpus/qwen05_v2)")
-    p.add_argument("--out", default=None, help="output folder (default: the YAML's)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the YAML's quick: section): a smoke run")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the checkpoints and the fold evaluations already under --out (same settings only)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other argument is maml-stop evaluate's (--config files, --corpus, --out, ...).")
     p.add_argument("--report_only", default=None, help="rebuild report.md and the plots from this study results.json")
-    args = p.parse_args(argv)
+    p.add_argument("--n_resamples", type=int, default=9999, help="paired bootstrap resamples")
+    args, rest = p.parse_known_args(argv)
     if args.report_only:
-        study = rebuild(Path(args.report_only))
+        rebuild(Path(args.report_only))
         print(f"report: {Path(args.report_only).parent / 'report.md'}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = StudyConfig.load(args.config, quick=args.quick, corpus=args.corpus, out=args.out)
-    study = run(cfg, resume=args.resume)
+    cfg = parse_config(rest)
+    if cfg.folds.kind != "grouped":
+        raise SystemExit(f"the meta study runs grouped folds: folds.kind is {cfg.folds.kind!r} (read "
+                         "experiments/meta_study.yaml after experiments/evaluate.yaml)")
+    grouped = run_grouped(cfg)
+    study = summarise_study(study_config(cfg, args.n_resamples), dataclasses.asdict(cfg), grouped)
     out = Path(cfg.out)
+    write_study(study, out)
     print(report_markdown(study))
     print(f"report: {out / 'report.md'}; results: {out / 'results.json'} ({study['seconds']} s)")
     return 0

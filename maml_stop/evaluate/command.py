@@ -14,11 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from maml_stop.evaluate.cascade import run_cascade
 from maml_stop.evaluate.cascade_report import write_cascade_report
-from maml_stop.evaluate.config import EvaluateConfig
+from maml_stop.evaluate.config import EvaluateConfig, FoldsConfig
+from maml_stop.evaluate.grouped import run_grouped
 from maml_stop.evaluate.protocol import run
 from maml_stop.evaluate.results_file import read_results, write_results
 
@@ -41,7 +42,21 @@ def _parser() -> ArgumentParser:
 def parse_config(argv: list[str]) -> EvaluateConfig:
     """The :class:`EvaluateConfig` of a command line (``--config`` files and flags)."""
     ns = _parser().parse_args(argv)
-    return EvaluateConfig(**{f: ns[f] for f in EvaluateConfig.__dataclass_fields__})
+    values = {f: _plain(ns[f]) for f in EvaluateConfig.__dataclass_fields__}
+    values["folds"] = FoldsConfig(**values["folds"])  # a nested group of the parser
+    return EvaluateConfig(**values)
+
+
+def _plain(value):
+    """``value`` with jsonargparse's Namespaces (a nested group, a ``class_path`` mapping inside a fit
+    fragment) as plain dicts, so that the config is JSON and YAML as written."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     if cfg.cascade is not None:  # the paired small -> large protocol (issue 28)
         results = run_cascade(cfg)
+    elif cfg.folds.kind == "grouped":  # grouped folds x meta-training family counts (issue 11, issue 31)
+        results = run_grouped(cfg)
+        reports = ", ".join(str(Path(cfg.out) / f"n_{c}" / "results.md") for c in results["counts"])
+        print(f"results per count of meta-training families: {reports} ({results['seconds']} s)")
+        return 0
     else:
         results = run(cfg)
     print(f"results: {Path(cfg.out) / 'results.json'}; report: {Path(cfg.out) / 'results.md'} ({results['seconds']} s)")

@@ -23,14 +23,37 @@ import torch
 from maml_stop.decide.rule import DEFAULT_TAUS
 from maml_stop.learn.adapter import BACKENDS
 
-__all__ = ["EvaluateConfig", "check_config", "DEFAULT_METHODS", "BASELINE_DTYPES"]
+__all__ = ["EvaluateConfig", "FoldsConfig", "check_config", "DEFAULT_METHODS", "BASELINE_DTYPES", "FOLD_KINDS"]
 
 # the precisions of the probes an evaluation trains itself (``baseline_dtype``)
 BASELINE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+FOLD_KINDS = ("one_out", "grouped")  # FoldsConfig.kind
 
 # the methods run when none are listed (every method: maml_stop.evaluate.methods.METHODS)
 DEFAULT_METHODS: tuple[str, ...] = ("full", "first_probe", "budget", "consistency", "confidence", "pooled", "finetuned",
                                     "scratch", "maml", "oracle", "oracle_equal_em")
+
+
+@dataclass
+class FoldsConfig:
+    """How the held-out families are chosen and meta-trained (:mod:`maml_stop.evaluate.grouped` for ``grouped``).
+
+    ``one_out`` (the default): every held-out family alone, with the checkpoint(s) given or one fold
+    meta-trained per family (``train_config``). ``grouped``: the grouped leave-families-out folds of
+    :mod:`maml_stop.evaluate.grouped_folds` (variants of one generator held out together, every family
+    tested once), each meta-trained on nested subsets of ``counts`` families, once per entry of
+    ``EvaluateConfig.algorithms``.
+    """
+
+    kind: str = "one_out"  # one_out | grouped
+    n: int = 5  # grouped: folds (fewer when the corpus has fewer groups of families)
+    val_families: int = 1  # grouped: validation families per fold (whole groups)
+    seed: int = 0  # grouped: fold assignment and the nested order of meta-training families
+    counts: list[int | str] = field(default_factory=lambda: ["all"])  # grouped: meta-training families per fold
+    # grouped: the study's families, a JSON file with "kept" (experiments/corpus_v2_families.json); None:
+    # EvaluateConfig.families, else every family of the corpus
+    families_file: str | None = None
+    min_traces: int = 1  # grouped: refuse a family with fewer traces (an unfinished harvest)
 
 
 @dataclass
@@ -147,9 +170,20 @@ class EvaluateConfig:
     # pooled probes kept under cache_dir/pooled, keyed by the content hash of their inputs, reused by any
     # later run with the same ones (maml_stop.evaluate.cache); None: trained in every run
     cache_dir: str | None = None
+    folds: FoldsConfig = field(default_factory=FoldsConfig)  # held-out families: one out, or grouped folds x counts
+    # grouped folds: name -> a `maml-stop fit` fragment read after train_config and train_overrides; one
+    # checkpoint per fold, count and name, evaluated as the method of that name (None: {"maml": {}})
+    algorithms: dict[str, dict[str, Any]] | None = None
+    train_overrides: dict[str, Any] | None = None  # grouped folds: a fit fragment every fit reads after train_config
+    zero_step: bool = False  # grouped folds: also each algorithm's zero-step checkpoint, method zero_step_<name>
+    fit_workers: int = 1  # grouped folds: fits side by side in forked processes, before the evaluation
     # the small -> large cascade (issue 28): a CascadeConfig mapping (maml_stop.evaluate.cascade); when set,
     # evaluate runs the cascade protocol on the paired corpora instead (experiments/cascade_evaluate.yaml)
     cascade: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.folds, dict):  # read back from a results.json, or given as a mapping
+            self.folds = FoldsConfig(**self.folds)
 
     @property
     def train_configs(self) -> list[str]:
@@ -183,5 +217,12 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ValueError(f"backoff_episodes must be >= 1; got {cfg.backoff_episodes}")
     if len([x for x in (cfg.checkpoint, cfg.checkpoints, cfg.train_config) if x]) > 1:
         raise ValueError("give at most one of checkpoint, checkpoints and train_config")
+    if cfg.folds.kind not in FOLD_KINDS:
+        raise ValueError(f"unknown folds.kind {cfg.folds.kind!r}; valid: {', '.join(FOLD_KINDS)}")
+    if cfg.folds.kind == "grouped" and not cfg.train_config:
+        raise ValueError("folds.kind grouped meta-trains its folds: give train_config (the `maml-stop fit` configs)")
+    if cfg.folds.kind != "grouped" and (cfg.algorithms or cfg.zero_step or cfg.train_overrides):
+        raise ValueError("algorithms, train_overrides and zero_step need folds.kind grouped; "
+                         f"got folds.kind {cfg.folds.kind!r}")
     if cfg.rl_checkpoint and cfg.rl_train_config:
         raise ValueError("give at most one of rl_checkpoint and rl_train_config")

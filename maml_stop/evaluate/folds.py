@@ -29,7 +29,7 @@ from maml_stop.evaluate.config import EvaluateConfig
 from maml_stop.learn.cli import cli_main
 from maml_stop.learn.module import CheckpointError, load_predictor
 
-__all__ = ["Fold", "load_checkpoint", "data_settings", "train_fold", "resolve_folds"]
+__all__ = ["Fold", "load_checkpoint", "data_settings", "train_fold", "fit_checkpoint", "resolve_folds"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class Fold:
     eval_steps: int | None = None  # inner steps at evaluation (the checkpoint's eval_inner_steps)
     feature_names: list[str] | None = None  # the columns its methods read (None: all of the corpus's)
     rl_checkpoint: str | None = None  # the RL checkpoint of methods rl / rl_unadapted (None: not asked for)
+    # grouped folds: method name -> (adapter, eval_steps, checkpoint) of each algorithm's checkpoint (and
+    # zero-step one), evaluated as an adapted probe of that name beside ``adapter`` (the first)
+    adapters: dict[str, tuple[Any, int | None, str]] | None = None
 
 
 def load_checkpoint(path: str, corpus: TraceCorpus,
@@ -106,14 +109,21 @@ def train_fold(cfg: EvaluateConfig, family: str, corpus: TraceCorpus, out: Path,
     ] + ([] if cfg.features is None else [  # a shorthand as it is (json would quote it: '"free"'), a list as JSON
         f"--data.features={cfg.features if isinstance(cfg.features, str) else json.dumps(cfg.features)}"])
     log.info("meta-training the fold of %s: maml-stop fit %s", family, " ".join(args))
+    return fit_checkpoint(args, folder)
+
+
+def fit_checkpoint(args: Sequence[str], folder: Path) -> str:
+    """``maml-stop fit`` with ``args`` in process, its output root ``folder`` (``args`` name it with
+    ``--trainer.default_root_dir``); the best (else last) checkpoint, else ``folder/final.ckpt`` written
+    at the end. Every meta-trained fold of ``maml-stop evaluate`` (one out or grouped) is fitted here."""
     # follow_root: the config's logger save_dir / checkpoint dirpath move under the fold's folder too
     # (they would mix every fold's files with the main job's)
-    cli = cli_main(args, run=False, follow_root=True)
+    cli = cli_main(list(args), run=False, follow_root=True)
     callback = cli.trainer.checkpoint_callback  # the first ModelCheckpoint: best.ckpt in our YAMLs
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
     if not path:
-        path = str(folder / "final.ckpt")
+        path = str(Path(folder) / "final.ckpt")
         cli.trainer.save_checkpoint(path)
     return path
 

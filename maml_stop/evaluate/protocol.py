@@ -43,22 +43,24 @@ from maml_stop.decide.registry import SELECTORS, make_selector
 from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
-from maml_stop.evaluate.backoff import calibrate_backoff, simulate_episodes
 from maml_stop.evaluate.batched import batchable, prefit
 from maml_stop.evaluate.cache import pooled_probe
 from maml_stop.evaluate.config import BASELINE_DTYPES, EvaluateConfig, check_config
 from maml_stop.evaluate.fold_columns import check_columns, may_read_subset
-from maml_stop.evaluate.folds import resolve_folds
+from maml_stop.evaluate.folds import Fold, resolve_folds
+from maml_stop.evaluate.fork import fork_map
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
+from maml_stop.evaluate.query_loss import adapted_query_loss
+from maml_stop.evaluate.source_fits import calibrate_backoffs, fit_across_families
 from maml_stop.evaluate.results_file import write_results
 from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.decide.outcomes import is_enabled, vectorised
-from maml_stop.decide.meta.rules import META_SELECTORS
 from maml_stop.decide.scores import flat_labels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_episode", "evaluate_family", "run"]
+__all__ = ["EvaluateConfig", "build_policies", "calibration_section", "evaluate_episode", "evaluate_family",
+           "evaluate_fold", "evaluate_folds", "fork_map", "load_corpora", "run"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,16 +226,32 @@ def _run(cfg: EvaluateConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    corpus, source = load_corpora(cfg)
+    folds = resolve_folds(cfg, corpus, out, source)
+    started = time.time()
+    results = evaluate_folds(cfg, folds, corpus, source)
+    results["seconds"] = round(time.time() - started, 1)
+    write_results(results, out)
+    return results
+
+
+def load_corpora(cfg: EvaluateConfig) -> tuple[TraceCorpus, TraceCorpus]:
+    """The held-out corpus and the source corpus (the same object without ``source_corpus``), their
+    columns checked up front when every fold reads every column."""
     corpus = TraceCorpus.load(cfg.corpus, min_probes=cfg.min_probes)
     source = corpus
     if cfg.source_corpus:
         source = TraceCorpus.load(cfg.source_corpus, min_probes=cfg.min_probes)
         if not may_read_subset(cfg):  # every fold reads every column: checked before any fold is trained
             check_columns(None, corpus, source, cfg)
+    return corpus, source
+
+
+def evaluate_folds(cfg: EvaluateConfig, folds: Sequence[Fold], corpus: TraceCorpus, source: TraceCorpus) -> dict[str, Any]:
+    """Every fold's held-out family evaluated (:func:`evaluate_fold`, ``cfg.workers`` side by side): the
+    results dictionary of ``results.json`` (without ``seconds``). Folds with named ``adapters`` (grouped
+    folds) add ``all_checkpoints`` and ``query_loss`` (:mod:`maml_stop.evaluate.query_loss`)."""
     selectors = selectors_for(cfg)
-    folds = resolve_folds(cfg, corpus, out, source)
-    narrowed: dict[tuple[str, ...] | None, tuple[TraceCorpus, TraceCorpus]] = {}
-    started = time.time()
     calibration: dict[str, list] = {m: [] for m in cfg.methods if m in PROBE_METHODS}
     results: dict[str, Any] = {
         "corpus": cfg.corpus,
@@ -256,53 +274,32 @@ def _run(cfg: EvaluateConfig) -> dict[str, Any]:
         results["feature_subsets"] = {f.family: f.feature_names or corpus.feature_names for f in folds}
         if len({tuple(v) for v in results["feature_subsets"].values()}) == 1:
             results["feature_names"] = next(iter(results["feature_subsets"].values()))
+    narrowed: dict[tuple[str, ...] | None, tuple[TraceCorpus, TraceCorpus]] = {}
     for fold in folds:  # the columns each fold's checkpoint was trained on (or features:), checked up front
         key = None if fold.feature_names is None else tuple(fold.feature_names)
         if key not in narrowed:
             narrowed[key] = check_columns(fold, corpus, source, cfg)
-    global _JOB
-    _JOB = (cfg, folds, narrowed, selectors, calibration)  # read by _evaluate_fold (in forked workers too)
-    try:
-        done = fork_map(_evaluate_fold, range(len(folds)), cfg.workers)
-    finally:
-        _JOB = None
-    for fold, (family_results, collected) in zip(folds, done):  # in fold order, whatever order they finished in
+    done = fork_map(evaluate_fold, folds, cfg.workers, cfg, narrowed, selectors, tuple(calibration))
+    for fold, (family_results, collected, losses) in zip(folds, done):  # in fold order, whatever order they finished in
         results["sources"][fold.family] = fold.sources
         results["checkpoints"][fold.family] = fold.checkpoint
         if fold.rl_checkpoint is not None:
             results.setdefault("rl_checkpoints", {})[fold.family] = fold.rl_checkpoint
+        if fold.adapters is not None:
+            results.setdefault("all_checkpoints", {})[fold.family] = {n: a[2] for n, a in fold.adapters.items()}
+            results.setdefault("query_loss", {})[fold.family] = losses
         results["results"][fold.family] = family_results
         for name, pairs in collected.items():
             calibration[name].extend(pairs)
     results["calibration"] = calibration_section(calibration, cfg.calibration_bins)
-    results["seconds"] = round(time.time() - started, 1)
-    write_results(results, out)
     return results
 
 
-def fork_map(fn, items: Sequence, workers: int) -> list:
-    """``[fn(x) for x in items]``, in ``workers`` forked processes when more than one (they share what the
-    parent had loaded; ``fn`` reads the job from a module global set before the call); results in order."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(fn, items))
-
-
-_JOB: tuple | None = None  # (cfg, folds, narrowed corpora, selectors, calibration methods) of the running run()
-
-
-def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
-    """One held-out family of the running :func:`run`: its policies built and evaluated on its episodes.
-    Returns its results and its calibration pairs (method -> list). Reads :data:`_JOB` (set by ``run``;
-    a forked worker inherits it), so that a process pool needs to send nothing but ``i``."""
-    cfg, folds, narrowed, selectors, calibration = _JOB
-    torch.set_num_threads(1)
-    fold = folds[i]
+def evaluate_fold(cfg: EvaluateConfig, narrowed: Mapping, selectors: Mapping[str, StopSelector],
+                  calibration: Sequence[str], fold: Fold) -> tuple[dict[str, Any], dict[str, list], dict[str, Any]]:
+    """One fold's held-out family: its policies built and evaluated on its episodes. Returns its results,
+    its calibration pairs (method -> list, for the ``calibration`` methods) and, for a fold with named
+    ``adapters``, the adapted query loss of each (and of the pooled probe; else empty)."""
     family, adapter = fold.family, fold.adapter
     fold_corpus, fold_source = narrowed[None if fold.feature_names is None else tuple(fold.feature_names)]
     traces = [t for t in fold_corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
@@ -317,8 +314,10 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
                               dtype=BASELINE_DTYPES[cfg.baseline_dtype])  # read from cache_dir when trained before
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
-    backoffs = _calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
-    learned = _fit_across_families(cfg, fold, fold_source, policies, selectors)
+    for name, (named, steps, _) in (fold.adapters or {}).items():  # grouped folds: one adapted probe per checkpoint
+        policies[name] = build_policies(cfg, ["maml"], named, pooled, config, loss, maml_steps=steps)["maml"]
+    backoffs = calibrate_backoffs(cfg, fold, fold_source, policies, selectors)
+    learned = fit_across_families(cfg, fold, fold_source, policies, selectors)
     log.info("evaluating %s (%d traces; pooled probe on %s)", family, len(traces), fold.sources)
     collected: dict[str, list] = {m: [] for m in calibration}
     method_selectors = {key: {**selectors, **learned.get(key, {}),
@@ -333,48 +332,13 @@ def _evaluate_fold(i: int) -> tuple[dict[str, Any], dict[str, list]]:
         family_results[str(k)][name]["backoff"] = c.to_json()
     for (name, k), fitted in learned.items():
         family_results[str(k)][name]["selector_states"] = {s: sel.state_dict() for s, sel in fitted.items()}
-    return family_results, collected
-
-
-def _fit_across_families(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
-                         selectors: Mapping[str, StopSelector]) -> dict[tuple[str, int], dict[str, StopSelector]]:
-    """(method, K) -> the meta-learned selectors asked for (:data:`~maml_stop.decide.meta.rules.META_SELECTORS`),
-    each fitted on ``backoff_episodes`` simulated episodes of every source family of the fold. The
-    source families were in the fold's training (pooled, maml), so this is the deployment road, not the
-    nested simulation: ``maml-stop meta-select`` scores each family by a probe that never trained on it."""
-    import copy
-
-
-    wanted = [s for s in selectors if s in META_SELECTORS]
-    if not wanted:
-        return {}
-    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
-    out: dict[tuple[str, int], dict[str, StopSelector]] = {}
-    for name, policy in policies.items():
-        if isinstance(policy, ThresholdedPolicy):
-            for k in cfg.k:
-                episodes = simulate_episodes(policy, by_family, k, cfg.backoff_episodes, cfg.query, cfg.seed,
-                                             cfg.progress, what="meta-selectors")
-                out[name, k] = {s: copy.deepcopy(selectors[s]).fit(policy.candidates, episodes) for s in wanted}
-    return out
-
-
-def _calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
-                        selectors: Mapping[str, StopSelector]) -> dict[tuple[str, int], Any]:
-    """(method, K) -> the fold's :class:`~maml_stop.evaluate.backoff.BackoffCalibration` of every
-    thresholded method, on the fold's source families, when ``em_target_backoff`` is asked for."""
-    if "em_target_backoff" not in selectors:
-        return {}
-    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
-    out = {}
-    for name, policy in policies.items():
-        if isinstance(policy, ThresholdedPolicy):
-            for k in cfg.k:
-                out[name, k] = calibrate_backoff(policy, by_family, k, cfg.backoff_episodes, cfg.query, cfg.seed,
-                                                 cfg.delta, cfg.progress)
-                log.info("%s, held-out %s, K=%d: em_target back-off %d (worst source-family EM drop %.1f pts)",
-                         name, fold.family, k, out[name, k].backoff, 100 * out[name, k].drop[:, out[name, k].backoff].max())
-    return out
+    losses: dict[str, Any] = {}
+    if fold.adapters is not None:
+        args = (traces, family, cfg.k, cfg.episodes, cfg.seed, cfg.query)
+        losses = {name: adapted_query_loss(named, None, *args, steps) for name, (named, steps, _) in fold.adapters.items()}
+        if pooled is not None:
+            losses["pooled"] = adapted_query_loss(adapter, pooled, *args, None)
+    return family_results, collected, losses
 
 
 def calibration_section(collected: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], n_bins: int) -> dict[str, Any]:
