@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the committed reports of corpus v2 (experiments/corpus/qwen05_v2, issue 11) once its harvest is
-# complete: the meta-learning study (experiments/meta_study.py; about 25 minutes of fits and an hour or more
-# of evaluation on this 2-core machine; --resume continues an interrupted run from the fits and fold
-# evaluations it finished) and cost-aware probing on v2's features (issue 10's follow-up); then copy each
+# complete: the meta-learning study (maml-stop evaluate with grouped folds, summarised by experiments/meta_study.py;
+# about 25 minutes of fits and an hour or more of evaluation on this 2-core machine; a rerun reads back the fits
+# it finished, keyed by content hash under runs/cache/fits) and cost-aware probing on v2's features (issue 10's follow-up); then copy each
 # report and its plots into experiments/results/<name>/ and rewrite the README and docs/results.md tables from them.
 #   usage: bash scripts/reports_v2.sh [meta_study v2_cost_aware]
 set -euo pipefail
@@ -13,7 +13,7 @@ for step in $steps; do
   echo "== $step ($(date +%H:%M:%S))"
   case $step in
     meta_study)  # report.md, the study's results.json (every figure of the report; --report_only renders from it), plots, per-count reports
-      .venv/bin/python experiments/meta_study.py --config experiments/meta_study.yaml --resume
+      .venv/bin/python experiments/meta_study.py --config experiments/evaluate.yaml --config experiments/meta_study.yaml
       dest=experiments/results/meta_study
       rm -rf "$dest" && mkdir -p "$dest"
       cp runs/meta_study/report.md runs/meta_study/results.json runs/meta_study/*.png "$dest/"

@@ -30,12 +30,12 @@ def _kind(path: Path) -> str:
     cfg = yaml.safe_load(path.read_text()) or {}
     if path in CONFIGS:
         return "lightning"
+    if isinstance(cfg.get("folds"), dict):
+        return "meta study"  # grouped folds x meta-training family counts (maml_stop/evaluate/grouped.py, issue 11)
     if "k" in cfg and "methods" in cfg:
         return "evaluate"
     if "targets" in cfg and "generation" in cfg:
         return "benchmark"  # experiments/benchmark.py (the one benchmark suite)
-    if "algorithms" in cfg and "counts" in cfg:
-        return "meta study"  # experiments/meta_study.py (issue 11: grouped folds, meta-training family counts)
     if "selectors" in cfg or {"alpha", "train_episodes"} <= set(cfg):
         return "meta select"  # maml-stop meta-select (issue 25: maml_stop/evaluate/meta_select)
     from dataclasses import fields
@@ -106,17 +106,18 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
             cfg = module.BenchmarkConfig.load(path, quick=quick)
             assert cfg.adaptation.k == 16 and cfg.targets.adapt_ms == 50 and cfg.targets.decision_ms == 1  # issue 5
         assert f"python experiments/benchmark.py --config experiments/{path.name}" in path.read_text()
-    elif kind == "meta study":
-        from experiment_scripts import load_script
+    elif kind == "meta study":  # an evaluate YAML of grouped folds, read after experiments/evaluate.yaml
+        from maml_stop.evaluate.command import parse_config
 
-        module = load_script("meta_study")
-        for quick in (False, True):
-            cfg = module.StudyConfig.load(path, quick=quick)
-            assert all((EXPERIMENTS.parent / p).is_file() for p in cfg.fit_configs + cfg.evaluate_configs)
-        cfg = module.StudyConfig.load(path)
-        assert cfg.folds == 5 and cfg.counts == [6, 12, "all"] and cfg.evaluate["k"] == [4, 8, 16, 32]  # issue 11
-        assert {"maml", "anil", "metasgd"} <= set(cfg.algorithms) and "zero_step" in cfg.baselines
-        assert f"python experiments/meta_study.py --config experiments/{path.name}" in path.read_text()
+        chain = config_chain(path, "evaluate")
+        assert chain[:2] == ["evaluate.yaml", "meta_study.yaml"], f"{path.name}: read after evaluate.yaml, meta_study.yaml"
+        cfg = parse_config([a for name in chain for a in ("--config", str(EXPERIMENTS / name))])
+        assert cfg.folds.kind == "grouped" and "all" in cfg.folds.counts and cfg.delta == 0.01
+        assert all((EXPERIMENTS.parent / p).is_file() for p in cfg.train_configs)
+        if path.name == "meta_study.yaml":  # issue 11
+            assert cfg.folds.n == 5 and cfg.folds.counts == [6, 12, "all"] and cfg.k == [4, 8, 16, 32]
+            assert {"maml", "anil", "metasgd"} <= set(cfg.algorithms) and cfg.zero_step
+        assert f"python experiments/meta_study.py --config experiments/evaluate.yaml --config experiments/meta_study.yaml" in path.read_text()
     elif kind == "drift":
         from experiment_scripts import load_script
 

@@ -438,3 +438,23 @@ def test_the_committed_report_renders_byte_identical_from_its_stored_figures(tmp
     path.write_bytes((committed / "results.json").read_bytes())
     assert study.main(["--report_only", str(path)]) == 0
     assert (tmp_path / "report.md").read_bytes() == (committed / "report.md").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_quick_study_on_the_bundled_corpus(tmp_path):
+    """The documented smoke run, end to end on the bundled v1 corpus: 5 grouped folds of two held-out
+    families, counts 3 / 6 / all, every algorithm and its zero-step twin (120 checkpoints; about 15 minutes
+    on 2 busy cores), the study's report with the criterion; not a result."""
+    study = _study_module()
+    out = tmp_path / "quick"
+    assert study.main([*QUICK, f"--out={out}", f"--cache_dir={out / 'cache'}", "--n_resamples=199"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    families = json.loads((EXPERIMENTS / "corpus" / "qwen05" / "meta.json").read_text())["families"]
+    assert sorted(f for fold in result["folds"] for f in fold["test"]) == sorted(families)
+    assert result["counts"] == ["3", "6", "all"] and result["n_train"] == {"3": [3] * 5, "6": [6] * 5, "all": [7] * 5}
+    assert len(list((out / "cache" / "fits").iterdir())) == 5 * 3 * 4 * 2
+    for count in result["counts"]:
+        per_count = json.loads((out / f"n_{count}" / "results.json").read_text())
+        assert per_count["families"] == [f for fold in result["folds"] for f in fold["test"]]
+        assert set(per_count["query_loss"]) == set(families) and "zero_step_metasgd" in per_count["methods"]
+    assert "## The criterion of issue 11" in (out / "report.md").read_text()

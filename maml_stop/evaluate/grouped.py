@@ -179,36 +179,43 @@ def run_grouped(cfg: EvaluateConfig) -> dict[str, Any]:
              len(labels), cfg.fit_workers)
     paths = fork_map(run_fit, jobs, cfg.fit_workers, Path(cfg.cache_dir or out))
     checkpoints = {(j.fold, j.count, j.name): p for j, p in zip(jobs, paths)}
-    methods = [m for m in cfg.methods if m != "maml"]
     first_jobs = [j for j in jobs if j.fold == folds[0].index and j.count == labels[0]]
     names = [j.name for j in first_jobs if not j.zero_step] + [j.name for j in first_jobs if j.zero_step]
-    oracles = [m for m in methods if m.startswith("oracle")]
     per_count: dict[str, dict[str, Any]] = {}
-    first: dict[str, Any] | None = None  # the first count's results: its COUNT_FREE methods are reused
     for label in labels:
-        count_started = time.time()
-        eval_folds = [_fold(cfg, source, fold, label, {n: checkpoints[fold.index, label, n] for n in names})
-                      for fold in folds]
-        reused = [m for m in methods if first is not None and m in COUNT_FREE]
-        evaluated = dataclasses.replace(cfg, methods=[m for m in methods if m not in reused])
-        results = evaluate_folds(evaluated, [f for group in eval_folds for f in group], corpus, source)
-        for family, by_k in results["results"].items():  # the reused methods, in the evaluation's method order
-            for k, figures in by_k.items():
-                got = {**figures, **{m: first["results"][family][k][m] for m in reused}}
-                by_k[k] = {m: got[m] for m in [*methods, *names] if m in got}
-        if reused:  # the reused methods' reliability data too (the same episodes), in the methods' order
-            merged = {**results["calibration"], **{m: first["calibration"][m] for m in reused if m in first["calibration"]}}
-            results["calibration"] = {m: merged[m] for m in methods if m in merged}
-        results.update(
-            methods=[m for m in methods if m not in oracles] + names + oracles,  # the oracles last, as in one-out runs
-            config=dataclasses.asdict(cfg), count=str(label), n_train=[len(f.train_subset(label)) for f in folds],
-            folds=[dataclasses.asdict(f) for f in folds], seconds=round(time.time() - count_started, 1))
+        eval_folds = [f for fold in folds
+                      for f in _fold(cfg, source, fold, label, {n: checkpoints[fold.index, label, n] for n in names})]
+        first = per_count[str(labels[0])] if per_count else None
+        results = _evaluate_count(cfg, eval_folds, corpus, source, names, first)
+        results.update(count=str(label), n_train=[len(f.train_subset(label)) for f in folds],
+                       folds=[dataclasses.asdict(f) for f in folds])
         write_results(results, out / f"n_{label}")
         per_count[str(label)] = results
-        first = first or results
     return {"counts": [str(c) for c in labels], "folds": [dataclasses.asdict(f) for f in folds],
             "n_train": {str(c): per_count[str(c)]["n_train"] for c in labels}, "per_count": per_count,
             "seconds": round(time.time() - started, 1)}
+
+
+def _evaluate_count(cfg: EvaluateConfig, folds: Sequence[Fold], corpus: TraceCorpus, source: TraceCorpus,
+                    names: Sequence[str], first: dict[str, Any] | None) -> dict[str, Any]:
+    """The results of one count: :func:`~maml_stop.evaluate.protocol.evaluate_folds` of ``methods`` (without
+    ``maml``) and the named checkpoints; the :data:`COUNT_FREE` methods copied from ``first`` (the first
+    count's results, the same episodes) instead of evaluated again."""
+    started = time.time()
+    methods = [m for m in cfg.methods if m != "maml"]
+    reused = [m for m in methods if first is not None and m in COUNT_FREE]
+    results = evaluate_folds(dataclasses.replace(cfg, methods=[m for m in methods if m not in reused]), folds, corpus, source)
+    for family, by_k in results["results"].items():  # the reused methods, in the evaluation's method order
+        for k, figures in by_k.items():
+            got = {**figures, **{m: first["results"][family][k][m] for m in reused}}
+            by_k[k] = {m: got[m] for m in [*methods, *names] if m in got}
+    if reused:  # the reused methods' reliability data too (the same episodes), in the methods' order
+        merged = {**results["calibration"], **{m: first["calibration"][m] for m in reused if m in first["calibration"]}}
+        results["calibration"] = {m: merged[m] for m in methods if m in merged}
+    oracles = [m for m in methods if m.startswith("oracle")]
+    results.update(methods=[m for m in methods if m not in oracles] + [*names] + oracles,  # the oracles last, as one out
+                   config=dataclasses.asdict(cfg), seconds=round(time.time() - started, 1))
+    return results
 
 
 def _fold(cfg: EvaluateConfig, source: TraceCorpus, fold: GroupedFold, label: int | str,
