@@ -17,7 +17,7 @@ OLD_TAU = re.compile(r"\.threshold\b|\blive_threshold\b|\brow_thresholds\b|\b_ch
 # where the word must stay: the migrations that read the old name, and the meta study's results.json,
 # whose "threshold" names its headline selector (a threshold method, not tau), read back by its report
 KEPT = {
-    ("experiments/meta_study.py", '"config": dataclasses.asdict(cfg), "evaluate": dataclasses.asdict(ecfg), "threshold": headline,'),
+    ("experiments/meta_study.py", '"config": config, "evaluate": evaluate, "threshold": headline, "folds": grouped["folds"],'),
     ("experiments/meta_study.py", "f\"episodes per held-out family and K, every method on the same episodes; threshold `{study['threshold']}` \""),
     ("maml_stop/live/artifact.py", 'out = {k: v for k, v in blob.items() if k != "threshold"}'),
     ("maml_stop/live/artifact.py", 'out.update(format=FORMAT, tau=blob.get("threshold"))'),
