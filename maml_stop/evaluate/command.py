@@ -4,6 +4,7 @@ Tuned values live in ``experiments/evaluate.yaml``; experiment files add overrid
 (several ``--config`` files are read in order, the last wins)::
 
     maml-stop evaluate --config experiments/evaluate.yaml --config experiments/main_evaluate.yaml
+    maml-stop evaluate --config experiments/evaluate.yaml --config experiments/meta_study.yaml   # grouped folds x counts
     maml-stop evaluate --report_only runs/evaluate/results.json      # rebuild the report from the JSON
 """
 
@@ -29,7 +30,8 @@ __all__ = ["main", "parse_config"]
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="maml-stop evaluate",
-        description="Leave-one-family-out EM/token evaluation of every stopping method on fixed episodes.",
+        description="Leave-families-out EM/token evaluation of every stopping method on fixed episodes (one family "
+                    "held out at a time, or grouped folds x meta-training family counts: folds.kind grouped).",
     )
     parser.add_argument("--config", action=ActionConfigFile,
                         help="YAML settings, repeatable (experiments/evaluate.yaml, then overrides)")

@@ -6,6 +6,7 @@ experiment files add overrides on top of it (several ``--config`` files are read
 wins)::
 
     maml-stop evaluate --config experiments/evaluate.yaml --config experiments/main_evaluate.yaml
+    maml-stop evaluate --config experiments/evaluate.yaml --config experiments/meta_study.yaml   # grouped folds x counts
     maml-stop evaluate --config experiments/evaluate.yaml --checkpoint runs/quickstart/checkpoints/best.ckpt
     maml-stop evaluate --report_only runs/evaluate/results.json      # rebuild the report from the JSON
 

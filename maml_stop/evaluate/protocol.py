@@ -11,8 +11,9 @@ query set against full generation of the same traces. Writes into ``out``:
 
 Settings: :mod:`maml_stop.evaluate.config` (the command line: :mod:`maml_stop.evaluate.command`); held-out
 families and their adapters: :mod:`maml_stop.evaluate.folds`; the methods: :mod:`maml_stop.evaluate.methods`. This
-module is the loop
-over families, K and episodes, and the results file.
+module is the loop over families, K and episodes (:func:`evaluate_folds`, one :func:`evaluate_fold` per
+held-out family), and the results file. The grouped folds x meta-training family counts of
+:mod:`maml_stop.evaluate.grouped` evaluate every count through :func:`evaluate_folds` too.
 
 >>> from maml_stop.evaluate.config import EvaluateConfig                            # doctest: +SKIP
 >>> run(EvaluateConfig(corpus="experiments/corpus/qwen05", checkpoint="runs/fit/best.ckpt", methods=["full", "maml"]))
