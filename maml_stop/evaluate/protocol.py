@@ -45,16 +45,15 @@ from maml_stop.decide.selector import StopSelector, SupportSweep
 from maml_stop.decide.thresholds import BackoffEMTarget
 from maml_stop.evaluate import metrics as M
 from maml_stop.evaluate.batched import batchable, prefit
-from maml_stop.evaluate.cache import pooled_probe
-from maml_stop.evaluate.config import BASELINE_DTYPES, EvaluateConfig, check_config
+from maml_stop.evaluate.config import EvaluateConfig, check_config
 from maml_stop.evaluate.fold_columns import check_columns, may_read_subset
+from maml_stop.evaluate.fold_pooled import fold_pooled, fold_probe_config, pooled_key, shared_pooled
 from maml_stop.evaluate.folds import Fold, resolve_folds
 from maml_stop.evaluate.fork import fork_map
 from maml_stop.evaluate.methods import PROBE_METHODS, build_policies, check_methods
 from maml_stop.evaluate.query_loss import adapted_query_loss
 from maml_stop.evaluate.source_fits import calibrate_backoffs, fit_across_families
 from maml_stop.evaluate.results_file import write_results
-from maml_stop.learn.predictor import PredictorConfig
 from maml_stop.decide.outcomes import is_enabled, vectorised
 from maml_stop.decide.scores import flat_labels
 
@@ -280,7 +279,8 @@ def evaluate_folds(cfg: EvaluateConfig, folds: Sequence[Fold], corpus: TraceCorp
         key = None if fold.feature_names is None else tuple(fold.feature_names)
         if key not in narrowed:
             narrowed[key] = check_columns(fold, corpus, source, cfg)
-    done = fork_map(evaluate_fold, folds, cfg.workers, cfg, narrowed, selectors, tuple(calibration))
+    pooled = shared_pooled(cfg, narrowed, folds)  # a probe several folds share, trained once before them
+    done = fork_map(evaluate_fold, folds, cfg.workers, cfg, narrowed, selectors, tuple(calibration), pooled)
     for fold, (family_results, collected, losses) in zip(folds, done):  # in fold order, whatever order they finished in
         results["sources"][fold.family] = fold.sources
         results["checkpoints"][fold.family] = fold.checkpoint
@@ -297,22 +297,20 @@ def evaluate_folds(cfg: EvaluateConfig, folds: Sequence[Fold], corpus: TraceCorp
 
 
 def evaluate_fold(cfg: EvaluateConfig, narrowed: Mapping, selectors: Mapping[str, StopSelector],
-                  calibration: Sequence[str], fold: Fold) -> tuple[dict[str, Any], dict[str, list], dict[str, Any]]:
-    """One fold's held-out family: its policies built and evaluated on its episodes. Returns its results,
+                  calibration: Sequence[str], shared: Mapping[str, Any],
+                  fold: Fold) -> tuple[dict[str, Any], dict[str, list], dict[str, Any]]:
+    """One fold's held-out family: its policies built and evaluated on its episodes (its pooled probe from
+    ``shared`` when several folds share it, :mod:`maml_stop.evaluate.fold_pooled`). Returns its results,
     its calibration pairs (method -> list, for the ``calibration`` methods) and, for a fold with named
     ``adapters``, the adapted query loss of each (and of the pooled probe; else empty)."""
     family, adapter = fold.family, fold.adapter
     fold_corpus, fold_source = narrowed[None if fold.feature_names is None else tuple(fold.feature_names)]
     traces = [t for t in fold_corpus.traces(family) if cfg.splits is None or t.split in cfg.splits]
-    config = (adapter.predictor.config() if adapter is not None
-              else PredictorConfig(n_features=len(fold_corpus.feature_names), **cfg.predictor))
-    loss = getattr(adapter, "loss_kind", "balanced")
+    config, loss = fold_probe_config(cfg, fold, len(fold_corpus.feature_names))
     pooled = None
     if any(m in cfg.methods for m in ("pooled", "finetuned")):
-        source_traces = [t for s in fold.sources for t in fold_source.traces(s)]
-        pooled = pooled_probe(cfg.cache_dir, source_traces, config, cfg.pooled_steps, cfg.pooled_lr, loss,
-                              seed=cfg.seed, backend=cfg.backend,
-                              dtype=BASELINE_DTYPES[cfg.baseline_dtype])  # read from cache_dir when trained before
+        pooled = shared.get(pooled_key(cfg, fold, len(fold_source.feature_names)))
+        pooled = fold_pooled(cfg, narrowed, fold) if pooled is None else pooled  # read from cache_dir when trained before
     policies = build_policies(cfg, cfg.methods, adapter, pooled, config, loss, maml_steps=fold.eval_steps,
                               rl_checkpoint=fold.rl_checkpoint, feature_names=fold_corpus.feature_names)
     for name, (named, steps, _) in (fold.adapters or {}).items():  # grouped folds: one adapted probe per checkpoint
