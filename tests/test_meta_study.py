@@ -443,8 +443,8 @@ def test_the_committed_report_renders_byte_identical_from_its_stored_figures(tmp
 @pytest.mark.slow
 def test_the_quick_study_on_the_bundled_corpus(tmp_path):
     """The documented smoke run, end to end on the bundled v1 corpus: 5 grouped folds of two held-out
-    families, counts 3 / 6 / all, every algorithm and its zero-step twin (120 checkpoints; about 15 minutes
-    on 2 busy cores), the study's report with the criterion; not a result."""
+    families, counts 3 / 6 / all, every algorithm and its zero-step twin (120 checkpoints; 5 to 10 minutes
+    on 2 shared cores), the study's report with the criterion; not a result."""
     study = _study_module()
     out = tmp_path / "quick"
     assert study.main([*QUICK, f"--out={out}", f"--cache_dir={out / 'cache'}", "--n_resamples=199"]) == 0
