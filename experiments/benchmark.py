@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -351,12 +352,21 @@ def target_lines(results: dict, targets: Targets) -> list[str]:
     return lines
 
 
+_LOCAL_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/`'\"]+/)+([^\s/`'\"]+)")
+
+
+def no_machine_paths(text: str) -> str:
+    """``text`` with each absolute path shown as its last part (``/x/models/qwen05`` -> ``<qwen05>``): a
+    committed report names no folder of the machine it ran on (issue 31); results.json keeps the path."""
+    return _LOCAL_PATH.sub(lambda m: f"<{m.group(1)}>", text)
+
+
 def render_markdown(results: dict) -> str:
     env = results["environment"]
     out = ["# Benchmark (experiments/benchmark.py)", "",
-           f"Command: `{env['command']}`  ", f"Machine: {env['machine']}; torch {env['torch']}, "
+           f"Command: `{no_machine_paths(env['command'])}`  ", f"Machine: {env['machine']}; torch {env['torch']}, "
            f"{env['threads']} thread(s), device {env['device']}, load average at start {env['load_average']}  ",
-           f"Generation model: {env['model']} ({env['dtype']})  "]
+           f"Generation model: {no_machine_paths(str(env['model']))} ({env['dtype']})  "]
     if env.get("note"):
         out.append(f"Note: {env['note']}  ")
     out += ["", "## Targets", ""] + [f"- {line}" for line in results["targets"]] + [""]

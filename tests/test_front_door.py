@@ -77,6 +77,8 @@ def _checked_files() -> list[Path]:
         files += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     files += sorted(p for p in EXPERIMENTS.rglob("*") if p.is_file()
                     and p.relative_to(EXPERIMENTS).parts[0] not in DATA_DIRS and "__pycache__" not in p.parts)
+    # the reports and datasheets of the data folders too (their JSON keeps the paths it ran with: provenance)
+    files += sorted(p for d in DATA_DIRS for p in (EXPERIMENTS / d).rglob("*.md"))
     return files
 
 
