@@ -126,14 +126,24 @@ def test_errors_name_the_bad_value():
 
     with pytest.raises(ValueError, match="maml_decision_zero"):
         MetaSelectConfig(selectors=["em_target", "maml_decision"])
-    with pytest.raises(ValueError, match="decision_shots"):
-        MetaSelectConfig(selectors=["em_target", "maml_decision", "maml_decision_zero"], shots=[16], decision_shots=[8])
+    with pytest.raises(ValueError, match="decision_k"):
+        MetaSelectConfig(selectors=["em_target", "maml_decision", "maml_decision_zero"], k=[16], decision_k=[8])
+
+
+def test_a_study_yaml_with_the_old_k_names_is_refused_naming_the_new(tmp_path):
+    from maml_stop.evaluate.meta_select.study import MetaSelectConfig
+
+    (tmp_path / "old.yaml").write_text("shots: [16]\ndecision_shots: [16]\n")
+    with pytest.raises(ValueError, match="'shots' is now 'k'; 'decision_shots' is now 'decision_k'"):
+        MetaSelectConfig.from_yaml(tmp_path / "old.yaml")
+    (tmp_path / "new.yaml").write_text("k: [8, 16]\ndecision_k: [16]\n")
+    assert MetaSelectConfig.from_yaml(tmp_path / "new.yaml").k == [8, 16]
 
 
 def test_the_study_runs_the_decision_by_name(tiny_corpus, tmp_path):
     from maml_stop.evaluate.meta_select.study import MetaSelectConfig, run
 
-    cfg = MetaSelectConfig(corpus=tiny_corpus, out=str(tmp_path), shots=[4, 8], decision_shots=[8], episodes=3,
+    cfg = MetaSelectConfig(corpus=tiny_corpus, out=str(tmp_path), k=[4, 8], decision_k=[8], episodes=3,
                            train_episodes=3, probe={"depth": 0, "steps": 20},
                            selectors=["em_target", "em_target_cal", "maml_decision", "maml_decision_margin",
                                       "maml_decision_zero"],

@@ -84,7 +84,7 @@ def test_every_experiment_yaml_is_claimed_and_parses(path, tiny_corpus):
         from maml_stop.evaluate.meta_select.study import MetaSelectConfig
 
         cfg = MetaSelectConfig.from_yaml(path)
-        assert cfg.delta == 0.01 and 16 in cfg.shots and cfg.episodes >= 20 and 0 < cfg.alpha < 1  # issue 25
+        assert cfg.delta == 0.01 and 16 in cfg.k and cfg.episodes >= 20 and 0 < cfg.alpha < 1  # issue 25
         assert f"maml-stop meta-select --config experiments/{path.name}" in path.read_text()
     elif kind == "pilot":
         from experiment_scripts import load_script

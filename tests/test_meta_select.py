@@ -259,7 +259,7 @@ def test_meta_selectors_run_by_name_in_evaluate(tiny_corpus, tmp_path):
     from maml_stop.evaluate.protocol import run
 
     cfg = EvaluateConfig(corpus=tiny_corpus, out=str(tmp_path), methods=["full", "consistency"],
-                         families=["fam_c"], shots=[8], episodes=3, backoff_episodes=3,
+                         families=["fam_c"], k=[8], episodes=3, backoff_episodes=3,
                          threshold_methods=["em_target", "em_target_margin", "meta_eb", "meta_map"], progress=False)
     results = run(cfg)
     cell = results["results"]["fam_c"]["8"]

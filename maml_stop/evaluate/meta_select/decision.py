@@ -1,7 +1,7 @@
 """The meta-select study's episode-adapted methods: MAML through the decision (issue 25 item 3) and its
 zero-step twin, under the study's protocol.
 
-Per fold and K (``decision_shots``): the decision's probe starts from the fold's pooled probe (the study's
+Per fold and K (``decision_k``): the decision's probe starts from the fold's pooled probe (the study's
 ``probe`` recipe, trained on the training families: the held-out family never seen), its zero-step twin
 is copied, the decision is meta-trained on the training families' traces
 (:meth:`~maml_stop.learn.decision_maml.DecisionMAML.meta_train`), and both are applied to the held-out
@@ -38,7 +38,7 @@ def decision_fold(
     train: Sequence[str],
     recipe: ProbeRecipe,
     config: DecisionMAMLConfig,
-    shots: Sequence[int],
+    ks: Sequence[int],
     taus: Sequence[float],
     delta: float,
     episodes: int,
@@ -53,7 +53,7 @@ def decision_fold(
     pooled = recipe.train([t for f in train for t in by_family[f]], n_features)
     results: dict = {h: {} for h in heldout}
     fitted: dict = {}
-    for k in shots:
+    for k in ks:
         started = time.time()
         model = DecisionMAML(fresh_copy(pooled), config, taus, delta)
         models = {"maml_decision_zero": model.zero_step()}

@@ -71,13 +71,13 @@ def episode_support(traces: Sequence, family: str, k: int, episodes: int, seed: 
             for ep in sampler.fixed_episodes(family, n=episodes, seed=seed, k=k, q=None)]
 
 
-def _sweeps(model, traces: Sequence, family: str, taus: Sequence[float], shots: Sequence[int], episodes: int,
+def _sweeps(model, traces: Sequence, family: str, taus: Sequence[float], ks: Sequence[int], episodes: int,
             seed: int) -> dict[int, EpisodeSweeps]:
     """K -> the episode sweeps of ``family`` scored by ``model`` (outcomes computed once for every K)."""
 
     out = candidate_outcomes(TraceTable.from_traces(traces, trace_probabilities(model, traces)), taus)
     return {k: EpisodeSweeps(episode_masks(len(traces), episode_support(traces, family, k, episodes, seed)), out)
-            for k in shots}
+            for k in ks}
 
 
 def nested_sweeps(
@@ -86,7 +86,7 @@ def nested_sweeps(
     train: Sequence[str],
     recipe: ProbeRecipe,
     taus: Sequence[float],
-    shots: Sequence[int],
+    ks: Sequence[int],
     episodes: int,
     train_episodes: int | None = None,
     seed: int = 0,
@@ -101,13 +101,13 @@ def nested_sweeps(
         raise ValueError(f"nested simulation needs at least 2 training families; got {train}")
     n_features = int(next(iter(by_family[train[0]])).features.shape[1])
     pooled = recipe.train([t for f in train for t in by_family[f]], n_features)
-    held = {h: _sweeps(pooled, by_family[h], h, taus, shots, episodes, seed) for h in heldout}
+    held = {h: _sweeps(pooled, by_family[h], h, taus, ks, episodes, seed) for h in heldout}
     sims: dict[str, dict[int, EpisodeSweeps]] = {}
     n_train = episodes if train_episodes is None else train_episodes
     for group in family_groups_for(train, groups):
         model = recipe.train([t for f in train if f not in group for t in by_family[f]], n_features)
         for f in group:
-            sims[f] = _sweeps(model, by_family[f], f, taus, shots, n_train, seed)
+            sims[f] = _sweeps(model, by_family[f], f, taus, ks, n_train, seed)
     log.info("nested sweeps, held out %s: %d training families in %d groups", list(heldout), len(train),
              len(family_groups_for(train, groups)))
     return held, {f: sims[f] for f in train}

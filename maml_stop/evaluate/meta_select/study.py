@@ -63,6 +63,9 @@ TWINS: dict[str, str] = {**{name: s.twin for name, s in STUDY_SELECTORS.items()}
 METHODS = (*STUDY_SELECTORS, *DECISION_METHODS)  # every name ``selectors`` may list
 
 
+MOVED_KEYS = {"shots": "k", "decision_shots": "decision_k"}  # a study YAML of before issue 31's names is refused
+
+
 @dataclass
 class MetaSelectConfig:
     """Settings of the study (tuned values in experiments/meta_select*.yaml)."""
@@ -73,7 +76,7 @@ class MetaSelectConfig:
     families_file: str | None = None  # or a JSON file with a "kept" list (corpus v2's pilot)
     folds: int | None = None  # None: leave one family out; N: grouped folds (evaluate/grouped_folds.py)
     val_families: int = 1  # grouped folds' validation families (they join the training families here)
-    shots: list[int] = field(default_factory=lambda: [16])  # K
+    k: list[int] = field(default_factory=lambda: [16])  # K
     episodes: int = 50  # fixed episodes per held-out family and K (the protocol's)
     train_episodes: int = 20  # simulated episodes per training family and K
     groups: int | None = None  # cross-fitting groups of training families (None: leave one out)
@@ -85,7 +88,7 @@ class MetaSelectConfig:
     selectors: list[str] = field(default_factory=lambda: list(STUDY_SELECTORS))
     probe: ProbeRecipe = field(default_factory=ProbeRecipe)
     decision: DecisionMAMLConfig = field(default_factory=DecisionMAMLConfig)  # maml_decision's meta-training
-    decision_shots: list[int] | None = None  # the K at which the decision methods run (None: every K of shots)
+    decision_k: list[int] | None = None  # the K at which the decision methods run (None: every K of k)
     against: list[str] = field(default_factory=list)  # further selectors every method is compared with (paired)
     n_resamples: int = 2000  # paired bootstrap over episodes
     min_probes: int = 1
@@ -102,15 +105,19 @@ class MetaSelectConfig:
         for s in [*self.selectors, *self.against]:
             if TWINS.get(s, s) not in self.selectors:
                 raise ValueError(f"selector {s!r} is compared with {TWINS.get(s, s)!r}: list it in selectors too")
-        missing = sorted(set(self.decision_shots or []) - set(self.shots))
+        missing = sorted(set(self.decision_k or []) - set(self.k))
         if missing:
-            raise ValueError(f"decision_shots {missing} are not in shots {self.shots}")
+            raise ValueError(f"decision_k {missing} are not in k {self.k}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MetaSelectConfig":
         import yaml
 
         data = yaml.safe_load(Path(path).read_text()) or {}
+        moved = {old: new for old, new in MOVED_KEYS.items() if old in data}
+        if moved:
+            raise ValueError(f"{path}: " + "; ".join(f"{old!r} is now {new!r}" for old, new in moved.items())
+                             + " (issue 31: K is k)")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; valid: {', '.join(cls.__dataclass_fields__)}")
@@ -149,7 +156,7 @@ def evaluate_fold(cfg: MetaSelectConfig, held: dict[str, dict[int, EpisodeSweeps
     K -> selector -> fitted state and calibration)."""
     results: dict = {h: {} for h in held}
     fitted: dict = {}
-    for k in cfg.shots:
+    for k in cfg.k:
         families = {f: FamilyEpisodes.from_sweeps(by_k[k]) for f, by_k in train.items()}
         fitted[str(k)] = {}
         for name in [s for s in cfg.selectors if s in STUDY_SELECTORS]:
@@ -181,12 +188,12 @@ def run(cfg: MetaSelectConfig) -> dict[str, Any]:
     tables = {f: FamilyTensors.from_traces(by_family[f]) for f in families} if decision else {}
     results: dict[str, Any] = {"config": asdict(cfg), "families": [], "results": {}, "fitted": {}}
     for i, (heldout, train) in enumerate(_folds(cfg, families)):
-        held, sims = nested_sweeps(by_family, heldout, train, cfg.probe, cfg.taus, cfg.shots, cfg.episodes,
+        held, sims = nested_sweeps(by_family, heldout, train, cfg.probe, cfg.taus, cfg.k, cfg.episodes,
                                    cfg.train_episodes, cfg.seed, cfg.groups)
         fold_results, fitted = evaluate_fold(cfg, held, sims)
         if decision:
             extra, extra_fitted = decision_fold(by_family, tables, heldout, train, cfg.probe, cfg.decision,
-                                                cfg.decision_shots or cfg.shots, cfg.taus, cfg.delta, cfg.episodes,
+                                                cfg.decision_k or cfg.k, cfg.taus, cfg.delta, cfg.episodes,
                                                 cfg.seed, decision)
             for h, by_k in extra.items():
                 for k, methods in by_k.items():

@@ -76,7 +76,7 @@ def summarise(results: dict[str, Any], twins: Mapping[str, str]) -> dict[str, An
     cfg = results["config"]
     per = results["results"]
     out: dict[str, Any] = {}
-    for k in map(str, cfg["shots"]):
+    for k in map(str, cfg["k"] if "k" in cfg else cfg["shots"]):  # "shots": a results.json of before issue 31
         out[k] = {}
         present = lambda m: any(m in r.get(k, {}) for r in per.values())  # noqa: E731  (some methods run at some K)
         for name in [m for m in list(cfg["selectors"]) + ["hindsight"] if present(m)]:
