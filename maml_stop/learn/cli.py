@@ -58,6 +58,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from maml_stop.given_keys import given_keys
 from maml_stop.learn.checkpoint_io import secure_ckpt_path
 from maml_stop.data.datamodule import TraceDataModule
 from maml_stop.learn.module import MOVED_KEYS, MetaStoppingModule
@@ -123,7 +124,7 @@ def dropped_model_keys(argv: list[str], model: Namespace) -> list[str]:
     """The ``model`` settings of the command line and its ``--config`` files (flat keys, ``init_args``
     keys, ``--model.X`` flags) that the chosen model class does not take: jsonargparse drops them
     silently when ``class_path`` names a subclass with other arguments (module docstring)."""
-    given = set(_given_model_keys(argv))
+    given = set(given_keys(argv, "model", nested="init_args"))
     taken = {k.split(".", 1)[0] for k in (model.get("init_args") or Namespace()).keys()}  # keys() are dotted
     taken |= {"n_features", "feature_names"}  # linked from the data
     return sorted(k for k in given if k not in taken and k not in ("class_path", "init_args", "dict_kwargs"))
@@ -132,32 +133,10 @@ def dropped_model_keys(argv: list[str], model: Namespace) -> list[str]:
 def refuse_moved_model_keys(argv: list[str]) -> None:
     """A ``ValueError`` naming the new key for every flat ``model.hidden``, ``model.inner_lr``, ... of the
     command line or its ``--config`` files (they moved under ``model.predictor`` / ``model.adapter``)."""
-    given = [key for key in _given_model_keys(argv) if key in MOVED_KEYS]
+    given = [key for key in given_keys(argv, "model", nested="init_args") if key in MOVED_KEYS]
     if given:
         moved = ", ".join(f"model.{k} -> model.{MOVED_KEYS[k]}.{k}" for k in given)
         raise ValueError(f"these model keys moved into the nested configs (PredictorConfig, AdapterConfig): {moved}")
-
-
-def _given_model_keys(argv: list[str]) -> list[str]:
-    """The top-level ``model`` keys (and ``init_args`` keys) of the command line and its ``--config`` files."""
-    import yaml
-
-    given: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
-            path = Path(argv[i + 1] if arg == "--config" else arg.split("=", 1)[1])
-            try:
-                section = (yaml.safe_load(path.read_text()) or {}).get("model")
-            except (OSError, yaml.YAMLError, AttributeError):
-                continue  # the parser has already said what is wrong with it
-            if isinstance(section, dict):
-                given += [k for k in section if k not in ("class_path", "init_args")]
-                given += list(section.get("init_args") or {})
-        elif arg.startswith("--model."):
-            key = arg[len("--model."):].split("=", 1)[0]
-            key = key[len("init_args."):] if key.startswith("init_args.") else key
-            given.append(key.split(".", 1)[0])
-    return given
 
 
 def _class(spec: object) -> type | None:

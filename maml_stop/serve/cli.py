@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
+from maml_stop.given_keys import given_keys
 from maml_stop.online import refuse_moved_keys
 from maml_stop.serve.config import ServeConfig
 from maml_stop.serve.app import create_app
@@ -38,29 +38,11 @@ def _parser():
 def parse_config(argv: list[str]):
     """The :class:`ServeConfig` of a command line (and its ``--config`` YAML)."""
 
-    refuse_moved_keys(dict.fromkeys(_given_online_keys(argv)))
+    refuse_moved_keys(dict.fromkeys(given_keys(argv, "online")))
     p = _parser()
     ns = p.instantiate_classes(p.parse_args(argv))
     fields = {k: v for k, v in vars(ns).items() if k != "config"}
     return ServeConfig(**fields)
-
-
-def _given_online_keys(argv: list[str]) -> list[str]:
-    """The ``online`` keys of the command line (``--online.X``) and of its ``--config`` files."""
-    import yaml
-
-    given: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
-            path = Path(argv[i + 1] if arg == "--config" else arg.split("=", 1)[1])
-            try:
-                section = (yaml.safe_load(path.read_text()) or {}).get("online")
-            except (OSError, yaml.YAMLError, AttributeError):
-                continue  # the parser says what is wrong with it
-            given += list(section) if isinstance(section, dict) else []
-        elif arg.startswith("--online."):
-            given.append(arg[len("--online."):].split("=", 1)[0].split(".", 1)[0])
-    return given
 
 
 def main(argv: list[str] | None = None) -> int:
