@@ -32,6 +32,7 @@ Targets (issue 5), printed PASS/FAIL: adaptation <= 50 ms for K=16; decision <= 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -361,7 +362,18 @@ def no_machine_paths(text: str) -> str:
     return _LOCAL_PATH.sub(lambda m: f"<{m.group(1)}>", text)
 
 
+def migrate_results(results: dict) -> dict:
+    """``results`` (a benchmark.json) in today's keys: a file written before issue 31 names K ``shots``
+    (``settings.evaluate`` and ``evaluate``); a copy with ``k`` in its place, so every committed file renders."""
+    results = copy.deepcopy(results)
+    for block in (results.get("settings", {}).get("evaluate"), results.get("evaluate")):
+        if isinstance(block, dict) and "shots" in block and "k" not in block:
+            block["k"] = block.pop("shots")
+    return results
+
+
 def render_markdown(results: dict) -> str:
+    results = migrate_results(results)
     env = results["environment"]
     out = ["# Benchmark (experiments/benchmark.py)", "",
            f"Command: `{no_machine_paths(env['command'])}`  ", f"Machine: {env['machine']}; torch {env['torch']}, "

@@ -101,3 +101,17 @@ def test_quick_benchmark_writes_every_section_and_the_targets(tiny_corpus, tmp_p
     for heading in ("## Targets", "## Probing overhead", "## Meta-training speed", "## Adaptation latency",
                     "## Other figures"):
         assert heading in md
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "results").glob("benchmark*/benchmark.json")),
+                         ids=lambda p: p.parent.name)
+def test_every_committed_benchmark_json_renders(path):
+    """A benchmark.json of before issue 31 (K named ``shots``) renders in today's keys, its K column kept."""
+    bench = _benchmark_module()
+    results = json.loads(path.read_text())
+    md = bench.render_markdown(results)
+    assert md.startswith("# Benchmark (experiments/benchmark.py)")
+    ev = results.get("evaluate")
+    if ev:
+        assert f"K in {ev.get('k', ev.get('shots'))}" in md
+    assert results == json.loads(path.read_text())  # the reader changes a copy, not the caller's dict
