@@ -13,8 +13,11 @@ request the service asks feedback for. Each answer is scored by its own family's
 ``out``: ``results.json`` (every request: family, plan, EM, tokens, tau, fallback), ``report.md`` (per
 segment: served EM, the feedback runs' full-generation EM, tokens per request, share stopped early and in
 fallback; per switch: the first request after which the rolling served EM is within delta of the rolling
-full EM) and ``dashboard.png`` (headless Chromium, when installed). ``--tiny`` runs the tiny local model
-of tests/tiny_lm.py on a corpus harvested here: it checks the road, its figures mean nothing.
+full EM), ``recovery.png`` (the rolling served EM against the feedback runs' full EM over the stream, the
+switches marked, tau and fallback under it) and ``dashboard.png`` (headless Chromium, when installed).
+``--report_only out/results.json`` rebuilds report.md and recovery.png from a finished run's file. ``--tiny``
+runs the tiny local model of tests/tiny_lm.py on a corpus harvested here: it checks the road, its figures mean
+nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +140,81 @@ def report(rows: list[dict], cfg: ServeDriftConfig) -> dict:
     return {"segments": seg, "switches": switches}
 
 
+def rolling(rows: list[dict], window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request n >= window: the served EM of the last ``window`` requests, the EM of the feedback runs
+    (full generations) among them (nan where there is none) and their count."""
+    em = np.array([r["em"] for r in rows], float)
+    fb = np.array([r["plan"] == "feedback" for r in rows], bool)
+    served, full, n_fb = [], [], []
+    for n in range(window, len(rows) + 1):
+        part, f = em[n - window:n], fb[n - window:n]
+        served.append(part.mean())
+        full.append(part[f].mean() if f.any() else np.nan)
+        n_fb.append(int(f.sum()))
+    return np.array(served), np.array(full), np.array(n_fb)
+
+
+def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path) -> None:
+    """recovery.png: the rolling served EM against the rolling EM of the feedback runs (the full
+    generations) over the stream, the family switches marked; under it tau and the fallback state."""
+    from maml_stop.evaluate.report.plots import pyplot
+
+    plt = pyplot()
+    s = cfg.stream
+    served, full, _ = rolling(rows, s.window)
+    x = np.arange(s.window, len(rows) + 1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=[3, 1.4])
+    top.plot(x, served, label=f"served EM (rolling {s.window})", color="tab:blue")
+    top.plot(x, full, label="full generation EM (feedback runs in the window)", color="tab:gray")
+    top.fill_between(x, full - cfg.delta, full, color="tab:gray", alpha=0.15, label=f"within delta = {cfg.delta:g}")
+    for j, fam in enumerate(s.families):
+        top.axvline(j * s.segment, color="k", lw=0.6, ls=":")
+        top.text(j * s.segment + 3, 0.98, fam, va="top", fontsize=8, transform=top.get_xaxis_transform())
+        bottom.axvline(j * s.segment, color="k", lw=0.6, ls=":")
+    top.set_ylabel("EM")
+    top.legend(fontsize=7, loc="lower right")
+    i = np.arange(1, len(rows) + 1)
+    bottom.plot(i, [r["tau"] if r["tau"] is not None else np.nan for r in rows], color="tab:orange", lw=0.9, label="tau")
+    bottom.fill_between(i, 0, [1.0 if r["fallback"] else 0.0 for r in rows], color="tab:red", alpha=0.2,
+                        step="mid", label="fallback (full generation)")
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("request (stream order)")
+    bottom.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, cfg: ServeDriftConfig, results: Path | None = None, model: str | None = None) -> None:
+    """report.md and recovery.png in ``out`` from ``results`` (default: out/results.json); the heading names
+    a local model folder by its last part (no machine path in a committed report)."""
+    data = json.loads((results or out / "results.json").read_text())
+    rows = data["requests"]
+    figures = report(rows, cfg)
+    name = model or data.get("model") or cfg.serve_config
+    name = Path(name).name if Path(name).is_absolute() else name
+    s = cfg.stream
+    plot_recovery(rows, cfg, out / "recovery.png")
+    lines = [f"# Live drift through maml-stop serve ({'tiny local model: checks the road only' if data.get('tiny') else name})",
+             "", f"{len(rows)} requests: {s.segment} of each of {', '.join(s.families)} in that order, {s.concurrency} "
+             f"clients, gold sent for every feedback run; rolling window {s.window}, delta {cfg.delta:g}.",
+             "", "| family | served EM | full EM (feedback runs) | tokens/request | stopped early | fallback |",
+             "|---|---|---|---|---|---|"]
+    for r in figures["segments"]:
+        full = "n/a" if r["full_em_feedback_runs"] is None else f"{r['full_em_feedback_runs']:.3f} ({r['n_feedback_runs']})"
+        lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {r['tokens_per_request']:.1f} | "
+                     f"{r['stopped_early']:.2f} | {r['fallback']:.2f} |")
+    lines += ["", *(f"- switch to {w['to']}: rolling served EM within {cfg.delta} of the full runs' after "
+                    f"{w['recovered_after'] if w['recovered_after'] is not None else 'never (within the segment)'} "
+                    f"requests (window {s.window})" for w in figures["switches"])]
+    lines += ["", "![rolling served EM against the feedback runs' full EM](recovery.png)"]
+    if (out / "dashboard.png").is_file():
+        lines += ["", "![the dashboard at the end of the stream](dashboard.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"written: {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None)
@@ -144,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment", type=int, default=None)
     p.add_argument("--model", default=None, help="the model (default: the serve YAML's)")
     p.add_argument("--out", default=None)
+    p.add_argument("--report_only", default=None, metavar="RESULTS_JSON",
+                   help="rebuild report.md and recovery.png from this results.json (with the --config it ran under)")
     args = p.parse_args(argv)
     cfg = ServeDriftConfig.load(args.config, segment=args.segment, out=args.out, model=args.model)
+    if args.report_only:
+        write_report(Path(args.report_only).parent, cfg, Path(args.report_only), model=args.model)
+        return 0
     from tasks import get_family
 
     out = Path(cfg.out if not args.tiny or args.out else tempfile.mkdtemp(prefix="serve_drift_"))
@@ -169,22 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([shot, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,760",
                             "--virtual-time-budget=4000", f"--screenshot={out / 'dashboard.png'}",
                             f"http://127.0.0.1:{port}/"], capture_output=True, timeout=120)
-    figures = report(rows, cfg)
-    (out / "results.json").write_text(json.dumps({"config": str(args.config), "tiny": args.tiny, **figures,
+    (out / "results.json").write_text(json.dumps({"config": str(args.config), "tiny": args.tiny,
+                                                  "model": str(model_dir or cfg.serve_config), **report(rows, cfg),
                                                   "requests": rows}, indent=1))
-    lines = [f"# Live drift through maml-stop serve ({'tiny local model: checks the road only' if args.tiny else model_dir or cfg.serve_config})",
-             "", "| family | served EM | full EM (feedback runs) | tokens/request | stopped early | fallback |",
-             "|---|---|---|---|---|---|"]
-    for r in figures["segments"]:
-        full = "n/a" if r["full_em_feedback_runs"] is None else f"{r['full_em_feedback_runs']:.3f} ({r['n_feedback_runs']})"
-        lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {r['tokens_per_request']:.1f} | "
-                     f"{r['stopped_early']:.2f} | {r['fallback']:.2f} |")
-    lines += ["", *(f"- switch to {w['to']}: rolling served EM within {cfg.delta} of the full runs' after "
-                    f"{w['recovered_after'] if w['recovered_after'] is not None else 'never (within the segment)'} "
-                    f"requests (window {s.window})" for w in figures["switches"])]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"written: {out}")
+    write_report(out, cfg)
     tmp.cleanup()
     return 0
 
