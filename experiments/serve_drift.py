@@ -116,7 +116,28 @@ async def stream(port: int, questions: list, concurrency: int) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], cfg: ServeDriftConfig) -> dict:
+def corpus_reference(cfg: ServeDriftConfig) -> dict[str, dict]:
+    """Per family of the stream, the model's full-generation EM on the corpus's traces of it (``cfg.corpus``,
+    every split; the harvest's token cap): a reference of hundreds of runs beside the stream's few feedback
+    runs per window. Empty where the corpus lacks a family."""
+    from maml_stop.data.corpus import TraceCorpus
+
+    corpus = TraceCorpus.load(cfg.corpus, families=list(cfg.stream.families), min_probes=0)
+    return {f: {"full_em": float(np.mean([t.final_em for t in corpus.traces(f)])), "traces": len(corpus.traces(f))}
+            for f in cfg.stream.families if f in corpus.families}
+
+
+def _within(served: np.ndarray, ref: np.ndarray, delta: float) -> dict:
+    ok = ~np.isnan(ref)
+    gap = served[ok] - ref[ok]
+    return {"windows": int(ok.sum()), "share_within": float(np.mean(gap >= -delta)) if ok.any() else None,
+            "worst_gap": float(gap.min()) if ok.any() else None}
+
+
+def report(rows: list[dict], cfg: ServeDriftConfig, reference: dict[str, dict] | None = None) -> dict:
+    """Per segment and per switch the figures of report.md; with ``reference`` (:func:`corpus_reference`)
+    each window is also compared with the corpus's full-generation EM of its requests' families."""
+    reference = reference or {}
     s = cfg.stream
     seg = []
     for j, fam in enumerate(s.families):
@@ -126,7 +147,12 @@ def report(rows: list[dict], cfg: ServeDriftConfig) -> dict:
                     "full_em_feedback_runs": float(np.mean(full)) if full else None, "n_feedback_runs": len(full),
                     "tokens_per_request": float(np.mean([r["tokens"] for r in part])),
                     "stopped_early": float(np.mean([r["stopped_early"] for r in part])),
-                    "fallback": float(np.mean([r["fallback"] for r in part]))})
+                    "fallback": float(np.mean([r["fallback"] for r in part])),
+                    "corpus_full_em": reference.get(fam, {}).get("full_em")})
+    ref = np.array([reference.get(r["family"], {}).get("full_em", np.nan) for r in rows], float)
+    served, full, _ = rolling(rows, s.window)
+    ref_w = np.array([ref[n - s.window:n].mean() for n in range(s.window, len(rows) + 1)])
+    windows = {"feedback_runs": _within(served, full, cfg.delta), "corpus": _within(served, ref_w, cfg.delta)}
     switches = []
     for j in range(1, len(s.families)):
         start, recovered = j * s.segment, None
@@ -136,8 +162,13 @@ def report(rows: list[dict], cfg: ServeDriftConfig) -> dict:
             if full and np.mean([r["em"] for r in part]) >= np.mean(full) - cfg.delta:
                 recovered = n
                 break
-        switches.append({"to": s.families[j], "recovered_after": recovered})
-    return {"segments": seg, "switches": switches}
+        corpus_recovered = None
+        if s.families[j] in reference:
+            target = reference[s.families[j]]["full_em"] - cfg.delta
+            corpus_recovered = next((n for n in range(s.window, s.segment + 1)
+                                     if np.mean([r["em"] for r in rows[start + n - s.window:start + n]]) >= target), None)
+        switches.append({"to": s.families[j], "recovered_after": recovered, "recovered_after_corpus": corpus_recovered})
+    return {"segments": seg, "switches": switches, "windows": windows, "reference": reference}
 
 
 def rolling(rows: list[dict], window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,7 +185,7 @@ def rolling(rows: list[dict], window: int) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(served), np.array(full), np.array(n_fb)
 
 
-def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path) -> None:
+def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path, reference: dict[str, dict] | None = None) -> None:
     """recovery.png: the rolling served EM against the rolling EM of the feedback runs (the full
     generations) over the stream, the family switches marked; under it tau and the fallback state."""
     from maml_stop.evaluate.report.plots import pyplot
@@ -167,6 +198,10 @@ def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path) -> None:
     top.plot(x, served, label=f"served EM (rolling {s.window})", color="tab:blue")
     top.plot(x, full, label="full generation EM (feedback runs in the window)", color="tab:gray")
     top.fill_between(x, full - cfg.delta, full, color="tab:gray", alpha=0.15, label=f"within delta = {cfg.delta:g}")
+    if reference:
+        ref = np.array([reference.get(r["family"], {}).get("full_em", np.nan) for r in rows], float)
+        top.plot(x, [ref[n - s.window:n].mean() for n in x], color="tab:green", ls="--",
+                 label="full generation EM of the corpus's traces (the window's families)")
     for j, fam in enumerate(s.families):
         top.axvline(j * s.segment, color="k", lw=0.6, ls=":")
         top.text(j * s.segment + 3, 0.98, fam, va="top", fontsize=8, transform=top.get_xaxis_transform())
@@ -190,23 +225,40 @@ def write_report(out: Path, cfg: ServeDriftConfig, results: Path | None = None, 
     a local model folder by its last part (no machine path in a committed report)."""
     data = json.loads((results or out / "results.json").read_text())
     rows = data["requests"]
-    figures = report(rows, cfg)
+    reference = data.get("reference")
+    if reference is None and not data.get("tiny") and Path(cfg.corpus).is_dir():
+        reference = corpus_reference(cfg)  # a results.json of before the reference was stored
+    figures = report(rows, cfg, reference)
     name = model or data.get("model") or cfg.serve_config
     name = Path(name).name if Path(name).is_absolute() else name
     s = cfg.stream
-    plot_recovery(rows, cfg, out / "recovery.png")
+    plot_recovery(rows, cfg, out / "recovery.png", figures["reference"])
     lines = [f"# Live drift through maml-stop serve ({'tiny local model: checks the road only' if data.get('tiny') else name})",
              "", f"{len(rows)} requests: {s.segment} of each of {', '.join(s.families)} in that order, {s.concurrency} "
              f"clients, gold sent for every feedback run; rolling window {s.window}, delta {cfg.delta:g}.",
-             "", "| family | served EM | full EM (feedback runs) | tokens/request | stopped early | fallback |",
-             "|---|---|---|---|---|---|"]
-    for r in figures["segments"]:
+             "", "| family | served EM | full EM (feedback runs) | full EM (corpus traces) | tokens/request | stopped early | "
+             "tau (min-max) | fallback |", "|---|---|---|---|---|---|---|---|"]
+    ref = figures["reference"]
+    for j, r in enumerate(figures["segments"]):
         full = "n/a" if r["full_em_feedback_runs"] is None else f"{r['full_em_feedback_runs']:.3f} ({r['n_feedback_runs']})"
-        lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {r['tokens_per_request']:.1f} | "
-                     f"{r['stopped_early']:.2f} | {r['fallback']:.2f} |")
-    lines += ["", *(f"- switch to {w['to']}: rolling served EM within {cfg.delta} of the full runs' after "
-                    f"{w['recovered_after'] if w['recovered_after'] is not None else 'never (within the segment)'} "
-                    f"requests (window {s.window})" for w in figures["switches"])]
+        corp = f"{ref[r['family']]['full_em']:.3f} ({ref[r['family']]['traces']})" if r["family"] in ref else "n/a"
+        taus = [x["tau"] for x in rows[j * s.segment:(j + 1) * s.segment] if x["tau"] is not None]
+        tau = f"{min(taus):.2f}-{max(taus):.2f}" if taus else "n/a"
+        lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {corp} | {r['tokens_per_request']:.1f} | "
+                     f"{r['stopped_early']:.2f} | {tau} | {r['fallback']:.2f} |")
+    never = "never (within the segment)"
+    lines += [""]
+    for w in figures["switches"]:
+        lines.append(f"- switch to {w['to']}: rolling served EM within {cfg.delta} of the feedback runs' full EM after "
+                     f"{w['recovered_after'] if w['recovered_after'] is not None else never} requests, of the corpus's "
+                     f"full EM after {w['recovered_after_corpus'] if w['recovered_after_corpus'] is not None else never}"
+                     f" (window {s.window}; {s.window} is the first full window)")
+    for key, what in (("feedback_runs", "the feedback runs' full EM in the same window"),
+                      ("corpus", "the corpus's full EM of the window's families")):
+        w = figures["windows"][key]
+        if w["share_within"] is not None:
+            lines.append(f"- every window of {s.window} requests against {what}: {100 * w['share_within']:.0f}% of "
+                         f"{w['windows']} within {cfg.delta}, the worst {w['worst_gap']:+.3f}")
     lines += ["", "![rolling served EM against the feedback runs' full EM](recovery.png)"]
     if (out / "dashboard.png").is_file():
         lines += ["", "![the dashboard at the end of the stream](dashboard.png)"]
@@ -252,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([shot, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,760",
                             "--virtual-time-budget=4000", f"--screenshot={out / 'dashboard.png'}",
                             f"http://127.0.0.1:{port}/"], capture_output=True, timeout=120)
+    reference = {} if args.tiny else corpus_reference(cfg)
     (out / "results.json").write_text(json.dumps({"config": str(args.config), "tiny": args.tiny,
-                                                  "model": str(model_dir or cfg.serve_config), **report(rows, cfg),
-                                                  "requests": rows}, indent=1))
+                                                  "model": str(model_dir or cfg.serve_config),
+                                                  **report(rows, cfg, reference), "requests": rows}, indent=1))
     write_report(out, cfg)
     tmp.cleanup()
     return 0
