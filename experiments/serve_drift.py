@@ -143,31 +143,30 @@ def report(rows: list[dict], cfg: ServeDriftConfig, reference: dict[str, dict] |
     for j, fam in enumerate(s.families):
         part = rows[j * s.segment:(j + 1) * s.segment]
         full = [r["em"] for r in part if r["plan"] == "feedback"]
+        taus = [r["tau"] for r in part if r["tau"] is not None]
         seg.append({"family": fam, "served_em": float(np.mean([r["em"] for r in part])),
                     "full_em_feedback_runs": float(np.mean(full)) if full else None, "n_feedback_runs": len(full),
                     "tokens_per_request": float(np.mean([r["tokens"] for r in part])),
                     "stopped_early": float(np.mean([r["stopped_early"] for r in part])),
                     "fallback": float(np.mean([r["fallback"] for r in part])),
-                    "corpus_full_em": reference.get(fam, {}).get("full_em")})
-    ref = np.array([reference.get(r["family"], {}).get("full_em", np.nan) for r in rows], float)
+                    "corpus_full_em": reference.get(fam, {}).get("full_em"),
+                    "tau_range": [min(taus), max(taus)] if taus else None})
     served, full, _ = rolling(rows, s.window)
-    ref_w = np.array([ref[n - s.window:n].mean() for n in range(s.window, len(rows) + 1)])
-    windows = {"feedback_runs": _within(served, full, cfg.delta), "corpus": _within(served, ref_w, cfg.delta)}
+    ref = rolling_reference(rows, s.window, reference)
+    windows = {"feedback_runs": _within(served, full, cfg.delta), "corpus": _within(served, ref, cfg.delta)}
+
+    def first_within(start: int, target: np.ndarray) -> int | None:
+        """The first n in window..segment whose window rows[start + n - window:start + n] is within delta."""
+        ns = np.arange(s.window, s.segment + 1)
+        at = start + ns - s.window  # the index of that window in the rolling arrays
+        ok = served[at] >= target[at] - cfg.delta  # nan (no feedback run in the window) is never within
+        return int(ns[ok.argmax()]) if ok.any() else None
+
     switches = []
     for j in range(1, len(s.families)):
-        start, recovered = j * s.segment, None
-        for n in range(s.window, s.segment + 1):
-            part = rows[start + n - s.window:start + n]
-            full = [r["em"] for r in part if r["plan"] == "feedback"]
-            if full and np.mean([r["em"] for r in part]) >= np.mean(full) - cfg.delta:
-                recovered = n
-                break
-        corpus_recovered = None
-        if s.families[j] in reference:
-            target = reference[s.families[j]]["full_em"] - cfg.delta
-            corpus_recovered = next((n for n in range(s.window, s.segment + 1)
-                                     if np.mean([r["em"] for r in rows[start + n - s.window:start + n]]) >= target), None)
-        switches.append({"to": s.families[j], "recovered_after": recovered, "recovered_after_corpus": corpus_recovered})
+        start = j * s.segment
+        switches.append({"to": s.families[j], "recovered_after": first_within(start, full),
+                         "recovered_after_corpus": first_within(start, ref) if s.families[j] in reference else None})
     return {"segments": seg, "switches": switches, "windows": windows, "reference": reference}
 
 
@@ -185,6 +184,13 @@ def rolling(rows: list[dict], window: int) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(served), np.array(full), np.array(n_fb)
 
 
+def rolling_reference(rows: list[dict], window: int, reference: dict[str, dict]) -> np.ndarray:
+    """Per request n >= window (as :func:`rolling`): the corpus's full EM of the last ``window`` requests'
+    families (nan where the reference lacks one of them)."""
+    ref = np.array([reference.get(r["family"], {}).get("full_em", np.nan) for r in rows], float)
+    return np.array([ref[n - window:n].mean() for n in range(window, len(rows) + 1)])
+
+
 def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path, reference: dict[str, dict] | None = None) -> None:
     """recovery.png: the rolling served EM against the rolling EM of the feedback runs (the full
     generations) over the stream, the family switches marked; under it tau and the fallback state."""
@@ -199,8 +205,7 @@ def plot_recovery(rows: list[dict], cfg: ServeDriftConfig, path: Path, reference
     top.plot(x, full, label="full generation EM (feedback runs in the window)", color="tab:gray")
     top.fill_between(x, full - cfg.delta, full, color="tab:gray", alpha=0.15, label=f"within delta = {cfg.delta:g}")
     if reference:
-        ref = np.array([reference.get(r["family"], {}).get("full_em", np.nan) for r in rows], float)
-        top.plot(x, [ref[n - s.window:n].mean() for n in x], color="tab:green", ls="--",
+        top.plot(x, rolling_reference(rows, s.window, reference), color="tab:green", ls="--",
                  label="full generation EM of the corpus's traces (the window's families)")
     for j, fam in enumerate(s.families):
         top.axvline(j * s.segment, color="k", lw=0.6, ls=":")
@@ -239,11 +244,10 @@ def write_report(out: Path, cfg: ServeDriftConfig, results: Path | None = None, 
              "", "| family | served EM | full EM (feedback runs) | full EM (corpus traces) | tokens/request | stopped early | "
              "tau (min-max) | fallback |", "|---|---|---|---|---|---|---|---|"]
     ref = figures["reference"]
-    for j, r in enumerate(figures["segments"]):
+    for r in figures["segments"]:
         full = "n/a" if r["full_em_feedback_runs"] is None else f"{r['full_em_feedback_runs']:.3f} ({r['n_feedback_runs']})"
         corp = f"{ref[r['family']]['full_em']:.3f} ({ref[r['family']]['traces']})" if r["family"] in ref else "n/a"
-        taus = [x["tau"] for x in rows[j * s.segment:(j + 1) * s.segment] if x["tau"] is not None]
-        tau = f"{min(taus):.2f}-{max(taus):.2f}" if taus else "n/a"
+        tau = "n/a" if r["tau_range"] is None else "{:.2f}-{:.2f}".format(*r["tau_range"])
         lines.append(f"| {r['family']} | {r['served_em']:.3f} | {full} | {corp} | {r['tokens_per_request']:.1f} | "
                      f"{r['stopped_early']:.2f} | {tau} | {r['fallback']:.2f} |")
     never = "never (within the segment)"
