@@ -17,7 +17,12 @@ from maml_stop.evaluate.config import EvaluateConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate_backoffs", "fit_across_families"]
+__all__ = ["calibrate_backoffs", "fit_across_families", "source_traces"]
+
+
+def source_traces(cfg: EvaluateConfig, fold, source: TraceCorpus) -> dict[str, list]:
+    """The fold's source families -> their traces in ``cfg.splits`` (every split when None)."""
+    return {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
 
 
 def fit_across_families(cfg: EvaluateConfig, fold, source: TraceCorpus, policies: Mapping[str, StoppingPolicy],
@@ -29,7 +34,7 @@ def fit_across_families(cfg: EvaluateConfig, fold, source: TraceCorpus, policies
     wanted = [s for s in selectors if s in META_SELECTORS]
     if not wanted:
         return {}
-    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
+    by_family = source_traces(cfg, fold, source)
     out: dict[tuple[str, int], dict[str, StopSelector]] = {}
     for name, policy in policies.items():
         if isinstance(policy, ThresholdedPolicy):
@@ -46,7 +51,7 @@ def calibrate_backoffs(cfg: EvaluateConfig, fold, source: TraceCorpus, policies:
     thresholded method, on the fold's source families, when ``em_target_backoff`` is asked for."""
     if "em_target_backoff" not in selectors:
         return {}
-    by_family = {s: [t for t in source.traces(s) if cfg.splits is None or t.split in cfg.splits] for s in fold.sources}
+    by_family = source_traces(cfg, fold, source)
     out = {}
     for name, policy in policies.items():
         if isinstance(policy, ThresholdedPolicy):
